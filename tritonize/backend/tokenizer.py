@@ -1,0 +1,145 @@
+"""Tokenization for the preprocessing and postprocessing models.
+
+The served tokenizer must be the one the checkpoint declares, so the choice follows what
+transformers' AutoTokenizer would load: ``tokenizer.json`` when present (a "fast" tokenizer),
+otherwise SentencePiece's ``tokenizer.model``, otherwise a GPT-2 style ``vocab.json`` +
+``merges.txt``. Only ``tokenizers`` / ``sentencepiece`` are needed at serving time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
+
+#: tokens of context sent before each streamed delta; a UTF-8 character is at most 4 byte tokens
+STREAM_CONTEXT_TOKENS = 8
+
+
+class TokenizerError(Exception):
+    """A tokenizer directory that cannot be served; the message says what is missing."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"cannot read {path.name}: {e}") from None
+
+
+class Tokenizer:
+    """encode / decode over one of the three on-disk formats, without transformers."""
+
+    def __init__(self, directory: str | Path):
+        d = Path(directory)
+        self.directory = d
+        cfg = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
+        self._sp = None
+        self._hf = None
+        if (d / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer as HFTokenizer
+
+            try:
+                self._hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
+            except Exception as e:  # noqa: BLE001 - the library raises bare Exceptions
+                raise TokenizerError(f"cannot load tokenizer.json: {e}") from None
+            self.kind = "tokenizers"
+        elif (d / "tokenizer.model").is_file():
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor()
+            try:
+                self._sp.Load(str(d / "tokenizer.model"))
+            except Exception as e:  # noqa: BLE001
+                raise TokenizerError(f"cannot load tokenizer.model: {e}") from None
+            self.kind = "sentencepiece"
+        elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+            from tokenizers import Tokenizer as HFTokenizer
+            from tokenizers import decoders, models, pre_tokenizers
+
+            bpe = models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt"))
+            self._hf = HFTokenizer(bpe)
+            self._hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            self._hf.decoder = decoders.ByteLevel()
+            self.kind = "gpt2-bpe"
+        else:
+            raise TokenizerError(
+                f"no tokenizer in {d}: expected tokenizer.json, tokenizer.model, or vocab.json + merges.txt"
+            )
+        # SentencePiece files carry no post-processor: BOS follows tokenizer_config (llama default: on).
+        self.add_bos = bool(cfg.get("add_bos_token", self.kind == "sentencepiece"))
+        self.bos_id = self._special_id(cfg.get("bos_token"), "bos")
+        self.eos_id = self._special_id(cfg.get("eos_token"), "eos")
+
+    def _special_id(self, token: object, which: str) -> int | None:
+        if isinstance(token, dict):
+            token = token.get("content")
+        if self._sp is not None:
+            value = self._sp.bos_id() if which == "bos" else self._sp.eos_id()
+            if isinstance(token, str) and self._sp.piece_to_id(token) != self._sp.unk_id():
+                value = self._sp.piece_to_id(token)
+            return value if value >= 0 else None
+        if isinstance(token, str):
+            return self._hf.token_to_id(token)
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        if self._sp is not None:
+            return self._sp.GetPieceSize()
+        return self._hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self._sp is not None:
+            ids = list(self._sp.EncodeAsIds(text))
+            if add_special_tokens and self.add_bos and self.bos_id is not None:
+                ids = [self.bos_id, *ids]
+            return ids
+        return list(self._hf.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        """Decodes with special tokens skipped and no clean-up of spaces: streaming relies on
+        decode(a + b) starting with decode(a), which clean-up would break."""
+        ids = [int(i) for i in ids]
+        if self._sp is not None:
+            specials = {self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()}
+            return self._sp.DecodeIds([i for i in ids if i not in specials and 0 <= i < self.vocab_size])
+        return self._hf.decode(ids, skip_special_tokens=True)
+
+
+def complete_text(text: str) -> str:
+    """Drops a trailing incomplete UTF-8 character, which decoders render as U+FFFD; a later delta
+    completes it."""
+    return text.rstrip("\ufffd")
+
+
+def detokenize_delta(tokenizer: Tokenizer, prefix: list[int], delta: list[int], final: bool) -> str:
+    """The text that ``delta`` adds after ``prefix``, computed without state.
+
+    Decoding ``prefix + delta`` and ``prefix`` and keeping the difference keeps the spaces that
+    SentencePiece / byte-level BPE attach to a token and the multi-byte characters that span
+    tokens; decoding ``delta`` alone loses both. Text is only ever emitted once complete, so the
+    pieces of a stream concatenate to the text of the whole sequence.
+    """
+    before = complete_text(tokenizer.decode(prefix)) if prefix else ""
+    full = tokenizer.decode(prefix + delta)
+    if not final:
+        full = complete_text(full)
+    if full.startswith(before):
+        return full[len(before) :]
+    # A decoder that rewrites earlier text: emit what differs from the common part.
+    common = 0
+    for a, b in zip(before, full):
+        if a != b:
+            break
+        common += 1
+    return full[common:]

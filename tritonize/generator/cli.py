@@ -1,0 +1,55 @@
+"""The `tritonize` command line.
+
+Each command lives in its own module under ``commands/``; this module only assembles the group
+and turns tritonize's own errors into one-line messages with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import click
+
+import tritonize
+
+from .commands.demo import demo
+from .commands.generate import generate
+from .commands.query import query
+from .commands.serve import serve
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(tritonize.__version__, prog_name="tritonize")
+def cli() -> None:
+    """Turn an LLM checkpoint into a Triton Inference Server model repository.
+
+    \b
+    A repository holds an ensemble: tokenizer -> engine -> detokenizer, each a model on Triton's
+    Python backend, served by a stock `tritonserver --model-repository DIR`.
+
+    \b
+    Quick start:
+      tritonize demo
+      tritonize generate --checkpoint ./tiny-llama --output ./repo --model-name tiny
+      tritonize serve ./repo
+      tritonize query -m tiny -p "What is the color of a banana?" --max-tokens 16 --stream
+    """
+
+
+cli.add_command(generate)
+cli.add_command(serve)
+cli.add_command(query)
+cli.add_command(demo)
+
+try:  # the exporter is optional at import time so that a broken source reader cannot take the CLI down
+    from .export.command import export
+
+    cli.add_command(export)
+except ImportError:  # pragma: no cover - only while the exporter package is absent
+    pass
+
+
+def main() -> None:
+    cli(prog_name="tritonize")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""`tritonize generate`: a checkpoint directory becomes a model repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..checkpoint import inspect_checkpoint
+from ..errors import TritonizeError
+from ..render import write_repository
+from ..spec import DEVICES, DTYPES, RUNTIMES, RepoSpec
+
+
+def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: bool, progress: bool = True) -> Path:
+    """Checks the checkpoint and the options against it, then writes the repository."""
+    spec.validate()
+    ckpt = inspect_checkpoint(checkpoint)
+    context = spec.max_input_len + spec.max_output_len
+    if ckpt.args.positions == "learned" and context > ckpt.args.max_position_embeddings:
+        raise TritonizeError(
+            f"--max-input-len + --max-output-len = {context} exceeds the {ckpt.args.max_position_embeddings} "
+            f"positions this {ckpt.architecture} has learned: lower them"
+        )
+    return write_repository(spec, ckpt, output, force=force, progress=progress)
+
+
+@click.command()
+@click.option("--checkpoint", "-c", required=True, type=click.Path(path_type=Path),
+              help="Hugging Face-format directory (config.json, *.safetensors, tokenizer), e.g. from `tritonize export`.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Model repository to write.")
+@click.option("--model-name", "-n", default="model", show_default=True, help="Name of the ensemble clients call.")
+@click.option("--model-version", default=1, show_default=True, type=int, help="Version folder of each model.")
+@click.option("--max-batch-size", default=8, show_default=True, type=int,
+              help="Requests decoded together (KV cache slots).")
+@click.option("--max-input-len", default=256, show_default=True, type=int, help="Longest prompt, in tokens.")
+@click.option("--max-output-len", default=256, show_default=True, type=int, help="Most tokens generated per request.")
+@click.option("--max-num-tokens", default=0, show_default=True, type=int,
+              help="Prompt tokens prefilled per scheduler step (0: --max-input-len).")
+@click.option("--runtime", default="torch", show_default=True, type=click.Choice(RUNTIMES), help="Engine runtime.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
+              help="auto: CUDA when the server has a GPU, else CPU.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES),
+              help="auto: bfloat16 on CUDA, float32 on CPU.")
+@click.option("--instance-count", default=1, show_default=True, type=int, help="Engine model instances.")
+@click.option("--force", is_flag=True, help="Replace --output if it exists.")
+def generate(checkpoint: Path, output: Path, model_name: str, model_version: int, max_batch_size: int,
+             max_input_len: int, max_output_len: int, max_num_tokens: int, runtime: str, device: str, dtype: str,
+             instance_count: int, force: bool) -> None:
+    """Write a Triton model repository for a Hugging Face-format CHECKPOINT.
+
+    \b
+    The repository holds NAME (the ensemble: text in, text out, decoupled for streaming),
+    NAME_preprocessing, NAME_engine, NAME_postprocessing, NAME_sync (the same interface for
+    clients that cannot stream) and tritonize.json (what made it).
+
+    \b
+    Example:
+      tritonize generate --checkpoint ./tiny-llama --output ./repo --model-name tiny
+      tritonserver --model-repository ./repo        # or: tritonize serve ./repo
+    """
+    spec = RepoSpec(
+        name=model_name, version=model_version, max_batch_size=max_batch_size, max_input_len=max_input_len,
+        max_output_len=max_output_len, max_num_tokens=max_num_tokens, runtime=runtime, device=device,
+        dtype=dtype, instance_count=instance_count,
+    )
+    try:
+        out = build_repository(checkpoint, output, spec, force=force)
+    except TritonizeError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {out}")
+    click.echo(f"  models: {model_name} (ensemble), {model_name}_preprocessing, {model_name}_engine, "
+               f"{model_name}_postprocessing, {model_name}_sync")
+    click.echo(f"  serve:  tritonize serve {out}")

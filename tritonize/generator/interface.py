@@ -1,0 +1,132 @@
+"""The wire interface of a generated repository, defined once.
+
+The ensemble's inputs and outputs follow NVIDIA's tensorrtllm_backend ensemble (names, types,
+dims, optional flags), so existing clients, genai-perf's ``tensorrtllm`` converter and Triton's
+OpenAI frontend work unchanged. The inner tensors between the three steps are tritonize's own.
+The templates, the validator and the tests all read these tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # Triton DataType enum name, e.g. TYPE_INT32
+    dims: tuple[int, ...] = (1,)
+    optional: bool = False
+
+
+def _opt(name: str, dtype: str, dims: tuple[int, ...] = (1,)) -> Tensor:
+    return Tensor(name, dtype, dims, optional=True)
+
+
+# --- the ensemble, as clients see it -------------------------------------------------------------
+SAMPLING_INPUTS: tuple[Tensor, ...] = (
+    _opt("top_k", "TYPE_INT32"),
+    _opt("top_p", "TYPE_FP32"),
+    _opt("temperature", "TYPE_FP32"),
+    _opt("repetition_penalty", "TYPE_FP32"),
+    _opt("presence_penalty", "TYPE_FP32"),
+    _opt("frequency_penalty", "TYPE_FP32"),
+    _opt("length_penalty", "TYPE_FP32"),
+    _opt("min_tokens", "TYPE_INT32"),
+    _opt("min_length", "TYPE_INT32"),  # genai-perf still sends the old name
+    _opt("seed", "TYPE_UINT64"),
+    _opt("random_seed", "TYPE_UINT64"),
+    _opt("beam_width", "TYPE_INT32"),
+    _opt("return_log_probs", "TYPE_BOOL"),
+    _opt("return_num_input_tokens", "TYPE_BOOL"),
+    _opt("return_num_output_tokens", "TYPE_BOOL"),
+    _opt("stream", "TYPE_BOOL"),
+    _opt("exclude_input_in_output", "TYPE_BOOL"),
+    _opt("lora_task_id", "TYPE_UINT64"),
+)
+
+TEXT_INPUTS: tuple[Tensor, ...] = (
+    Tensor("text_input", "TYPE_STRING"),
+    Tensor("max_tokens", "TYPE_INT32"),
+    _opt("stop_words", "TYPE_STRING", (-1,)),
+    _opt("bad_words", "TYPE_STRING", (-1,)),
+    _opt("end_id", "TYPE_INT32"),
+    _opt("pad_id", "TYPE_INT32"),
+)
+
+ADAPTER_INPUTS: tuple[Tensor, ...] = (
+    _opt("prompt_embedding_table", "TYPE_FP16", (-1, -1)),
+    _opt("prompt_vocab_size", "TYPE_INT32"),
+    _opt("task_id", "TYPE_UINT64"),
+)
+
+ENSEMBLE_INPUTS: tuple[Tensor, ...] = TEXT_INPUTS + ADAPTER_INPUTS + SAMPLING_INPUTS
+
+ENSEMBLE_OUTPUTS: tuple[Tensor, ...] = (
+    Tensor("text_output", "TYPE_STRING", (-1,)),
+    Tensor("cum_log_probs", "TYPE_FP32", (-1,)),
+    Tensor("output_log_probs", "TYPE_FP32", (-1, -1)),
+    Tensor("num_input_tokens", "TYPE_INT32"),
+    Tensor("num_output_tokens", "TYPE_INT32"),
+)
+
+# --- preprocessing: text in, token ids out ---------------------------------------------------------
+PRE_INPUTS: tuple[Tensor, ...] = TEXT_INPUTS
+PRE_OUTPUTS: tuple[Tensor, ...] = (
+    Tensor("input_ids", "TYPE_INT32", (-1,)),
+    Tensor("input_lengths", "TYPE_INT32"),
+    Tensor("request_output_len", "TYPE_INT32"),
+    Tensor("end_ids", "TYPE_INT32", (-1,)),
+    Tensor("pad_id", "TYPE_INT32"),
+    Tensor("stop_words_list", "TYPE_INT32", (2, -1)),
+    Tensor("bad_words_list", "TYPE_INT32", (2, -1)),
+)
+
+# --- engine: token ids in, token ids out (decoupled) --------------------------------------------------
+ENGINE_INPUTS: tuple[Tensor, ...] = (
+    Tensor("input_ids", "TYPE_INT32", (-1,)),
+    Tensor("input_lengths", "TYPE_INT32"),
+    Tensor("request_output_len", "TYPE_INT32"),
+    Tensor("end_ids", "TYPE_INT32", (-1,)),
+    Tensor("pad_id", "TYPE_INT32"),
+    Tensor("stop_words_list", "TYPE_INT32", (2, -1)),
+    Tensor("bad_words_list", "TYPE_INT32", (2, -1)),
+) + ADAPTER_INPUTS + SAMPLING_INPUTS
+ENGINE_OUTPUTS: tuple[Tensor, ...] = (
+    Tensor("output_ids", "TYPE_INT32", (-1,)),
+    Tensor("prefix_ids", "TYPE_INT32", (-1,)),
+    Tensor("is_final", "TYPE_BOOL"),
+    Tensor("cum_log_probs", "TYPE_FP32", (-1,)),
+    Tensor("output_log_probs", "TYPE_FP32", (-1, -1)),
+    Tensor("num_input_tokens", "TYPE_INT32"),
+    Tensor("num_output_tokens", "TYPE_INT32"),
+)
+
+# --- postprocessing: token ids in, text out ----------------------------------------------------------
+POST_INPUTS: tuple[Tensor, ...] = ENGINE_OUTPUTS
+POST_OUTPUTS: tuple[Tensor, ...] = ENSEMBLE_OUTPUTS
+
+
+@dataclass(frozen=True)
+class Step:
+    """One ensemble step: ``inputs`` maps the model's input name to an ensemble tensor name."""
+
+    model: str
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+
+
+def ensemble_steps(name: str) -> list[Step]:
+    """Wires the three models: client tensors keep their names, inner ones get a leading ``_``."""
+    pre_in = {t.name: t.name for t in PRE_INPUTS}
+    pre_out = {t.name: f"_{t.name}" for t in PRE_OUTPUTS}
+    engine_in = {t.name: f"_{t.name}" for t in PRE_OUTPUTS}
+    engine_in.update({t.name: t.name for t in ADAPTER_INPUTS + SAMPLING_INPUTS})
+    engine_out = {t.name: f"_engine_{t.name}" for t in ENGINE_OUTPUTS}
+    post_in = {t.name: f"_engine_{t.name}" for t in POST_INPUTS}
+    post_out = {t.name: t.name for t in POST_OUTPUTS}
+    return [
+        Step(f"{name}_preprocessing", pre_in, pre_out),
+        Step(f"{name}_engine", engine_in, engine_out),
+        Step(f"{name}_postprocessing", post_in, post_out),
+    ]
