@@ -9,6 +9,7 @@ otherwise SentencePiece's ``tokenizer.model``, otherwise a GPT-2 style ``vocab.j
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 TOKENIZER_FILES = (
@@ -77,6 +78,7 @@ class Tokenizer:
             )
         # SentencePiece files carry no post-processor: BOS follows tokenizer_config (llama default: on).
         self.add_bos = bool(cfg.get("add_bos_token", self.kind == "sentencepiece"))
+        self._continuation_bytes = self._find_continuation_bytes()
         self.bos_id = self._special_id(cfg.get("bos_token"), "bos")
         self.eos_id = self._special_id(cfg.get("eos_token"), "eos")
 
@@ -91,6 +93,18 @@ class Tokenizer:
         if isinstance(token, str):
             return self._hf.token_to_id(token)
         return None
+
+    def _find_continuation_bytes(self) -> frozenset[int]:
+        """Ids of byte-fallback tokens <0x80>..<0xBF>: a stream context must not start on one."""
+        pattern = re.compile(r"^<0x([89AB][0-9A-F])>$")
+        if self._sp is not None:
+            pieces = ((i, self._sp.IdToPiece(i)) for i in range(self._sp.GetPieceSize()) if self._sp.IsByte(i))
+        else:
+            pieces = ((i, piece) for piece, i in self._hf.get_vocab().items() if piece.startswith("<0x"))
+        return frozenset(i for i, piece in pieces if pattern.match(piece))
+
+    def is_continuation_byte(self, token_id: int) -> bool:
+        return token_id in self._continuation_bytes
 
     @property
     def vocab_size(self) -> int:
@@ -116,10 +130,19 @@ class Tokenizer:
         return self._hf.decode(ids, skip_special_tokens=True)
 
 
-def complete_text(text: str) -> str:
-    """Drops a trailing incomplete UTF-8 character, which decoders render as U+FFFD; a later delta
-    completes it."""
-    return text.rstrip("\ufffd")
+def decode_complete(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """Decodes ``ids`` less a trailing incomplete UTF-8 character (at most 3 byte tokens).
+
+    The tokens are dropped before decoding rather than the U+FFFD after it, because byte-fallback
+    decoders turn a whole run of byte tokens into U+FFFD when its end is incomplete, complete
+    characters before it included.
+    """
+    text = tokenizer.decode(ids)
+    for cut in range(1, min(4, len(ids)) + 1):
+        if not text.endswith("\ufffd"):
+            break
+        text = tokenizer.decode(ids[: len(ids) - cut])
+    return text
 
 
 def detokenize_delta(tokenizer: Tokenizer, prefix: list[int], delta: list[int], final: bool) -> str:
@@ -128,12 +151,15 @@ def detokenize_delta(tokenizer: Tokenizer, prefix: list[int], delta: list[int], 
     Decoding ``prefix + delta`` and ``prefix`` and keeping the difference keeps the spaces that
     SentencePiece / byte-level BPE attach to a token and the multi-byte characters that span
     tokens; decoding ``delta`` alone loses both. Text is only ever emitted once complete, so the
-    pieces of a stream concatenate to the text of the whole sequence.
+    pieces of a stream concatenate to the text of the whole sequence. The prefix is cut to start
+    on a character boundary so that no orphan byte joins the first decoded run.
     """
-    before = complete_text(tokenizer.decode(prefix)) if prefix else ""
-    full = tokenizer.decode(prefix + delta)
-    if not final:
-        full = complete_text(full)
+    start = 0
+    while start < len(prefix) and tokenizer.is_continuation_byte(prefix[start]):
+        start += 1
+    prefix = prefix[start:]
+    before = decode_complete(tokenizer, prefix) if prefix else ""
+    full = tokenizer.decode(prefix + delta) if final else decode_complete(tokenizer, prefix + delta)
     if full.startswith(before):
         return full[len(before) :]
     # A decoder that rewrites earlier text: emit what differs from the common part.

@@ -1,0 +1,149 @@
+"""Rendered repositories: every config parses as Triton's ModelConfig and the ensemble is wired."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from tritonclient.grpc import model_config_pb2
+
+from tritonize.generator import interface as wire
+from tritonize.generator.checkpoint import inspect_checkpoint
+from tritonize.generator.errors import RenderError
+from tritonize.generator.render import parse_config, write_repository
+from tritonize.generator.spec import RepoSpec
+
+DT = model_config_pb2.DataType
+
+
+@pytest.fixture(scope="module")
+def demo_ckpt(tmp_path_factory) -> Path:
+    from tritonize.generator.demo_model import write_demo_checkpoint
+
+    return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def repo(demo_ckpt, tmp_path_factory) -> Path:
+    spec = RepoSpec(name="tiny", max_batch_size=4, max_input_len=100, max_output_len=50, device="cpu")
+    return write_repository(spec, inspect_checkpoint(demo_ckpt), tmp_path_factory.mktemp("r") / "repo",
+                            progress=False)
+
+
+def _configs(repo: Path) -> dict[str, model_config_pb2.ModelConfig]:
+    return {p.parent.name: parse_config(p.read_text()) for p in repo.glob("*/config.pbtxt")}
+
+
+def test_every_config_parses_and_is_complete(repo):
+    configs = _configs(repo)
+    assert set(configs) == {"tiny", "tiny_preprocessing", "tiny_engine", "tiny_postprocessing", "tiny_sync"}
+    for folder, cfg in configs.items():
+        text = (repo / folder / "config.pbtxt").read_text()
+        assert "${" not in text and "{{" not in text
+        assert cfg.name == folder
+        assert cfg.max_batch_size == 4
+    assert configs["tiny"].platform == "ensemble"
+    assert configs["tiny_engine"].model_transaction_policy.decoupled
+    assert not configs["tiny_sync"].model_transaction_policy.decoupled
+    for folder in ("tiny_preprocessing", "tiny_engine", "tiny_postprocessing", "tiny_sync"):
+        assert configs[folder].backend == "python"
+        assert (repo / folder / "1" / "model.py").is_file()
+    params = {k: v.string_value for k, v in configs["tiny_engine"].parameters.items()}
+    assert params["max_input_len"] == "100" and params["max_output_len"] == "50"
+    assert params["device"] == "cpu"
+    assert configs["tiny_engine"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+
+
+def test_wire_interface_matches_tensorrtllm_backend(repo):
+    ens = _configs(repo)["tiny"]
+    inputs = {t.name: t for t in ens.input}
+    assert inputs["text_input"].data_type == DT.TYPE_STRING and not inputs["text_input"].optional
+    assert inputs["max_tokens"].data_type == DT.TYPE_INT32 and not inputs["max_tokens"].optional
+    expected = {
+        "stream": DT.TYPE_BOOL, "exclude_input_in_output": DT.TYPE_BOOL, "end_id": DT.TYPE_INT32,
+        "pad_id": DT.TYPE_INT32, "top_k": DT.TYPE_INT32, "top_p": DT.TYPE_FP32, "temperature": DT.TYPE_FP32,
+        "repetition_penalty": DT.TYPE_FP32, "presence_penalty": DT.TYPE_FP32, "frequency_penalty": DT.TYPE_FP32,
+        "length_penalty": DT.TYPE_FP32, "min_tokens": DT.TYPE_INT32, "min_length": DT.TYPE_INT32,
+        "seed": DT.TYPE_UINT64, "random_seed": DT.TYPE_UINT64, "stop_words": DT.TYPE_STRING,
+        "bad_words": DT.TYPE_STRING, "beam_width": DT.TYPE_INT32, "return_log_probs": DT.TYPE_BOOL,
+        "return_num_input_tokens": DT.TYPE_BOOL, "return_num_output_tokens": DT.TYPE_BOOL,
+        "prompt_embedding_table": DT.TYPE_FP16, "prompt_vocab_size": DT.TYPE_INT32, "lora_task_id": DT.TYPE_UINT64,
+    }
+    for name, dtype in expected.items():
+        assert inputs[name].data_type == dtype, name
+        assert inputs[name].optional, name
+    assert list(inputs["stop_words"].dims) == [-1] and list(inputs["max_tokens"].dims) == [1]
+    outputs = {t.name: t for t in ens.output}
+    assert outputs["text_output"].data_type == DT.TYPE_STRING
+    assert list(outputs["output_log_probs"].dims) == [-1, -1]
+    assert {"cum_log_probs", "num_input_tokens", "num_output_tokens"} <= set(outputs)
+
+
+def test_ensemble_steps_are_wired(repo):
+    """Every step input comes from a client input or an earlier step, with the same type and dims."""
+    configs = _configs(repo)
+    ens = configs["tiny"]
+    available = {t.name: (t.data_type, list(t.dims)) for t in ens.input}
+    for step in ens.ensemble_scheduling.step:
+        model = configs[step.model_name]
+        model_inputs = {t.name: t for t in model.input}
+        model_outputs = {t.name: t for t in model.output}
+        for key, value in step.input_map.items():
+            assert key in model_inputs, f"{step.model_name} has no input {key}"
+            assert value in available, f"{value} feeds {step.model_name} before anything produces it"
+            assert available[value] == (model_inputs[key].data_type, list(model_inputs[key].dims)), key
+        required = {n for n, t in model_inputs.items() if not t.optional}
+        assert required <= set(step.input_map), f"{step.model_name} misses {required - set(step.input_map)}"
+        for key, value in step.output_map.items():
+            assert key in model_outputs, f"{step.model_name} has no output {key}"
+            available[value] = (model_outputs[key].data_type, list(model_outputs[key].dims))
+    for out in ens.output:
+        assert available.get(out.name) == (out.data_type, list(out.dims)), out.name
+    sync = configs["tiny_sync"]
+    assert [(t.name, t.data_type, list(t.dims)) for t in sync.input] == [
+        (t.name, t.data_type, list(t.dims)) for t in ens.input
+    ]
+
+
+def test_repository_is_self_contained(repo, demo_ckpt):
+    for folder in ("tiny_preprocessing", "tiny_engine", "tiny_postprocessing"):
+        pkg = repo / folder / "1" / "tritonize_backend"
+        assert (pkg / "tokenizer.py").is_file() and (pkg / "engine.py").is_file()
+        for source in pkg.glob("*.py"):
+            imports = [ln for ln in source.read_text().splitlines() if ln.lstrip().startswith(("import ", "from "))]
+            assert not [ln for ln in imports if "tritonize" in ln.split()[1]], source
+    assert (repo / "tiny_preprocessing" / "1" / "tokenizer" / "tokenizer.model").is_file()
+    weights = repo / "tiny_engine" / "1" / "weights"
+    assert (weights / "model.safetensors").stat().st_size == (demo_ckpt / "model.safetensors").stat().st_size
+    manifest = json.loads((repo / "tritonize.json").read_text())
+    entry = manifest["models"]["tiny"]
+    assert entry["options"]["max_input_len"] == 100
+    assert entry["checkpoint"]["architecture"] == "LlamaForCausalLM"
+    assert set(entry["hashes"]["engine"]) >= {"model.safetensors", "config.json"}
+    assert all(len(h) == 64 for h in entry["hashes"]["tokenizer"].values())
+
+
+@pytest.mark.parametrize("name", ["has space", "semi;colon", 'quote"', "", "..", "slash/name"])
+def test_bad_model_names_are_refused(demo_ckpt, tmp_path, name):
+    with pytest.raises(RenderError, match="characters Triton does not accept"):
+        write_repository(RepoSpec(name=name), inspect_checkpoint(demo_ckpt), tmp_path / "repo", progress=False)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_existing_output_needs_force_and_failure_leaves_nothing(demo_ckpt, tmp_path):
+    ckpt = inspect_checkpoint(demo_ckpt)
+    out = tmp_path / "repo"
+    write_repository(RepoSpec(name="a"), ckpt, out, progress=False)
+    with pytest.raises(RenderError, match="already exists"):
+        write_repository(RepoSpec(name="b"), ckpt, out, progress=False)
+    assert (out / "a").is_dir() and not (out / "b").exists()
+    write_repository(RepoSpec(name="b"), ckpt, out, force=True, progress=False)
+    assert (out / "b").is_dir() and not (out / "a").exists()
+    # A failure half-way (an unreadable weight file) leaves the old repository and no temporary dirs.
+    ckpt.weight_files.append(demo_ckpt / "missing.safetensors")
+    with pytest.raises(FileNotFoundError):
+        write_repository(RepoSpec(name="c"), ckpt, out, force=True, progress=False)
+    assert (out / "b").is_dir() and not (out / "c").exists()
+    assert sorted(os.listdir(tmp_path)) == ["repo"]
