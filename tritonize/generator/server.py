@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from .errors import TritonizeError
+
 STUB_NAME = "triton_python_backend_stub"
 PYTHON_BACKEND_LIB = "libtriton_python.so"
 SHM_DIR = Path("/dev/shm")
@@ -57,7 +59,9 @@ _INSTALL_HINT = (
 _LOG_LINE = re.compile(
     r"^(?:(?P<sev>[IWEF])\d{4} [\d:.]+\s+\d+|\S+ (?P<sev_iso>[IWEF])\s+\d+)\s+(?P<src>[\w.+-]+):\d+\]\s?(?P<msg>.*)$"
 )
-_PORT_TAKEN = re.compile(r"failed to start (HTTP|GRPC|Metrics) service: .*Socket '(.+):(\d+)' already in use", re.I)
+_PORT_TAKEN = re.compile(
+    r"failed to start (HTTP|GRPC|Metrics) service: .*Socket '(.+):(\d+)' already in use", re.I
+)
 _STARTED = {
     "http": "Started HTTPService at",
     "grpc": "Started GRPCInferenceService at",
@@ -67,7 +71,7 @@ _STARTED = {
 _BENIGN_ERRORS = ("CudaDriverHelper", "NVML", "nvml", "DCGM", "dcgm", "CUDA driver", "GPU metrics")
 
 
-class ServerError(RuntimeError):
+class ServerError(TritonizeError, RuntimeError):
     """A tritonserver could not be found, prepared, started or stopped; the message says what to do.
 
     `detail` holds the server's full error text (tracebacks included) where there is one, `log_path`
@@ -95,7 +99,9 @@ def _executable(path: Path, origin: str) -> Path:
     if not path.is_file():
         raise ServerError(f"{origin} {path}: no such tritonserver binary; point it at .../bin/tritonserver")
     if not os.access(path, os.X_OK):
-        raise ServerError(f"{origin} {path}: not executable; run `chmod +x {path}` or point at another binary")
+        raise ServerError(
+            f"{origin} {path}: not executable; run `chmod +x {path}` or point at another binary"
+        )
     return path.absolute()
 
 
@@ -150,8 +156,7 @@ def stub_python_version(stub: Path) -> str | None:
 def _check_stub(stub: Path, where: str) -> None:
     if not stub.is_file():
         raise ServerError(
-            f"{where} has no {STUB_NAME}: put the stub built for Python {running_python_version()} "
-            f"at {stub}"
+            f"{where} has no {STUB_NAME}: put the stub built for Python {running_python_version()} at {stub}"
         )
     built_for = stub_python_version(stub)
     wanted = running_python_version()
@@ -331,7 +336,9 @@ def port_in_use(address: str, port: int) -> bool:
     try:
         infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ServerError(f"cannot use address {address!r}: {exc.strerror}; pass --address with an IP") from exc
+        raise ServerError(
+            f"cannot use address {address!r}: {exc.strerror}; pass --address with an IP"
+        ) from exc
     for family, kind, proto, _, sockaddr in infos:
         with socket.socket(family, kind, proto) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -428,6 +435,13 @@ def server_error(log_text: str) -> str | None:
         return final
     relevant = [m for m in errors if not any(word in m for word in _BENIGN_ERRORS)]
     return relevant[-1].strip() if relevant else None
+
+
+def loading_models(log_text: str) -> list[str]:
+    """Models the log shows as started loading but neither loaded nor failed yet."""
+    started = re.findall(r"loading: ([^:\s\"]+):\d+", log_text)
+    done = set(re.findall(r"(?:successfully loaded|failed to load) '([^']+)'", log_text))
+    return sorted({name for name in started if name not in done})
 
 
 def _first_line(text: str) -> str:
@@ -592,7 +606,9 @@ class TritonServer:
         ports = {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port}
         for name, port in ports.items():
             if not 0 < port < 65536:
-                raise ServerError(f"{name} port {port} is out of range: pass --{name}-port between 1 and 65535")
+                raise ServerError(
+                    f"{name} port {port} is out of range: pass --{name}-port between 1 and 65535"
+                )
         if len(set(ports.values())) != len(ports):
             raise ServerError(
                 f"the HTTP, gRPC and metrics ports must differ (got {self.http_port}, {self.grpc_port}, "
@@ -627,6 +643,8 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             f"--log-verbose={self.log_verbose}",
         ]
+        # Config auto-completion stays on (no --disable-auto-complete-config), as on any stock server:
+        # the generated configs must hold up under it; it costs ~1 s of startup per Python model.
         if not _flag_backend_config(self.extra_args, "shm-region-prefix-name"):
             args.append(f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}")
         if self.exit_timeout is not None:
@@ -642,7 +660,9 @@ class TritonServer:
 
     def _validate_repo(self) -> None:
         if not self.repo.is_dir():
-            raise ServerError(f"model repository {self.repo} is not a directory: pass the directory `generate` wrote")
+            raise ServerError(
+                f"model repository {self.repo} is not a directory: pass the directory `generate` wrote"
+            )
         if self.model_control_mode in (None, "none") and not model_names(self.repo):
             raise ServerError(
                 f"model repository {self.repo} holds no model (no <name>/config.pbtxt): "
@@ -675,7 +695,10 @@ class TritonServer:
             self.log_path = Path(name)
         else:
             self.log_path = self._log_file_arg.expanduser().absolute()
-            self._log_handle = open(self.log_path, "wb")
+            try:
+                self._log_handle = open(self.log_path, "wb")
+            except OSError as exc:
+                raise ServerError(f"cannot write the server log {self.log_path}: {exc.strerror}") from exc
         try:
             self._proc = subprocess.Popen(
                 self.args,
@@ -707,7 +730,7 @@ class TritonServer:
                 raise problem
             if self._proc is not None and self._proc.poll() is not None:
                 rc = self._proc.returncode
-                message = server_error(reader.read()) or "no error in its log"
+                message = server_error(reader.read(final=True)) or "no error in its log"
                 raise ServerError(
                     f"tritonserver exited with code {rc} before it was ready: {_first_line(message)} "
                     f"(log: {self.log_path})",
@@ -721,10 +744,13 @@ class TritonServer:
                     raise problem
                 return
             if time.monotonic() > deadline:
-                message = server_error(reader.read())
-                hint = f": {_first_line(message)}" if message else ""
+                text = reader.read(final=True)
+                pending = loading_models(text)
+                message = server_error(text)
+                hint = f", still loading {', '.join(pending)}" if pending else ""
+                hint += f"; last error: {_first_line(message)}" if message else ""
                 raise ServerError(
-                    f"tritonserver was not ready after {timeout:.0f} s{hint} (log: {self.log_path}); "
+                    f"tritonserver was not ready after {timeout:g} s{hint} (log: {self.log_path}); "
                     "a large model may need a longer timeout",
                     detail=message,
                     log_path=self.log_path,
@@ -734,10 +760,9 @@ class TritonServer:
     def _startup_failure(self, text: str) -> ServerError | None:
         taken = _PORT_TAKEN.search(text)
         if taken is not None:
-            service = {"http": "http", "grpc": "grpc", "metrics": "metrics"}[taken.group(1).lower()]
             return ServerError(
-                f"port {taken.group(3)} on {taken.group(2)} is in use: pass --{service}-port with a free port, "
-                "or stop what listens there",
+                f"port {taken.group(3)} on {taken.group(2)} is in use: pass --{taken.group(1).lower()}-port "
+                "with a free port, or stop what listens there",
                 log_path=self.log_path,
             )
         if "failed to load '" in text or "Poll failed for model directory" in text:
@@ -880,7 +905,8 @@ def _group_members(pgid: int) -> list[int]:
 
 
 class _LogFollower:
-    """Accumulates a growing log file; read() returns everything so far."""
+    """Accumulates a growing log file; read() returns its complete lines so far (everything once the
+    writer is gone), so a message is never judged by half of it."""
 
     def __init__(self, path: Path | None) -> None:
         self._path = path
@@ -888,15 +914,16 @@ class _LogFollower:
         self._text = ""
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def read(self) -> str:
-        if self._path is None:
+    def read(self, final: bool = False) -> str:
+        if self._path is not None:
+            try:
+                with open(self._path, "rb") as handle:
+                    handle.seek(self._offset)
+                    chunk = handle.read()
+            except OSError:
+                chunk = b""
+            self._offset += len(chunk)
+            self._text += self._decoder.decode(chunk)
+        if final:
             return self._text
-        try:
-            with open(self._path, "rb") as handle:
-                handle.seek(self._offset)
-                chunk = handle.read()
-        except OSError:
-            return self._text
-        self._offset += len(chunk)
-        self._text += self._decoder.decode(chunk)
-        return self._text
+        return self._text[: self._text.rfind("\n") + 1]

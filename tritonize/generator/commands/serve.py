@@ -69,7 +69,9 @@ def _describe(server: TritonServer) -> str:
     default=None,
     help="tritonserver binary (or its install dir) to run.",
 )
-@click.option("--log-verbose", type=click.IntRange(0), default=0, show_default=True, help="Triton log verbosity.")
+@click.option(
+    "--log-verbose", type=click.IntRange(0), default=0, show_default=True, help="Triton log verbosity."
+)
 @click.option(
     "--model-control-mode",
     type=click.Choice(MODEL_CONTROL_MODES),
@@ -89,6 +91,13 @@ def _describe(server: TritonServer) -> str:
     show_default=True,
     help="Seconds to wait for every model to load.",
 )
+@click.option(
+    "--server-arg",
+    "server_args",
+    multiple=True,
+    metavar="ARG",
+    help="Extra tritonserver argument, repeatable, e.g. --server-arg=--exit-timeout-secs=5.",
+)
 def serve(
     repo: Path,
     http_port: int,
@@ -100,6 +109,7 @@ def serve(
     model_control_mode: str | None,
     log_file: Path | None,
     startup_timeout: float,
+    server_args: tuple[str, ...],
 ) -> None:
     """Serve the model repository REPO with tritonserver until Ctrl-C or SIGTERM."""
     server = TritonServer(
@@ -112,6 +122,7 @@ def serve(
         log_verbose=log_verbose,
         model_control_mode=model_control_mode,
         log_file=log_file,
+        extra_args=server_args,
     )
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

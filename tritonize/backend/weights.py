@@ -1,0 +1,292 @@
+"""Load an HF-format checkpoint directory into a ``Transformer``.
+
+Each family's parameter names are mapped onto the runtime's, tensor by tensor from memory-mapped
+safetensors, so peak host memory stays near one tensor beyond the model itself. The model is built
+on the meta device and the loaded tensors are assigned in place of its parameters, so nothing is
+initialised only to be overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import ModelArgs
+from .model import Transformer
+
+
+class WeightsError(ValueError):
+    """The checkpoint's tensors do not match what its config.json describes."""
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, args: ModelArgs) -> torch.dtype:
+    """``None``/"auto" means the checkpoint's own dtype (float32 when it does not say)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = args.dtype if dtype in (None, "auto") else dtype
+    name = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(name, name)
+    if name is None:
+        return torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; use one of {', '.join(_DTYPES)} or 'auto'")
+    return _DTYPES[name]
+
+
+def read_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path} not found: model_dir must be an HF-format checkpoint directory") from None
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{path} is not valid JSON ({exc})") from None
+
+
+class Checkpoint:
+    """Name -> tensor access over a directory's ``*.safetensors`` (or ``.bin``) files, read lazily."""
+
+    def __init__(self, model_dir: Path, stack: ExitStack) -> None:
+        self.model_dir = model_dir
+        self._where: dict[str, Callable[[], Tensor]] = {}
+        files = sorted(model_dir.glob("*.safetensors"))
+        if files:
+            from safetensors import safe_open
+
+            for file in files:
+                handle = stack.enter_context(safe_open(str(file), framework="pt"))
+                for name in handle.keys():
+                    self._where[name] = lambda h=handle, n=name: h.get_tensor(n)
+            return
+        bins = sorted(model_dir.glob("pytorch_model*.bin"))
+        if not bins:
+            raise WeightsError(f"{model_dir}: no *.safetensors or pytorch_model*.bin weight files")
+        for file in bins:
+            state = _load_bin(file)
+            for name, tensor in state.items():
+                self._where[name] = lambda t=tensor: t
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> Tensor:
+        if name not in self._where:
+            raise WeightsError(f"{self.model_dir}: tensor {name!r} missing from the checkpoint")
+        return self._where[name]()
+
+
+def _load_bin(file: Path) -> dict[str, Tensor]:
+    """``.bin`` files are pickles: only ever read with ``weights_only=True``."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        # Legacy (non-zip) serialisation cannot be memory-mapped.
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling refusal is a bad checkpoint
+        raise WeightsError(f"{file}: cannot read weights safely ({type(exc).__name__}: {exc})") from None
+
+
+# --- per-family name maps: each yields (runtime name, tensor) -------------------------------------
+
+Tensors = Iterator[tuple[str, Tensor]]
+
+
+def _norm(ck: Checkpoint, ours: str, theirs: str, args: ModelArgs) -> Tensors:
+    yield f"{ours}.weight", ck.get(f"{theirs}.weight")
+    if args.norm_bias:
+        yield f"{ours}.bias", ck.get(f"{theirs}.bias")
+
+
+def _linear(ck: Checkpoint, ours: str, theirs: str, bias: bool, transpose: bool = False) -> Tensors:
+    weight = ck.get(f"{theirs}.weight")
+    yield f"{ours}.weight", weight.t() if transpose else weight
+    if bias:
+        yield f"{ours}.bias", ck.get(f"{theirs}.bias")
+
+
+def _fused(ck: Checkpoint, ours: str, theirs: list[str], bias: bool) -> Tensors:
+    yield f"{ours}.weight", torch.cat([ck.get(f"{t}.weight") for t in theirs])
+    if bias:
+        yield f"{ours}.bias", torch.cat([ck.get(f"{t}.bias") for t in theirs])
+
+
+def _head(ck: Checkpoint, args: ModelArgs, embed: str, final_norm: str, lm_head: str) -> Tensors:
+    yield "tok_embeddings.weight", ck.get(embed)
+    yield from _norm(ck, "norm", final_norm, args)
+    if not args.tie_word_embeddings:
+        yield "output.weight", ck.get(lm_head)
+
+
+def _llama_layout(ck: Checkpoint, args: ModelArgs) -> Tensors:
+    """Llama, Mistral, Mixtral, Gemma, StarCoder 2, Nemotron: ``model.layers.N.self_attn.q_proj``..."""
+    yield from _head(ck, args, "model.embed_tokens.weight", "model.norm", "lm_head.weight")
+    for i in range(args.n_layers):
+        hf, ours = f"model.layers.{i}", f"layers.{i}"
+        yield from _norm(ck, f"{ours}.attention_norm", f"{hf}.input_layernorm", args)
+        yield from _norm(ck, f"{ours}.ffn_norm", f"{hf}.post_attention_layernorm", args)
+        attn = f"{hf}.self_attn"
+        yield from _fused(ck, f"{ours}.attention.wqkv", [f"{attn}.{p}_proj" for p in "qkv"], args.qkv_bias)
+        yield from _linear(ck, f"{ours}.attention.wo", f"{attn}.o_proj", args.out_bias)
+        ff = f"{ours}.feed_forward"
+        if args.num_experts:
+            yield from _mixtral_experts(ck, args, ff, hf)
+        elif args.architecture == "Starcoder2ForCausalLM":
+            yield from _linear(ck, f"{ff}.w1", f"{hf}.mlp.c_fc", args.mlp_bias)
+            yield from _linear(ck, f"{ff}.w2", f"{hf}.mlp.c_proj", args.mlp_bias)
+        elif args.mlp == "plain":
+            yield from _linear(ck, f"{ff}.w1", f"{hf}.mlp.up_proj", args.mlp_bias)
+            yield from _linear(ck, f"{ff}.w2", f"{hf}.mlp.down_proj", args.mlp_bias)
+        else:
+            yield from _fused(ck, f"{ff}.w1", [f"{hf}.mlp.gate_proj", f"{hf}.mlp.up_proj"], args.mlp_bias)
+            yield from _linear(ck, f"{ff}.w2", f"{hf}.mlp.down_proj", args.mlp_bias)
+
+
+def _mixtral_experts(ck: Checkpoint, args: ModelArgs, ours: str, hf: str) -> Tensors:
+    """Per-expert ``block_sparse_moe.experts.E.w{1,2,3}`` or transformers 5.x stacked ``mlp.experts``."""
+    if ck.has(f"{hf}.mlp.experts.gate_up_proj"):
+        yield f"{ours}.gate.weight", ck.get(f"{hf}.mlp.gate.weight")
+        yield f"{ours}.w13", ck.get(f"{hf}.mlp.experts.gate_up_proj")
+        yield f"{ours}.w2", ck.get(f"{hf}.mlp.experts.down_proj")
+        return
+    moe = f"{hf}.block_sparse_moe"
+    yield f"{ours}.gate.weight", ck.get(f"{moe}.gate.weight")
+    experts = range(args.num_experts)
+    yield f"{ours}.w13", torch.stack([
+        torch.cat([ck.get(f"{moe}.experts.{e}.w1.weight"), ck.get(f"{moe}.experts.{e}.w3.weight")])
+        for e in experts
+    ])
+    yield f"{ours}.w2", torch.stack([ck.get(f"{moe}.experts.{e}.w2.weight") for e in experts])
+
+
+def _split_interleaved_qkv(t: Tensor, n_heads: int, head_dim: int) -> Tensor:
+    """``[heads, 3, head_dim, ...]`` (per-head q, k, v) -> ``[q heads; k heads; v heads]``."""
+    t = t.reshape(n_heads, 3, head_dim, *t.shape[1:])
+    return torch.cat([t[:, j].reshape(n_heads * head_dim, *t.shape[3:]) for j in range(3)])
+
+
+def _gpt2_prefix(ck: Checkpoint) -> str:
+    return "transformer." if ck.has("transformer.wte.weight") else ""
+
+
+def _gpt2(ck: Checkpoint, args: ModelArgs) -> Tensors:
+    """GPT-2: ``Conv1D`` weights are stored ``[in, out]``; c_attn is [q; k; v] along ``out``."""
+    p = _gpt2_prefix(ck)
+    yield from _head(ck, args, f"{p}wte.weight", f"{p}ln_f", "lm_head.weight")
+    yield "pos_embeddings.weight", ck.get(f"{p}wpe.weight")
+    for i in range(args.n_layers):
+        hf, ours = f"{p}h.{i}", f"layers.{i}"
+        yield from _norm(ck, f"{ours}.attention_norm", f"{hf}.ln_1", args)
+        yield from _norm(ck, f"{ours}.ffn_norm", f"{hf}.ln_2", args)
+        yield from _linear(ck, f"{ours}.attention.wqkv", f"{hf}.attn.c_attn", True, transpose=True)
+        yield from _linear(ck, f"{ours}.attention.wo", f"{hf}.attn.c_proj", True, transpose=True)
+        yield from _linear(ck, f"{ours}.feed_forward.w1", f"{hf}.mlp.c_fc", True, transpose=True)
+        yield from _linear(ck, f"{ours}.feed_forward.w2", f"{hf}.mlp.c_proj", True, transpose=True)
+
+
+def _gpt_bigcode(ck: Checkpoint, args: ModelArgs) -> Tensors:
+    """StarCoder 1: ``nn.Linear`` weights; c_attn is [q; k; v] (multi-query) or per-head interleaved."""
+    p = _gpt2_prefix(ck)
+    yield from _head(ck, args, f"{p}wte.weight", f"{p}ln_f", "lm_head.weight")
+    yield "pos_embeddings.weight", ck.get(f"{p}wpe.weight")
+    for i in range(args.n_layers):
+        hf, ours = f"{p}h.{i}", f"layers.{i}"
+        yield from _norm(ck, f"{ours}.attention_norm", f"{hf}.ln_1", args)
+        yield from _norm(ck, f"{ours}.ffn_norm", f"{hf}.ln_2", args)
+        for kind in ("weight", "bias"):
+            t = ck.get(f"{hf}.attn.c_attn.{kind}")
+            if args.n_kv_heads != 1:
+                t = _split_interleaved_qkv(t, args.n_heads, args.head_dim)
+            yield f"{ours}.attention.wqkv.{kind}", t
+        yield from _linear(ck, f"{ours}.attention.wo", f"{hf}.attn.c_proj", True)
+        yield from _linear(ck, f"{ours}.feed_forward.w1", f"{hf}.mlp.c_fc", True)
+        yield from _linear(ck, f"{ours}.feed_forward.w2", f"{hf}.mlp.c_proj", True)
+
+
+def _falcon_qkv(t: Tensor, args: ModelArgs) -> Tensor:
+    """Falcon's fused ``query_key_value`` in its three layouts -> ``[q heads; k heads; v heads]``."""
+    hd = args.head_dim
+    if args.extra["new_decoder_architecture"]:
+        # Grouped: per kv group, its query heads then one k and one v.
+        rep = args.n_heads // args.n_kv_heads
+        t = t.reshape(args.n_kv_heads, rep + 2, hd, *t.shape[1:])
+        rest = t.shape[3:]
+        q = t[:, :rep].reshape(args.n_heads * hd, *rest)
+        k = t[:, rep].reshape(args.n_kv_heads * hd, *rest)
+        v = t[:, rep + 1].reshape(args.n_kv_heads * hd, *rest)
+        return torch.cat([q, k, v])
+    if args.extra["multi_query"]:
+        return t  # already [q heads; k; v]
+    return _split_interleaved_qkv(t, args.n_heads, hd)
+
+
+def _falcon(ck: Checkpoint, args: ModelArgs) -> Tensors:
+    p = "transformer."
+    yield from _head(ck, args, f"{p}word_embeddings.weight", f"{p}ln_f", "lm_head.weight")
+    for i in range(args.n_layers):
+        hf, ours = f"{p}h.{i}", f"layers.{i}"
+        if args.parallel_attn and args.parallel_norms == 2:
+            yield from _norm(ck, f"{ours}.attention_norm", f"{hf}.ln_attn", args)
+            yield from _norm(ck, f"{ours}.ffn_norm", f"{hf}.ln_mlp", args)
+        else:
+            yield from _norm(ck, f"{ours}.attention_norm", f"{hf}.input_layernorm", args)
+            if not args.parallel_attn:
+                yield from _norm(ck, f"{ours}.ffn_norm", f"{hf}.post_attention_layernorm", args)
+        qkv = f"{hf}.self_attention.query_key_value"
+        yield f"{ours}.attention.wqkv.weight", _falcon_qkv(ck.get(f"{qkv}.weight"), args)
+        if args.qkv_bias:
+            yield f"{ours}.attention.wqkv.bias", _falcon_qkv(ck.get(f"{qkv}.bias"), args)
+        yield from _linear(ck, f"{ours}.attention.wo", f"{hf}.self_attention.dense", args.out_bias)
+        yield from _linear(ck, f"{ours}.feed_forward.w1", f"{hf}.mlp.dense_h_to_4h", args.mlp_bias)
+        yield from _linear(ck, f"{ours}.feed_forward.w2", f"{hf}.mlp.dense_4h_to_h", args.mlp_bias)
+
+
+_FAMILIES: dict[str, Callable[[Checkpoint, ModelArgs], Tensors]] = {
+    "LlamaForCausalLM": _llama_layout,
+    "MistralForCausalLM": _llama_layout,
+    "MixtralForCausalLM": _llama_layout,
+    "GemmaForCausalLM": _llama_layout,
+    "Starcoder2ForCausalLM": _llama_layout,
+    "NemotronForCausalLM": _llama_layout,
+    "GPT2LMHeadModel": _gpt2,
+    "GPTBigCodeForCausalLM": _gpt_bigcode,
+    "FalconForCausalLM": _falcon,
+}
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | str | None = torch.float32) -> Transformer:
+    """Build the ``Transformer`` described by ``model_dir/config.json`` and load its weights.
+
+    ``dtype`` None or "auto" keeps the checkpoint's dtype. Caches are not allocated: call
+    ``setup_caches`` next.
+    """
+    model_dir = Path(model_dir)
+    args = ModelArgs.from_hf_config(read_config(model_dir))
+    dtype = resolve_dtype(dtype, args)
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    state: dict[str, Tensor] = {}
+    with ExitStack() as stack:
+        ck = Checkpoint(model_dir, stack)
+        for name, tensor in _FAMILIES[args.architecture](ck, args):
+            if name not in expected:
+                raise WeightsError(f"{model_dir}: unexpected runtime parameter {name!r} for {args.architecture}")
+            if tuple(tensor.shape) != expected[name]:
+                raise WeightsError(
+                    f"{model_dir}: {name} has shape {tuple(tensor.shape)} but config.json implies "
+                    f"{expected[name]}; the weights do not belong to this config"
+                )
+            state[name] = tensor.to(device=device, dtype=dtype).contiguous()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise WeightsError(f"{model_dir}: no weights for {', '.join(missing[:5])}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
