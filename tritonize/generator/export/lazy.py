@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,11 @@ class Lazy:
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def byte_source(self, start: int, stop: int) -> list[tuple[Path, int, int]] | None:
+        """File ranges holding exactly the raw bytes of rows ``[start, stop)`` (in ``self.dtype``),
+        when they are stored that way: the writer then copies them without reading them in."""
+        return None
 
     def full(self) -> torch.Tensor:
         if not self.shape:
@@ -55,6 +61,11 @@ class Region(Lazy):
         if not self.shape:
             return self.stored.read(self.prefix)
         return self.stored.read(self.prefix + (slice(start, stop),))
+
+    def byte_source(self, start: int, stop: int) -> list[tuple[Path, int, int]] | None:
+        if not self.shape:
+            return self.stored.byte_ranges(self.prefix)
+        return self.stored.byte_ranges(self.prefix + (slice(start, stop),))
 
 
 class Const(Lazy):
@@ -100,6 +111,20 @@ class Rows(Lazy):
             if pos >= stop:
                 break
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def byte_source(self, start: int, stop: int) -> list[tuple[Path, int, int]] | None:
+        ranges, pos = [], 0
+        for base, s, n in self.segments:
+            a, b = max(start, pos), min(stop, pos + n)
+            if a < b:
+                part = base.byte_source(s + a - pos, s + b - pos)
+                if part is None:
+                    return None
+                ranges += part
+            pos += n
+            if pos >= stop:
+                break
+        return ranges
 
 
 def rows_of(base: Lazy, start: int, length: int) -> Rows:
@@ -194,3 +219,22 @@ class Unstack(Lazy):
         if isinstance(self.base, Region):
             return self.base.stored.read(self.base.prefix + (self.index, slice(start, stop)))
         return self.base.rows(self.index, self.index + 1)[0, start:stop]
+
+    def byte_source(self, start: int, stop: int) -> list[tuple[Path, int, int]] | None:
+        if isinstance(self.base, Region):
+            return self.base.stored.byte_ranges(self.base.prefix + (self.index, slice(start, stop)))
+        return None
+
+
+class Cols(Lazy):
+    """Columns ``[start, start + length)`` of dim 1 (one rank's piece of a row-parallel weight)."""
+
+    def __init__(self, base: Lazy, start: int, length: int):
+        if len(base.shape) < 2 or start < 0 or start + length > base.shape[1]:
+            raise ExportError(f"columns {start}+{length} do not fit {base}")
+        self.base, self.start, self.length = base, start, length
+        self.shape = (base.shape[0], length, *base.shape[2:])
+        self.dtype = base.dtype
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.base.rows(start, stop)[:, self.start : self.start + self.length]

@@ -104,6 +104,13 @@ def _enum_value(*args: Any) -> Any:
     return args[0] if args else None
 
 
+def _path(*parts: Any) -> str:
+    # DCP's StorageMeta.checkpoint_id is the path the writer was given; only its text is kept.
+    if not all(isinstance(x, str) for x in parts):
+        raise UnsafePickleError("a path in a pickle holds something other than strings")
+    return "/".join(parts)
+
+
 def _codecs_encode(text: Any, encoding: str = "utf-8") -> bytes:
     # Protocol-2 pickles spell bytes as _codecs.encode(str, "latin1").
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
@@ -124,6 +131,8 @@ BASE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch", "Size"): _size,
     ("torch.serialization", "_get_layout"): _get_layout,
     ("_io", "BytesIO"): OpaqueBytes,
+    **{(m, n): _path for m in ("pathlib", "pathlib._local") for n in ("PosixPath", "PurePosixPath", "WindowsPath",
+                                                                      "PureWindowsPath", "Path")},
     ("io", "BytesIO"): OpaqueBytes,
     (f"{_DCP}.metadata", "Metadata"): Metadata,
     (f"{_DCP}.metadata", "TensorStorageMetadata"): TensorStorageMetadata,

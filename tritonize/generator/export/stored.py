@@ -10,6 +10,7 @@ of just the bytes it needs, so peak memory follows the region asked for, not the
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,19 +94,23 @@ def contiguous_strides(sizes: tuple[int, ...]) -> tuple[int, ...]:
 
 
 class _Files:
-    """Open file handles shared by all tensors of a checkpoint (one per path)."""
+    """Open read handles shared by all tensors (one per path, the least recently used closed past
+    ``limit``: a zarr checkpoint has a file per chunk, more than a process may keep open)."""
 
-    def __init__(self) -> None:
-        self._open: dict[Path, object] = {}
+    def __init__(self, limit: int = 128) -> None:
+        self._open: OrderedDict[Path, object] = OrderedDict()
+        self.limit = limit
 
     def get(self, path: Path):
-        f = self._open.get(path)
+        f = self._open.pop(path, None)
         if f is None:
             try:
-                f = open(path, "rb")  # noqa: SIM115 - closed in close()
+                f = open(path, "rb")  # noqa: SIM115 - closed on eviction or in close()
             except OSError as e:
                 raise ExportError(f"cannot read {path.name}: {e.strerror}") from None
-            self._open[path] = f
+            while len(self._open) >= self.limit:
+                self._open.popitem(last=False)[1].close()  # type: ignore[attr-defined]
+        self._open[path] = f
         return f
 
     def close(self) -> None:
@@ -140,7 +145,7 @@ class StoredTensor:
         self.chunks = chunks
         for c in chunks:
             if len(c.sizes) != len(self.shape) or any(
-                o < 0 or o + s > g for o, s, g in zip(c.offsets, c.sizes, self.shape)
+                o < 0 or o + s > g for o, s, g in zip(c.offsets, c.sizes, self.shape, strict=False)
             ):
                 raise ExportError(f"{key}: a stored chunk {c.offsets}+{c.sizes} lies outside shape {self.shape}")
             if c.dtype != dtype:
@@ -155,8 +160,7 @@ class StoredTensor:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
-    def read(self, index: tuple[int | slice, ...] = ()) -> torch.Tensor:
-        """``tensor[index]`` for an index of ints and unit-step slices over the leading dims."""
+    def _box(self, index: tuple[int | slice, ...]) -> tuple[list[int], list[int], list[bool]]:
         if len(index) > len(self.shape):
             raise ExportError(f"{self.key}: index {index} has more dims than shape {self.shape}")
         lo, hi, keep = [], [], []
@@ -176,35 +180,72 @@ class StoredTensor:
                 lo.append(i)
                 hi.append(i + 1)
                 keep.append(False)
-        box = tuple(h - l for l, h in zip(lo, hi))
-        out = torch.empty(box, dtype=self.dtype)
-        covered = 0
+        return lo, hi, keep
+
+    def _pieces(self, lo: list[int], hi: list[int]) -> list[_Piece]:
+        """The parts of each chunk inside the box ``[lo, hi)``; they must tile it exactly."""
+        pieces = []
         for c in self.chunks:
-            ilo = [max(l, o) for l, o in zip(lo, c.offsets)]
-            ihi = [min(h, o + s) for h, o, s in zip(hi, c.offsets, c.sizes)]
-            if any(a >= b for a, b in zip(ilo, ihi)):
+            ilo = [max(a, o) for a, o in zip(lo, c.offsets, strict=True)]
+            ihi = [min(h, o + s) for h, o, s in zip(hi, c.offsets, c.sizes, strict=True)]
+            if any(a >= b for a, b in zip(ilo, ihi, strict=True)):
                 continue
-            sizes = tuple(b - a for a, b in zip(ilo, ihi))
-            local = [a - o for a, o in zip(ilo, c.offsets)]
-            first = sum(l * s for l, s in zip(local, c.strides))
-            span = sum((n - 1) * s for n, s in zip(sizes, c.strides)) + 1
-            dest = out[tuple(slice(a - l, b - l) for a, b, l in zip(ilo, ihi, lo))]
-            offset = c.byte_offset + first * c.dtype.itemsize
-            if span == math.prod(sizes) and dest.is_contiguous() and _c_ordered(sizes, c.strides):
-                _read_into(c.path, offset, dest)
+            sizes = tuple(b - a for a, b in zip(ilo, ihi, strict=True))
+            local = [a - o for a, o in zip(ilo, c.offsets, strict=True)]
+            first = sum(i * s for i, s in zip(local, c.strides, strict=True))
+            span = sum((n - 1) * s for n, s in zip(sizes, c.strides, strict=True)) + 1
+            dense = span == math.prod(sizes) and _c_ordered(sizes, c.strides)
+            pieces.append(_Piece(c, tuple(a - z for a, z in zip(ilo, lo, strict=True)), sizes,
+                                 c.byte_offset + first * c.dtype.itemsize, span, dense))
+        covered = sum(math.prod(p.sizes) for p in pieces)
+        if covered != math.prod(h - a for a, h in zip(lo, hi, strict=True)):
+            raise ExportError(f"{self.key}: the stored chunks do not cover region {lo}..{hi}; "
+                              "the checkpoint is incomplete")
+        return pieces
+
+    def read(self, index: tuple[int | slice, ...] = ()) -> torch.Tensor:
+        """``tensor[index]`` for an index of ints and unit-step slices over the leading dims."""
+        lo, hi, keep = self._box(index)
+        box = tuple(h - a for a, h in zip(lo, hi, strict=True))
+        out = torch.empty(box, dtype=self.dtype)
+        for p in self._pieces(lo, hi):
+            dest = out[tuple(slice(a, a + n) for a, n in zip(p.start, p.sizes, strict=True))]
+            if p.dense and dest.is_contiguous():
+                _read_into(p.chunk.path, p.offset, dest)
             else:
-                buf = torch.empty(span, dtype=c.dtype)
-                _read_into(c.path, offset, buf)
-                dest.copy_(buf.as_strided(sizes, c.strides))
-            covered += math.prod(sizes)
-        if covered != math.prod(box):
-            raise ExportError(f"{self.key}: the stored chunks do not cover region {index}; the checkpoint is incomplete")
-        return out.reshape(tuple(n for n, k in zip(box, keep) if k))
+                buf = torch.empty(p.span, dtype=p.chunk.dtype)
+                _read_into(p.chunk.path, p.offset, buf)
+                dest.copy_(buf.as_strided(p.sizes, p.chunk.strides))
+        return out.reshape(tuple(n for n, k in zip(box, keep, strict=True) if k))
+
+    def byte_ranges(self, index: tuple[int | slice, ...] = ()) -> list[tuple[Path, int, int]] | None:
+        """``(file, offset, length)`` ranges whose concatenation is exactly the raw bytes of
+        ``tensor[index]`` in C order, or None when the region is not stored that way (then read it)."""
+        lo, hi, _keep = self._box(index)
+        box = [h - a for a, h in zip(lo, hi, strict=True)]
+        pieces = self._pieces(lo, hi)
+        r = next((d for d, n in enumerate(box) if n > 1), len(box) - 1 if box else 0)
+        for p in pieces:  # each piece: dense, and whole in every dim but the split one (r)
+            if not p.dense or any(p.sizes[d] != box[d] for d in range(len(box)) if d != r):
+                return None
+        pieces.sort(key=lambda p: p.start[r] if box else 0)
+        itemsize = self.dtype.itemsize
+        return [(p.chunk.path, p.offset, math.prod(p.sizes) * itemsize) for p in pieces]
+
+
+@dataclass(frozen=True)
+class _Piece:
+    chunk: Chunk
+    start: tuple[int, ...]  # position inside the requested box
+    sizes: tuple[int, ...]
+    offset: int  # byte offset of the piece's first element in the chunk's file
+    span: int  # elements between the piece's first and last element, inclusive
+    dense: bool  # stored contiguously in C order
 
 
 def _c_ordered(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     expected = contiguous_strides(sizes)
-    return all(n == 1 or s == e for n, s, e in zip(sizes, strides, expected))
+    return all(n == 1 or s == e for n, s, e in zip(sizes, strides, expected, strict=False))
 
 
 class TensorStore(Mapping[str, StoredTensor]):

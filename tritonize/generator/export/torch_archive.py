@@ -137,7 +137,7 @@ def read_archive(path: Path, start: int, length: int, *, what: str) -> Any:
                 itemsize = ref.dtype.itemsize
                 if ref.numel * itemsize > info.file_size:
                     raise ExportError(f"{what}: storage record {ref.key} is shorter than its tensor")
-                last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if math.prod(size) else offset
+                last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=False)) if math.prod(size) else offset
                 if offset < 0 or (math.prod(size) and last >= ref.numel):
                     raise ExportError(f"{what}: a tensor reaches past its storage; the archive is corrupt")
                 data_at = _local_header_data_offset(view, info.header_offset)

@@ -51,7 +51,7 @@ def _array(tree: Tree, key: str, what: str) -> StoredTensor:
     sep = meta.get("dimension_separator", ".")
     chunk_bytes = math.prod(chunk_shape) * dtype.itemsize
     chunks = []
-    grid = [range(math.ceil(s / c)) for s, c in zip(shape, chunk_shape)]
+    grid = [range(math.ceil(s / c)) for s, c in zip(shape, chunk_shape, strict=False)]
     for idx in itertools.product(*grid):
         name = sep.join(str(i) for i in idx) if idx else "0"
         rel = f"{key}/{name}"
@@ -63,8 +63,8 @@ def _array(tree: Tree, key: str, what: str) -> StoredTensor:
                 f"{what}: zarr chunk {rel} has {length} bytes, expected {chunk_bytes} "
                 f"({meta.get('dtype')} x {chunk_shape}); wrong dtype or truncated file"
             )
-        offsets = tuple(i * c for i, c in zip(idx, chunk_shape))
-        sizes = tuple(min(c, s - o) for c, s, o in zip(chunk_shape, shape, offsets))
+        offsets = tuple(i * c for i, c in zip(idx, chunk_shape, strict=False))
+        sizes = tuple(min(c, s - o) for c, s, o in zip(chunk_shape, shape, offsets, strict=False))
         chunks.append(Chunk(offsets, sizes, path, base, contiguous_strides(chunk_shape), dtype))
     return StoredTensor(key, shape, dtype, chunks)
 

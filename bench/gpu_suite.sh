@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of bench/RESULTS.md, on a machine with PyTorch + CUDA and no network.
+# Needs the Triton kit (.devkit, from shared/tools/devkit.sh) and tritonclient's Python files in .whl/site.
+#   bash bench/gpu_suite.sh serve     # generated repository on tritonserver, concurrency 1/16/64
+#   bash bench/gpu_suite.sh runtime   # the runtime alone vs roofline, and transformers generate
+set -uo pipefail
+phase=${1:-serve}
+out=${OUT:-/tmp/bench-out}; mkdir -p "$out"
+source .devkit/env.sh
+export PYTHONPATH=$PWD/.whl/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu-$phase.txt"
+date -u +%FT%TZ >> "$out/gpu-$phase.txt"
+model=/tmp/llama8b
+[ -f $model/tokenizer.model ] || python3 bench/make_model.py --shape llama3-8b --out $model --tokenizer .whl/tokenizer.model 2>&1 | tee "$out/make-$phase.log"
+case $phase in
+  serve)
+    python3 bench/serve_load.py --model $model --device cuda --dtype bfloat16 --concurrency 1,16,64 \
+      --duration 12 --pa-interval-ms 4000 --workdir /tmp/sb --json "$out/serve.json" 2>&1 | tee "$out/serve.log"
+    cp /tmp/sb/server.log "$out/server.log" 2>/dev/null
+    tar czf "$out/pa-logs.tgz" -C /tmp/sb $(cd /tmp/sb && ls perf_analyzer_*.log 2>/dev/null) 2>/dev/null ;;
+  runtime)
+    python3 bench/runtime_decode.py --model $model --batch 1,16,64 --hf-batch 1,8,32 \
+      --json "$out/runtime.json" 2>&1 | tee "$out/runtime.log" ;;
+esac

@@ -1,0 +1,154 @@
+"""Through the generated repository on a stock tritonserver: LLM load at several concurrencies.
+
+Generates the repository for --model, starts tritonserver, and for each concurrency measures output
+tokens/s, time to first token and inter-token latency (p50 / p99) with
+- perf_analyzer (if on PATH or $PERF_ANALYZER): --streaming against the ensemble with a genai-perf
+  shaped input-data JSON, statistics computed from its --profile-export-file per-response timestamps;
+- tritonize's own async gRPC-streaming load generator (always; it is the only one on machines where
+  perf_analyzer does not run).
+With --sequential it also serves the same requests one at a time (concurrency 1) so the batched
+throughput is reported as a ratio to sequential serving in the same run.
+
+    python bench/serve_load.py --model /tmp/llama8b --device cuda --concurrency 1,16,64 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+from tritonize.generator.commands.generate import build_repository
+from tritonize.generator.loadgen import percentile, run_load, synthetic_prompts
+from tritonize.generator.server import TritonServer, free_ports
+from tritonize.generator.spec import RepoSpec
+
+
+def perf_analyzer_binary() -> str | None:
+    return os.environ.get("PERF_ANALYZER") or shutil.which("perf_analyzer")
+
+
+def perf_analyzer_run(binary: str, url: str, model: str, prompts: list[str], output_len: int, concurrency: int,
+                      workdir: Path, interval_ms: int) -> dict:
+    data = {"data": [{
+        "text_input": {"content": [p], "shape": [1]},
+        "max_tokens": {"content": [output_len], "shape": [1]},
+        "min_tokens": {"content": [output_len], "shape": [1]},
+        "stream": {"content": [True], "shape": [1]},
+        "exclude_input_in_output": {"content": [True], "shape": [1]},
+    } for p in prompts]}
+    inputs = workdir / "inputs.json"
+    inputs.write_text(json.dumps(data))
+    export = workdir / f"profile_c{concurrency}.json"
+    cmd = [binary, "-m", model, "-i", "grpc", "-u", url, "--streaming", "--input-data", str(inputs),
+           "--concurrency-range", str(concurrency), "--measurement-interval", str(interval_ms),
+           "--stability-percentage", "999", "--profile-export-file", str(export)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    (workdir / f"perf_analyzer_c{concurrency}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        return {"error": f"perf_analyzer exited {proc.returncode}: {proc.stderr.strip()[-300:]}",
+                "command": " ".join(cmd)}
+    # Each streamed response carries one token, so perf_analyzer's response throughput is tokens/s.
+    match = re.search(r"Response Throughput: ([0-9.]+) infer/sec", proc.stdout)
+    profile = json.loads(export.read_text())
+    requests = profile["experiments"][-1]["requests"]
+    ttft, itl = [], []
+    for r in requests:
+        times = r.get("response_timestamps") or []
+        if times:
+            ttft.append((times[0] - r["timestamp"]) / 1e9)
+            itl += [(b - a) / 1e9 for a, b in zip(times, times[1:])]
+    tokens_per_s = float(match.group(1)) if match else None
+    return {
+        "tool": "perf_analyzer",
+        "concurrency": concurrency,
+        "requests": len(requests),
+        "output_tokens_per_s": tokens_per_s,
+        "ttft_ms_p50": percentile(ttft, 50) * 1e3, "ttft_ms_p99": percentile(ttft, 99) * 1e3,
+        "itl_ms_p50": percentile(itl, 50) * 1e3, "itl_ms_p99": percentile(itl, 99) * 1e3,
+        "command": " ".join(cmd),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of load per concurrency (own loader)")
+    ap.add_argument("--pa-interval-ms", type=int, default=5000)
+    ap.add_argument("--sequential", action="store_true", help="also report batched / sequential throughput")
+    ap.add_argument("--no-perf-analyzer", action="store_true")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tritonize-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = RepoSpec(name="llm", max_batch_size=max(levels), max_input_len=args.input_len + 16,
+                    max_output_len=args.output_len, device=args.device, dtype=args.dtype,
+                    max_num_tokens=max(2048, 2 * max(levels)))
+    t = time.perf_counter()
+    repo = build_repository(args.model, workdir / "repo", spec, force=True, progress=False)
+    result: dict = {"model": str(args.model), "input_len": args.input_len, "output_len": args.output_len,
+                    "generate_s": time.perf_counter() - t, "runs": []}
+    try:
+        import torch
+
+        result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        result["device"] = "?"
+    prompts = synthetic_prompts(str(repo / "llm_preprocessing" / "1" / "tokenizer"), args.input_len, count=64)
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                          log_file=workdir / "server.log", exit_timeout=5)
+    t = time.perf_counter()
+    server.start(timeout=900)
+    result["server_ready_s"] = time.perf_counter() - t
+    print(f"server ready in {result['server_ready_s']:.1f} s", flush=True)
+    url = f"127.0.0.1:{grpc}"
+    pa = None if args.no_perf_analyzer else perf_analyzer_binary()
+    try:
+        run_load(url, "llm", prompts, output_len=8, concurrency=max(levels), duration=5.0,
+                 max_requests=max(levels))  # warm-up
+        if args.sequential:
+            seq = run_load(url, "llm", prompts, output_len=args.output_len, concurrency=1,
+                           duration=args.duration).summary()
+            seq["tool"] = "tritonize-loadgen"
+            result["sequential"] = seq
+            print(json.dumps(seq), flush=True)
+        for c in levels:
+            row = run_load(url, "llm", prompts, output_len=args.output_len, concurrency=c,
+                           duration=args.duration).summary()
+            row["tool"] = "tritonize-loadgen"
+            if args.sequential and result["sequential"]["output_tokens_per_s"]:
+                row["ratio_to_sequential"] = row["output_tokens_per_s"] / result["sequential"]["output_tokens_per_s"]
+            result["runs"].append(row)
+            print(json.dumps(row), flush=True)
+            if pa:
+                row = perf_analyzer_run(pa, url, "llm", prompts, args.output_len, c, workdir, args.pa_interval_ms)
+                result["runs"].append(row)
+                print(json.dumps(row), flush=True)
+        text = server.log_text()
+        result["server_errors"] = [ln for ln in text.splitlines() if ln.startswith("E") and "cuda" not in ln.lower()
+                                   and "nvml" not in ln.lower() and "dcgm" not in ln.lower()][:10]
+    finally:
+        server.stop()
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=float))
+    print(json.dumps(result, indent=2, default=float))
+
+
+
+if __name__ == "__main__":
+    main()

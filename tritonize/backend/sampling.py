@@ -1,0 +1,296 @@
+"""Next-token selection for a batch in which every row carries its own sampling parameters.
+
+The order of operations follows TensorRT-LLM's C++ decoding layers (``penaltyKernels.cu``,
+``banBadWords.cu``, ``samplingTopKKernels.cu``), because the wire interface is the one of
+tensorrtllm_backend and clients moving over expect the same numbers:
+
+1. temperature: ``logits / T`` (before the penalties, as TensorRT-LLM does; transformers applies its
+   temperature warper after its processors, which only matters for the additive penalties below);
+2. repetition penalty, over every token that occurs in prompt + output so far (the rule of
+   transformers' ``RepetitionPenaltyLogitsProcessor`` and of TensorRT-LLM): a positive logit is
+   divided by the penalty, a negative one multiplied;
+3. presence penalty ``-= presence`` and frequency penalty ``-= frequency * count``, over the same
+   prompt + output tokens (TensorRT-LLM counts the prompt; OpenAI counts only the output);
+4. bans (``-inf``): the last token of every bad sequence whose prefix ends the sequence so far, and,
+   while fewer than ``min_tokens`` tokens were generated, the end ids and the last token of every
+   stop sequence whose prefix ends the sequence so far;
+5. log-probabilities: ``log_softmax`` of these processed logits, gathered at the chosen token. That is
+   TensorRT-LLM's default (un-normalized) ``output_log_probs``: the distribution after temperature,
+   penalties and bans, but before top-k / top-p truncation (OpenAI's convention). With none of 1-4 in
+   play it is the log-softmax of the raw model logits;
+6. choice: greedy rows take the arg-max; sampled rows keep the ``top_k`` best tokens, then the
+   smallest prefix of those (renormalised) whose probability mass reaches ``top_p``, and draw from
+   what is left with the Gumbel-max trick.
+
+The Gumbel noise is counter-based: a hash of (seed, number of tokens generated so far, token id), made
+of integer tensor ops that run the same on CPU and GPU. A request's draws therefore depend only on its
+own seed and its own logits, never on which other requests share the batch or in which order they came,
+and no per-request ``torch.Generator`` (one kernel launch per row) is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SamplingParams:
+    """How one request picks its tokens; greedy when nothing is set, top_k == 1 or temperature == 0.
+
+    ``top_k`` of None or 0 and ``top_p`` of None, <= 0 or >= 1 mean "no truncation"; as in TensorRT-LLM,
+    ``top_k == 0`` together with ``top_p == 0`` means greedy.
+    """
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        if self.temperature == 0 or self.top_k == 1:
+            return True
+        if not self.top_k and self.top_p is not None and self.top_p == 0:
+            return True
+        return self.temperature is None and not self.top_k and self.top_p is None
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field, so a client gets a one-line reason instead of NaNs."""
+        if self.temperature is not None and (not math.isfinite(self.temperature) or self.temperature < 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = no top-k), got {self.top_k}")
+        if self.top_p is not None and (not math.isfinite(self.top_p) or not 0.0 <= self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one row of the batch at this step.
+
+    ``history`` is prompt + generated tokens (bad / stop sequences may start inside the prompt, as in
+    TensorRT-LLM); ``step`` is the number of tokens generated so far, the counter of the noise.
+    """
+
+    params: SamplingParams
+    seed: int
+    slot: int
+    step: int
+    history: Sequence[int]
+    end_ids: Sequence[int] = ()
+    stop_sequences: Sequence[Sequence[int]] = ()
+    bad_sequences: Sequence[Sequence[int]] = ()
+    want_log_probs: bool = False
+
+
+@dataclass
+class SampleResult:
+    tokens: list[int]
+    log_probs: list[float] | None = field(default=None)
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+_HASH_MUL = 0x45D9F3B  # below 2**27, so no int64 product of a 32-bit value overflows on any device
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """Thomas Mueller's 32-bit integer hash (a bijection with good avalanche) on int64 tensors.
+
+    Few ops on purpose: in eager mode each op costs a kernel launch, and this runs every step.
+    """
+    x = (((x >> 16) ^ x) * _HASH_MUL) & _MASK32
+    x = (((x >> 16) ^ x) * _HASH_MUL) & _MASK32
+    return (x >> 16) ^ x
+
+
+@functools.lru_cache(maxsize=8)
+def _token_hashes(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """The per-token half of the noise hash, [1, V]: the same every step, so computed once."""
+    return _hash32(torch.arange(vocab_size, dtype=torch.int64, device=device) ^ 0x9E3779B9)[None, :]
+
+
+def counter_uniform(seeds: Sequence[int], steps: Sequence[int], vocab_size: int, device) -> torch.Tensor:
+    """Uniform (0, 1) noise of shape [B, V]; row b is a pure function of (seeds[b], steps[b]).
+
+    (seed, step) goes through splitmix64 on the host; its 32-bit key is mixed with each token's hash.
+    """
+    keys = [_splitmix64((seed & _MASK64) ^ _splitmix64(step)) & _MASK32 for seed, step in zip(seeds, steps, strict=True)]
+    k = torch.tensor(keys, dtype=torch.int64, device=device)[:, None]
+    return unit_interval(_hash32(_token_hashes(vocab_size, torch.device(device)) ^ k))
+
+
+def unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """Map 32-bit values to float32 strictly inside (0, 1): the top 23 bits, centred in their bucket.
+
+    23 bits, not 24: 2**24 - 0.5 is not a float32, so the top bucket would round to 1.0 and its Gumbel
+    noise to +inf.
+    """
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+
+
+def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf what top-k (per row; 0 = off) and then top-p (per row; 1 = off) drop.
+
+    Top-p is taken over the top-k survivors, renormalised (TensorRT-LLM's top-k kernel and transformers'
+    warper chain agree on this); the most likely token always survives.
+    """
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)[:, None]
+    drop_sorted = ranks >= k
+    sorted_logits = sorted_logits.masked_fill(drop_sorted, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted |= (mass_before >= top_p[:, None]) & (ranks > 0) & (top_p[:, None] < 1.0)
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _tail_matches(history: Sequence[int], prefix: Sequence[int]) -> bool:
+    n = len(prefix)
+    if n == 0:
+        return True
+    if n > len(history):
+        return False
+    return list(history[len(history) - n :]) == list(prefix)
+
+
+def banned_tokens(row: SamplingRow) -> set[int]:
+    """Tokens row may not produce now: bad-sequence ends, and end / stop ends before min_tokens."""
+    banned: set[int] = set()
+    for seq in row.bad_sequences:
+        if seq and _tail_matches(row.history, seq[:-1]):
+            banned.add(int(seq[-1]))
+    if row.step < row.params.min_tokens:
+        banned.update(int(e) for e in row.end_ids)
+        for seq in row.stop_sequences:
+            if seq and _tail_matches(row.history, seq[:-1]):
+                banned.add(int(seq[-1]))
+    return banned
+
+
+class Sampler:
+    """Picks one token per row; keeps per-slot token counts for the penalties.
+
+    The counts live on the model's device, one row per KV-cache slot, and are allocated on the first
+    request that asks for a penalty: [slots, vocab] int32, i.e. bounded like the KV cache.
+    """
+
+    def __init__(self, vocab_size: int, num_slots: int, device: torch.device | str) -> None:
+        self.vocab_size = vocab_size
+        self.num_slots = num_slots
+        self.device = torch.device(device)
+        self._counts: torch.Tensor | None = None
+
+    def start(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Reset a slot's token counts to the prompt's, for a request just admitted to it."""
+        if not params.uses_penalties:
+            return
+        if self._counts is None:
+            self._counts = torch.zeros(self.num_slots, self.vocab_size, dtype=torch.int32, device=self.device)
+        self._counts[slot].zero_()
+        ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=self.device)
+        self._counts[slot].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+
+    def record(self, rows: Sequence[SamplingRow], tokens: torch.Tensor) -> None:
+        """Count tokens [B] of penalised rows; ``sample`` does it for the tokens it picks."""
+        penalised = [b for b, r in enumerate(rows) if r.params.uses_penalties]
+        if not penalised or self._counts is None:
+            return
+        index = torch.tensor(penalised, dtype=torch.int64, device=tokens.device)
+        slots = torch.tensor([rows[b].slot for b in penalised], dtype=torch.int64, device=self.device)
+        toks = tokens.index_select(0, index).to(self.device)
+        self._counts.index_put_((slots, toks), torch.ones_like(toks, dtype=torch.int32), accumulate=True)
+
+    def process(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """Steps 1-4 of the module docstring: the float32 logits the choice and the log-probs use."""
+        x = logits.to(torch.float32)
+        temps = [r.params.temperature if r.params.temperature else 1.0 for r in rows]
+        if any(t != 1.0 for t in temps):
+            x = x / torch.tensor(temps, dtype=torch.float32, device=x.device)[:, None]
+        if any(r.params.uses_penalties for r in rows) and self._counts is not None:
+            x = self._apply_penalties(x, rows)
+        bans = [(b, tok) for b, r in enumerate(rows) for tok in banned_tokens(r) if 0 <= tok < x.shape[-1]]
+        if bans:
+            if x.data_ptr() == logits.data_ptr():
+                x = x.clone()
+            b_idx = torch.tensor([b for b, _ in bans], dtype=torch.int64, device=x.device)
+            t_idx = torch.tensor([t for _, t in bans], dtype=torch.int64, device=x.device)
+            x[b_idx, t_idx] = float("-inf")
+        return x
+
+    def _apply_penalties(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=x.device)[:, None]
+
+        slots = torch.tensor([r.slot for r in rows], dtype=torch.int64, device=self.device)
+        counts = self._counts.index_select(0, slots).to(x.device)
+        # Rows without penalties get neutral values, so their (possibly stale) counts do nothing.
+        rep = column([r.params.repetition_penalty if r.params.uses_penalties else 1.0 for r in rows])
+        pres = column([r.params.presence_penalty if r.params.uses_penalties else 0.0 for r in rows])
+        freq = column([r.params.frequency_penalty if r.params.uses_penalties else 0.0 for r in rows])
+        seen = counts > 0
+        x = torch.where(seen, torch.where(x < 0, x * rep, x / rep), x)
+        return x - pres * seen - freq * counts.to(torch.float32)
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
+        """Choose one token for each row of ``logits`` [B, V] (B == len(rows))."""
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits must be [rows, vocab] with {len(rows)} rows, got {tuple(logits.shape)}")
+        x = self.process(logits, rows)
+        tokens = torch.argmax(x, dim=-1)
+        sampled = [b for b, r in enumerate(rows) if not r.params.greedy]
+        if sampled:
+            index = torch.tensor(sampled, dtype=torch.int64, device=x.device)
+            sub = x.index_select(0, index)
+            top_ks = [rows[b].params.top_k or 0 for b in sampled]
+            top_ps = [_effective_top_p(rows[b].params.top_p) for b in sampled]
+            if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
+                top_k = torch.tensor(top_ks, dtype=torch.int64, device=x.device)
+                top_p = torch.tensor(top_ps, dtype=torch.float32, device=x.device)
+                sub = top_k_top_p_filter(sub, top_k, top_p)
+            u = counter_uniform([rows[b].seed for b in sampled], [rows[b].step for b in sampled], x.shape[-1], x.device)
+            gumbel = -torch.log(-torch.log(u))
+            tokens = tokens.index_copy(0, index, torch.argmax(sub + gumbel, dim=-1))
+        self.record(rows, tokens)
+        log_probs = None
+        if any(r.want_log_probs for r in rows):
+            chosen = torch.log_softmax(x, dim=-1).gather(1, tokens[:, None])[:, 0]
+            log_probs = chosen.cpu().tolist()
+        return SampleResult(tokens=tokens.cpu().tolist(), log_probs=log_probs)
+
+
+def _effective_top_p(top_p: float | None) -> float:
+    if top_p is None or top_p <= 0.0 or top_p >= 1.0:
+        return 1.0
+    return float(top_p)
