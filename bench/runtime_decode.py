@@ -49,12 +49,15 @@ def engine_decode(engine: Engine, batch: int, input_len: int, output_len: int, v
     """Submits ``batch`` requests at once and times each one's decode phase from its token callbacks."""
     g = torch.Generator().manual_seed(batch)
     times: dict[int, list[float]] = {i: [] for i in range(batch)}
-    done = threading.Barrier(batch + 1)
+    done = threading.Event()
+    remaining = [batch]
 
-    def on_output(i: int, out) -> None:  # noqa: ANN001
+    def on_output(i: int, out) -> None:  # noqa: ANN001 - called on the engine thread: never block here
         times[i].append(time.perf_counter())
         if out.finished:
-            done.wait()
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                done.set()
 
     start = time.perf_counter()
     for i in range(batch):
@@ -117,11 +120,20 @@ def main() -> None:
                     help="torch.compile the decode step (default: on for CUDA)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    batches = [int(b) for b in args.batch.split(",")]
+    batches = [int(b) for b in args.batch.split(",") if b]
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result: dict = {"device": device_name, "model": str(args.model), "input_len": args.input_len,
                     "output_len": args.output_len, "torch": torch.__version__}
 
+    if not batches:  # transformers only
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        result["transformers"] = hf_generate(args.model, [int(b) for b in args.hf_batch.split(",") if b],
+                                             args.input_len, args.output_len, dev,
+                                             torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
     t = time.perf_counter()
     kwargs = {} if args.compile is None else {"compile": args.compile}
     engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch_size=max(batches),

@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from tritonize.generator.commands.generate import build_repository
 from tritonize.generator.loadgen import percentile, run_load, synthetic_prompts
 from tritonize.generator.server import TritonServer, free_ports
@@ -55,8 +54,9 @@ def perf_analyzer_run(binary: str, url: str, model: str, prompts: list[str], out
     if proc.returncode != 0:
         return {"error": f"perf_analyzer exited {proc.returncode}: {proc.stderr.strip()[-300:]}",
                 "command": " ".join(cmd)}
-    # Each streamed response carries one token, so perf_analyzer's response throughput is tokens/s.
-    match = re.search(r"Response Throughput: ([0-9.]+) infer/sec", proc.stdout)
+    # Every request generates exactly output_len tokens (min_tokens = max_tokens), so tokens/s is
+    # requests/s x output_len; a streamed response may carry several tokens when the server is busy.
+    match = re.search(r"\n\s*Throughput: ([0-9.]+) infer/sec", proc.stdout)
     profile = json.loads(export.read_text())
     requests = profile["experiments"][-1]["requests"]
     ttft, itl = [], []
@@ -65,7 +65,7 @@ def perf_analyzer_run(binary: str, url: str, model: str, prompts: list[str], out
         if times:
             ttft.append((times[0] - r["timestamp"]) / 1e9)
             itl += [(b - a) / 1e9 for a, b in zip(times, times[1:])]
-    tokens_per_s = float(match.group(1)) if match else None
+    tokens_per_s = float(match.group(1)) * output_len if match else None
     return {
         "tool": "perf_analyzer",
         "concurrency": concurrency,

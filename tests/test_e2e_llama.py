@@ -99,8 +99,8 @@ def test_stream_pieces_concatenate_to_the_same_text(server, reference):
     for prompt in (PROMPTS[0], PROMPTS[4]):
         streamed = grpc_generate(server.grpc_endpoint, "tiny", prompt, GenerateOptions(max_tokens=20), stream=True)
         assert "".join(streamed.pieces) == _expected(reference, prompt, 20)
-        assert len(streamed.pieces) == streamed.num_output_tokens  # one response per generated token
-        assert len(streamed.pieces) > 1
+        # one response per token, or several tokens in one when the sender falls behind the engine
+        assert 1 < len(streamed.pieces) <= streamed.num_output_tokens
 
 
 def test_http_generate_endpoints(server, reference):

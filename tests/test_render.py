@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from tritonize.generator import interface as wire
 from tritonize.generator.checkpoint import inspect_checkpoint
 from tritonize.generator.errors import RenderError
 from tritonize.generator.render import parse_config, write_repository
