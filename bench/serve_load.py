@@ -64,7 +64,8 @@ def perf_analyzer_run(binary: str, url: str, model: str, prompts: list[str], out
         times = r.get("response_timestamps") or []
         if times:
             ttft.append((times[0] - r["timestamp"]) / 1e9)
-            itl += [(b - a) / 1e9 for a, b in zip(times, times[1:])]
+            if len(times) > 1:  # genai-perf's definition: per request, over its tokens
+                itl.append((times[-1] - times[0]) / 1e9 / (output_len - 1))
     tokens_per_s = float(match.group(1)) * output_len if match else None
     return {
         "tool": "perf_analyzer",

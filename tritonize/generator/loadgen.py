@@ -30,9 +30,13 @@ class RequestRecord:
         return self.response_times[0] - self.start if self.response_times else None
 
     @property
-    def itls(self) -> list[float]:
+    def itl(self) -> float | None:
+        """genai-perf's inter-token latency: (last response - first response) / (tokens - 1), which
+        stays right when one response carries several tokens."""
         t = self.response_times
-        return [b - a for a, b in zip(t, t[1:])]
+        if len(t) < 2 or self.output_tokens < 2:
+            return None
+        return (t[-1] - t[0]) / (self.output_tokens - 1)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -50,7 +54,7 @@ class LoadResult:
     def summary(self) -> dict[str, float | int | None]:
         ok = [r for r in self.records if r.error is None]
         ttft = [r.ttft for r in ok if r.ttft is not None]
-        itl = [x for r in ok for x in r.itls]
+        itl = [r.itl for r in ok if r.itl is not None]
         tokens = sum(r.output_tokens for r in ok)
         out: dict[str, float | int | None] = {
             "concurrency": self.concurrency,
