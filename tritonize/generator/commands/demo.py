@@ -44,8 +44,7 @@ def demo(prompt: str, max_tokens: int, workdir: Path | None, tritonserver: str |
             repo = build_repository(root / "checkpoint", root / "repo", spec, force=True, progress=False)
             ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
             click.echo("3/4 starting tritonserver")
-            with TritonServer(repo, tritonserver=tritonserver, **ports) as server:
-                server.start()
+            with TritonServer(repo, tritonserver=tritonserver, **ports):  # started on entry
                 click.echo(f"    ready: gRPC 127.0.0.1:{ports['grpc_port']}, HTTP 127.0.0.1:{ports['http_port']}")
                 click.echo(f"4/4 asking: {prompt}")
                 result = grpc_generate(f"127.0.0.1:{ports['grpc_port']}", "demo", prompt,
