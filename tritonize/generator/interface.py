@@ -83,15 +83,8 @@ PRE_OUTPUTS: tuple[Tensor, ...] = (
 )
 
 # --- engine: token ids in, token ids out (decoupled) --------------------------------------------------
-ENGINE_INPUTS: tuple[Tensor, ...] = (
-    Tensor("input_ids", "TYPE_INT32", (-1,)),
-    Tensor("input_lengths", "TYPE_INT32"),
-    Tensor("request_output_len", "TYPE_INT32"),
-    Tensor("end_ids", "TYPE_INT32", (-1,)),
-    Tensor("pad_id", "TYPE_INT32"),
-    Tensor("stop_words_list", "TYPE_INT32", (2, -1)),
-    Tensor("bad_words_list", "TYPE_INT32", (2, -1)),
-) + ADAPTER_INPUTS + SAMPLING_INPUTS
+# what preprocessing produced, plus the client's adapter and sampling inputs passed straight through
+ENGINE_INPUTS: tuple[Tensor, ...] = PRE_OUTPUTS + ADAPTER_INPUTS + SAMPLING_INPUTS
 ENGINE_OUTPUTS: tuple[Tensor, ...] = (
     Tensor("output_ids", "TYPE_INT32", (-1,)),
     Tensor("prefix_ids", "TYPE_INT32", (-1,)),
