@@ -16,66 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from tritonize.generator.commands.generate import build_repository
-from tritonize.generator.loadgen import percentile, run_load, synthetic_prompts
+from tritonize.generator.loadgen import run_load, synthetic_prompts
+from tritonize.generator.perfanalyzer import perf_analyzer_binary, perf_analyzer_run
 from tritonize.generator.server import TritonServer, free_ports
 from tritonize.generator.spec import RepoSpec
-
-
-def perf_analyzer_binary() -> str | None:
-    return os.environ.get("PERF_ANALYZER") or shutil.which("perf_analyzer")
-
-
-def perf_analyzer_run(binary: str, url: str, model: str, prompts: list[str], output_len: int, concurrency: int,
-                      workdir: Path, interval_ms: int) -> dict:
-    data = {"data": [{
-        "text_input": {"content": [p], "shape": [1]},
-        "max_tokens": {"content": [output_len], "shape": [1]},
-        "min_tokens": {"content": [output_len], "shape": [1]},
-        "stream": {"content": [True], "shape": [1]},
-        "exclude_input_in_output": {"content": [True], "shape": [1]},
-    } for p in prompts]}
-    inputs = workdir / "inputs.json"
-    inputs.write_text(json.dumps(data))
-    export = workdir / f"profile_c{concurrency}.json"
-    cmd = [binary, "-m", model, "-i", "grpc", "-u", url, "--streaming", "--input-data", str(inputs),
-           "--concurrency-range", str(concurrency), "--measurement-interval", str(interval_ms),
-           "--stability-percentage", "999", "--profile-export-file", str(export)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    (workdir / f"perf_analyzer_c{concurrency}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        return {"error": f"perf_analyzer exited {proc.returncode}: {proc.stderr.strip()[-300:]}",
-                "command": " ".join(cmd)}
-    # Every request generates exactly output_len tokens (min_tokens = max_tokens), so tokens/s is
-    # requests/s x output_len; a streamed response may carry several tokens when the server is busy.
-    match = re.search(r"\n\s*Throughput: ([0-9.]+) infer/sec", proc.stdout)
-    profile = json.loads(export.read_text())
-    requests = profile["experiments"][-1]["requests"]
-    ttft, itl = [], []
-    for r in requests:
-        times = r.get("response_timestamps") or []
-        if times:
-            ttft.append((times[0] - r["timestamp"]) / 1e9)
-            if len(times) > 1:  # genai-perf's definition: per request, over its tokens
-                itl.append((times[-1] - times[0]) / 1e9 / (output_len - 1))
-    tokens_per_s = float(match.group(1)) * output_len if match else None
-    return {
-        "tool": "perf_analyzer",
-        "concurrency": concurrency,
-        "requests": len(requests),
-        "output_tokens_per_s": tokens_per_s,
-        "ttft_ms_p50": percentile(ttft, 50) * 1e3, "ttft_ms_p99": percentile(ttft, 99) * 1e3,
-        "itl_ms_p50": percentile(itl, 50) * 1e3, "itl_ms_p99": percentile(itl, 99) * 1e3,
-        "command": " ".join(cmd),
-    }
 
 
 def main() -> None:

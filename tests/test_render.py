@@ -13,6 +13,7 @@ from tritonize.generator.checkpoint import inspect_checkpoint
 from tritonize.generator.errors import RenderError
 from tritonize.generator.render import parse_config, write_repository
 from tritonize.generator.spec import RepoSpec
+from tritonize.generator.validate import ensemble_problems
 
 DT = model_config_pb2.DataType
 
@@ -83,23 +84,12 @@ def test_wire_interface_matches_tensorrtllm_backend(repo):
 def test_ensemble_steps_are_wired(repo):
     """Every step input comes from a client input or an earlier step, with the same type and dims."""
     configs = _configs(repo)
+    assert ensemble_problems("tiny", configs) == []
+    # The check can fail: a step fed a tensor of another type is reported.
+    broken = {k: type(v).FromString(v.SerializeToString()) for k, v in configs.items()}
+    broken["tiny_engine"].input[0].data_type = DT.TYPE_INT64
+    assert any("TYPE_INT64" in p.problem for p in ensemble_problems("tiny", broken))
     ens = configs["tiny"]
-    available = {t.name: (t.data_type, list(t.dims)) for t in ens.input}
-    for step in ens.ensemble_scheduling.step:
-        model = configs[step.model_name]
-        model_inputs = {t.name: t for t in model.input}
-        model_outputs = {t.name: t for t in model.output}
-        for key, value in step.input_map.items():
-            assert key in model_inputs, f"{step.model_name} has no input {key}"
-            assert value in available, f"{value} feeds {step.model_name} before anything produces it"
-            assert available[value] == (model_inputs[key].data_type, list(model_inputs[key].dims)), key
-        required = {n for n, t in model_inputs.items() if not t.optional}
-        assert required <= set(step.input_map), f"{step.model_name} misses {required - set(step.input_map)}"
-        for key, value in step.output_map.items():
-            assert key in model_outputs, f"{step.model_name} has no output {key}"
-            available[value] = (model_outputs[key].data_type, list(model_outputs[key].dims))
-    for out in ens.output:
-        assert available.get(out.name) == (out.data_type, list(out.dims)), out.name
     sync = configs["tiny_sync"]
     assert [(t.name, t.data_type, list(t.dims)) for t in sync.input] == [
         (t.name, t.data_type, list(t.dims)) for t in ens.input
@@ -135,14 +125,22 @@ def test_existing_output_needs_force_and_failure_leaves_nothing(demo_ckpt, tmp_p
     ckpt = inspect_checkpoint(demo_ckpt)
     out = tmp_path / "repo"
     write_repository(RepoSpec(name="a"), ckpt, out, progress=False)
-    with pytest.raises(RenderError, match="already exists"):
-        write_repository(RepoSpec(name="b"), ckpt, out, progress=False)
-    assert (out / "a").is_dir() and not (out / "b").exists()
-    write_repository(RepoSpec(name="b"), ckpt, out, force=True, progress=False)
-    assert (out / "b").is_dir() and not (out / "a").exists()
-    # A failure half-way (an unreadable weight file) leaves the old repository and no temporary dirs.
+    # A directory that is not a tritonize repository is replaced only with force.
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(RenderError, match="not a tritonize repository"):
+        write_repository(RepoSpec(name="b"), ckpt, other, progress=False)
+    write_repository(RepoSpec(name="b"), ckpt, other, force=True, progress=False)
+    assert (other / "b").is_dir()
+    # The same version of a model already there needs force.
+    with pytest.raises(RenderError, match="already exists and holds version 1"):
+        write_repository(RepoSpec(name="a"), ckpt, out, progress=False)
+    # A failure half-way (an unreadable weight file) leaves the repository as it was and no temporary dirs.
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
     ckpt.weight_files.append(demo_ckpt / "missing.safetensors")
     with pytest.raises(FileNotFoundError):
-        write_repository(RepoSpec(name="c"), ckpt, out, force=True, progress=False)
-    assert (out / "b").is_dir() and not (out / "c").exists()
-    assert sorted(os.listdir(tmp_path)) == ["repo"]
+        write_repository(RepoSpec(name="a"), ckpt, out, force=True, progress=False)
+    with pytest.raises(FileNotFoundError):
+        write_repository(RepoSpec(name="c"), ckpt, out, progress=False)
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert sorted(os.listdir(tmp_path)) == ["other", "repo"]

@@ -10,10 +10,13 @@ import click
 
 import tritonize
 
+from .commands.bench import bench
 from .commands.demo import demo
 from .commands.generate import generate
+from .commands.k8s import k8s
 from .commands.query import query
 from .commands.serve import serve
+from .commands.validate import validate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -38,6 +41,9 @@ cli.add_command(generate)
 cli.add_command(serve)
 cli.add_command(query)
 cli.add_command(demo)
+cli.add_command(validate)
+cli.add_command(bench)
+cli.add_command(k8s)
 
 try:  # the exporter is optional at import time so that a broken source reader cannot take the CLI down
     from .export.command import export

@@ -25,12 +25,17 @@ from tritonize import backend as backend_pkg
 from . import interface as wire
 from .checkpoint import Checkpoint
 from .errors import RenderError
-from .manifest import build_manifest
+from .manifest import MANIFEST, build_manifest
 from .spec import RepoSpec
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 BACKEND_SRC = Path(backend_pkg.__file__).resolve().parent
 BACKEND_PACKAGE = "tritonize_backend"
+VERSIONED_SUFFIXES = ("_preprocessing", "_engine", "_postprocessing")
+# Triton reads one config.pbtxt per model for all its versions. The models that hold version-specific files
+# (tokenizer, weights) serve every version present so a client can address one; the ensemble and the
+# ``_sync`` door route to the newest (``model_version: -1``), and explicit model control can pin an older one.
+VERSION_POLICY_ALL = "version_policy: { all { } }\n"
 
 
 def _pbstr(value: object) -> str:
@@ -99,6 +104,8 @@ def render_models(spec: RepoSpec, ckpt: Checkpoint) -> list[RenderedModel]:
     rendered = []
     for folder, (template, context) in models.items():
         config = env.get_template(f"{template}/config.pbtxt.j2").render(**common, **context)
+        if folder.endswith(VERSIONED_SUFFIXES):
+            config += VERSION_POLICY_ALL
         model_py = None
         if (TEMPLATES / template / "model.py.j2").is_file():
             model_py = env.get_template(f"{template}/model.py.j2").render(**common, **context)
@@ -129,50 +136,184 @@ def _copy_backend(dst: Path) -> None:
     )
 
 
+def model_folders(name: str) -> list[str]:
+    """The folders one generated model owns; the ensemble last, so it appears after what it calls."""
+    return [f"{name}{suffix}" for suffix in (*VERSIONED_SUFFIXES, "_sync")] + [name]
+
+
+def _stage(spec: RepoSpec, ckpt: Checkpoint, rendered: list[RenderedModel], tmp: Path, progress: bool) -> dict:
+    """Writes every folder of ``spec.name`` (one version) under ``tmp``; returns its manifest entry."""
+    for model in rendered:
+        folder = tmp / model.folder
+        version_dir = folder / str(spec.version)
+        version_dir.mkdir(parents=True)
+        (folder / "config.pbtxt").write_text(model.config, encoding="utf-8")
+        if model.model_py is not None:
+            (version_dir / "model.py").write_text(model.model_py, encoding="utf-8")
+    for suffix in ("preprocessing", "postprocessing", "engine"):
+        _copy_backend(tmp / f"{spec.name}_{suffix}" / str(spec.version) / BACKEND_PACKAGE)
+    for suffix in ("preprocessing", "postprocessing"):
+        tok_dir = tmp / f"{spec.name}_{suffix}" / str(spec.version) / "tokenizer"
+        tok_dir.mkdir()
+        for f in ckpt.tokenizer_files:
+            shutil.copy2(f, tok_dir / f.name)
+    weights_dir = tmp / f"{spec.name}_engine" / str(spec.version) / "weights"
+    weights_dir.mkdir()
+    for f in [ckpt.path / "config.json", *ckpt.tokenizer_files]:
+        shutil.copy2(f, weights_dir / f.name)
+    for f in tqdm(ckpt.weight_files, desc="weights", unit="file", disable=not progress):
+        _link_or_copy(f, weights_dir / f.name)
+    return build_manifest(spec, ckpt, tmp, progress=progress)
+
+
+def read_manifest(repo: Path) -> dict | None:
+    """The repository's tritonize.json, or None when it has none (not a tritonize repository)."""
+    path = repo / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RenderError(f"{path} is unreadable ({e}): restore it, or pass --force to replace the repository") from None
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+        raise RenderError(f"{path} has no 'models' table: restore it, or pass --force to replace the repository")
+    return data
+
+
+def model_versions(entry: dict) -> dict[str, dict]:
+    """Each version's {options, checkpoint, hashes} of one manifest entry, keyed by version number."""
+    versions = entry.get("versions")
+    if isinstance(versions, dict) and versions:
+        return versions
+    fields = {k: entry[k] for k in ("options", "checkpoint", "hashes") if k in entry}
+    return {str(entry.get("options", {}).get("version", 1)): fields}
+
+
+def _merge_entry(old: dict | None, version: int, new: dict) -> dict:
+    """One model's manifest entry: every version under ``versions``, the newest also at the top level."""
+    versions = dict(model_versions(old)) if old else {}
+    versions[str(version)] = new
+    newest = versions[max(versions, key=int)]
+    return {**newest, "versions": dict(sorted(versions.items(), key=lambda kv: int(kv[0])))}
+
+
+def _owner(manifest: dict, folder: str) -> str | None:
+    for name in manifest["models"]:
+        if folder in model_folders(name):
+            return name
+    return None
+
+
+def _config_differences(old: str, new: str) -> str:
+    """What differs between two configs of one model, for an error message."""
+    try:
+        a, b = parse_config(old), parse_config(new)
+    except text_format.ParseError:
+        return "the existing config.pbtxt does not parse"
+    diffs = []
+    if a.max_batch_size != b.max_batch_size:
+        diffs.append(f"max_batch_size {a.max_batch_size} vs {b.max_batch_size}")
+    pa = {k: v.string_value for k, v in a.parameters.items()}
+    pb = {k: v.string_value for k, v in b.parameters.items()}
+    diffs += [f"{k} {pa.get(k)!r} vs {pb.get(k)!r}" for k in sorted(set(pa) | set(pb)) if pa.get(k) != pb.get(k)]
+    return ", ".join(diffs) or "the generated text differs"
+
+
+def _check_addition(spec: RepoSpec, out: Path, manifest: dict, rendered: list[RenderedModel], force: bool) -> None:
+    """Refuses a write into an existing repository that would touch another model or an existing version."""
+    for folder in model_folders(spec.name):
+        owner = _owner(manifest, folder)
+        if (out / folder).exists() and owner != spec.name:
+            what = f"model {owner!r}" if owner else "a model tritonize.json does not list"
+            raise RenderError(
+                f"{out / folder} belongs to {what}: choose another --model-name so the two do not collide"
+            )
+    if spec.name not in manifest["models"]:
+        return
+    present = set(model_versions(manifest["models"][spec.name])) | {
+        p.name for p in (out / f"{spec.name}_engine").glob("*") if p.is_dir() and p.name.isdigit()
+    }
+    if str(spec.version) in present and not force:
+        raise RenderError(
+            f"{out} already exists and holds version {spec.version} of {spec.name!r}: pass --force to replace that version, "
+            f"or choose another --model-version"
+        )
+    if not present - {str(spec.version)}:
+        return
+    for model in rendered:
+        path = out / model.folder / "config.pbtxt"
+        if path.is_file() and path.read_text(encoding="utf-8") != model.config:
+            raise RenderError(
+                f"{path}: version {spec.version} needs other settings than the versions already there "
+                f"({_config_differences(path.read_text(encoding='utf-8'), model.config)}), and Triton reads one "
+                f"config per model: generate with the same options, or choose another --model-name"
+            )
+
+
+def _move_in(spec: RepoSpec, tmp: Path, out: Path, trash: Path) -> None:
+    """Moves the staged folders of one model version into ``out``, the old ones (if any) into ``trash``."""
+    version = str(spec.version)
+    for folder in model_folders(spec.name):
+        staged, dest = tmp / folder, out / folder
+        if not dest.exists():
+            os.rename(staged, dest)
+            continue
+        if (dest / version).exists():
+            os.rename(dest / version, trash / f"{folder}-{version}")
+        os.rename(staged / version, dest / version)
+        new_config = (staged / "config.pbtxt").read_text(encoding="utf-8")
+        old_config = dest / "config.pbtxt"
+        if not old_config.is_file() or old_config.read_text(encoding="utf-8") != new_config:
+            os.replace(staged / "config.pbtxt", dest / "config.pbtxt")
+
+
 def write_repository(spec: RepoSpec, ckpt: Checkpoint, output: str | Path, *, force: bool = False,
                      progress: bool = True) -> Path:
-    """Writes the repository for ``ckpt`` at ``output``; returns its path."""
+    """Writes version ``spec.version`` of model ``spec.name`` at ``output``; returns the repository path.
+
+    A new ``output`` gets a whole repository. An existing tritonize repository gains the model or the
+    version beside what it holds, which stays untouched; replacing a version that is there needs
+    ``force`` and replaces only that version's folders. Any other existing ``output`` is replaced
+    only with ``force``.
+    """
     spec.validate()
     out = Path(output).resolve()
-    if out.exists() and not force:
-        raise RenderError(f"{out} already exists: pass --force to replace it, or choose another --output")
     if out.exists() and not out.is_dir():
         raise RenderError(f"{out} exists and is not a directory: remove it or choose another --output")
+    manifest = read_manifest(out) if out.exists() else None
+    if out.exists() and manifest is None and not force:
+        raise RenderError(
+            f"{out} already exists and is not a tritonize repository (no {MANIFEST}): pass --force to replace "
+            f"it, or choose another --output"
+        )
     rendered = render_models(spec, ckpt)
     _check(rendered)
+    if manifest is not None:
+        _check_addition(spec, out, manifest, rendered, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        for model in rendered:
-            folder = tmp / model.folder
-            version_dir = folder / str(spec.version)
-            version_dir.mkdir(parents=True)
-            (folder / "config.pbtxt").write_text(model.config, encoding="utf-8")
-            if model.model_py is not None:
-                (version_dir / "model.py").write_text(model.model_py, encoding="utf-8")
-        for suffix in ("preprocessing", "postprocessing", "engine"):
-            _copy_backend(tmp / f"{spec.name}_{suffix}" / str(spec.version) / BACKEND_PACKAGE)
-        for suffix in ("preprocessing", "postprocessing"):
-            tok_dir = tmp / f"{spec.name}_{suffix}" / str(spec.version) / "tokenizer"
-            tok_dir.mkdir()
-            for f in ckpt.tokenizer_files:
-                shutil.copy2(f, tok_dir / f.name)
-        weights_dir = tmp / f"{spec.name}_engine" / str(spec.version) / "weights"
-        weights_dir.mkdir()
-        for f in [ckpt.path / "config.json", *ckpt.tokenizer_files]:
-            shutil.copy2(f, weights_dir / f.name)
-        for f in tqdm(ckpt.weight_files, desc="weights", unit="file", disable=not progress):
-            _link_or_copy(f, weights_dir / f.name)
-        manifest = build_manifest(spec, ckpt, tmp, progress=progress)
-        (tmp / "tritonize.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "repo")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
+        staged = _stage(spec, ckpt, rendered, tmp, progress)
+        entry = staged["models"][spec.name]
+        if manifest is None:
+            staged["models"][spec.name] = _merge_entry(None, spec.version, entry)
+            (tmp / MANIFEST).write_text(json.dumps(staged, indent=2) + "\n", encoding="utf-8")
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.rename(out, old / "repo")
+                os.rename(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, out)
+            return out
+        manifest["models"][spec.name] = _merge_entry(manifest["models"].get(spec.name), spec.version, entry)
+        manifest["created"] = staged["created"]
+        manifest["versions"] = staged["versions"]
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        trash = tmp / ".replaced"
+        trash.mkdir()
+        _move_in(spec, tmp, out, trash)
+        os.replace(tmp / MANIFEST, out / MANIFEST)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -28,9 +28,10 @@ def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: b
 @click.command()
 @click.option("--checkpoint", "-c", required=True, type=click.Path(path_type=Path),
               help="Hugging Face-format directory (config.json, *.safetensors, tokenizer), e.g. from `tritonize export`.")
-@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Model repository to write.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
+              help="Model repository to write, or an existing one to add the model or version to.")
 @click.option("--model-name", "-n", default="model", show_default=True, help="Name of the ensemble clients call.")
-@click.option("--model-version", default=1, show_default=True, type=int, help="Version folder of each model.")
+@click.option("--model-version", default=1, show_default=True, type=int, help="Version folder of each model; a new version is added beside the others.")
 @click.option("--max-batch-size", default=8, show_default=True, type=int,
               help="Requests decoded together (KV cache slots).")
 @click.option("--max-input-len", default=256, show_default=True, type=int, help="Longest prompt, in tokens.")
@@ -43,7 +44,8 @@ def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: b
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES),
               help="auto: bfloat16 on CUDA, float32 on CPU.")
 @click.option("--instance-count", default=1, show_default=True, type=int, help="Engine model instances.")
-@click.option("--force", is_flag=True, help="Replace --output if it exists.")
+@click.option("--force", is_flag=True,
+              help="Replace this model version if --output holds it (or --output if it is not a tritonize repository).")
 def generate(checkpoint: Path, output: Path, model_name: str, model_version: int, max_batch_size: int,
              max_input_len: int, max_output_len: int, max_num_tokens: int, runtime: str, device: str, dtype: str,
              instance_count: int, force: bool) -> None:
@@ -55,8 +57,14 @@ def generate(checkpoint: Path, output: Path, model_name: str, model_version: int
     clients that cannot stream) and tritonize.json (what made it).
 
     \b
+    An existing repository (one with tritonize.json) gains a new model name or a new --model-version
+    beside what it holds, which stays untouched; the versions of one model share its config.pbtxt,
+    so they need the same options.
+
+    \b
     Example:
       tritonize generate --checkpoint ./tiny-llama --output ./repo --model-name tiny
+      tritonize generate --checkpoint ./tiny-llama-v2 --output ./repo --model-name tiny --model-version 2
       tritonserver --model-repository ./repo        # or: tritonize serve ./repo
     """
     spec = RepoSpec(
@@ -64,11 +72,12 @@ def generate(checkpoint: Path, output: Path, model_name: str, model_version: int
         max_output_len=max_output_len, max_num_tokens=max_num_tokens, runtime=runtime, device=device,
         dtype=dtype, instance_count=instance_count,
     )
+    existed = (output / "tritonize.json").is_file()
     try:
         out = build_repository(checkpoint, output, spec, force=force)
     except TritonizeError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"wrote {out}")
+    click.echo(f"added version {model_version} of {model_name} to {out}" if existed else f"wrote {out}")
     click.echo(f"  models: {model_name} (ensemble), {model_name}_preprocessing, {model_name}_engine, "
                f"{model_name}_postprocessing, {model_name}_sync")
     click.echo(f"  serve:  tritonize serve {out}")
