@@ -12,6 +12,7 @@ import tritonize
 
 from .commands.bench import bench
 from .commands.demo import demo
+from .commands.deploy import deploy
 from .commands.generate import generate
 from .commands.k8s import k8s
 from .commands.query import query
@@ -44,6 +45,7 @@ cli.add_command(demo)
 cli.add_command(validate)
 cli.add_command(bench)
 cli.add_command(k8s)
+cli.add_command(deploy)
 
 try:  # the exporter is optional at import time so that a broken source reader cannot take the CLI down
     from .export.command import export

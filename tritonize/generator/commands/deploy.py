@@ -1,0 +1,134 @@
+"""`tritonize deploy`: export (or reuse) + generate + serve, with the options of NeMo's deploy_triton.py.
+
+Every option has tritonize's dashed name and the seed's underscore spelling as an alias, so an
+existing deploy_triton.py command line runs unchanged once the script name is replaced.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..deploy import DeployError, DeployPlan, carry_out, plan_deploy, refuse_unsupported
+from ..errors import TritonizeError
+from ..export.canonical import MODEL_TYPES
+from ..export.errors import ExportError
+from ..spec import DEVICES, RepoSpec
+from .serve import serve as serve_command
+
+_EPILOG = """\b
+Examples:
+  tritonize deploy --nemo-checkpoint ./llama.nemo --triton-model-name llama --triton-model-repository ./repo
+  python -m tritonize.generator.cli deploy --nemo_checkpoint ./llama.nemo --triton_model_name llama
+  tritonize deploy --triton-model-repository ./repo --triton-model-name llama      # serve as it is
+
+\b
+A repository whose tritonize.json records the same request is served without exporting again; one
+made with other options is an error naming the option (--force rebuilds). Options that only the
+TensorRT-LLM runtimes honour (parallelism, p-tuning, LoRA, FP8, TensorRT build switches) are refused
+by name.
+"""
+
+
+def _option(dashed: str, *more: str, **kwargs: Any):
+    """A click option under its dashed name with the seed's underscore spelling as an alias."""
+    names = [f"--{dashed}"]
+    underscored = f"--{dashed.replace('-', '_')}"
+    if underscored != names[0]:
+        names.append(underscored)
+    return click.option(*names, *more, dashed.replace("-", "_"), **kwargs)
+
+
+_FP8 = click.Choice(["auto", "true", "false"], case_sensitive=False)
+
+
+@click.command("deploy", epilog=_EPILOG)
+@_option("nemo-checkpoint", type=click.Path(path_type=Path), default=None,
+         help="Source to export: .nemo, NeMo 2 dir, .qnemo / TRT-LLM checkpoint, or HF dir.")
+@_option("model-type", type=click.Choice(MODEL_TYPES, case_sensitive=False), default=None,
+         help="Override the model type detected from the checkpoint.")
+@_option("triton-model-name", default="model", show_default=True, help="Name of the ensemble clients call.")
+@_option("triton-model-version", type=click.IntRange(min=1), default=1, show_default=True)
+@_option("triton-port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="HTTP port.")
+@_option("grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@_option("metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
+@_option("triton-http-address", default="127.0.0.1", show_default=True,
+         help="Address to bind (the seed's default was 0.0.0.0: pass it to serve the network).")
+@_option("triton-model-repository", type=click.Path(path_type=Path), default=None,
+         help="Repository to write or reuse (default: a temporary one, removed at exit).")
+@_option("tensor-parallelism-size", type=click.IntRange(min=1), default=1, show_default=True)
+@_option("pipeline-parallelism-size", type=click.IntRange(min=1), default=1, show_default=True)
+@_option("dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+         help="Weights and compute dtype (default: the checkpoint's weights, float32 compute on CPU).")
+@_option("device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@_option("max-input-len", type=click.IntRange(min=1), default=256, show_default=True)
+@_option("max-output-len", type=click.IntRange(min=1), default=256, show_default=True)
+@_option("max-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@_option("max-num-tokens", type=click.IntRange(min=0), default=None, help="Prefill tokens per step.")
+@_option("opt-num-tokens", type=int, default=None)
+@_option("ptuning-nemo-checkpoint", multiple=True, type=click.Path(path_type=Path))
+@_option("task-ids", multiple=True)
+@_option("max-prompt-embedding-table-size", type=int, default=None)
+@_option("lora-ckpt", multiple=True, type=click.Path(path_type=Path))
+@_option("use-lora-plugin", default=None)
+@_option("lora-target-modules", multiple=True)
+@_option("max-lora-rank", type=int, default=None)
+@_option("no-paged-kv-cache", is_flag=True)
+@_option("disable-remove-input-padding", is_flag=True)
+@_option("use-parallel-embedding", is_flag=True)
+@_option("export-fp8-quantized", type=_FP8, default="auto", show_default=True)
+@_option("use-fp8-kv-cache", type=_FP8, default="auto", show_default=True)
+@click.option("--tritonserver", type=click.Path(path_type=Path), default=None, help="tritonserver binary to run.")
+@click.option("--startup-timeout", type=click.FloatRange(min=1), default=600, show_default=True)
+@click.option("--force", is_flag=True, help="Rebuild the model version even if the repository holds it.")
+@click.option("--dry-run", is_flag=True, help="Print what would be done, and do nothing.")
+def deploy(nemo_checkpoint: Path | None, model_type: str | None, triton_model_name: str, triton_model_version: int,
+           triton_port: int, grpc_port: int, metrics_port: int, triton_http_address: str,
+           triton_model_repository: Path | None, dtype: str | None, device: str, max_input_len: int,
+           max_output_len: int, max_batch_size: int, max_num_tokens: int | None, tritonserver: Path | None,
+           startup_timeout: float, force: bool, dry_run: bool, **unsupported: Any) -> None:
+    """Export a checkpoint, generate its repository and serve it with tritonserver (NeMo's deploy_triton.py)."""
+    temporary = None
+    try:
+        refuse_unsupported(unsupported)
+        if triton_model_repository is None:
+            if nemo_checkpoint is None:
+                raise DeployError("give --nemo-checkpoint to export, or --triton-model-repository to serve")
+            temporary = Path(tempfile.mkdtemp(prefix="tritonize-deploy-"))
+            triton_model_repository = temporary / "repo"
+        spec = RepoSpec(name=triton_model_name, version=triton_model_version, max_batch_size=max_batch_size,
+                        max_input_len=max_input_len, max_output_len=max_output_len,
+                        max_num_tokens=max_num_tokens or 0, device=device, dtype=dtype or "auto")
+        plan = plan_deploy(triton_model_repository, spec, source=nemo_checkpoint, model_type=model_type,
+                           export_dtype=dtype, force=force)
+        if dry_run:
+            click.echo(f"would {plan.describe()}")
+            click.echo(f"would serve it: tritonize serve {plan.repository} --http-port {triton_port} "
+                       f"--grpc-port {grpc_port} --metrics-port {metrics_port} --address {triton_http_address}")
+            return
+        _build(plan)
+    except (TritonizeError, ExportError) as e:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise click.ClickException(str(e)) from None
+    try:
+        ctx = click.get_current_context()
+        ctx.invoke(serve_command, repo=plan.repository, http_port=triton_port, grpc_port=grpc_port,
+                   metrics_port=metrics_port, address=triton_http_address, tritonserver=tritonserver,
+                   log_verbose=0, model_control_mode=None, log_file=None, startup_timeout=startup_timeout,
+                   server_args=())
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _build(plan: DeployPlan) -> None:
+    if plan.action == "build":
+        click.echo(f"{plan.describe()} ...", err=True)
+        carry_out(plan, progress=False)
+    else:
+        click.echo(plan.describe(), err=True)
