@@ -6,13 +6,16 @@ unchecked: names are restricted to Triton's safe characters and numbers are numb
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import asdict, dataclass, field
 
 from .errors import RenderError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-RUNTIMES = ("torch",)
+# torch: tritonize's own runtime; trtllm: tensorrt_llm.LLM on the server; auto: trtllm where the server
+# has tensorrt_llm and a GPU, else torch (decided by the engine model at load time).
+RUNTIMES = ("torch", "trtllm", "auto")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -23,6 +26,17 @@ def check_name(name: str, what: str = "model name") -> str:
             f"{what} {name!r} has characters Triton does not accept: use letters, digits, '_', '.' and '-'"
         )
     return name
+
+
+def runtime_warning(runtime: str) -> str | None:
+    """A line for `generate` when the repository needs what this machine lacks.
+
+    Not an error: the repository is usually written on one machine and served on another.
+    """
+    if runtime == "trtllm" and importlib.util.find_spec("tensorrt_llm") is None:
+        return ("warning: tensorrt_llm is not installed here; the server needs it for --runtime trtllm "
+                "(pip install --extra-index-url https://pypi.nvidia.com tensorrt_llm)")
+    return None
 
 
 @dataclass

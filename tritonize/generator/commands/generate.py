@@ -9,7 +9,7 @@ import click
 from ..checkpoint import inspect_checkpoint
 from ..errors import TritonizeError
 from ..render import write_repository
-from ..spec import DEVICES, DTYPES, RUNTIMES, RepoSpec
+from ..spec import DEVICES, DTYPES, RUNTIMES, RepoSpec, runtime_warning
 
 
 def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: bool, progress: bool = True) -> Path:
@@ -72,6 +72,9 @@ def generate(checkpoint: Path, output: Path, model_name: str, model_version: int
         max_output_len=max_output_len, max_num_tokens=max_num_tokens, runtime=runtime, device=device,
         dtype=dtype, instance_count=instance_count,
     )
+    warning = runtime_warning(runtime)
+    if warning:
+        click.echo(warning, err=True)
     existed = (output / "tritonize.json").is_file()
     try:
         out = build_repository(checkpoint, output, spec, force=force)

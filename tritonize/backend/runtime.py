@@ -1,0 +1,55 @@
+"""Which runtime the engine model runs, decided where it runs: on the server, at load time.
+
+``generate`` may run on a machine without a GPU or tensorrt_llm; the server decides "auto" for
+itself, so one repository serves from a CPU box and a TensorRT-LLM GPU box alike.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RUNTIMES", "create_engine", "resolve_runtime", "tensorrt_llm_available"]
+
+RUNTIMES = ("torch", "trtllm", "auto")
+
+
+def tensorrt_llm_available() -> bool:
+    """True when tensorrt_llm imports (a found but broken install counts as missing)."""
+    if importlib.util.find_spec("tensorrt_llm") is None:
+        return False
+    try:
+        importlib.import_module("tensorrt_llm")
+    except Exception:  # noqa: BLE001 - any import failure means this runtime cannot run here
+        return False
+    return True
+
+
+def _gpu_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_runtime(runtime: str) -> str:
+    """"auto" is trtllm when tensorrt_llm imports and a GPU is present, else torch."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    if runtime != "auto":
+        return runtime
+    return "trtllm" if _gpu_present() and tensorrt_llm_available() else "torch"
+
+
+def create_engine(runtime: str, model_dir: str | Path, *, trtllm_options: dict[str, Any] | None = None,
+                  **options: Any) -> Any:
+    """An engine for a resolved runtime; ``options`` are the arguments both engines take."""
+    if runtime == "trtllm":
+        from .trtllm_engine import TrtllmEngine
+
+        return TrtllmEngine(model_dir, **options, **(trtllm_options or {}))
+    if runtime == "torch":
+        from .engine import Engine
+
+        return Engine(model_dir, **options)
+    raise ValueError(f"runtime {runtime!r} is not resolved: call resolve_runtime first")

@@ -1,0 +1,427 @@
+"""The ``trtllm`` runtime: ``tensorrt_llm.LLM`` (PyTorch backend) behind the interface of ``engine.Engine``.
+
+The Triton engine model talks to one engine object (start, submit, cancel, shutdown, stats, generate);
+this class gives it TensorRT-LLM's in-flight batching and paged KV cache instead of tritonize's own
+scheduler. TensorRT-LLM's LLM API is asynchronous, so an asyncio loop runs in a background thread and
+each submitted request becomes a task there that iterates ``generate_async(prompt_ids, ...)`` and turns
+every update into a ``StepOutput`` delta.
+
+Wire semantics are kept as in ``engine.py``: end ids end a request and are not in the output; stop
+sequences stay in the output. Multi-token stop sequences are matched here (TensorRT-LLM's public
+``stop_token_ids`` take single tokens) and the request is aborted once one appears.
+
+``tensorrt_llm`` is imported lazily: the module imports without it, so the mapping functions are
+usable (and tested) anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .engine import EngineError, GenerationRequest, SamplingParams, StepOutput, default_end_ids
+
+__all__ = [
+    "INSTALL_HINT",
+    "TrtllmEngine",
+    "TrtllmNotInstalledError",
+    "import_tensorrt_llm",
+    "map_finish_reason",
+    "to_trtllm_sampling",
+    "token_log_probs",
+]
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install --extra-index-url https://pypi.nvidia.com tensorrt_llm"
+
+
+class TrtllmNotInstalledError(ImportError):
+    """The trtllm runtime was asked for on a machine without tensorrt_llm."""
+
+
+def import_tensorrt_llm() -> Any:
+    """tensorrt_llm, or a one-line error saying how to get it (it is not on PyPI proper)."""
+    try:
+        return importlib.import_module("tensorrt_llm")
+    except ImportError as e:
+        raise TrtllmNotInstalledError(
+            f"the trtllm runtime needs tensorrt_llm, which cannot be imported here ({e}): install it with "
+            f"`{INSTALL_HINT}` (NVIDIA GPU, see TensorRT-LLM's installation guide) or use --runtime torch"
+        ) from None
+
+
+def to_trtllm_sampling(
+    sampling: SamplingParams,
+    max_new_tokens: int,
+    end_ids: Sequence[int] = (),
+    bad_sequences: Sequence[Sequence[int]] = (),
+    return_log_probs: bool = False,
+    pad_id: int | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of ``tensorrt_llm.SamplingParams`` for one tritonize request.
+
+    Only what was set is passed, so TensorRT-LLM's own defaults (greedy when no sampling knob is given)
+    apply to the rest. The first end id is ``end_id``; any others become ``stop_token_ids``, which
+    TensorRT-LLM also leaves out of the output. Stop sequences are not mapped: the engine matches them
+    itself to keep them in the output. Raises ValueError for what the LLM API cannot express.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, not {max_new_tokens}")
+    kwargs: dict[str, Any] = {"max_tokens": int(max_new_tokens)}
+    if sampling.temperature is not None:
+        if sampling.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, not {sampling.temperature}")
+        kwargs["temperature"] = float(sampling.temperature)
+    if sampling.top_k is not None:
+        if sampling.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, not {sampling.top_k}")
+        kwargs["top_k"] = int(sampling.top_k)
+    if sampling.top_p is not None:
+        if not 0.0 <= sampling.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], not {sampling.top_p}")
+        kwargs["top_p"] = float(sampling.top_p)
+    if sampling.seed is not None:
+        kwargs["seed"] = int(sampling.seed)
+    if sampling.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = float(sampling.repetition_penalty)
+    if sampling.presence_penalty != 0.0:
+        kwargs["presence_penalty"] = float(sampling.presence_penalty)
+    if sampling.frequency_penalty != 0.0:
+        kwargs["frequency_penalty"] = float(sampling.frequency_penalty)
+    if sampling.min_tokens:
+        kwargs["min_tokens"] = int(sampling.min_tokens)
+    ends = [int(i) for i in end_ids if int(i) >= 0]
+    if ends:
+        kwargs["end_id"] = ends[0]
+        if len(ends) > 1:
+            kwargs["stop_token_ids"] = ends[1:]
+    if pad_id is not None and pad_id >= 0:
+        kwargs["pad_id"] = int(pad_id)
+    bad = [list(s) for s in bad_sequences if s]
+    longer = [s for s in bad if len(s) > 1]
+    if longer:
+        raise ValueError(
+            f"bad_words {longer[0]} spans {len(longer[0])} tokens; the trtllm runtime bans single tokens "
+            "only: send one-token bad words or use --runtime torch"
+        )
+    if bad:
+        kwargs["bad_token_ids"] = sorted({s[0] for s in bad})
+    if return_log_probs:
+        kwargs["logprobs"] = 1  # the sampled token's log-prob (plus at most one alternative)
+    return kwargs
+
+
+def map_finish_reason(finish_reason: str | None) -> str | None:
+    """TensorRT-LLM's ``finish_reason`` in tritonize's words ("length" | "end" | "stop" | "cancelled").
+
+    TensorRT-LLM says "stop" for both an end id and a stop token; only ids the request listed as
+    end ids are ours (we add no stop tokens of our own), so a "stop" is always an end here.
+    """
+    if finish_reason is None:
+        return None
+    if finish_reason == "length":
+        return "length"
+    if finish_reason == "stop":
+        return "end"
+    if finish_reason in ("cancelled", "abort", "aborted"):
+        return "cancelled"
+    return finish_reason
+
+
+def token_log_probs(entries: Sequence[Any] | None, token_ids: Sequence[int]) -> list[float]:
+    """The sampled tokens' log-probs from ``CompletionOutput.logprobs``.
+
+    TensorRT-LLM gives either plain floats or, per position, a dict ``{token_id: Logprob}`` holding the
+    top candidates and the sampled token.
+    """
+    if not entries:
+        return []
+    out = []
+    for entry, token in zip(entries, token_ids):
+        if isinstance(entry, dict):
+            value = entry.get(token)
+            if value is None:
+                value = next(iter(entry.values()), 0.0)
+            entry = getattr(value, "logprob", value)
+        out.append(float(entry))
+    return out
+
+
+def _ends_with_stop(history: Sequence[int], stops: Sequence[Sequence[int]]) -> int:
+    """Length of the stop sequence the history ends with, 0 if none."""
+    for stop in stops:
+        n = len(stop)
+        if 0 < n <= len(history) and list(history[-n:]) == list(stop):
+            return n
+    return 0
+
+
+class TrtllmEngine:
+    """``engine.Engine``'s interface over ``tensorrt_llm.LLM``; see the module docstring.
+
+    ``max_seq_len`` is prompt plus output; ``kv_cache_free_gpu_memory_fraction`` None keeps TensorRT-LLM's
+    default; ``kv_cache_dtype`` "fp8" stores the KV cache in FP8 ("auto" follows the checkpoint).
+    ``device`` is accepted for the same call shape; TensorRT-LLM places ranks on the visible GPUs.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 8,
+        max_seq_len: int = 512,
+        max_num_tokens: int | None = None,
+        kv_cache_free_gpu_memory_fraction: float | None = None,
+        kv_cache_dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+    ) -> None:
+        if max_batch_size < 1 or max_seq_len < 2:
+            raise ValueError(f"need max_batch_size >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
+        if tensor_parallel_size < 1 or pipeline_parallel_size < 1:
+            raise ValueError("tensor_parallel_size and pipeline_parallel_size must be at least 1")
+        if kv_cache_free_gpu_memory_fraction is not None and not 0.0 < kv_cache_free_gpu_memory_fraction <= 1.0:
+            raise ValueError(f"kv_cache_free_gpu_memory_fraction must be in (0, 1], not {kv_cache_free_gpu_memory_fraction}")
+        if kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto or fp8, not {kv_cache_dtype!r}")
+        trtllm = import_tensorrt_llm()
+        from tensorrt_llm.llmapi import KvCacheConfig
+
+        self.model_dir = Path(model_dir)
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.max_num_tokens = max_num_tokens
+        self.default_end_ids = default_end_ids(self.model_dir)
+        self._sampling_cls = trtllm.SamplingParams
+        kv: dict[str, Any] = {}
+        if kv_cache_free_gpu_memory_fraction is not None:
+            kv["free_gpu_memory_fraction"] = kv_cache_free_gpu_memory_fraction
+        if kv_cache_dtype != "auto":
+            kv["dtype"] = kv_cache_dtype
+        llm_args: dict[str, Any] = {
+            "model": str(self.model_dir),
+            "skip_tokenizer_init": True,  # ids in, ids out: the ensemble's tokenizer models do the text
+            "dtype": dtype,
+            "tensor_parallel_size": tensor_parallel_size,
+            "pipeline_parallel_size": pipeline_parallel_size,
+            "max_batch_size": max_batch_size,
+            "max_seq_len": max_seq_len,
+            "kv_cache_config": KvCacheConfig(**kv),
+        }
+        if max_num_tokens:
+            llm_args["max_num_tokens"] = max_num_tokens
+        self.llm_args = llm_args
+        self.llm = trtllm.LLM(**llm_args)
+
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._results: dict[str, Any] = {}
+        self._cancelled: set[str] = set()  # asked to cancel before TensorRT-LLM had the request
+        self.stats: dict[str, Any] = {"decode_batch_histogram": {}, "generated_tokens": 0, "finished": {}}
+
+    # ---------------------------------------------------------------- public API
+
+    def start(self) -> TrtllmEngine:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this engine was shut down; create a new one")
+            if self._thread is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, name="tritonize-trtllm", daemon=True)
+                self._thread.start()
+        return self
+
+    def submit(self, req: GenerationRequest) -> None:
+        """Queue a request; every outcome, a rejection included, arrives through ``req.on_output``."""
+        if not callable(req.on_output):
+            raise ValueError("GenerationRequest.on_output must be a callable")
+        self.start()
+        try:
+            kwargs = to_trtllm_sampling(
+                req.sampling, req.max_new_tokens, req.end_ids or self.default_end_ids, req.bad_sequences,
+                req.return_log_probs,
+            )
+            if not req.prompt_ids:
+                raise ValueError("the prompt is empty")
+            if len(req.prompt_ids) + req.max_new_tokens > self.max_seq_len:
+                raise ValueError(
+                    f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_new_tokens}) exceeds "
+                    f"max_seq_len {self.max_seq_len}"
+                )
+            params = self._sampling_cls(**kwargs)
+        except (ValueError, TypeError) as e:
+            self._finish(req, StepOutput([], [], 0.0, True, "error", str(e), len(req.prompt_ids), 0))
+            return
+        with self._lock:
+            if self._closed or req.request_id in self._tasks:
+                problem = ("the engine was shut down; no new requests are accepted" if self._closed
+                           else f"request id {req.request_id!r} is already in flight; use a unique id")
+            else:
+                problem = None
+                future = asyncio.run_coroutine_threadsafe(self._run(req, params), self._loop)
+                self._tasks[req.request_id] = future  # type: ignore[assignment]
+        if problem is not None:
+            self._finish(req, StepOutput([], [], 0.0, True, "error", problem, len(req.prompt_ids), 0))
+
+    def cancel(self, request_id: str) -> bool:
+        """Abort through TensorRT-LLM (frees its KV blocks); on_output gets finished with "cancelled"."""
+        with self._lock:
+            result = self._results.get(request_id)
+            known = request_id in self._tasks
+            if known:
+                self._cancelled.add(request_id)
+        if not known:
+            return False
+        if result is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(result.abort)
+        return True
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        with self._lock:
+            self._closed = True
+            ids = list(self._tasks)
+        for request_id in ids:
+            self.cancel(request_id)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.llm.shutdown()
+
+    def __enter__(self) -> TrtllmEngine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams | None = None,
+        end_ids: Sequence[int] | None = None,
+        stop_sequences: Sequence[Sequence[int]] = (),
+        bad_sequences: Sequence[Sequence[int]] = (),
+        timeout: float | None = None,
+    ) -> list[list[int]]:
+        """Run prompts concurrently and wait: the generated ids of each (end id excluded)."""
+        self.start()
+        outputs: list[StepOutput | None] = [None] * len(prompts)
+        done = [threading.Event() for _ in prompts]
+
+        def collector(i: int) -> Callable[[StepOutput], None]:
+            def on_output(out: StepOutput) -> None:
+                outputs[i] = out
+                done[i].set()
+
+            return on_output
+
+        for i, prompt in enumerate(prompts):
+            self.submit(GenerationRequest(
+                request_id=f"generate-{id(outputs)}-{i}", prompt_ids=list(prompt), max_new_tokens=max_new_tokens,
+                sampling=sampling or SamplingParams(), end_ids=list(end_ids or []),
+                stop_sequences=[list(s) for s in stop_sequences], bad_sequences=[list(s) for s in bad_sequences],
+                on_output=collector(i),
+            ))
+        for event in done:
+            if not event.wait(timeout):
+                raise TimeoutError("generation did not finish in time")
+        result = []
+        for out in outputs:
+            assert out is not None
+            if out.finish_reason == "error":
+                raise EngineError(out.error or "generation failed")
+            result.append(list(out.token_ids))
+        return result
+
+    # ---------------------------------------------------------------- the asyncio side
+
+    async def _run(self, req: GenerationRequest, params: Any) -> None:
+        n_in = len(req.prompt_ids)
+        generated: list[int] = []
+        log_probs: list[float] = []
+        delivered = 0
+        reason: str | None = None
+        cum = 0.0
+        try:
+            result = self.llm.generate_async(req.prompt_ids, sampling_params=params, streaming=req.stream)
+            with self._lock:
+                self._results[req.request_id] = result
+                early = req.request_id in self._cancelled
+            if early:
+                result.abort()
+            async for update in result:
+                completion = update.outputs[0]
+                tokens = list(completion.token_ids)
+                new = tokens[len(generated):]
+                generated.extend(new)
+                if req.return_log_probs:
+                    log_probs.extend(token_log_probs(list(completion.logprobs or [])[len(log_probs):], new))
+                    cum = float(getattr(completion, "cumulative_logprob", None) or sum(log_probs))
+                reason = map_finish_reason(completion.finish_reason)
+                if req.is_cancelled is not None and req.is_cancelled():
+                    result.abort()
+                cut = self._stop_cut(req, generated, len(new)) if req.stop_sequences and new else None
+                if cut is not None:  # a stop sequence wins over whatever ended the request after it
+                    del generated[cut:]
+                    del log_probs[cut:]
+                    if req.return_log_probs:
+                        cum = sum(log_probs)
+                    if reason is None:
+                        result.abort()
+                    reason = "stop"
+                if getattr(update, "finished", False) and reason is None:
+                    reason = "cancelled" if getattr(result, "aborted", False) else "length"
+                if reason is not None:
+                    break
+                if req.stream and len(generated) > delivered:
+                    req.on_output(StepOutput(generated[delivered:], log_probs[delivered:], cum, False, None, None,
+                                             n_in, len(generated)))
+                    delivered = len(generated)
+            if reason is None:
+                reason = "cancelled"
+            start = delivered if req.stream else 0
+            if reason == "cancelled":
+                self._finish(req, StepOutput([], [], cum, True, "cancelled", None, n_in, len(generated)))
+            else:
+                self._finish(req, StepOutput(generated[start:], log_probs[start:], cum, True, reason, None, n_in,
+                                             len(generated)))
+        except asyncio.CancelledError:
+            self._finish(req, StepOutput([], [], cum, True, "cancelled", None, n_in, len(generated)))
+        except Exception as e:  # noqa: BLE001 - a failed request must answer, not hang its client
+            log.exception("trtllm request %s failed", req.request_id)
+            self._finish(req, StepOutput([], [], cum, True, "error", f"{type(e).__name__}: {e}", n_in,
+                                         len(generated)))
+
+    def _stop_cut(self, req: GenerationRequest, generated: list[int], n_new: int) -> int | None:
+        """Where to cut the output if one of the new tokens completes a stop sequence (kept in the output)."""
+        history = list(req.prompt_ids) + generated
+        first = len(generated) - n_new
+        for k in range(first, len(generated)):
+            if _ends_with_stop(history[: len(req.prompt_ids) + k + 1], req.stop_sequences):
+                return k + 1
+        return None
+
+    def _finish(self, req: GenerationRequest, out: StepOutput) -> None:
+        with self._lock:
+            self._tasks.pop(req.request_id, None)
+            self._results.pop(req.request_id, None)
+            self._cancelled.discard(req.request_id)
+            finished = self.stats["finished"]
+            finished[out.finish_reason] = finished.get(out.finish_reason, 0) + 1
+            self.stats["generated_tokens"] += out.num_output_tokens
+        try:
+            req.on_output(out)
+        except Exception:  # noqa: BLE001 - a client that went away
+            log.warning("on_output of %s raised; dropping it", req.request_id)
