@@ -1,0 +1,148 @@
+"""Soak: many concurrent streaming clients for a long time against a tiny model on a real tritonserver.
+
+The long version of tests/test_reliability.py's concurrency check. Every prompt's greedy text is first
+asked alone; under load each streamed answer must equal it and end with exactly one final response,
+so a lost, duplicated or mixed-up response counts as a failure. Server memory (tritonserver plus its
+Python backend stubs, from /proc) is read before the load, after the first half and after the second
+half: a leak shows as growth between the two halves.
+
+    python bench/soak.py --clients 64 --duration 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from tritonize.generator.client import GenerateOptions, grpc_generate, grpc_inputs
+from tritonize.generator.commands.generate import build_repository
+from tritonize.generator.demo_model import write_demo_checkpoint
+from tritonize.generator.server import SHM_DIR, TritonServer, free_ports
+from tritonize.generator.spec import RepoSpec
+
+WORDS = "apple river stone cloud seven green quiet number house music paper light".split()
+
+
+def prompts(count: int) -> list[str]:
+    return [f"{WORDS[i % len(WORDS)]} {WORDS[(i * 5 + 3) % len(WORDS)]} {i}" for i in range(count)]
+
+
+def server_rss_mb(server: TritonServer) -> float:
+    total = 0
+    for pid in [server.pid, *server.stub_pids()]:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return total / 1024
+
+
+async def _stream_one(client, model: str, prompt: str, max_tokens: int) -> tuple[str, int, str | None]:
+    """Text, number of final responses, and the error (if any) of one streamed request."""
+    request_id = uuid.uuid4().hex
+
+    async def requests():
+        yield {"model_name": model, "inputs": grpc_inputs(prompt, GenerateOptions(max_tokens=max_tokens), True),
+               "request_id": request_id, "enable_empty_final_response": True}
+
+    text, finals = "", 0
+    try:
+        async for result, error in client.stream_infer(requests()):
+            if error is not None:
+                return text, finals, str(error)
+            if result.get_response().id != request_id:
+                return text, finals, f"response for request {result.get_response().id} on {request_id}'s stream"
+            out = result.as_numpy("text_output")
+            if out is not None:
+                text += b"".join(out.reshape(-1)).decode()
+            final = result.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                finals += 1
+                break
+    except Exception as e:  # noqa: BLE001 - counted as a failure
+        return text, finals, str(e)
+    return text, finals, None
+
+
+async def load_round(url: str, model: str, expected: dict[str, str], clients: int, max_tokens: int,
+                     duration: float) -> tuple[int, list[str]]:
+    """Runs `clients` streaming clients for `duration` seconds; returns (requests, failure descriptions)."""
+    import tritonclient.grpc.aio as aio
+
+    asks = list(expected)
+    failures: list[str] = []
+    count = [0]
+    deadline = time.monotonic() + duration
+
+    async def user(k: int) -> None:
+        async with aio.InferenceServerClient(url) as client:
+            i = k
+            while time.monotonic() < deadline:
+                prompt = asks[i % len(asks)]
+                text, finals, error = await _stream_one(client, model, prompt, max_tokens)
+                count[0] += 1
+                if error is not None:
+                    failures.append(f"{prompt!r}: error {error}")
+                elif finals != 1:
+                    failures.append(f"{prompt!r}: {finals} final responses")
+                elif text != expected[prompt]:
+                    failures.append(f"{prompt!r}: got {text!r}, expected {expected[prompt]!r}")
+                i += clients
+
+    await asyncio.gather(*(user(k) for k in range(clients)))
+    return count[0], failures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of load in all (two halves)")
+    parser.add_argument("--prompts", type=int, default=128, help="distinct prompts")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--repo", type=Path, help="an existing repository (model name from --model)")
+    parser.add_argument("--model", default="soak")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="tritonize-soak-") as tmp:
+        repo = args.repo
+        if repo is None:
+            ckpt = write_demo_checkpoint(Path(tmp) / "ckpt", hidden=32, layers=2, seed=5)
+            spec = RepoSpec(name=args.model, max_batch_size=args.max_batch_size, max_input_len=32,
+                            max_output_len=max(args.max_tokens, 16), device="cpu", dtype="float32")
+            repo = build_repository(ckpt, Path(tmp) / "repo", spec, force=False, progress=False)
+        http_port, grpc_port, metrics_port = free_ports(3)
+        with TritonServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          log_file=Path(tmp) / "server.log", exit_timeout=10) as server:
+            opts = GenerateOptions(max_tokens=args.max_tokens)
+            expected = {p: grpc_generate(server.grpc_endpoint, args.model, p, opts).text
+                        for p in prompts(args.prompts)}
+            rss = [server_rss_mb(server)]
+            total, failures, start = 0, [], time.monotonic()
+            for _ in range(2):
+                count, failed = asyncio.run(load_round(server.grpc_endpoint, args.model, expected, args.clients,
+                                                       args.max_tokens, args.duration / 2))
+                total += count
+                failures += failed
+                rss.append(server_rss_mb(server))
+            elapsed = time.monotonic() - start
+            shm_prefix = server.shm_prefix
+        left = sorted(p.name for p in SHM_DIR.glob(f"{shm_prefix}*"))
+
+    print(f"clients {args.clients}, prompts {args.prompts}, max_tokens {args.max_tokens}")
+    print(f"requests {total}, duration {elapsed:.1f} s, {total / elapsed:.1f} req/s, failures {len(failures)}")
+    print(f"server RSS: before {rss[0]:.0f} MB, after half 1 {rss[1]:.0f} MB, after half 2 {rss[2]:.0f} MB")
+    print(f"/dev/shm segments left after stop: {len(left)}")
+    for failure in failures[:10]:
+        print("  FAIL", failure)
+    return 1 if failures or left else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Reliability: many streams at once, cancellation, bad input, a killed stub and SIGTERM mid-flight.
+
+Each check runs a real tritonserver on a tiny Llama. Greedy outputs under load are compared with the
+text each prompt gets when asked alone, so a lost, duplicated or mixed-up response shows up as a
+mismatch. `bench/soak.py` runs the concurrent part for longer with more clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import re
+import signal
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tritonize.generator.client import GenerateOptions, QueryError, grpc_generate, grpc_inputs
+from tritonize.generator.commands.generate import build_repository
+from tritonize.generator.demo_model import write_demo_checkpoint
+from tritonize.generator.server import SHM_DIR, TritonServer, free_ports
+from tritonize.generator.spec import RepoSpec
+
+grpcclient = pytest.importorskip("tritonclient.grpc")
+pytestmark = pytest.mark.e2e
+
+WORDS = "apple river stone cloud seven green quiet number house music paper light".split()
+LONG = 1000  # max_output_len of the small-batch repository: a request that would hold its slot for seconds
+
+
+def prompts(count: int) -> list[str]:
+    """Distinct prompts, so a response delivered to the wrong client cannot match by chance."""
+    return [f"{WORDS[i % len(WORDS)]} {WORDS[(i * 5 + 3) % len(WORDS)]} {i}" for i in range(count)]
+
+
+def server_rss_mb(server: TritonServer) -> float:
+    """Resident memory of tritonserver and its Python backend stubs, from /proc."""
+    total = 0
+    for pid in [server.pid, *server.stub_pids()]:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return total / 1024
+
+
+def shm_segments(server: TritonServer) -> list[str]:
+    return sorted(p.name for p in SHM_DIR.glob(f"{server.shm_prefix}*"))
+
+
+async def stream_one(client, model: str, prompt: str, max_tokens: int) -> tuple[str, int]:
+    """One streamed request: its text and the number of final responses it got (must be 1)."""
+    request_id = uuid.uuid4().hex
+
+    async def requests():
+        yield {"model_name": model, "inputs": grpc_inputs(prompt, GenerateOptions(max_tokens=max_tokens), True),
+               "request_id": request_id, "enable_empty_final_response": True}
+
+    text, finals = "", 0
+    async for result, error in client.stream_infer(requests()):
+        if error is not None:
+            raise QueryError(str(error))
+        assert result.get_response().id == request_id
+        out = result.as_numpy("text_output")
+        if out is not None:
+            text += b"".join(out.reshape(-1)).decode()
+        final = result.get_response().parameters.get("triton_final_response")
+        if final is not None and final.bool_param:
+            finals += 1
+            break
+    return text, finals
+
+
+async def load_round(url: str, model: str, asks: list[str], clients: int, max_tokens: int,
+                     duration: float) -> list[tuple[str, str, int]]:
+    """`clients` concurrent streaming clients, each cycling through prompts until `duration` is up."""
+    import tritonclient.grpc.aio as aio
+
+    done: list[tuple[str, str, int]] = []
+    deadline = time.monotonic() + duration
+
+    async def user(k: int) -> None:
+        async with aio.InferenceServerClient(url) as client:
+            i = k
+            while time.monotonic() < deadline:
+                prompt = asks[i % len(asks)]
+                text, finals = await stream_one(client, model, prompt, max_tokens)
+                done.append((prompt, text, finals))
+                i += clients
+
+    await asyncio.gather(*(user(k) for k in range(clients)))
+    return done
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return write_demo_checkpoint(tmp_path_factory.mktemp("rel") / "ckpt", hidden=32, layers=2, seed=5)
+
+
+@pytest.fixture(scope="module")
+def wide_repo(ckpt, tmp_path_factory) -> Path:
+    spec = RepoSpec(name="wide", max_batch_size=16, max_input_len=32, max_output_len=16, device="cpu",
+                    dtype="float32")
+    return build_repository(ckpt, tmp_path_factory.mktemp("wide") / "repo", spec, force=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def narrow_repo(ckpt, tmp_path_factory) -> Path:
+    """Two slots and long generations: a request left running would make the next one wait."""
+    spec = RepoSpec(name="narrow", max_batch_size=2, max_input_len=32, max_output_len=LONG, device="cpu",
+                    dtype="float32")
+    return build_repository(ckpt, tmp_path_factory.mktemp("narrow") / "repo", spec, force=False, progress=False)
+
+
+def own_server(repo: Path, tmp_path: Path) -> TritonServer:
+    """A server of the test's own, for tests that kill or stop it."""
+    http_port, grpc_port, metrics_port = free_ports(3)
+    server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          log_file=tmp_path / "server.log", exit_timeout=3)
+    return server.start(timeout=180)
+
+
+def test_concurrent_streams_get_their_own_answers_and_memory_stays_flat(triton_server, wide_repo):
+    server = triton_server(wide_repo)
+    asks = prompts(32)
+    expected = {p: grpc_generate(server.grpc_endpoint, "wide", p, GenerateOptions(max_tokens=12)).text
+                for p in asks}
+    assert len(set(expected.values())) > 1
+    rss = []
+    total = 0
+    for _ in range(2):
+        done = asyncio.run(load_round(server.grpc_endpoint, "wide", asks, clients=32, max_tokens=12, duration=3))
+        total += len(done)
+        assert len(done) >= 32
+        for prompt, text, finals in done:
+            assert finals == 1, prompt
+            assert text == expected[prompt], prompt
+        rss.append(server_rss_mb(server))
+    assert rss[1] < rss[0] * 1.05 + 16, f"server RSS grew from {rss[0]:.0f} MB to {rss[1]:.0f} MB"
+    print(f"{total} streamed requests, RSS {rss[0]:.0f} -> {rss[1]:.0f} MB")
+
+
+def _tensor(name: str, array: np.ndarray, dtype: str):
+    tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _text(value: bytes | list[bytes]) -> object:
+    return _tensor("text_input", np.array([value if isinstance(value, list) else [value]], dtype=np.object_), "BYTES")
+
+
+def _max_tokens(value: int) -> object:
+    return _tensor("max_tokens", np.array([[value]], dtype=np.int32), "INT32")
+
+
+def stream_error(url: str, model: str, inputs: list) -> str:
+    """The error a streamed request gets (fails the test if it gets an answer, or none in 30 s)."""
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+        _, error = answers.get(timeout=30)
+    finally:
+        client.stop_stream()
+        client.close()
+    assert error is not None, "the server accepted a bad request"
+    return error.message()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (lambda: [_text(b"\xff\xfe abc"), _max_tokens(4)], "text_input is not valid UTF-8"),
+        (lambda: [_text(b"hello"), _max_tokens(-3)], "max_tokens is -3: ask for at least 1 token"),
+        (lambda: [_text(b"hello"), _tensor("max_tokens", np.array([[4.0]], dtype=np.float32), "FP32")],
+         "'max_tokens' data-type is 'FP32', but model 'wide' expects 'INT32'"),
+        (lambda: [_text([b"hello", b"again"]), _max_tokens(4)],
+         r"unexpected shape for input 'text_input' .* Expected \[-1,1\], got \[1,2\]"),
+        (lambda: [_text(b"hello"), _max_tokens(4), _tensor("temprature", np.array([[0.5]], np.float32), "FP32")],
+         "unexpected inference input 'temprature'"),
+        (lambda: [_text(b"hello")], r"missing required input\(s\) \['max_tokens'\]"),
+    ],
+    ids=["invalid-utf8", "negative-max-tokens", "fp32-max-tokens", "shape-1x2", "unknown-input", "no-max-tokens"],
+)
+def test_bad_requests_get_a_clear_error_and_the_server_stays_up(triton_server, wide_repo, inputs, message):
+    server = triton_server(wide_repo)
+    assert re.search(message, stream_error(server.grpc_endpoint, "wide", inputs()))
+    assert grpc_generate(server.grpc_endpoint, "wide", "still there", GenerateOptions(max_tokens=3)).num_output_tokens
+
+
+def _engine_inputs(max_tokens: int) -> list:
+    empty_words = np.array([[[0], [-1]]], dtype=np.int32)
+    return [
+        _tensor("input_ids", np.array([[1, 500, 600, 700]], dtype=np.int32), "INT32"),
+        _tensor("input_lengths", np.array([[4]], dtype=np.int32), "INT32"),
+        _tensor("request_output_len", np.array([[max_tokens]], dtype=np.int32), "INT32"),
+        _tensor("end_ids", np.array([[-1]], dtype=np.int32), "INT32"),
+        _tensor("pad_id", np.array([[2]], dtype=np.int32), "INT32"),
+        _tensor("stop_words_list", empty_words, "INT32"),
+        _tensor("bad_words_list", empty_words, "INT32"),
+        _tensor("stream", np.array([[True]]), "BOOL"),
+    ]
+
+
+def _fill_slots_then_cancel(url: str, model: str, inputs: list) -> None:
+    """Two long streams (every slot), a few responses each, then the client cancels them."""
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    for _ in range(2):
+        client.async_stream_infer(model, inputs)
+    for _ in range(4):
+        _, error = answers.get(timeout=30)
+        assert error is None, error
+    client.stop_stream(cancel_requests=True)
+    client.close()
+
+
+def _timed_short_request(url: str, model: str) -> float:
+    start = time.perf_counter()
+    got = grpc_generate(url, model, "next please", GenerateOptions(max_tokens=4), timeout=60)
+    assert got.num_output_tokens == 4
+    return time.perf_counter() - start
+
+
+def test_cancelling_a_stream_frees_its_slot(narrow_repo, tmp_path):
+    # An own server: requests cancelled on the ensemble stay in flight for Triton, which delays its exit.
+    server = own_server(narrow_repo, tmp_path)
+    try:
+        _check_cancellation(server.grpc_endpoint)
+    finally:
+        server.stop(timeout=10)
+
+
+def _check_cancellation(url: str) -> None:
+    start = time.perf_counter()
+    full = grpc_generate(url, "narrow", "how long is this", GenerateOptions(max_tokens=LONG, min_tokens=LONG))
+    full_time = time.perf_counter() - start
+    assert full.num_output_tokens == LONG
+    _timed_short_request(url, "narrow")  # warm
+
+    # Cancelled on the engine model itself: the slot is free at once, the next request does not wait.
+    _fill_slots_then_cancel(url, "narrow_engine", _engine_inputs(LONG))
+    assert _timed_short_request(url, "narrow") < full_time / 2
+
+    # Cancelled on the ensemble: Triton 2.51 stops the ensemble's later steps but does not pass the
+    # cancellation into the engine's own request, so the engine runs it to its max_tokens. The server
+    # still serves the next request (after at most one long generation).
+    _fill_slots_then_cancel(url, "narrow", grpc_inputs("cancel me", GenerateOptions(max_tokens=LONG), True))
+    assert _timed_short_request(url, "narrow") < full_time * 2 + 5
+
+
+def _get(server: TritonServer, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://{server.http_endpoint}{path}", timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_killed_engine_stub_fails_requests_clearly(narrow_repo, tmp_path):
+    server = own_server(narrow_repo, tmp_path)
+    try:
+        assert grpc_generate(server.grpc_endpoint, "narrow", "hello", GenerateOptions(max_tokens=3)).text
+        engines = [pid for pid in server.stub_pids() if "narrow_engine/" in " ".join(
+            Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0"))]
+        assert len(engines) == 1
+        os.kill(engines[0], signal.SIGKILL)
+        time.sleep(0.5)
+        # Triton 2.51 does not restart the stub: every later request fails at once with this error,
+        # while the server and its health endpoints still report ready.
+        for _ in range(3):
+            with pytest.raises(QueryError, match="Stub process 'narrow_engine_0_0' is not healthy"):
+                grpc_generate(server.grpc_endpoint, "narrow", "hello", GenerateOptions(max_tokens=3), timeout=30)
+        assert server.is_running
+        assert _get(server, "/v2/health/live") == 200
+        assert _get(server, "/v2/health/ready") == 200
+        assert engines[0] not in server.stub_pids()
+    finally:
+        server.stop()
+    assert shm_segments(server) == []
+    assert server.stub_pids() == []
+
+
+def test_sigterm_with_requests_in_flight_never_hangs(narrow_repo, tmp_path):
+    server = own_server(narrow_repo, tmp_path)
+    outcomes: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        try:
+            got = grpc_generate(server.grpc_endpoint, "narrow", f"request {i}", GenerateOptions(max_tokens=LONG, min_tokens=LONG),
+                                stream=i % 2 == 0, timeout=60)
+            outcomes[i] = f"ok {got.num_output_tokens}"
+        except QueryError as e:
+            outcomes[i] = f"error {e}"
+
+    threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        os.kill(server.pid, signal.SIGTERM)
+        # Triton refuses new ensemble steps once it is stopping, so streams still running on the ensemble
+        # cannot finish; it waits --exit-timeout-secs for them, then says "Exiting immediately" but may
+        # stay alive. stop() (what `tritonize serve` does on Ctrl-C) ends it, which ends those streams.
+        exited_alone = server.wait(server.exit_timeout + 4) is not None
+        left = shm_segments(server)
+        server.stop(timeout=5)
+        deadline = time.monotonic() + 20
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        assert not any(thread.is_alive() for thread in threads), f"requests hung after SIGTERM: {outcomes}"
+    finally:
+        server.stop()
+    print(f"exited by itself: {exited_alone}; outcomes {outcomes}; shm left by the server itself: {left}; cleanup {server.cleanup}")
+    assert len(outcomes) == 4
+    for outcome in outcomes.values():
+        assert outcome == f"ok {LONG}" or outcome.startswith("error "), outcome
+    assert shm_segments(server) == []
+    assert server.stub_pids() == []
