@@ -32,15 +32,6 @@ def prompts(count: int) -> list[str]:
     return [f"{WORDS[i % len(WORDS)]} {WORDS[(i * 5 + 3) % len(WORDS)]} {i}" for i in range(count)]
 
 
-def server_rss_mb(server: TritonServer) -> float:
-    total = 0
-    for pid in [server.pid, *server.stub_pids()]:
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-    return total / 1024
 
 
 async def _stream_one(client, model: str, prompt: str, max_tokens: int) -> tuple[str, int, str | None]:
@@ -123,14 +114,14 @@ def main() -> int:
             opts = GenerateOptions(max_tokens=args.max_tokens)
             expected = {p: grpc_generate(server.grpc_endpoint, args.model, p, opts).text
                         for p in prompts(args.prompts)}
-            rss = [server_rss_mb(server)]
+            rss = [server.rss_mb()]
             total, failures, start = 0, [], time.monotonic()
             for _ in range(2):
                 count, failed = asyncio.run(load_round(server.grpc_endpoint, args.model, expected, args.clients,
                                                        args.max_tokens, args.duration / 2))
                 total += count
                 failures += failed
-                rss.append(server_rss_mb(server))
+                rss.append(server.rss_mb())
             elapsed = time.monotonic() - start
             shm_prefix = server.shm_prefix
         left = sorted(p.name for p in SHM_DIR.glob(f"{shm_prefix}*"))

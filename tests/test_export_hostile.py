@@ -35,7 +35,7 @@ def model():
     return tiny_model("llama", vocab_size=300, bos_token_id=0, eos_token_id=0)
 
 
-def refused(src: Path, out: Path, match: str, **kw) -> str:
+def assert_refused(src: Path, out: Path, match: str, **kw) -> str:
     """Exports ``src``, expects ExportError matching ``match``, and checks nothing was left next to ``out``."""
     before = set(out.parent.iterdir()) if out.parent.exists() else set()
     with pytest.raises(ExportError, match=match) as info:
@@ -54,7 +54,7 @@ def test_pickle_that_would_run_code_is_refused(where, layout, payload, model, bp
     marker = tmp_path / "pwned"
     src = write_pickle_bomb(model, bpe_dir, tmp_path / ("bomb.nemo" if layout == "nemo1" else "bomb"), marker,
                             where=where, layout=layout, payload=payload)
-    message = refused(src, tmp_path / "outs" / "out", "refusing to unpickle")
+    message = assert_refused(src, tmp_path / "outs" / "out", "refusing to unpickle")
     assert where in message
     assert not marker.exists()
 
@@ -63,29 +63,29 @@ def test_truncated_tar(model, bpe_dir, tmp_path):
     nemo = write_nemo1(model, bpe_dir, tmp_path / "m.nemo")
     for fraction in (0.3, 0.9):
         cut = truncated_tar(nemo, tmp_path / f"cut{fraction}.nemo", keep_fraction=fraction)
-        refused(cut, tmp_path / "outs" / "out", "truncated|corrupt")
+        assert_refused(cut, tmp_path / "outs" / "out", "truncated|corrupt")
     gz = write_nemo1(model, bpe_dir, tmp_path / "gz.nemo", gzip=True)
-    refused(truncated_tar(gz, tmp_path / "cut.gz.nemo", keep_fraction=0.6), tmp_path / "outs" / "out",
+    assert_refused(truncated_tar(gz, tmp_path / "cut.gz.nemo", keep_fraction=0.6), tmp_path / "outs" / "out",
             "truncated|corrupt")
 
 
 def test_missing_parts(model, bpe_dir, tmp_path):
     src = write_nemo1(model, bpe_dir, tmp_path / "a", tar=False)
     (src / "model_config.yaml").unlink()
-    refused(src, tmp_path / "outs" / "out", "model_config.yaml is missing")
+    assert_refused(src, tmp_path / "outs" / "out", "model_config.yaml is missing")
     src = write_nemo1(model, bpe_dir, tmp_path / "b", tar=False)
     shutil.rmtree(src / "model_weights")
-    refused(src, tmp_path / "outs" / "out", "no model_weights")
+    assert_refused(src, tmp_path / "outs" / "out", "no model_weights")
     src = write_nemo2(model, bpe_dir, tmp_path / "c")
     for f in (src / "weights").glob("*.distcp"):
         f.unlink()
-    refused(src, tmp_path / "outs" / "out", "distcp is missing")
-    refused(tmp_path / "nothing-here", tmp_path / "outs" / "out", "does not exist")
+    assert_refused(src, tmp_path / "outs" / "out", "distcp is missing")
+    assert_refused(tmp_path / "nothing-here", tmp_path / "outs" / "out", "does not exist")
 
 
 def test_unknown_target(model, bpe_dir, tmp_path):
     src = write_unknown_target(model, bpe_dir, tmp_path / "ckpt")
-    message = refused(src, tmp_path / "outs" / "out", "unknown NeMo 2 model _target_")
+    message = assert_refused(src, tmp_path / "outs" / "out", "unknown NeMo 2 model _target_")
     assert UNKNOWN_TARGET in message and "--model-type" in message
     # the override is the documented way out: a llama forced as llama exports fine
     export_checkpoint(src, tmp_path / "outs" / "forced", model_type="llama", progress=False)
@@ -95,13 +95,13 @@ def test_unknown_target(model, bpe_dir, tmp_path):
 def test_shape_mismatch(layout, model, bpe_dir, tmp_path):
     src = write_shape_mismatch(model, None if layout == "trtllm" else bpe_dir,
                                tmp_path / ("m.nemo" if layout == "nemo1" else "ckpt"), layout=layout)
-    refused(src, tmp_path / "outs" / "out", "qkv")
+    assert_refused(src, tmp_path / "outs" / "out", "qkv")
 
 
 def test_vocab_smaller_than_tokenizer(bpe_dir, tmp_path):
     small = shrink_vocab(tiny_model("llama", vocab_size=300, bos_token_id=0, eos_token_id=0), 200)
-    refused(write_nemo2(small, bpe_dir, tmp_path / "a"), tmp_path / "outs" / "out", "tokenizer has 300 tokens")
-    refused(write_nemo1(small, bpe_dir, tmp_path / "b.nemo"), tmp_path / "outs" / "out", "tokenizer has 300 tokens")
+    assert_refused(write_nemo2(small, bpe_dir, tmp_path / "a"), tmp_path / "outs" / "out", "tokenizer has 300 tokens")
+    assert_refused(write_nemo1(small, bpe_dir, tmp_path / "b.nemo"), tmp_path / "outs" / "out", "tokenizer has 300 tokens")
 
 
 def test_wrong_dtype_in_zarr(model, bpe_dir, tmp_path):
@@ -110,19 +110,19 @@ def test_wrong_dtype_in_zarr(model, bpe_dir, tmp_path):
     meta = json.loads(zarray.read_text())
     meta["dtype"] = "<f2"  # the chunk files hold float32
     zarray.write_text(json.dumps(meta))
-    refused(src, tmp_path / "outs" / "out", "wrong dtype or truncated")
+    assert_refused(src, tmp_path / "outs" / "out", "wrong dtype or truncated")
 
 
 def test_not_a_checkpoint_and_bad_arguments(model, bpe_dir, tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "readme.txt").write_text("hello")
-    refused(tmp_path / "junk", tmp_path / "outs" / "out", "not a recognised checkpoint")
+    assert_refused(tmp_path / "junk", tmp_path / "outs" / "out", "not a recognised checkpoint")
     (tmp_path / "junk.nemo").write_bytes(b"definitely not a tar archive " * 200)
-    refused(tmp_path / "junk.nemo", tmp_path / "outs" / "out", "neither a directory nor a tar")
+    assert_refused(tmp_path / "junk.nemo", tmp_path / "outs" / "out", "neither a directory nor a tar")
     src = write_nemo2(model, bpe_dir, tmp_path / "ok")
-    refused(src, tmp_path / "outs" / "out", "unknown model type", model_type="bert")
-    refused(src, tmp_path / "outs" / "out", "trtllm-checkpoint only", tp_size=2)
-    refused(src, src / "inside", "must not overlap")
+    assert_refused(src, tmp_path / "outs" / "out", "unknown model type", model_type="bert")
+    assert_refused(src, tmp_path / "outs" / "out", "trtllm-checkpoint only", tp_size=2)
+    assert_refused(src, src / "inside", "must not overlap")
 
 
 def test_existing_output_needs_force(model, bpe_dir, tmp_path):

@@ -39,16 +39,6 @@ def prompts(count: int) -> list[str]:
     return [f"{WORDS[i % len(WORDS)]} {WORDS[(i * 5 + 3) % len(WORDS)]} {i}" for i in range(count)]
 
 
-def server_rss_mb(server: TritonServer) -> float:
-    """Resident memory of tritonserver and its Python backend stubs, from /proc."""
-    total = 0
-    for pid in [server.pid, *server.stub_pids()]:
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-    return total / 1024
 
 
 def shm_segments(server: TritonServer) -> list[str]:
@@ -142,7 +132,7 @@ def test_concurrent_streams_get_their_own_answers_and_memory_stays_flat(triton_s
         for prompt, text, finals in done:
             assert finals == 1, prompt
             assert text == expected[prompt], prompt
-        rss.append(server_rss_mb(server))
+        rss.append(server.rss_mb())
     assert rss[1] < rss[0] * 1.05 + 16, f"server RSS grew from {rss[0]:.0f} MB to {rss[1]:.0f} MB"
     print(f"{total} streamed requests, RSS {rss[0]:.0f} -> {rss[1]:.0f} MB")
 

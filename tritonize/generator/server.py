@@ -587,6 +587,17 @@ class TritonServer:
         message = server_error(self.log_text())
         return _first_line(message) if message else None
 
+    def rss_mb(self) -> float:
+        """Resident memory of tritonserver and its Python backend stubs, in MiB, from /proc."""
+        total = 0
+        for pid in [self.pid, *self.stub_pids()]:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except (OSError, TypeError):
+                continue
+            total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        return total / 1024
+
     def stub_pids(self) -> list[int]:
         """Live Python backend stubs of this server (matched by its shared-memory prefix)."""
         return sorted(find_stub_processes(self.shm_prefix))
