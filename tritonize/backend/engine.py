@@ -348,45 +348,8 @@ class Engine:
         ``end_ids`` None means the checkpoint's own (generation_config.json). Raises EngineError if a
         request finished with an error.
         """
-        self.start()
-        outputs: list[StepOutput | None] = [None] * len(prompts)
-        done = [threading.Event() for _ in prompts]
-
-        def collector(i: int) -> Callable[[StepOutput], None]:
-            def on_output(out: StepOutput) -> None:
-                outputs[i] = out
-                done[i].set()
-
-            return on_output
-
-        ids = []
-        for i, prompt in enumerate(prompts):
-            request_id = f"generate-{secrets.token_hex(8)}-{i}"
-            ids.append(request_id)
-            self.submit(
-                GenerationRequest(
-                    request_id=request_id,
-                    prompt_ids=list(prompt),
-                    max_new_tokens=max_new_tokens,
-                    sampling=sampling or SamplingParams(),
-                    end_ids=list(self.default_end_ids if end_ids is None else end_ids),
-                    stop_sequences=[list(s) for s in stop_sequences],
-                    bad_sequences=[list(s) for s in bad_sequences],
-                    on_output=collector(i),
-                )
-            )
-        for event in done:
-            if not event.wait(timeout):
-                for request_id in ids:
-                    self.cancel(request_id)
-                raise TimeoutError(f"generate did not finish within {timeout} s")
-        results = []
-        for out in outputs:
-            assert out is not None
-            if out.finish_reason == "error":
-                raise EngineError(out.error or "generation failed")
-            results.append(out.token_ids)
-        return results
+        return generate_all(self, prompts, max_new_tokens, sampling, end_ids, stop_sequences, bad_sequences,
+                            timeout)
 
     # ---------------------------------------------------------------- validation
 
@@ -610,3 +573,58 @@ def _ends_with(history: Sequence[int], suffix: Sequence[int]) -> bool:
     n = len(suffix)
     return 0 < n <= len(history) and list(history[-n:]) == list(suffix)
 
+
+def generate_all(
+    engine: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingParams | None = None,
+    end_ids: Sequence[int] | None = None,
+    stop_sequences: Sequence[Sequence[int]] = (),
+    bad_sequences: Sequence[Sequence[int]] = (),
+    timeout: float | None = None,
+) -> list[list[int]]:
+    """The blocking ``generate`` of every engine class: submit all prompts at once, wait for each.
+
+    Written against the engine interface (start / submit / cancel / default_end_ids) so the torch and
+    TensorRT-LLM engines share it.
+    """
+    engine.start()
+    outputs: list[StepOutput | None] = [None] * len(prompts)
+    done = [threading.Event() for _ in prompts]
+
+    def collector(i: int) -> Callable[[StepOutput], None]:
+        def on_output(out: StepOutput) -> None:
+            outputs[i] = out
+            done[i].set()
+
+        return on_output
+
+    ids = []
+    for i, prompt in enumerate(prompts):
+        request_id = f"generate-{secrets.token_hex(8)}-{i}"
+        ids.append(request_id)
+        engine.submit(
+            GenerationRequest(
+                request_id=request_id,
+                prompt_ids=list(prompt),
+                max_new_tokens=max_new_tokens,
+                sampling=sampling or SamplingParams(),
+                end_ids=list(engine.default_end_ids if end_ids is None else end_ids),
+                stop_sequences=[list(s) for s in stop_sequences],
+                bad_sequences=[list(s) for s in bad_sequences],
+                on_output=collector(i),
+            )
+        )
+    for event in done:
+        if not event.wait(timeout):
+            for request_id in ids:
+                engine.cancel(request_id)
+            raise TimeoutError(f"generate did not finish within {timeout} s")
+    results = []
+    for out in outputs:
+        assert out is not None
+        if out.finish_reason == "error":
+            raise EngineError(out.error or "generation failed")
+        results.append(list(out.token_ids))
+    return results

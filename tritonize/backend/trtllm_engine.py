@@ -20,11 +20,11 @@ import asyncio
 import importlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .engine import EngineError, GenerationRequest, SamplingParams, StepOutput, default_end_ids
+from .engine import GenerationRequest, SamplingParams, StepOutput, default_end_ids, generate_all
 
 __all__ = [
     "INSTALL_HINT",
@@ -316,34 +316,8 @@ class TrtllmEngine:
         timeout: float | None = None,
     ) -> list[list[int]]:
         """Run prompts concurrently and wait: the generated ids of each (end id excluded)."""
-        self.start()
-        outputs: list[StepOutput | None] = [None] * len(prompts)
-        done = [threading.Event() for _ in prompts]
-
-        def collector(i: int) -> Callable[[StepOutput], None]:
-            def on_output(out: StepOutput) -> None:
-                outputs[i] = out
-                done[i].set()
-
-            return on_output
-
-        for i, prompt in enumerate(prompts):
-            self.submit(GenerationRequest(
-                request_id=f"generate-{id(outputs)}-{i}", prompt_ids=list(prompt), max_new_tokens=max_new_tokens,
-                sampling=sampling or SamplingParams(), end_ids=list(end_ids or []),
-                stop_sequences=[list(s) for s in stop_sequences], bad_sequences=[list(s) for s in bad_sequences],
-                on_output=collector(i),
-            ))
-        for event in done:
-            if not event.wait(timeout):
-                raise TimeoutError("generation did not finish in time")
-        result = []
-        for out in outputs:
-            assert out is not None
-            if out.finish_reason == "error":
-                raise EngineError(out.error or "generation failed")
-            result.append(list(out.token_ids))
-        return result
+        return generate_all(self, prompts, max_new_tokens, sampling, end_ids, stop_sequences, bad_sequences,
+                            timeout)
 
     # ---------------------------------------------------------------- the asyncio side
 
