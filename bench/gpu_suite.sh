@@ -28,3 +28,12 @@ case $phase in
     python3 bench/runtime_decode.py --model $model --batch 1,16,64 --hf-batch 1,8,32 \
       --json "$out/runtime.json" 2>&1 | tee "$out/runtime.log" ;;
 esac
+# adapters: the LoRA / p-tuning runtime under CUDA graphs + torch.compile (tests), and what mixed LoRA costs decode.
+# Needs .whl/gpu: pytest, peft, accelerate, psutil unpacked (pure Python / abi3) for the GPU box's python.
+if [ "$phase" = adapters ]; then
+  py=/opt/torch/.venv/bin/python3; [ -x $py ] || py=python3
+  PYTHONPATH=$PWD/.whl/gpu:$PWD/.whl/site:$PWD $py -m pytest -q -p no:cacheprovider tests/test_adapters_runtime.py \
+    "tests/test_engine.py::test_cuda_graph_decode_matches_eager_and_transformers" 2>&1 | tail -15 | tee "$out/adapters-tests.log"
+  PYTHONPATH=$PWD/.whl/gpu:$PWD/.whl/site:$PWD $py bench/lora_decode.py --model $model --device cuda --dtype bfloat16 \
+    --batch ${LORA_BATCH:-1,16,64} --adapters 4 --rank 16 ${LORA_FLAGS:-} --json "$out/lora.json" 2>&1 | tee "$out/lora.log"
+fi

@@ -45,8 +45,11 @@ def weight_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
-def engine_decode(engine: Engine, batch: int, input_len: int, output_len: int, vocab: int) -> dict:
-    """Submits ``batch`` requests at once and times each one's decode phase from its token callbacks."""
+def engine_decode(engine: Engine, batch: int, input_len: int, output_len: int, vocab: int,
+                  lora_ids: list[int | None] | None = None) -> dict:
+    """Submits ``batch`` requests at once and times each one's decode phase from its token callbacks.
+
+    ``lora_ids``: request i uses adapter ``lora_ids[i % len(lora_ids)]`` (None: the base model)."""
     g = torch.Generator().manual_seed(batch)
     times: dict[int, list[float]] = {i: [] for i in range(batch)}
     done = threading.Event()
@@ -65,7 +68,8 @@ def engine_decode(engine: Engine, batch: int, input_len: int, output_len: int, v
         engine.submit(GenerationRequest(
             request_id=f"b{batch}-{i}", prompt_ids=prompt, max_new_tokens=output_len,
             sampling=SamplingParams(min_tokens=output_len), stream=True,
-            on_output=lambda out, i=i: on_output(i, out)))
+            on_output=lambda out, i=i: on_output(i, out),
+            lora_task_id=lora_ids[i % len(lora_ids)] if lora_ids else None))
     done.wait()
     wall = time.perf_counter() - start
     per_request = [(len(t) - 1) / (t[-1] - t[0]) for t in times.values() if len(t) > 1]

@@ -127,7 +127,7 @@ def test_a_new_version_is_built_beside_the_old(source, tmp_path):
 @pytest.mark.parametrize("args, refused", [
     (["--tensor_parallelism_size", "2"], "--tensor-parallelism-size (--tensor_parallelism_size) above 1 needs"),
     (["--pipeline-parallelism-size", "2"], "--pipeline-parallelism-size (--pipeline_parallelism_size) above 1"),
-    (["--opt_num_tokens", "128"], "--opt-num-tokens (--opt_num_tokens) needs the trtllm runtime"),
+    (["--opt_num_tokens", "128"], "--opt-num-tokens (--opt_num_tokens) needs --runtime trtllm-engine"),
     (["--ptuning_nemo_checkpoint", "p.nemo"], "--ptuning-nemo-checkpoint (--ptuning_nemo_checkpoint) needs"),
     (["--task_ids", "a"], "--task-ids (--task_ids) needs the trtllm runtime or adapters support"),
     (["--max_prompt_embedding_table_size", "8"], "--max-prompt-embedding-table-size"),

@@ -187,7 +187,7 @@ def test_bad_requests_get_a_clear_error_and_the_server_stays_up(triton_server, w
     assert grpc_generate(server.grpc_endpoint, "wide", "still there", GenerateOptions(max_tokens=3)).num_output_tokens
 
 
-def _engine_inputs(max_tokens: int) -> list:
+def _engine_inputs(max_tokens: int, *, stop: bool = False) -> list:
     empty_words = np.array([[[0], [-1]]], dtype=np.int32)
     return [
         _tensor("input_ids", np.array([[1, 500, 600, 700]], dtype=np.int32), "INT32"),
@@ -198,6 +198,7 @@ def _engine_inputs(max_tokens: int) -> list:
         _tensor("stop_words_list", empty_words, "INT32"),
         _tensor("bad_words_list", empty_words, "INT32"),
         _tensor("stream", np.array([[True]]), "BOOL"),
+        _tensor("stop", np.array([[stop]]), "BOOL"),
     ]
 
 
@@ -223,12 +224,13 @@ def _timed_short_request(url: str, model: str) -> float:
 
 
 def test_cancelling_a_stream_frees_its_slot(narrow_repo, tmp_path):
-    # An own server: requests cancelled on the ensemble stay in flight for Triton, which delays its exit.
+    # An own server, to read from its log that no cancelled request was left in flight at exit.
     server = own_server(narrow_repo, tmp_path)
     try:
         _check_cancellation(server.grpc_endpoint)
     finally:
         server.stop(timeout=10)
+    assert not re.search(r"has \d+ in-flight inferences", server.log_text()), "cancelled requests stayed in flight"
 
 
 def _check_cancellation(url: str) -> None:
@@ -242,11 +244,40 @@ def _check_cancellation(url: str) -> None:
     _fill_slots_then_cancel(url, "narrow_engine", _engine_inputs(LONG))
     assert _timed_short_request(url, "narrow") < full_time / 2
 
-    # Cancelled on the ensemble: Triton 2.51 stops the ensemble's later steps but does not pass the
-    # cancellation into the engine's own request, so the engine runs it to its max_tokens. The server
-    # still serves the next request (after at most one long generation).
+    # Cancelled on the ensemble: Triton 2.51 does not mark the engine's own request cancelled, but
+    # postprocessing sees the cancellation and sends the engine a stop, so the slot is free at once too.
     _fill_slots_then_cancel(url, "narrow", grpc_inputs("cancel me", GenerateOptions(max_tokens=LONG), True))
-    assert _timed_short_request(url, "narrow") < full_time * 2 + 5
+    assert _timed_short_request(url, "narrow") < full_time / 2
+
+
+def test_stop_request_ends_the_stream_with_that_request_id(triton_server, narrow_repo):
+    """tensorrtllm_backend's ``stop``: a request with stop=True cancels the request with its request id."""
+    server = triton_server(narrow_repo)
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_endpoint)
+    stopper = grpcclient.InferenceServerClient(server.grpc_endpoint)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer("narrow_engine", _engine_inputs(LONG), request_id="to-stop",
+                                  enable_empty_final_response=True)
+        _, error = answers.get(timeout=30)
+        assert error is None, error
+        stopper.start_stream(callback=lambda result, error: None)
+        stopper.async_stream_infer("narrow_engine", _engine_inputs(1, stop=True), request_id="to-stop")
+        generated = 1
+        while True:
+            result, error = answers.get(timeout=30)
+            assert error is None, error
+            ids = result.as_numpy("output_ids")
+            generated += 0 if ids is None else ids.size
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+        assert generated < LONG, "the stop request did not end the stream"
+    finally:
+        client.stop_stream()
+        stopper.stop_stream()
+        client.close()
+        stopper.close()
 
 
 def _get(server: TritonServer, path: str) -> int:

@@ -124,7 +124,8 @@ def test_auto_resolves_by_what_the_machine_has():
     assert resolve_runtime("torch") == "torch" and resolve_runtime("trtllm") == "trtllm"
     with pytest.raises(ValueError, match="unknown runtime 'vllm'"):
         resolve_runtime("vllm")
-    assert RUNTIMES == ("torch", "trtllm", "auto")
+    assert RUNTIMES == ("torch", "trtllm", "trtllm-engine", "auto")
+    assert resolve_runtime("trtllm-engine") == "trtllm-engine"  # never what auto picks: it needs a built engine
 
 
 # ---------------------------------------------------------------------------- generate

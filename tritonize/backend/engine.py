@@ -84,6 +84,8 @@ class GenerationRequest:
     carry no token when an end id finished the request); otherwise exactly one call, at the end.
     ``is_cancelled``: polled between steps (e.g. Triton's ``response_sender.is_cancelled``); True, or an
     exception, drops the request as if ``Engine.cancel`` had been called.
+    ``lora_task_id``: the served LoRA adapter to use (None: the base model). ``task_id``: the p-tuning
+    task whose table the prompt's virtual tokens (ids ``vocab_size + j``) select; see adapters.py.
     """
 
     request_id: str
@@ -97,6 +99,8 @@ class GenerationRequest:
     stream: bool = False
     on_output: Callable[[StepOutput], None] = _no_output
     is_cancelled: Callable[[], bool] | None = None
+    lora_task_id: int | None = None
+    task_id: int | None = None
 
 
 @dataclass(eq=False)
@@ -195,6 +199,7 @@ class Engine:
         max_num_tokens: int | None = None,
         cuda_graphs: bool | None = None,
         compile: bool | None = None,
+        adapters_dir: str | Path | None = None,
     ) -> None:
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
@@ -205,6 +210,7 @@ class Engine:
                 f"max_num_tokens ({max_num_tokens}) must exceed max_batch_size ({max_batch_size}): each decode "
                 "row uses one token of the per-step budget and prompts need the rest"
             )
+        from .adapters import load_adapters
         from .weights import load_model
 
         self.model_dir = Path(model_dir)
@@ -224,11 +230,19 @@ class Engine:
         num_slots = max_batch_size + (1 if use_graphs else 0)
         with torch.no_grad():
             self.model.setup_caches(max_batch_size=num_slots, max_seq_len=max_seq_len)
+            # Before the step is compiled or captured: the LoRA layers are part of it.
+            self.adapters = load_adapters(adapters_dir, self.model.args)
+            self.adapters.install(self.model, num_slots)
         self._decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
         # torch.compile fuses the step's many small kernels (norms, rotary, activations); the CUDA graph
         # then removes the launches. Batch size 1 compiles on its own (size-1 specialisation), the other
         # buckets share one dynamic-shape compile.
-        use_compile = self.device.type == "cuda" if compile is None else compile
+        # With LoRA adapters the step graph is several times larger and Inductor's fusion pass did not finish
+        # compiling an 8B model's step in 8 minutes (bench/RESULTS.md): such engines replay CUDA graphs of
+        # the eager step instead.
+        if compile is None:
+            compile = self.device.type == "cuda" and not self.adapters.lora
+        use_compile = compile
         step = torch.compile(_decode_step, dynamic=True) if use_compile else _decode_step
         self.compiled = use_compile
         self._decode = lambda tokens, pos, slots: step(self.model, tokens, pos, slots)
@@ -368,10 +382,18 @@ class Engine:
                 f"prompt ({n} tokens) + max_new_tokens ({req.max_new_tokens}) = {n + req.max_new_tokens} exceeds "
                 f"the engine's max_seq_len ({self.max_seq_len}); shorten the prompt or ask for fewer tokens"
             )
-        for what, ids in (("prompt", req.prompt_ids), ("end_ids", req.end_ids)):
-            bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
-            if bad:
-                return f"{what} holds token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
+        try:
+            self.adapters.lora_index(req.lora_task_id)
+            virtual = self.adapters.task(req.task_id)[1] if req.task_id is not None else 0
+        except ValueError as exc:
+            return str(exc)
+        bad = [t for t in req.prompt_ids if not 0 <= int(t) < self.vocab_size + virtual]
+        if bad:
+            task = f" plus task {req.task_id}'s {virtual} virtual tokens" if virtual else ""
+            return f"prompt holds token ids outside the vocabulary [0, {self.vocab_size}){task}: {bad[:5]}"
+        bad = [t for t in req.end_ids if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            return f"end_ids holds token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
         for what, seqs in (("stop_sequences", req.stop_sequences), ("bad_sequences", req.bad_sequences)):
             if any(len(s) == 0 for s in seqs):
                 return f"{what} holds an empty sequence"
@@ -420,17 +442,23 @@ class Engine:
             return
         slot = self._free_slots.pop()
         seed = req.sampling.seed if req.sampling.seed is not None else secrets.randbits(64)
+        history = [int(t) for t in req.prompt_ids]
+        if req.task_id is not None:  # the task's virtual ids -> rows of the concatenated table
+            offset = self.adapters.task(req.task_id)[0]
+            history = [t + offset if t >= self.vocab_size else t for t in history]
+        if self.model.slot_adapter is not None:
+            self.model.slot_adapter[slot] = self.adapters.lora_index(req.lora_task_id)
         run = _Running(
             req=req,
             slot=slot,
             seed=seed,
-            history=[int(t) for t in req.prompt_ids],
+            history=history,
             prompt_len=len(req.prompt_ids),
             end_ids=frozenset(int(e) for e in req.end_ids),
         )
         self._running[req.request_id] = run
         try:
-            self.sampler.start(slot, run.history, req.sampling)
+            self.sampler.start(slot, [t for t in run.history if t < self.vocab_size], req.sampling)
         except Exception as exc:
             log.exception("admitting request %s failed", req.request_id)
             self._finish(run, "error", f"could not admit the request: {exc}")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapters import LoRA
 from .config import ModelArgs
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -125,12 +126,18 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, qkv_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.out_bias)
         self.kv_cache: KVCache | None = None
+        # Stacked LoRA adapters (adapters.py), attached when the model serves some.
+        self.wqkv_lora: LoRA | None = None
+        self.wo_lora: LoRA | None = None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor,
-                input_pos: Tensor, slots: Tensor) -> Tensor:
+                input_pos: Tensor, slots: Tensor, adapters: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        qkv = self.wqkv(x)
+        if self.wqkv_lora is not None:
+            qkv = qkv + self.wqkv_lora(x, adapters)
+        q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
@@ -147,6 +154,8 @@ class Attention(nn.Module):
             y = attend(q, cache.k_cache, cache.v_cache, mask, self.scale).index_select(0, slots)
         else:
             y = attend(q, cache.k_cache[slots], cache.v_cache[slots], mask, self.scale)
+        if self.wo_lora is not None:
+            return self.wo(y) + self.wo_lora(y, adapters)
         return self.wo(y)
 
 
@@ -160,13 +169,21 @@ class FeedForward(nn.Module):
         width = 2 * args.intermediate_size if self.gated else args.intermediate_size
         self.w1 = nn.Linear(args.dim, width, bias=args.mlp_bias)
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
+        self.w1_lora: LoRA | None = None
+        self.w2_lora: LoRA | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, adapters: Tensor | None = None) -> Tensor:
         h = self.w1(x)
+        if self.w1_lora is not None:
+            h = h + self.w1_lora(x, adapters)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            return self.w2(self.act(gate) * up)
-        return self.w2(self.act(h))
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        if self.w2_lora is not None:
+            return self.w2(h) + self.w2_lora(h, adapters)
+        return self.w2(h)
 
 
 class MoEFeedForward(nn.Module):
@@ -189,7 +206,7 @@ class MoEFeedForward(nn.Module):
         self.w13 = nn.Parameter(torch.empty(n, 2 * i, d))  # [gate; up] per expert
         self.w2 = nn.Parameter(torch.empty(n, d, i))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, adapters: Tensor | None = None) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         probs = F.softmax(self.gate(x).float(), dim=-1)
@@ -236,13 +253,13 @@ class TransformerBlock(nn.Module):
         self.feed_forward: nn.Module = MoEFeedForward(args) if args.num_experts else FeedForward(args)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor,
-                input_pos: Tensor, slots: Tensor) -> Tensor:
+                input_pos: Tensor, slots: Tensor, adapters: Tensor | None = None) -> Tensor:
         if self.parallel:
             h = self.attention_norm(x)
             m = self.ffn_norm(x) if self.ffn_norm is not None else h
-            return x + (self.feed_forward(m) + self.attention(h, rope, mask, input_pos, slots))
-        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, slots)
-        return h + self.feed_forward(self.ffn_norm(h))
+            return x + (self.feed_forward(m, adapters) + self.attention(h, rope, mask, input_pos, slots, adapters))
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, slots, adapters)
+        return h + self.feed_forward(self.ffn_norm(h), adapters)
 
 
 class Transformer(nn.Module):
@@ -263,6 +280,10 @@ class Transformer(nn.Module):
         self.rope_cos: Tensor | None = None
         self.rope_sin: Tensor | None = None
         self.kv_positions: Tensor | None = None
+        # Served adapters (adapters.py): the LoRA index of each cache slot, and the p-tuning rows that
+        # token ids >= vocab_size select.
+        self.slot_adapter: Tensor | None = None
+        self.prompt_table: Tensor | None = None
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocate the static KV cache (``max_batch_size`` slots x ``max_seq_len`` positions)."""
@@ -290,7 +311,16 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, input_pos: Tensor, slots: Tensor, last_only: bool = False) -> Tensor:
         """Logits ``[B, T, vocab]`` (``[B, 1, vocab]`` if ``last_only``) in float32; see CONTRACT.md."""
-        x = self.tok_embeddings(tokens)
+        if self.prompt_table is None:
+            x = self.tok_embeddings(tokens)
+        else:
+            # Virtual tokens (ids >= vocab_size) take their embedding from the p-tuning table; static
+            # shapes, no data-dependent branch, so the decode step stays capturable.
+            vocab = self.args.vocab_size
+            virtual = (tokens >= vocab)[..., None]
+            real = self.tok_embeddings(tokens.clamp(max=vocab - 1))
+            rows = (tokens - vocab).clamp(0, self.prompt_table.shape[0] - 1)
+            x = torch.where(virtual, self.prompt_table[rows], real)
         if self.args.embedding_scale != 1.0:
             x = x * self.embed_scale
         if self.pos_embeddings is not None:
@@ -305,8 +335,9 @@ class Transformer(nn.Module):
         mask = kv_pos <= q_pos
         if self.args.sliding_window:
             mask = mask & (kv_pos > q_pos - self.args.sliding_window)
+        adapters = None if self.slot_adapter is None else self.slot_adapter[slots]
         for layer in self.layers:
-            x = layer(x, rope, mask, input_pos, slots)
+            x = layer(x, rope, mask, input_pos, slots, adapters)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)

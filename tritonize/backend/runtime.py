@@ -12,7 +12,8 @@ from typing import Any
 
 __all__ = ["RUNTIMES", "create_engine", "resolve_runtime", "tensorrt_llm_available"]
 
-RUNTIMES = ("torch", "trtllm", "auto")
+# trtllm: tensorrt_llm.LLM (PyTorch backend); trtllm-engine: prebuilt TensorRT-LLM engines through the executor
+RUNTIMES = ("torch", "trtllm", "trtllm-engine", "auto")
 
 
 def tensorrt_llm_available() -> bool:
@@ -43,11 +44,23 @@ def resolve_runtime(runtime: str) -> str:
 
 def create_engine(runtime: str, model_dir: str | Path, *, trtllm_options: dict[str, Any] | None = None,
                   **options: Any) -> Any:
-    """An engine for a resolved runtime; ``options`` are the arguments both engines take."""
+    """An engine for a resolved runtime; ``options`` are the arguments every engine takes.
+
+    ``trtllm_options`` are the TensorRT-LLM ones; ``engine_dir`` and ``multi_gpu_mode``
+    among them only concern the trtllm-engine runtime and are dropped for the LLM API one.
+    """
+    trt = dict(trtllm_options or {})
+    if runtime == "trtllm-engine":
+        from .trtllm_executor import TrtllmExecutorEngine
+
+        trt.pop("kv_cache_dtype", None)  # fixed in the engine when it was built
+        return TrtllmExecutorEngine(model_dir, **options, **trt)
     if runtime == "trtllm":
         from .trtllm_engine import TrtllmEngine
 
-        return TrtllmEngine(model_dir, **options, **(trtllm_options or {}))
+        for key in ("engine_dir", "multi_gpu_mode"):
+            trt.pop(key, None)
+        return TrtllmEngine(model_dir, **options, **trt)
     if runtime == "torch":
         from .engine import Engine
 

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
+import shutil
+import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .engine import GenerationRequest, SamplingParams, StepOutput, default_end_ids, generate_all
+from .trtllm_adapters import AdapterError, AdapterStore, read_lora, write_peft_dir
 
 __all__ = [
     "INSTALL_HINT",
@@ -32,6 +36,7 @@ __all__ = [
     "TrtllmNotInstalledError",
     "import_tensorrt_llm",
     "map_finish_reason",
+    "peft_adapters",
     "to_trtllm_sampling",
     "token_log_probs",
 ]
@@ -153,6 +158,28 @@ def token_log_probs(entries: Sequence[Any] | None, token_ids: Sequence[int]) -> 
     return out
 
 
+def peft_adapters(adapters_dir: str | Path, hf_config: dict[str, Any], dest: str | Path) -> dict[int, tuple[Path, int]]:
+    """Every LoRA of the repository written as a PEFT directory under ``dest``: {lora_task_id: (dir, rank)}.
+
+    TensorRT-LLM's LLM API loads LoRA from Hugging Face PEFT (or NeMo) directories only.
+    """
+    store = AdapterStore(adapters_dir)
+    out = {}
+    for task_id in store.ids("lora"):
+        adapter = read_lora(store.directory("lora", task_id))
+        out[task_id] = (write_peft_dir(adapter, Path(dest) / str(task_id), hf_config), adapter.rank)
+    return out
+
+
+def _lora_config_class() -> Any:
+    for module in ("tensorrt_llm.lora_helper", "tensorrt_llm.lora_manager"):
+        try:
+            return importlib.import_module(module).LoraConfig
+        except (ImportError, AttributeError):
+            continue
+    raise TrtllmNotInstalledError("this tensorrt_llm has no LoraConfig: LoRA needs TensorRT-LLM 0.18 or newer")
+
+
 def _ends_with_stop(history: Sequence[int], stops: Sequence[Sequence[int]]) -> int:
     """Length of the stop sequence the history ends with, 0 if none."""
     for stop in stops:
@@ -182,6 +209,7 @@ class TrtllmEngine:
         kv_cache_dtype: str = "auto",
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
+        adapters_dir: str | Path | None = None,
     ) -> None:
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
@@ -218,6 +246,17 @@ class TrtllmEngine:
         }
         if max_num_tokens:
             llm_args["max_num_tokens"] = max_num_tokens
+        self._peft_root: str | None = None
+        self.loras: dict[int, tuple[Path, int]] = {}
+        if adapters_dir is not None and AdapterStore(adapters_dir).ids("lora"):
+            self._peft_root = tempfile.mkdtemp(prefix="tritonize-peft-")
+            hf_config = json.loads((self.model_dir / "config.json").read_text(encoding="utf-8"))
+            self.loras = peft_adapters(adapters_dir, hf_config, self._peft_root)
+            n = len(self.loras)
+            llm_args["lora_config"] = _lora_config_class()(
+                lora_dir=[str(path) for path, _ in self.loras.values()],
+                max_lora_rank=max(rank for _, rank in self.loras.values()), max_loras=n, max_cpu_loras=n)
+        self.adapters_dir = adapters_dir
         self.llm_args = llm_args
         self.llm = trtllm.LLM(**llm_args)
 
@@ -260,6 +299,7 @@ class TrtllmEngine:
                     f"max_seq_len {self.max_seq_len}"
                 )
             params = self._sampling_cls(**kwargs)
+            lora_request = self._lora_request(req)
         except (ValueError, TypeError) as e:
             self._finish(req, StepOutput([], [], 0.0, True, "error", str(e), len(req.prompt_ids), 0))
             return
@@ -269,10 +309,25 @@ class TrtllmEngine:
                            else f"request id {req.request_id!r} is already in flight; use a unique id")
             else:
                 problem = None
-                future = asyncio.run_coroutine_threadsafe(self._run(req, params), self._loop)
+                future = asyncio.run_coroutine_threadsafe(self._run(req, params, lora_request), self._loop)
                 self._tasks[req.request_id] = future  # type: ignore[assignment]
         if problem is not None:
             self._finish(req, StepOutput([], [], 0.0, True, "error", problem, len(req.prompt_ids), 0))
+
+    def _lora_request(self, req: GenerationRequest) -> Any:
+        """LoRARequest for the request's lora_task_id (None without one); task_id is refused by name."""
+        if getattr(req, "task_id", None) is not None:
+            raise AdapterError("task_id (p-tuning) is not available on the trtllm runtime: TensorRT-LLM's LLM API "
+                               "takes no prompt tables; use --runtime trtllm-engine or torch")
+        task_id = getattr(req, "lora_task_id", None)
+        if task_id is None:
+            return None
+        if int(task_id) not in self.loras:
+            have = ", ".join(map(str, sorted(self.loras))) or "none"
+            raise AdapterError(f"lora_task_id {task_id} is not in this repository (it has: {have})")
+        from tensorrt_llm.executor.request import LoRARequest
+
+        return LoRARequest(f"lora-{int(task_id)}", int(task_id), str(self.loras[int(task_id)][0]))
 
     def cancel(self, request_id: str) -> bool:
         """Abort through TensorRT-LLM (frees its KV blocks); on_output gets finished with "cancelled"."""
@@ -298,6 +353,8 @@ class TrtllmEngine:
         if self._thread is not None:
             self._thread.join(timeout)
         self.llm.shutdown()
+        if self._peft_root is not None:
+            shutil.rmtree(self._peft_root, ignore_errors=True)
 
     def __enter__(self) -> TrtllmEngine:
         return self.start()
@@ -321,7 +378,7 @@ class TrtllmEngine:
 
     # ---------------------------------------------------------------- the asyncio side
 
-    async def _run(self, req: GenerationRequest, params: Any) -> None:
+    async def _run(self, req: GenerationRequest, params: Any, lora_request: Any = None) -> None:
         n_in = len(req.prompt_ids)
         generated: list[int] = []
         log_probs: list[float] = []
@@ -329,7 +386,8 @@ class TrtllmEngine:
         reason: str | None = None
         cum = 0.0
         try:
-            result = self.llm.generate_async(req.prompt_ids, sampling_params=params, streaming=req.stream)
+            extra = {"lora_request": lora_request} if lora_request is not None else {}
+            result = self.llm.generate_async(req.prompt_ids, sampling_params=params, streaming=req.stream, **extra)
             with self._lock:
                 self._results[req.request_id] = result
                 early = req.request_id in self._cancelled

@@ -39,6 +39,8 @@ class GenerateOptions:
     end_id: int | None = None
     exclude_input_in_output: bool = True
     return_log_probs: bool = False
+    task_id: int | None = None  # p-tuning task
+    lora_task_id: int | None = None  # LoRA adapter
 
     def scalars(self) -> dict[str, tuple[object, str]]:
         """Input name -> (value, Triton dtype) for every option that is set."""
@@ -55,6 +57,8 @@ class GenerateOptions:
             "min_tokens": (self.min_tokens, "INT32"),
             "end_id": (self.end_id, "INT32"),
             "return_log_probs": (self.return_log_probs or None, "BOOL"),
+            "task_id": (self.task_id, "UINT64"),
+            "lora_task_id": (self.lora_task_id, "UINT64"),
         }
         table.update({k: v for k, v in optional.items() if v[0] is not None})
         return table

@@ -71,7 +71,8 @@ ENSEMBLE_OUTPUTS: tuple[Tensor, ...] = (
 )
 
 # --- preprocessing: text in, token ids out ---------------------------------------------------------
-PRE_INPUTS: tuple[Tensor, ...] = TEXT_INPUTS
+# task_id selects a p-tuning task, whose virtual tokens preprocessing puts before the prompt
+PRE_INPUTS: tuple[Tensor, ...] = TEXT_INPUTS + (_opt("task_id", "TYPE_UINT64"),)
 PRE_OUTPUTS: tuple[Tensor, ...] = (
     Tensor("input_ids", "TYPE_INT32", (-1,)),
     Tensor("input_lengths", "TYPE_INT32"),
@@ -84,7 +85,8 @@ PRE_OUTPUTS: tuple[Tensor, ...] = (
 
 # --- engine: token ids in, token ids out (decoupled) --------------------------------------------------
 # what preprocessing produced, plus the client's adapter and sampling inputs passed straight through
-ENGINE_INPUTS: tuple[Tensor, ...] = PRE_OUTPUTS + ADAPTER_INPUTS + SAMPLING_INPUTS
+# plus ``stop`` (tensorrtllm_backend's meaning): cancel the running request whose id this request carries
+ENGINE_INPUTS: tuple[Tensor, ...] = PRE_OUTPUTS + ADAPTER_INPUTS + SAMPLING_INPUTS + (_opt("stop", "TYPE_BOOL"),)
 ENGINE_OUTPUTS: tuple[Tensor, ...] = (
     Tensor("output_ids", "TYPE_INT32", (-1,)),
     Tensor("prefix_ids", "TYPE_INT32", (-1,)),
@@ -93,6 +95,9 @@ ENGINE_OUTPUTS: tuple[Tensor, ...] = (
     Tensor("output_log_probs", "TYPE_FP32", (-1, -1)),
     Tensor("num_input_tokens", "TYPE_INT32"),
     Tensor("num_output_tokens", "TYPE_INT32"),
+    # the engine's own id of the request, unique even when clients reuse or omit request ids: what
+    # postprocessing sends back with ``stop`` when Triton reports the ensemble request cancelled
+    Tensor("request_key", "TYPE_STRING"),
 )
 
 # --- postprocessing: token ids in, text out ----------------------------------------------------------

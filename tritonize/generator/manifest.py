@@ -50,9 +50,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def build_manifest(spec: RepoSpec, ckpt: Checkpoint, repo: Path, *, progress: bool = False) -> dict[str, Any]:
+def build_manifest(spec: RepoSpec, ckpt: Checkpoint, repo: Path, *, progress: bool = False,
+                   adapters: dict | None = None) -> dict[str, Any]:
+    """``adapters``: the served LoRA adapters and p-tuning tables (listing and hashes are recorded)."""
     engine = repo / f"{spec.name}_engine" / str(spec.version) / "weights"
     tokenizer = repo / f"{spec.name}_preprocessing" / str(spec.version) / "tokenizer"
+    hashes = {
+        "engine": hash_tree(engine, progress=progress, desc="hashing weights"),
+        "tokenizer": hash_tree(tokenizer),
+    }
+    if adapters:
+        hashes["adapters"] = hash_tree(engine.parent / "adapters")
     return {
         "format": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -69,10 +77,8 @@ def build_manifest(spec: RepoSpec, ckpt: Checkpoint, repo: Path, *, progress: bo
                     "end_ids": ckpt.end_ids,
                     "pad_id": ckpt.pad_id,
                 },
-                "hashes": {
-                    "engine": hash_tree(engine, progress=progress, desc="hashing weights"),
-                    "tokenizer": hash_tree(tokenizer),
-                },
+                "hashes": hashes,
+                **({"adapters": adapters} if adapters else {}),
             }
         },
     }

@@ -23,10 +23,12 @@ import tritonize
 from tritonize import backend as backend_pkg
 
 from . import interface as wire
+from .adapters import ADAPTERS_DIR, PreparedAdapters, prepare_adapters
 from .checkpoint import Checkpoint
 from .errors import RenderError
 from .manifest import MANIFEST, build_manifest
 from .spec import RepoSpec
+from .trtllm_build import ENGINE_DIR, link_tree, trtllm_engine_params
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 BACKEND_SRC = Path(backend_pkg.__file__).resolve().parent
@@ -66,8 +68,9 @@ class RenderedModel:
     model_py: str | None
 
 
-def render_models(spec: RepoSpec, ckpt: Checkpoint) -> list[RenderedModel]:
+def render_models(spec: RepoSpec, ckpt: Checkpoint, adapters: PreparedAdapters | None = None) -> list[RenderedModel]:
     """The config.pbtxt / model.py text of each model, in memory."""
+    adapters = adapters or PreparedAdapters()
     env = _environment()
     common = {"spec": spec, "version": tritonize.__version__}
     max_num_tokens = spec.max_num_tokens or spec.max_input_len
@@ -80,13 +83,19 @@ def render_models(spec: RepoSpec, ckpt: Checkpoint) -> list[RenderedModel]:
         "max_input_len": spec.max_input_len,
         "max_output_len": spec.max_output_len,
         "max_num_tokens": max_num_tokens,
+        "vocab_size": ckpt.args.vocab_size,
     }
+    if adapters:
+        engine_params["adapters_dir"] = ADAPTERS_DIR
+    engine_params.update(trtllm_engine_params(spec))
     tokenizer_params = {
         "tokenizer_dir": "tokenizer",
         "max_input_len": spec.max_input_len,
         "max_output_len": spec.max_output_len,
         "end_ids": json.dumps(ckpt.end_ids),
         "pad_id": ckpt.pad_id,
+        "vocab_size": ckpt.args.vocab_size,
+        "ptuning_tasks": json.dumps(adapters.task_sizes()),
     }
     instance_kind = "KIND_GPU" if spec.device == "cuda" else "KIND_CPU"
     models = {
@@ -97,7 +106,8 @@ def render_models(spec: RepoSpec, ckpt: Checkpoint) -> list[RenderedModel]:
         f"{spec.name}_engine": ("engine", {"inputs": wire.ENGINE_INPUTS, "outputs": wire.ENGINE_OUTPUTS,
                                            "params": engine_params, "instance_kind": instance_kind}),
         f"{spec.name}_postprocessing": ("postprocessing", {"inputs": wire.POST_INPUTS, "outputs": wire.POST_OUTPUTS,
-                                                           "params": {"tokenizer_dir": "tokenizer"}}),
+                                                           "params": {"tokenizer_dir": "tokenizer",
+                                                                      "engine_name": f"{spec.name}_engine"}}),
         f"{spec.name}_sync": ("sync", {"inputs": wire.ENSEMBLE_INPUTS, "outputs": wire.ENSEMBLE_OUTPUTS,
                                        "params": {"ensemble_name": spec.name}}),
     }
@@ -141,7 +151,8 @@ def model_folders(name: str) -> list[str]:
     return [f"{name}{suffix}" for suffix in (*VERSIONED_SUFFIXES, "_sync")] + [name]
 
 
-def _stage(spec: RepoSpec, ckpt: Checkpoint, rendered: list[RenderedModel], tmp: Path, progress: bool) -> dict:
+def _stage(spec: RepoSpec, ckpt: Checkpoint, rendered: list[RenderedModel], tmp: Path, progress: bool,
+           adapters: PreparedAdapters, engine_dir: Path | None = None) -> dict:
     """Writes every folder of ``spec.name`` (one version) under ``tmp``; returns its manifest entry."""
     for model in rendered:
         folder = tmp / model.folder
@@ -163,7 +174,11 @@ def _stage(spec: RepoSpec, ckpt: Checkpoint, rendered: list[RenderedModel], tmp:
         shutil.copy2(f, weights_dir / f.name)
     for f in tqdm(ckpt.weight_files, desc="weights", unit="file", disable=not progress):
         _link_or_copy(f, weights_dir / f.name)
-    return build_manifest(spec, ckpt, tmp, progress=progress)
+    if adapters:
+        adapters.write(weights_dir.parent, progress=progress)
+    if engine_dir is not None:  # trtllm-engine: the built TensorRT-LLM engine beside the weights
+        link_tree(engine_dir, weights_dir.parent / ENGINE_DIR)
+    return build_manifest(spec, ckpt, tmp, progress=progress, adapters=adapters.listing() if adapters else None)
 
 
 def read_manifest(repo: Path) -> dict | None:
@@ -268,7 +283,7 @@ def _move_in(spec: RepoSpec, tmp: Path, out: Path, trash: Path) -> None:
 
 
 def write_repository(spec: RepoSpec, ckpt: Checkpoint, output: str | Path, *, force: bool = False,
-                     progress: bool = True) -> Path:
+                     progress: bool = True, engine_dir: Path | None = None) -> Path:
     """Writes version ``spec.version`` of model ``spec.name`` at ``output``; returns the repository path.
 
     A new ``output`` gets a whole repository. An existing tritonize repository gains the model or the
@@ -286,14 +301,15 @@ def write_repository(spec: RepoSpec, ckpt: Checkpoint, output: str | Path, *, fo
             f"{out} already exists and is not a tritonize repository (no {MANIFEST}): pass --force to replace "
             f"it, or choose another --output"
         )
-    rendered = render_models(spec, ckpt)
+    adapters = prepare_adapters(spec, ckpt)
+    rendered = render_models(spec, ckpt, adapters)
     _check(rendered)
     if manifest is not None:
         _check_addition(spec, out, manifest, rendered, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        staged = _stage(spec, ckpt, rendered, tmp, progress)
+        staged = _stage(spec, ckpt, rendered, tmp, progress, adapters, engine_dir)
         entry = staged["models"][spec.name]
         if manifest is None:
             staged["models"][spec.name] = _merge_entry(None, spec.version, entry)

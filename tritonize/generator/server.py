@@ -42,6 +42,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .errors import TritonizeError
+from .launch import LaunchPlan, mpi_leader_command
 
 STUB_NAME = "triton_python_backend_stub"
 PYTHON_BACKEND_LIB = "libtriton_python.so"
@@ -507,6 +508,8 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         log_file: str | os.PathLike[str] | None = None,
         exit_timeout: int | None = None,
+        launch: LaunchPlan | None = None,
+        mpirun: str = "mpirun",
     ) -> None:
         if model_control_mode is not None and model_control_mode not in MODEL_CONTROL_MODES:
             raise ServerError(
@@ -524,6 +527,9 @@ class TritonServer:
         # requests and open client connections (an idle keep-alive client counts) before it gives up.
         self.exit_timeout = exit_timeout
         self._tritonserver_arg = tritonserver
+        # Several MPI ranks for a multi-GPU TensorRT-LLM engine (see launch.py); None or world size 1: one server.
+        self.launch = launch or LaunchPlan(1, "leader", ())
+        self.mpirun = mpirun
         self._backend_dir_arg = backend_dir
         self._log_file_arg = Path(log_file) if log_file is not None else None
         self.log_path: Path | None = self._log_file_arg
@@ -656,7 +662,8 @@ class TritonServer:
         ]
         # Config auto-completion stays on (no --disable-auto-complete-config), as on any stock server:
         # the generated configs must hold up under it; it costs ~1 s of startup per Python model.
-        if not _flag_backend_config(self.extra_args, "shm-region-prefix-name"):
+        per_rank = self.launch.needs_mpirun  # mpi_leader_command gives each rank its own prefix
+        if not per_rank and not _flag_backend_config(self.extra_args, "shm-region-prefix-name"):
             args.append(f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}")
         if self.exit_timeout is not None:
             args.append(f"--exit-timeout-secs={int(self.exit_timeout)}")
@@ -667,7 +674,19 @@ class TritonServer:
             if self.model_control_mode == "explicit" and _flag_value(self.extra_args, "--load-model") is None:
                 # Explicit mode loads nothing by itself; serve the whole repository, as the other modes do.
                 args.append("--load-model=*")
+        if per_rank:
+            return mpi_leader_command([*args, *self.extra_args], self.launch, self.shm_prefix, self.mpirun)
         return [*args, *self.extra_args]
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        """The command line start() would run and the environment it adds, without running anything."""
+        self._validate_repo()
+        self.binary = find_tritonserver(self._tritonserver_arg)
+        if self._backend_dir_arg is not None:
+            self.backend_dir = _check_backend_dir(Path(self._backend_dir_arg), "backend directory")
+        else:
+            self.backend_dir = prepare_backends(self.binary)
+        return self._command(), dict(self.launch.env)
 
     def _validate_repo(self) -> None:
         if not self.repo.is_dir():
@@ -693,6 +712,13 @@ class TritonServer:
         else:
             self.backend_dir = prepare_backends(self.binary)
         env = server_environment()
+        env.update(self.launch.env)
+        if self.launch.needs_mpirun and shutil.which(self.mpirun) is None:
+            raise ServerError(
+                f"{self.mpirun} is not on PATH: a {self.launch.world_size}-GPU engine runs one tritonserver per MPI "
+                "rank; install Open MPI (as in the Triton TensorRT-LLM container), or serve with "
+                "--multi-gpu-mode orchestrator"
+            )
         warning = _numpy_warning()
         if warning:
             warnings.warn(warning, RuntimeWarning, stacklevel=2)

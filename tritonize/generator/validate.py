@@ -39,6 +39,7 @@ class Report:
     repo: Path
     problems: list[Problem] = field(default_factory=list)
     models: dict[str, list[str]] = field(default_factory=dict)  # ensemble name -> versions
+    adapters: dict[str, dict] = field(default_factory=dict)  # "name/version" -> {"lora": ..., "ptuning": ...}
     configs: int = 0
 
     @property
@@ -47,7 +48,15 @@ class Report:
 
     def summary(self) -> str:
         listed = ", ".join(f"{name} (versions {', '.join(v)})" for name, v in sorted(self.models.items()))
-        return f"OK: {self.repo}: {self.configs} configs, {len(self.models)} model(s): {listed or 'none'}"
+        lines = [f"OK: {self.repo}: {self.configs} configs, {len(self.models)} model(s): {listed or 'none'}"]
+        for where, listing in sorted(self.adapters.items()):
+            for task, info in listing.get("lora", {}).items():
+                lines.append(f"  {where}: LoRA lora_task_id {task}: rank {info.get('rank')}, modules "
+                             f"{', '.join(info.get('modules') or [])} (from {info.get('source')})")
+            for task, info in listing.get("ptuning", {}).items():
+                lines.append(f"  {where}: p-tuning task_id {task}: {info.get('n_virtual')} virtual tokens "
+                             f"(from {info.get('source')})")
+        return "\n".join(lines)
 
 
 def _signature(t: model_config_pb2.ModelInput | model_config_pb2.ModelOutput) -> tuple[int, list[int]]:
@@ -166,6 +175,9 @@ def _version_problems(repo: Path, name: str, version: str, entry: dict, configs:
                                     REGENERATE))
     engine_dir = repo / f"{name}_engine" / version / "weights"
     problems += _hash_problems(repo, engine_dir, hashes.get("engine", {}), "weights")
+    adapters_dir = engine_dir.parent / "adapters"
+    if "adapters" in hashes or adapters_dir.exists():
+        problems += _hash_problems(repo, adapters_dir, hashes.get("adapters", {}), "adapters")
     for suffix in ("_preprocessing", "_postprocessing"):
         problems += _hash_problems(repo, repo / f"{name}{suffix}" / version / "tokenizer",
                                    hashes.get("tokenizer", {}), "tokenizer")
@@ -248,6 +260,8 @@ def validate_repository(repo: str | Path) -> Report:
         report.models[name] = sorted(versions, key=int)
         for version, fields in versions.items():
             report.problems += _version_problems(root, name, version, fields, configs)
+            if fields.get("adapters"):
+                report.adapters[f"{name}/{version}"] = fields["adapters"]
             report.problems += _limit_problems(name, fields.get("options", {}), configs)
     report.problems = list(dict.fromkeys(report.problems))
     return report

@@ -13,11 +13,11 @@ from typing import Any
 
 import click
 
-from ..deploy import DeployError, DeployPlan, carry_out, plan_deploy, refuse_unsupported
+from ..deploy import DeployError, DeployPlan, carry_out, plan_deploy, refuse_unsupported, trtllm_choices
 from ..errors import TritonizeError
 from ..export.canonical import MODEL_TYPES
 from ..export.errors import ExportError
-from ..spec import DEVICES, RepoSpec
+from ..spec import DEVICES, MULTI_GPU_MODES, RUNTIMES, RepoSpec
 from .serve import serve as serve_command
 
 _EPILOG = """\b
@@ -29,8 +29,10 @@ Examples:
 \b
 A repository whose tritonize.json records the same request is served without exporting again; one
 made with other options is an error naming the option (--force rebuilds). Options that only the
-TensorRT-LLM runtimes honour (parallelism, p-tuning, LoRA, FP8, TensorRT build switches) are refused
-by name.
+TensorRT-LLM runtimes honour (parallelism, FP8, TensorRT build switches) are refused by name on the
+torch runtime; --runtime trtllm takes parallelism and the FP8 KV cache, --runtime trtllm-engine exports
+a TRT-LLM checkpoint for the TP x PP given, builds it with trtllm-build and serves it on TP x PP GPUs:
+  tritonize deploy --nemo-checkpoint ./llama.nemo --runtime trtllm-engine --tensor-parallelism-size 2
 """
 
 
@@ -65,6 +67,12 @@ _FP8 = click.Choice(["auto", "true", "false"], case_sensitive=False)
 @_option("dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
          help="Weights and compute dtype (default: the checkpoint's weights, float32 compute on CPU).")
 @_option("device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@_option("runtime", type=click.Choice(RUNTIMES), default="torch", show_default=True,
+         help="Engine runtime: torch, trtllm (tensorrt_llm.LLM), trtllm-engine (trtllm-build + executor), auto.")
+@_option("kv-cache-free-gpu-memory-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+         help="TensorRT-LLM runtimes: share of free GPU memory for the KV cache (default 0.9).")
+@_option("multi-gpu-mode", type=click.Choice(MULTI_GPU_MODES), default="leader", show_default=True,
+         help="trtllm-engine on several GPUs: mpirun with one tritonserver per rank, or one orchestrator.")
 @_option("max-input-len", type=click.IntRange(min=1), default=256, show_default=True)
 @_option("max-output-len", type=click.IntRange(min=1), default=256, show_default=True)
 @_option("max-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
@@ -88,13 +96,14 @@ _FP8 = click.Choice(["auto", "true", "false"], case_sensitive=False)
 @click.option("--dry-run", is_flag=True, help="Print what would be done, and do nothing.")
 def deploy(nemo_checkpoint: Path | None, model_type: str | None, triton_model_name: str, triton_model_version: int,
            triton_port: int, grpc_port: int, metrics_port: int, triton_http_address: str,
-           triton_model_repository: Path | None, dtype: str | None, device: str, max_input_len: int,
+           triton_model_repository: Path | None, dtype: str | None, device: str, runtime: str,
+           kv_cache_free_gpu_memory_fraction: float | None, multi_gpu_mode: str, max_input_len: int,
            max_output_len: int, max_batch_size: int, max_num_tokens: int | None, tritonserver: Path | None,
            startup_timeout: float, force: bool, dry_run: bool, **unsupported: Any) -> None:
     """Export a checkpoint, generate its repository and serve it with tritonserver (NeMo's deploy_triton.py)."""
     temporary = None
     try:
-        refuse_unsupported(unsupported)
+        refuse_unsupported(unsupported, runtime=runtime)
         if triton_model_repository is None:
             if nemo_checkpoint is None:
                 raise DeployError("give --nemo-checkpoint to export, or --triton-model-repository to serve")
@@ -102,9 +111,14 @@ def deploy(nemo_checkpoint: Path | None, model_type: str | None, triton_model_na
             triton_model_repository = temporary / "repo"
         spec = RepoSpec(name=triton_model_name, version=triton_model_version, max_batch_size=max_batch_size,
                         max_input_len=max_input_len, max_output_len=max_output_len,
-                        max_num_tokens=max_num_tokens or 0, device=device, dtype=dtype or "auto")
+                        max_num_tokens=max_num_tokens or 0, device=device, dtype=dtype or "auto", runtime=runtime,
+                        kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction or 0.0,
+                        multi_gpu_mode=multi_gpu_mode)
+        choices = trtllm_choices(spec, unsupported, nemo_checkpoint)
         plan = plan_deploy(triton_model_repository, spec, source=nemo_checkpoint, model_type=model_type,
-                           export_dtype=dtype, force=force)
+                           export_dtype=dtype, force=force, trtllm=choices)
+        for note in plan.notes:
+            click.echo(note, err=True)
         if dry_run:
             click.echo(f"would {plan.describe()}")
             click.echo(f"would serve it: tritonize serve {plan.repository} --http-port {triton_port} "

@@ -6,15 +6,25 @@ from pathlib import Path
 
 import click
 
+from ..adapters import lora_pairs, ptuning_pairs, split_modules
 from ..checkpoint import inspect_checkpoint
 from ..errors import TritonizeError
 from ..render import write_repository
 from ..spec import DEVICES, DTYPES, RUNTIMES, RepoSpec, runtime_warning
+from .trtllm_options import apply_trtllm_options, trtllm_generate_options
 
 
-def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: bool, progress: bool = True) -> Path:
-    """Checks the checkpoint and the options against it, then writes the repository."""
+def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: bool, progress: bool = True,
+                     engine_dir: Path | None = None, build=None) -> Path:
+    """Checks the checkpoint and the options against it, then writes the repository.
+
+    For trtllm-engine, CHECKPOINT is a TRT-LLM checkpoint / engine (or the export holding one): see trtllm_build.
+    """
     spec.validate()
+    if spec.runtime == "trtllm-engine" and engine_dir is None:
+        from ..trtllm_build import write_engine_repository
+
+        return write_engine_repository(checkpoint, output, spec, force=force, progress=progress, build=build)
     ckpt = inspect_checkpoint(checkpoint)
     context = spec.max_input_len + spec.max_output_len
     if ckpt.args.positions == "learned" and context > ckpt.args.max_position_embeddings:
@@ -22,7 +32,7 @@ def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: b
             f"--max-input-len + --max-output-len = {context} exceeds the {ckpt.args.max_position_embeddings} "
             f"positions this {ckpt.architecture} has learned: lower them"
         )
-    return write_repository(spec, ckpt, output, force=force, progress=progress)
+    return write_repository(spec, ckpt, output, force=force, progress=progress, engine_dir=engine_dir)
 
 
 @click.command()
@@ -44,11 +54,28 @@ def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: b
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES),
               help="auto: bfloat16 on CUDA, float32 on CPU.")
 @click.option("--instance-count", default=1, show_default=True, type=int, help="Engine model instances.")
+@click.option("--lora-ckpt", "lora_ckpt", multiple=True, metavar="[ID=]PATH",
+              help="LoRA adapter to serve (PEFT dir, NeMo .nemo or NeMo 2 dir); repeat for several. Requests pick one "
+                   "with lora_task_id: ID, or the adapter's position (0, 1, ...).")
+@click.option("--lora-target-modules", multiple=True, metavar="MODULE",
+              help="Modules adapters may touch (attn_qkv attn_q attn_k attn_v attn_dense mlp_h_to_4h mlp_gate "
+                   "mlp_4h_to_h); an adapter with others is refused. Default: any.")
+@click.option("--max-lora-rank", default=0, show_default=True, type=int,
+              help="Largest adapter rank accepted (0: no limit).")
+@click.option("--ptuning-nemo-checkpoint", multiple=True, metavar="PATH",
+              help="NeMo p-tuning checkpoint (.nemo) or a [n, hidden] table (.safetensors/.npy); repeat for several.")
+@click.option("--task-ids", multiple=True, type=int, metavar="ID",
+              help="Task id of each --ptuning-nemo-checkpoint, in order (default 0, 1, ...); requests send task_id.")
+@click.option("--max-prompt-embedding-table-size", default=0, show_default=True, type=int,
+              help="Most virtual tokens over all p-tuning tasks (0: no limit).")
 @click.option("--force", is_flag=True,
               help="Replace this model version if --output holds it (or --output if it is not a tritonize repository).")
+@trtllm_generate_options
 def generate(checkpoint: Path, output: Path, model_name: str, model_version: int, max_batch_size: int,
              max_input_len: int, max_output_len: int, max_num_tokens: int, runtime: str, device: str, dtype: str,
-             instance_count: int, force: bool) -> None:
+             instance_count: int, lora_ckpt: tuple[str, ...], lora_target_modules: tuple[str, ...],
+             max_lora_rank: int, ptuning_nemo_checkpoint: tuple[str, ...], task_ids: tuple[int, ...],
+             max_prompt_embedding_table_size: int, force: bool, **trtllm) -> None:
     """Write a Triton model repository for a Hugging Face-format CHECKPOINT.
 
     \b
@@ -66,18 +93,27 @@ def generate(checkpoint: Path, output: Path, model_name: str, model_version: int
       tritonize generate --checkpoint ./tiny-llama --output ./repo --model-name tiny
       tritonize generate --checkpoint ./tiny-llama-v2 --output ./repo --model-name tiny --model-version 2
       tritonserver --model-repository ./repo        # or: tritonize serve ./repo
+      tritonize generate -c ./tiny-llama -o ./repo --lora-ckpt ./peft-a --lora-ckpt 7=./lora.nemo \\
+          --ptuning-nemo-checkpoint ./ptuning.nemo --task-ids 3
     """
-    spec = RepoSpec(
-        name=model_name, version=model_version, max_batch_size=max_batch_size, max_input_len=max_input_len,
-        max_output_len=max_output_len, max_num_tokens=max_num_tokens, runtime=runtime, device=device,
-        dtype=dtype, instance_count=instance_count,
-    )
+    try:
+        spec = RepoSpec(
+            name=model_name, version=model_version, max_batch_size=max_batch_size, max_input_len=max_input_len,
+            max_output_len=max_output_len, max_num_tokens=max_num_tokens, runtime=runtime, device=device,
+            dtype=dtype, instance_count=instance_count, lora=lora_pairs(lora_ckpt),
+            ptuning=ptuning_pairs(ptuning_nemo_checkpoint, task_ids), max_lora_rank=max_lora_rank,
+            lora_target_modules=split_modules(lora_target_modules),
+            max_prompt_embedding_table_size=max_prompt_embedding_table_size,
+        )
+        build = apply_trtllm_options(spec, trtllm)
+    except TritonizeError as e:
+        raise click.ClickException(str(e)) from None
     warning = runtime_warning(runtime)
     if warning:
         click.echo(warning, err=True)
     existed = (output / "tritonize.json").is_file()
     try:
-        out = build_repository(checkpoint, output, spec, force=force)
+        out = build_repository(checkpoint, output, spec, force=force, build=build)
     except TritonizeError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"added version {model_version} of {model_name} to {out}" if existed else f"wrote {out}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -9,6 +10,8 @@ from types import FrameType
 
 import click
 
+from ..errors import TritonizeError
+from ..launch import MULTI_GPU_MODES, LaunchPlan, repository_launch
 from ..server import MODEL_CONTROL_MODES, ServerError, TritonServer, model_names
 
 _EPILOG = """\b
@@ -21,6 +24,12 @@ Example:
 The tritonserver binary is --tritonserver, else $TRITONSERVER, else the one on PATH, else the one
 bundled in `pip install nvidia-pytriton==0.7.0`. Its Python models run on this Python environment.
 Ctrl-C or SIGTERM stops the server and its Python model processes, and exits 0.
+
+\b
+A trtllm-engine repository built for tensor x pipeline parallelism N > 1 is launched with one MPI rank
+per GPU, the world size read from the repository: `mpirun` with one tritonserver per rank (leader mode,
+rank 0 serves the ports), or one tritonserver whose executor spawns its workers (orchestrator mode,
+--multi-gpu-mode orchestrator or generate's choice). --dry-run prints the command line and exits.
 """
 
 
@@ -98,6 +107,13 @@ def _describe(server: TritonServer) -> str:
     metavar="ARG",
     help="Extra tritonserver argument, repeatable, e.g. --server-arg=--exit-timeout-secs=5.",
 )
+@click.option(
+    "--multi-gpu-mode",
+    type=click.Choice(MULTI_GPU_MODES),
+    default=None,
+    help="Launch of a multi-GPU trtllm-engine repository (default: what generate recorded).",
+)
+@click.option("--dry-run", is_flag=True, help="Print the command line(s) that would run, and exit.")
 def serve(
     repo: Path,
     http_port: int,
@@ -110,8 +126,16 @@ def serve(
     log_file: Path | None,
     startup_timeout: float,
     server_args: tuple[str, ...],
+    multi_gpu_mode: str | None = None,
+    dry_run: bool = False,
 ) -> None:
     """Serve the model repository REPO with tritonserver until Ctrl-C or SIGTERM."""
+    try:
+        launch = repository_launch(repo)
+    except TritonizeError as exc:
+        raise click.ClickException(str(exc)) from None
+    if multi_gpu_mode is not None and launch.world_size > 1:
+        launch = LaunchPlan(launch.world_size, multi_gpu_mode, launch.engine_models)
     server = TritonServer(
         repo,
         http_port=http_port,
@@ -123,7 +147,18 @@ def serve(
         model_control_mode=model_control_mode,
         log_file=log_file,
         extra_args=server_args,
+        launch=launch,
     )
+    if dry_run:
+        try:
+            command, env = server.command()
+        except ServerError as exc:
+            raise click.ClickException(str(exc)) from exc
+        prefix = " ".join(f"{key}={value}" for key, value in env.items())
+        click.echo((prefix + " " if prefix else "") + shlex.join(command))
+        return
+    if launch.world_size > 1:
+        click.echo(f"{launch.world_size} GPUs ({launch.mode} mode) for {', '.join(launch.engine_models)}", err=True)
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start(timeout=startup_timeout)
