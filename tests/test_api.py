@@ -40,17 +40,19 @@ def test_forward_matches_transformers(exported):
     assert len(set("".join(texts))) > 3, "the reference output is too uniform to tell a wrong model apart"
 
 
-def test_forward_refuses_adapters_and_bad_lengths(exported):
+def test_forward_refuses_unknown_adapters_and_bad_lengths(exported):
     exporter, _, _ = exported
-    with pytest.raises(DeployError, match="lora_uids needs the trtllm runtime or adapters support"):
-        exporter.forward(PROMPTS, lora_uids=["0"])
+    with pytest.raises(DeployError, match=r"lora_uids has '0', .*it serves: none: pass lora_ckpt_list"):
+        exporter.forward(PROMPTS, max_output_token=MAX_TOKENS, lora_uids=["0"])
+    with pytest.raises(DeployError, match="task_ids has 'qa', .*add_prompt_table"):
+        exporter.forward(PROMPTS, max_output_token=MAX_TOKENS, task_ids=["qa"])
     with pytest.raises(ValueError, match="max_output_token is 99"):
         exporter.forward(PROMPTS, max_output_token=99)
 
 
 @pytest.mark.parametrize("kwargs, flag", [
     ({"tensor_parallelism_size": 2}, "--tensor-parallelism-size"),
-    ({"lora_target_modules": ["attn_qkv"]}, "--lora-target-modules"),
+    ({"opt_num_tokens": 64}, "--opt-num-tokens"),
     ({"fp8_quantized": True}, "--export-fp8-quantized"),
     ({"paged_kv_cache": False}, "--no-paged-kv-cache"),
 ])

@@ -128,14 +128,10 @@ def test_a_new_version_is_built_beside_the_old(source, tmp_path):
     (["--tensor_parallelism_size", "2"], "--tensor-parallelism-size (--tensor_parallelism_size) above 1 needs"),
     (["--pipeline-parallelism-size", "2"], "--pipeline-parallelism-size (--pipeline_parallelism_size) above 1"),
     (["--opt_num_tokens", "128"], "--opt-num-tokens (--opt_num_tokens) needs --runtime trtllm-engine"),
-    (["--ptuning_nemo_checkpoint", "p.nemo"], "--ptuning-nemo-checkpoint (--ptuning_nemo_checkpoint) needs"),
-    (["--task_ids", "a"], "--task-ids (--task_ids) needs the trtllm runtime or adapters support"),
-    (["--max_prompt_embedding_table_size", "8"], "--max-prompt-embedding-table-size"),
-    (["--lora_ckpt", "l.nemo"], "--lora-ckpt (--lora_ckpt) needs the trtllm runtime or adapters support, "
-                                "not available in this build"),
-    (["--use_lora_plugin", "bfloat16"], "--use-lora-plugin (--use_lora_plugin)"),
-    (["--lora_target_modules", "attn_qkv"], "--lora-target-modules (--lora_target_modules)"),
-    (["--max_lora_rank", "8"], "--max-lora-rank (--max_lora_rank)"),
+    (["--task_ids", "3"], "--task-ids gives 1 id(s) for 0 --ptuning-nemo-checkpoint"),
+    (["--ptuning_nemo_checkpoint", "p.nemo", "--task_ids", "a"], "--task-ids 'a' is not a number"),
+    (["--runtime", "trtllm", "--ptuning_nemo_checkpoint", "p.nemo"],
+     "--ptuning-nemo-checkpoint (--ptuning_nemo_checkpoint) needs --runtime torch or trtllm-engine"),
     (["--no_paged_kv_cache"], "--no-paged-kv-cache (--no_paged_kv_cache)"),
     (["--disable_remove_input_padding"], "--disable-remove-input-padding"),
     (["--use_parallel_embedding"], "--use-parallel-embedding (--use_parallel_embedding)"),
@@ -166,3 +162,47 @@ def test_missing_inputs_are_one_line_errors(tmp_path):
     foreign = _deploy("--nemo_checkpoint", str(tmp_path / "src"), "--triton_model_repository",
                       str(tmp_path / "plain"), "--dry-run")
     assert foreign.exit_code != 0 and "is not a tritonize repository" in foreign.output
+
+
+def test_deploy_serves_adapters_and_a_changed_adapter_is_a_mismatch(source, tmp_path):
+    """The seed's adapter flags reach the repository: converted, listed in tritonize.json, and part of the
+    request a later deploy is compared with."""
+    import peft
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    from tritonize.generator.deploy import adapter_choices, carry_out, plan_deploy
+    from tritonize.generator.spec import RepoSpec
+
+    repo = tmp_path / "repo"
+    first = _deploy("--nemo_checkpoint", str(source.path), "--triton_model_repository", str(repo), *SEED_LIMITS,
+                    "--dry-run")
+    assert first.exit_code == 0, first.output
+    # the exported model's shapes, for an adapter and a table that fit it
+    spec = RepoSpec(name="model", max_input_len=32, max_output_len=16, max_batch_size=2)
+    carry_out(plan_deploy(repo, spec, source=source.path))
+    config = json.loads((repo / "model_engine" / "1" / "weights" / "config.json").read_text())
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    tuned = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    tuned.save_pretrained(tmp_path / "peft")
+    save_file({"table": torch.randn(3, config["hidden_size"])}, str(tmp_path / "task.safetensors"))
+
+    args = ["--nemo_checkpoint", str(source.path), "--triton_model_repository", str(repo), *SEED_LIMITS,
+            "--lora_ckpt", str(tmp_path / "peft"), "--use_lora_plugin", "bfloat16", "--max_lora_rank", "4",
+            "--ptuning_nemo_checkpoint", str(tmp_path / "task.safetensors"), "--task_ids", "5"]
+    changed = _deploy(*args, "--dry-run")
+    assert changed.exit_code != 0 and "made differently: --lora-ckpt" in changed.output, changed.output
+    assert "--use-lora-plugin bfloat16: a TensorRT build switch; the torch runtime serves LoRA adapters" in \
+        changed.output
+
+    options = {"lora_ckpt": (tmp_path / "peft",), "use_lora_plugin": "bfloat16", "max_lora_rank": 4,
+               "ptuning_nemo_checkpoint": (tmp_path / "task.safetensors",), "task_ids": ("5",)}
+    spec = RepoSpec(name="model", max_input_len=32, max_output_len=16, max_batch_size=2)
+    adapter_choices(spec, options)
+    carry_out(plan_deploy(repo, spec, source=source.path, force=True))
+    entry = json.loads((repo / "tritonize.json").read_text())["models"]["model"]
+    assert entry["adapters"]["lora"]["0"]["rank"] == 4 and entry["adapters"]["ptuning"]["5"]["n_virtual"] == 3
+    assert (repo / "model_engine" / "1" / "adapters" / "lora" / "0" / "adapter.safetensors").is_file()
+    same = _deploy(*args, "--dry-run")
+    assert same.exit_code == 0 and "matches the request" in same.output, same.output

@@ -491,7 +491,8 @@ def test_generate_refuses_options_the_runtime_cannot_honour(hf, tmp_path, args, 
     ("trtllm", {"no_paged_kv_cache": True}, "--no-paged-kv-cache (--no_paged_kv_cache) needs --runtime trtllm-engine"),
     ("trtllm", {"opt_num_tokens": 64}, "--opt-num-tokens (--opt_num_tokens) needs --runtime trtllm-engine"),
     ("trtllm", {"export_fp8_quantized": "true"}, "--export-fp8-quantized (--export_fp8_quantized) needs --runtime"),
-    ("trtllm-engine", {"lora_ckpt": ("l.nemo",)}, "--lora-ckpt (--lora_ckpt)"),
+    ("trtllm", {"ptuning_nemo_checkpoint": ("p.nemo",)},
+     "--ptuning-nemo-checkpoint (--ptuning_nemo_checkpoint) needs --runtime torch or trtllm-engine"),
 ])
 def test_deploy_refuses_by_name_per_runtime(runtime, options, refused):
     with pytest.raises(DeployError, match=refused.replace("(", r"\(").replace(")", r"\)")):

@@ -7,6 +7,7 @@ whatever the source was (PEFT, NeMo 1, NeMo 2, a plain table file).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,25 +83,37 @@ def prepare_adapters(spec: RepoSpec, ckpt: Checkpoint) -> PreparedAdapters:
     return prepared
 
 
-def lora_pairs(values: list[str] | tuple[str, ...]) -> list[tuple[int, str]]:
+def lora_pairs(values: Sequence[str | Path]) -> list[tuple[int, str]]:
     """``--lora-ckpt`` values: ``PATH`` (lora_task_id = its position, 0-based, as NeMo numbered them) or
     ``ID=PATH``."""
     pairs = []
     for position, value in enumerate(values):
-        task, sep, path = value.partition("=")
+        task, sep, path = str(value).partition("=")
         if sep and task.strip().isdigit():
-            pairs.append((int(task), path))
+            pairs.append((int(task), _absolute(path)))
         else:
-            pairs.append((position, value))
+            pairs.append((position, _absolute(value)))
     return pairs
 
 
-def ptuning_pairs(paths: list[str] | tuple[str, ...], task_ids: list[int] | tuple[int, ...]) -> list[tuple[int, str]]:
+def _absolute(path: str | Path) -> str:
+    """Sources are recorded absolute, so a later deploy from another directory compares equal."""
+    return str(Path(path).expanduser().resolve())
+
+
+def ptuning_pairs(paths: Sequence[str | Path], task_ids: Sequence[int | str]) -> list[tuple[int, str]]:
     """``--ptuning-nemo-checkpoint`` values with ``--task-ids`` (default 0, 1, ... in order)."""
     if task_ids and len(task_ids) != len(paths):
         raise AdapterError(f"--task-ids gives {len(task_ids)} id(s) for {len(paths)} --ptuning-nemo-checkpoint "
                            "value(s): give one id per checkpoint, or none")
-    return list(zip(task_ids or range(len(paths)), paths))
+    ids = []
+    for task in task_ids or range(len(paths)):
+        try:
+            ids.append(int(task))
+        except (TypeError, ValueError):
+            raise AdapterError(f"--task-ids {task!r} is not a number: task ids are integers on the wire (task_id "
+                               "is UINT64); pass 0, 1, ...") from None
+    return [(task, _absolute(path)) for task, path in zip(ids, paths)]
 
 
 def split_modules(values: list[str] | tuple[str, ...]) -> list[str]:

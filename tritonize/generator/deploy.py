@@ -29,7 +29,7 @@ from .trtllm_build import TRTLLM_DIR, BuildOptions, is_trtllm_checkpoint, link_t
 
 _NEEDS_TRTLLM = "needs --runtime trtllm or trtllm-engine"
 _ENGINE_ONLY = "needs --runtime trtllm-engine"
-_NEEDS_ADAPTERS = "needs the trtllm runtime or adapters support, not available in this build"
+_NEEDS_ADAPTERS = "is not served by this runtime"  # every runtime honours or refuses adapters by name
 
 # option (seed spelling) -> (value that means "not used", why the torch runtime cannot honour it)
 UNSUPPORTED: dict[str, tuple[Any, str]] = {
@@ -51,11 +51,18 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
 }
 # What each TensorRT-LLM runtime honours, and where: parallel sizes reach the export mapping, the LLM
 # args / executor and the launch; build switches reach trtllm-build; FP8 the KV cache config or the build.
+# Adapters: converted into the repository by generate (adapters.py) for every runtime; the torch runtime
+# serves LoRA and p-tuning, the LLM API LoRA only, trtllm-engine both (built with the LoRA plugin / a prompt
+# table). ``use_lora_plugin`` is a build switch: it reaches trtllm-build, and elsewhere only says "LoRA on".
+LORA_OPTIONS = frozenset({"lora_ckpt", "lora_target_modules", "max_lora_rank", "use_lora_plugin"})
+PTUNING_OPTIONS = frozenset({"ptuning_nemo_checkpoint", "task_ids", "max_prompt_embedding_table_size"})
 HONOURED: dict[str, frozenset[str]] = {
-    "trtllm": frozenset({"tensor_parallelism_size", "pipeline_parallelism_size", "use_fp8_kv_cache"}),
+    "torch": LORA_OPTIONS | PTUNING_OPTIONS,
+    "auto": LORA_OPTIONS | PTUNING_OPTIONS,
+    "trtllm": frozenset({"tensor_parallelism_size", "pipeline_parallelism_size", "use_fp8_kv_cache"}) | LORA_OPTIONS,
     "trtllm-engine": frozenset({"tensor_parallelism_size", "pipeline_parallelism_size", "opt_num_tokens",
                                 "no_paged_kv_cache", "disable_remove_input_padding", "use_parallel_embedding",
-                                "use_fp8_kv_cache", "export_fp8_quantized"}),
+                                "use_fp8_kv_cache", "export_fp8_quantized"}) | LORA_OPTIONS | PTUNING_OPTIONS,
 }
 REFUSED: dict[str, dict[str, str]] = {
     "trtllm": {
@@ -65,6 +72,8 @@ REFUSED: dict[str, dict[str, str]] = {
         "use_parallel_embedding": _ENGINE_ONLY + " (a TRT-LLM checkpoint layout; trtllm loads the HF export)",
         "export_fp8_quantized": _ENGINE_ONLY + " with an FP8 TRT-LLM checkpoint (.qnemo) as source (the trtllm "
                                 "runtime serves the Hugging Face export, dequantized)",
+        **{name: "needs --runtime torch or trtllm-engine (TensorRT-LLM's LLM API takes no prompt tables)"
+           for name in PTUNING_OPTIONS},
     },
 }
 # "auto" and "false" both mean: no FP8 on the torch runtime.
@@ -92,6 +101,11 @@ FLAGS = {
     "kv_cache_dtype": "--use-fp8-kv-cache",
     "multi_gpu_mode": "--multi-gpu-mode",
     "trtllm_build": "the TensorRT-LLM build options",
+    "lora": "--lora-ckpt",
+    "ptuning": "--ptuning-nemo-checkpoint / --task-ids",
+    "max_lora_rank": "--max-lora-rank",
+    "lora_target_modules": "--lora-target-modules",
+    "max_prompt_embedding_table_size": "--max-prompt-embedding-table-size",
 }
 
 
@@ -235,13 +249,35 @@ def trtllm_choices(spec: RepoSpec, options: Mapping[str, Any], source: Path | No
         max_num_tokens=spec.max_num_tokens or None, opt_num_tokens=options.get("opt_num_tokens") or None,
         paged_kv_cache=not options.get("no_paged_kv_cache"),
         remove_input_padding=not options.get("disable_remove_input_padding"),
-        fp8_kv_cache_request="true" if kv_on else "auto")
+        fp8_kv_cache_request="true" if kv_on else "auto",
+        lora_plugin=options.get("use_lora_plugin") or None)
     b = choices.build
     spec.extra = {**spec.extra, "trtllm_build": json.dumps(
         {"opt_num_tokens": b.opt_num_tokens, "paged_kv_cache": b.paged_kv_cache,
          "remove_input_padding": b.remove_input_padding, "parallel_embedding": choices.parallel_embedding,
          "fp8_weights": w_on, "fp8_kv_cache": kv_on}, sort_keys=True)}
     return choices
+
+
+def adapter_choices(spec: RepoSpec, options: Mapping[str, Any]) -> list[str]:
+    """Puts the seed's adapter options into ``spec`` (generate converts and checks them); returns notes."""
+    from .adapters import lora_pairs, ptuning_pairs, split_modules
+
+    spec.lora = lora_pairs(list(options.get("lora_ckpt") or ()))
+    spec.ptuning = ptuning_pairs(list(options.get("ptuning_nemo_checkpoint") or ()),
+                                 list(options.get("task_ids") or ()))
+    spec.lora_target_modules = split_modules(list(options.get("lora_target_modules") or ()))
+    spec.max_lora_rank = int(options.get("max_lora_rank") or 0)
+    spec.max_prompt_embedding_table_size = int(options.get("max_prompt_embedding_table_size") or 0)
+    notes = []
+    if options.get("use_lora_plugin") and spec.runtime != "trtllm-engine":
+        notes.append(f"--use-lora-plugin {options['use_lora_plugin']}: a TensorRT build switch; the "
+                     f"{spec.runtime} runtime serves LoRA adapters without it")
+    if spec.lora:
+        notes.append("LoRA adapters: " + ", ".join(f"lora_task_id {t} = {p}" for t, p in spec.lora))
+    if spec.ptuning:
+        notes.append("p-tuning tasks: " + ", ".join(f"task_id {t} = {p}" for t, p in spec.ptuning))
+    return notes
 
 
 def plan_deploy(repository: Path, spec: RepoSpec, *, source: Path | None, model_type: str | None = None,

@@ -7,6 +7,7 @@ unchecked: names are restricted to Triton's safe characters and numbers are numb
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -128,4 +129,6 @@ class RepoSpec:
             raise RenderError(f"{used[0]} needs --runtime trtllm or trtllm-engine, not {self.runtime}")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """As tritonize.json stores it (JSON types: the adapter pairs become lists), so stored and asked-for
+        options compare equal."""
+        return json.loads(json.dumps(asdict(self)))

@@ -13,7 +13,15 @@ from typing import Any
 
 import click
 
-from ..deploy import DeployError, DeployPlan, carry_out, plan_deploy, refuse_unsupported, trtllm_choices
+from ..deploy import (
+    DeployError,
+    DeployPlan,
+    adapter_choices,
+    carry_out,
+    plan_deploy,
+    refuse_unsupported,
+    trtllm_choices,
+)
 from ..errors import TritonizeError
 from ..export.canonical import MODEL_TYPES
 from ..export.errors import ExportError
@@ -114,6 +122,8 @@ def deploy(nemo_checkpoint: Path | None, model_type: str | None, triton_model_na
                         max_num_tokens=max_num_tokens or 0, device=device, dtype=dtype or "auto", runtime=runtime,
                         kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction or 0.0,
                         multi_gpu_mode=multi_gpu_mode)
+        for note in adapter_choices(spec, unsupported):
+            click.echo(note, err=True)
         choices = trtllm_choices(spec, unsupported, nemo_checkpoint)
         plan = plan_deploy(triton_model_repository, spec, source=nemo_checkpoint, model_type=model_type,
                            export_dtype=dtype, force=force, trtllm=choices)

@@ -119,4 +119,8 @@ def generate(checkpoint: Path, output: Path, model_name: str, model_version: int
     click.echo(f"added version {model_version} of {model_name} to {out}" if existed else f"wrote {out}")
     click.echo(f"  models: {model_name} (ensemble), {model_name}_preprocessing, {model_name}_engine, "
                f"{model_name}_postprocessing, {model_name}_sync")
+    for task, source in spec.lora:
+        click.echo(f"  LoRA:   lora_task_id {task} = {source}")
+    for task, source in spec.ptuning:
+        click.echo(f"  p-tuning: task_id {task} = {source}")
     click.echo(f"  serve:  tritonize serve {out}")
