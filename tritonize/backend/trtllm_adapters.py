@@ -73,17 +73,23 @@ class LoraAdapter:
         return None if a is None or b is None else (a, b)
 
 
+def _meta(path: Path, fmt: str, what: str) -> dict:
+    """The description file of a ``fmt`` v1 folder; AdapterError naming the folder otherwise."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path} is unreadable ({e}): convert the {what} again") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt or meta.get("format_version") != 1:
+        raise AdapterError(f"{path.parent} is not a {fmt} v1 {what}: convert it again")
+    return meta
+
+
 def read_lora(adapter_dir: str | Path) -> LoraAdapter:
     """A ``tritonize-lora`` v1 directory; raises AdapterError naming what is wrong."""
     from safetensors.torch import load_file
 
     root = Path(adapter_dir)
-    try:
-        meta = json.loads((root / "adapter.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"{root}/adapter.json is unreadable ({e}): convert the adapter again") from None
-    if meta.get("format") != "tritonize-lora" or meta.get("format_version") != 1:
-        raise AdapterError(f"{root} is not a tritonize-lora v1 adapter: convert the adapter again")
+    meta = _meta(root / "adapter.json", "tritonize-lora", "adapter")
     tensors = {k: v.float() for k, v in load_file(str(root / "adapter.safetensors")).items()}
     return LoraAdapter(root, int(meta["rank"]), int(meta["n_layers"]), list(meta["modules"]), tensors)
 
@@ -187,12 +193,7 @@ def read_ptuning_table(task_dir: str | Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
     root = Path(task_dir)
-    try:
-        meta = json.loads((root / "ptuning.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"{root}/ptuning.json is unreadable ({e}): convert the p-tuning table again") from None
-    if meta.get("format") != "tritonize-ptuning" or meta.get("format_version") != 1:
-        raise AdapterError(f"{root} is not a tritonize-ptuning v1 table: convert it again")
+    meta = _meta(root / "ptuning.json", "tritonize-ptuning", "p-tuning table")
     table = load_file(str(root / "table.safetensors"))["table"]
     if tuple(table.shape) != (int(meta["n_virtual"]), int(meta["hidden"])):
         raise AdapterError(f"{root}: the table is {tuple(table.shape)}, ptuning.json says "

@@ -61,24 +61,10 @@ def import_tensorrt_llm() -> Any:
         ) from None
 
 
-def to_trtllm_sampling(
-    sampling: SamplingParams,
-    max_new_tokens: int,
-    end_ids: Sequence[int] = (),
-    bad_sequences: Sequence[Sequence[int]] = (),
-    return_log_probs: bool = False,
-    pad_id: int | None = None,
-) -> dict[str, Any]:
-    """Keyword arguments of ``tensorrt_llm.SamplingParams`` for one tritonize request.
-
-    Only what was set is passed, so TensorRT-LLM's own defaults (greedy when no sampling knob is given)
-    apply to the rest. The first end id is ``end_id``; any others become ``stop_token_ids``, which
-    TensorRT-LLM also leaves out of the output. Stop sequences are not mapped: the engine matches them
-    itself to keep them in the output. Raises ValueError for what the LLM API cannot express.
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, not {max_new_tokens}")
-    kwargs: dict[str, Any] = {"max_tokens": int(max_new_tokens)}
+def sampling_knobs(sampling: SamplingParams) -> dict[str, Any]:
+    """The sampling arguments both TensorRT-LLM APIs name alike (LLM ``SamplingParams`` and executor
+    ``SamplingConfig``): only what was set, validated; raises ValueError."""
+    kwargs: dict[str, Any] = {}
     if sampling.temperature is not None:
         if sampling.temperature < 0:
             raise ValueError(f"temperature must be >= 0, not {sampling.temperature}")
@@ -101,6 +87,27 @@ def to_trtllm_sampling(
         kwargs["frequency_penalty"] = float(sampling.frequency_penalty)
     if sampling.min_tokens:
         kwargs["min_tokens"] = int(sampling.min_tokens)
+    return kwargs
+
+
+def to_trtllm_sampling(
+    sampling: SamplingParams,
+    max_new_tokens: int,
+    end_ids: Sequence[int] = (),
+    bad_sequences: Sequence[Sequence[int]] = (),
+    return_log_probs: bool = False,
+    pad_id: int | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of ``tensorrt_llm.SamplingParams`` for one tritonize request.
+
+    Only what was set is passed, so TensorRT-LLM's own defaults (greedy when no sampling knob is given)
+    apply to the rest. The first end id is ``end_id``; any others become ``stop_token_ids``, which
+    TensorRT-LLM also leaves out of the output. Stop sequences are not mapped: the engine matches them
+    itself to keep them in the output. Raises ValueError for what the LLM API cannot express.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, not {max_new_tokens}")
+    kwargs: dict[str, Any] = {"max_tokens": int(max_new_tokens), **sampling_knobs(sampling)}
     ends = [int(i) for i in end_ids if int(i) >= 0]
     if ends:
         kwargs["end_id"] = ends[0]

@@ -36,7 +36,7 @@ from typing import Any
 
 from .engine import GenerationRequest, SamplingParams, StepOutput, default_end_ids, generate_all
 from .trtllm_adapters import AdapterError, AdapterStore, lora_executor_tensors, read_lora, read_ptuning_table
-from .trtllm_engine import TrtllmNotInstalledError, import_tensorrt_llm
+from .trtllm_engine import TrtllmNotInstalledError, import_tensorrt_llm, sampling_knobs
 
 __all__ = [
     "ExecutorRequestPlan",
@@ -67,32 +67,10 @@ def import_executor() -> Any:
 
 def executor_sampling_kwargs(sampling: SamplingParams) -> dict[str, Any]:
     """Keyword arguments of ``executor.SamplingConfig``: beam width 1 and only what was set."""
-    kwargs: dict[str, Any] = {"beam_width": 1}
-    if sampling.temperature is not None:
-        if sampling.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, not {sampling.temperature}")
-        if sampling.temperature == 0:
-            kwargs["top_k"] = 1  # greedy, as in the torch runtime; the executor rejects temperature 0
-        else:
-            kwargs["temperature"] = float(sampling.temperature)
-    if sampling.top_k is not None and "top_k" not in kwargs:
-        if sampling.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, not {sampling.top_k}")
-        kwargs["top_k"] = int(sampling.top_k)
-    if sampling.top_p is not None:
-        if not 0.0 <= sampling.top_p <= 1.0:
-            raise ValueError(f"top_p must be in [0, 1], not {sampling.top_p}")
-        kwargs["top_p"] = float(sampling.top_p)
-    if sampling.seed is not None:
-        kwargs["seed"] = int(sampling.seed)
-    if sampling.repetition_penalty != 1.0:
-        kwargs["repetition_penalty"] = float(sampling.repetition_penalty)
-    if sampling.presence_penalty != 0.0:
-        kwargs["presence_penalty"] = float(sampling.presence_penalty)
-    if sampling.frequency_penalty != 0.0:
-        kwargs["frequency_penalty"] = float(sampling.frequency_penalty)
-    if sampling.min_tokens:
-        kwargs["min_tokens"] = int(sampling.min_tokens)
+    kwargs: dict[str, Any] = {"beam_width": 1, **sampling_knobs(sampling)}
+    if kwargs.get("temperature") == 0:
+        del kwargs["temperature"]
+        kwargs["top_k"] = 1  # greedy, as in the torch runtime; the executor rejects temperature 0
     return kwargs
 
 
