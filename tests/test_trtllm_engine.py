@@ -202,6 +202,16 @@ def test_engine_dir_is_linked_and_served_with_one_rank_per_gpu(export_tp2, tmp_p
     assert params["kv_cache_free_gpu_memory_fraction"] == "0.5" and params["multi_gpu_mode"] == "leader"
     assert (repo / "t_engine" / "1" / "tritonize_backend" / "trtllm_executor.py").is_file()
     assert repository_launch(repo) == LaunchPlan(2, "leader", ("t_engine",))
+    # the engine files are hashed in tritonize.json: validate notices one that changed after a copy
+    assert CliRunner().invoke(cli, ["validate", str(repo)]).exit_code == 0
+    target = copied / "rank1.engine"
+    original = target.read_bytes()
+    target.unlink()  # a hard link of the source engine: replace it rather than write through it
+    target.write_bytes(b"truncated")
+    damaged = CliRunner().invoke(cli, ["validate", str(repo)])
+    assert damaged.exit_code == 1 and "t_engine/1/engine/rank1.engine: sha256 differs" in damaged.output
+    target.unlink()
+    target.write_bytes(original)
 
     cmd = _serve_dry_run(repo)
     assert cmd[:2] == ["mpirun", "--allow-run-as-root"] and cmd.count(":") == 1

@@ -61,6 +61,8 @@ def build_manifest(spec: RepoSpec, ckpt: Checkpoint, repo: Path, *, progress: bo
     }
     if adapters:
         hashes["adapters"] = hash_tree(engine.parent / "adapters")
+    if (engine.parent / "engine").is_dir():  # trtllm-engine: the TensorRT-LLM engine beside the weights
+        hashes["trtllm_engine"] = hash_tree(engine.parent / "engine", progress=progress, desc="hashing engine")
     return {
         "format": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

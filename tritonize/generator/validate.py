@@ -178,6 +178,9 @@ def _version_problems(repo: Path, name: str, version: str, entry: dict, configs:
     adapters_dir = engine_dir.parent / "adapters"
     if "adapters" in hashes or adapters_dir.exists():
         problems += _hash_problems(repo, adapters_dir, hashes.get("adapters", {}), "adapters")
+    trtllm_dir = engine_dir.parent / "engine"
+    if "trtllm_engine" in hashes or trtllm_dir.exists():
+        problems += _hash_problems(repo, trtllm_dir, hashes.get("trtllm_engine", {}), "TensorRT-LLM engine")
     for suffix in ("_preprocessing", "_postprocessing"):
         problems += _hash_problems(repo, repo / f"{name}{suffix}" / version / "tokenizer",
                                    hashes.get("tokenizer", {}), "tokenizer")
