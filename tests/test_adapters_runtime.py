@@ -7,7 +7,6 @@ reference model gives on its own.
 from __future__ import annotations
 
 import copy
-import threading
 
 import peft
 import pytest
@@ -16,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from tests.fixtures.adapter_dirs import write_lora_from_peft, write_ptuning
 from tritonize.backend.adapters import AdapterError
-from tritonize.backend.engine import Engine, GenerationRequest, StepOutput
+from tritonize.backend.engine import Engine, GenerationRequest, StepOutput, submit_and_wait
 
 TIMEOUT = 30
 PROMPTS = [[1, 17, 42, 99, 7], [1, 250, 3], [1, 60, 61, 62, 63, 64, 65, 66], [1, 5, 5, 8, 200, 31]]
@@ -43,21 +42,9 @@ def _hf_greedy(model, prompt, n):
 
 def _run(engine: Engine, jobs: list[tuple[list[int], dict]], n: int) -> list[StepOutput]:
     """Submits every job at once (one batch) and waits for all."""
-    outs: list[StepOutput | None] = [None] * len(jobs)
-    done = [threading.Event() for _ in jobs]
-
-    def collect(i):
-        def on_output(out):
-            outs[i] = out
-            done[i].set()
-        return on_output
-
-    for i, (prompt, kw) in enumerate(jobs):
-        engine.submit(GenerationRequest(request_id=f"r{i}", prompt_ids=prompt, max_new_tokens=n,
-                                        on_output=collect(i), **kw))
-    for event in done:
-        assert event.wait(TIMEOUT)
-    return outs
+    requests = [GenerationRequest(request_id=f"r{i}", prompt_ids=prompt, max_new_tokens=n, **kw)
+                for i, (prompt, kw) in enumerate(jobs)]
+    return submit_and_wait(engine, requests, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")

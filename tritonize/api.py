@@ -304,7 +304,7 @@ class Exporter:
         if self._engine is None:
             raise DeployError(f"{self.model_dir} is not loaded: call export(...) first, or point model_dir at an "
                               "exported HF-format directory")
-        from .backend.engine import EngineError, GenerationRequest
+        from .backend.engine import EngineError, GenerationRequest, submit_and_wait
         from .backend.sampling import SamplingParams
         from .backend.tokenizer import STREAM_CONTEXT_TOKENS, detokenize_delta
 
@@ -333,7 +333,7 @@ class Exporter:
                                       stop_sequences=stops, bad_sequences=bads, lora_task_id=lora, task_id=task)
                      for i, (prompt, lora, task) in enumerate(zip(prompts, loras, tasks))]
         with self._lock:
-            outputs = _run_all(self._engine, requests)
+            outputs = submit_and_wait(self._engine, requests)
         for out in outputs:
             if out.finish_reason == "error":
                 raise EngineError(out.error or "generation failed")
@@ -383,26 +383,6 @@ def _per_prompt(name: str, values: Sequence[Any] | None, n: int) -> list[Any]:
     if len(values) != n:
         raise DeployError(f"{name} has {len(values)} entries for {n} prompts: give one per prompt, or one for all")
     return values
-
-
-def _run_all(engine: Any, requests: list[Any]) -> list[Any]:
-    """Submits every request at once (one running batch) and waits for each final output."""
-    engine.start()
-    outputs: list[Any] = [None] * len(requests)
-    done = [threading.Event() for _ in requests]
-
-    def collector(i: int):
-        def on_output(out: Any) -> None:
-            outputs[i] = out
-            done[i].set()
-        return on_output
-
-    for i, req in enumerate(requests):
-        req.on_output = collector(i)
-        engine.submit(req)
-    for event in done:
-        event.wait()
-    return outputs
 
 
 class Deployment:

@@ -43,6 +43,7 @@ __all__ = [
     "StepOutput",
     "resolve_device",
     "resolve_dtype",
+    "submit_and_wait",
 ]
 
 log = logging.getLogger(__name__)
@@ -602,6 +603,36 @@ def _ends_with(history: Sequence[int], suffix: Sequence[int]) -> bool:
     return 0 < n <= len(history) and list(history[-n:]) == list(suffix)
 
 
+def submit_and_wait(engine: Any, requests: Sequence[GenerationRequest], timeout: float | None = None) -> list[StepOutput]:
+    """Submits every request at once (one running batch) and returns each one's final output.
+
+    Each request's ``on_output`` is replaced by a collector. On timeout every request is cancelled and
+    TimeoutError raised. Written against the engine interface (start / submit / cancel), so every engine
+    class shares it.
+    """
+    engine.start()
+    outputs: list[StepOutput | None] = [None] * len(requests)
+    done = [threading.Event() for _ in requests]
+
+    def collector(i: int) -> Callable[[StepOutput], None]:
+        def on_output(out: StepOutput) -> None:
+            if out.finished:
+                outputs[i] = out
+                done[i].set()
+
+        return on_output
+
+    for i, req in enumerate(requests):
+        req.on_output = collector(i)
+        engine.submit(req)
+    for event in done:
+        if not event.wait(timeout):
+            for req in requests:
+                engine.cancel(req.request_id)
+            raise TimeoutError(f"generate did not finish within {timeout} s")
+    return [out for out in outputs if out is not None]
+
+
 def generate_all(
     engine: Any,
     prompts: Sequence[Sequence[int]],
@@ -612,46 +643,21 @@ def generate_all(
     bad_sequences: Sequence[Sequence[int]] = (),
     timeout: float | None = None,
 ) -> list[list[int]]:
-    """The blocking ``generate`` of every engine class: submit all prompts at once, wait for each.
-
-    Written against the engine interface (start / submit / cancel / default_end_ids) so the torch and
-    TensorRT-LLM engines share it.
-    """
-    engine.start()
-    outputs: list[StepOutput | None] = [None] * len(prompts)
-    done = [threading.Event() for _ in prompts]
-
-    def collector(i: int) -> Callable[[StepOutput], None]:
-        def on_output(out: StepOutput) -> None:
-            outputs[i] = out
-            done[i].set()
-
-        return on_output
-
-    ids = []
-    for i, prompt in enumerate(prompts):
-        request_id = f"generate-{secrets.token_hex(8)}-{i}"
-        ids.append(request_id)
-        engine.submit(
-            GenerationRequest(
-                request_id=request_id,
-                prompt_ids=list(prompt),
-                max_new_tokens=max_new_tokens,
-                sampling=sampling or SamplingParams(),
-                end_ids=list(engine.default_end_ids if end_ids is None else end_ids),
-                stop_sequences=[list(s) for s in stop_sequences],
-                bad_sequences=[list(s) for s in bad_sequences],
-                on_output=collector(i),
-            )
+    """The blocking ``generate`` of every engine class: the generated ids of each prompt."""
+    requests = [
+        GenerationRequest(
+            request_id=f"generate-{secrets.token_hex(8)}-{i}",
+            prompt_ids=list(prompt),
+            max_new_tokens=max_new_tokens,
+            sampling=sampling or SamplingParams(),
+            end_ids=list(engine.default_end_ids if end_ids is None else end_ids),
+            stop_sequences=[list(s) for s in stop_sequences],
+            bad_sequences=[list(s) for s in bad_sequences],
         )
-    for event in done:
-        if not event.wait(timeout):
-            for request_id in ids:
-                engine.cancel(request_id)
-            raise TimeoutError(f"generate did not finish within {timeout} s")
+        for i, prompt in enumerate(prompts)
+    ]
     results = []
-    for out in outputs:
-        assert out is not None
+    for out in submit_and_wait(engine, requests, timeout):
         if out.finish_reason == "error":
             raise EngineError(out.error or "generation failed")
         results.append(list(out.token_ids))
