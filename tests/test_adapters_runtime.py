@@ -215,3 +215,40 @@ def test_nemo_lora_fused_modules_equal_transformers_with_merged_weights(llama, t
     assert outs[0].token_ids == _hf_greedy(merged, PROMPTS[0], 10)
     assert outs[1].token_ids == _hf_greedy(merged, PROMPTS[3], 10)
     assert outs[0].token_ids != _hf_greedy(llama["base"], PROMPTS[0], 10)
+
+
+def test_request_tables_beside_tasks_in_one_batch(llama):
+    """tensorrtllm_backend's prompt_embedding_table: each request's own table, in its slot's rows, next to
+    task tables and LoRA in one batch; each equals transformers on inputs_embeds."""
+    n, vocab = 8, 256
+    torch.manual_seed(9)
+    own = [torch.randn(2, 64) * 0.1, torch.randn(4, 64) * 0.1]
+    with Engine(llama["path"], device="cpu", max_batch_size=4, max_seq_len=64, max_num_tokens=32,
+                adapters_dir=llama["adapters"], max_request_table_rows=4) as eng:
+        jobs = [([vocab, vocab + 1] + PROMPTS[0], {"prompt_table": own[0]}),
+                ([vocab + j for j in range(4)] + PROMPTS[1], {"prompt_table": own[1].numpy().astype("float16")}),
+                ([vocab + j for j in range(3)] + PROMPTS[2], {"task_id": 0}),
+                ([vocab, vocab + 1] + PROMPTS[3], {"prompt_table": own[0], "lora_task_id": 1})]
+        outs = _run(eng, jobs, n)
+        problems = _run(eng, [([vocab] * 5 + PROMPTS[0], {"prompt_table": torch.randn(5, 64)}),
+                              ([vocab] + PROMPTS[0], {"prompt_table": torch.randn(1, 32)}),
+                              ([vocab] + PROMPTS[0], {"prompt_table": own[0], "task_id": 0}),
+                              ([vocab + 2] + PROMPTS[0], {"prompt_table": own[0]})], 2)
+    half = own[1].half().float()  # the wire's table is float16
+    expected = [_hf_ptuned_greedy(llama["base"], own[0], PROMPTS[0], n),
+                _hf_ptuned_greedy(llama["base"], half, PROMPTS[1], n),
+                _hf_ptuned_greedy(llama["base"], llama["tables"][0], PROMPTS[2], n),
+                _hf_ptuned_greedy(llama["peft"][1], own[0], PROMPTS[3], n)]
+    assert [o.token_ids for o in outs] == expected
+    assert outs[0].token_ids != _hf_greedy(llama["base"], PROMPTS[0], n)
+    messages = [o.error for o in problems]
+    assert "has 5 rows, more than this model's --max-prompt-embedding-table-size of 4" in messages[0]
+    assert "prompt_embedding_table has shape (1, 32); send [1, n, 64]" in messages[1]
+    assert "send task_id or prompt_embedding_table, not both" in messages[2]
+    assert "plus the request's 2-row prompt table" in messages[3]
+
+
+def test_request_tables_need_reserved_rows(engine):
+    (out,) = _run(engine, [([256] + PROMPTS[0], {"prompt_table": torch.randn(1, 64)})], 2)
+    assert "takes no prompt_embedding_table in a request: regenerate the repository with " \
+           "--max-prompt-embedding-table-size" in out.error

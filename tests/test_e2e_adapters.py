@@ -60,21 +60,23 @@ def setup(tmp_path_factory):
     save_file({"table": table}, str(root / "task2.safetensors"))
     spec = RepoSpec(name="tuned", max_batch_size=8, max_input_len=40, max_output_len=N, device="cpu",
                     dtype="float32", lora=[(0, str(root / "peft-a")), (5, str(root / "peft-b"))],
-                    ptuning=[(2, str(root / "task2.safetensors"))], max_lora_rank=8)
+                    ptuning=[(2, str(root / "task2.safetensors"))], max_lora_rank=8,
+                    max_prompt_embedding_table_size=6)
     repo = build_repository(ckpt, root / "repo", spec, force=False, progress=False)
     sp = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
     return {"root": root, "ckpt": ckpt, "repo": repo, "models": models, "table": table, "sp": sp}
 
 
-def _expected(setup, prompt: str, lora: int | None, task: int | None) -> str:
+def _expected(setup, prompt: str, lora: int | None, task: int | None, table: torch.Tensor | None = None) -> str:
     sp, model = setup["sp"], setup["models"][lora]
+    table = setup["table"] if task is not None else table
     ids = [sp.bos_id(), *sp.encode(prompt)]
     new: list[int] = []
     with torch.no_grad():
         for _ in range(N):
             embeds = model.get_input_embeddings()(torch.tensor(ids + new))
-            if task is not None:
-                embeds = torch.cat([setup["table"], embeds])
+            if table is not None:
+                embeds = torch.cat([table, embeds])
             token = int(model(inputs_embeds=embeds[None]).logits[0, -1].argmax())
             if token == 2:
                 break
@@ -150,3 +152,35 @@ def test_cli_generate_with_adapters(setup, tmp_path):
         str(root / "task2.safetensors"), "--task-ids", "1", "--task-ids", "2"])
     assert result.exit_code == 1 and "--task-ids gives 2 id(s) for 1" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "repo2").exists()
+
+
+def test_a_request_sends_its_own_prompt_table(setup, triton_server):
+    """tensorrtllm_backend's prompt_embedding_table ([1, n, hidden] FP16) on the non-streaming door."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    server = triton_server(setup["repo"])
+    torch.manual_seed(11)
+    table = (torch.randn(3, 64) * 0.05).half()
+
+    def tensor(name, array, dtype):
+        t = grpcclient.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        return t
+
+    def ask(lora=None):
+        inputs = [tensor("text_input", np.array([[PROMPTS[1].encode()]], dtype=np.object_), "BYTES"),
+                  tensor("max_tokens", np.array([[N]], dtype=np.int32), "INT32"),
+                  tensor("exclude_input_in_output", np.array([[True]]), "BOOL"),
+                  tensor("prompt_embedding_table", table.numpy()[None], "FP16")]
+        if lora is not None:
+            inputs.append(tensor("lora_task_id", np.array([[lora]], dtype=np.uint64), "UINT64"))
+        with grpcclient.InferenceServerClient(server.grpc_endpoint) as client:
+            result = client.infer("tuned_sync", inputs)
+        return result.as_numpy("text_output").reshape(-1)[0].decode(), int(result.as_numpy("num_input_tokens")[0][0])
+
+    text, n_input = ask()
+    assert text == _expected(setup, PROMPTS[1], None, None, table.float())
+    assert n_input == 3 + 1 + len(setup["sp"].encode(PROMPTS[1]))
+    assert ask(lora=5)[0] == _expected(setup, PROMPTS[1], 5, None, table.float())
+    assert text != _expected(setup, PROMPTS[1], None, None)

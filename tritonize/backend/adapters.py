@@ -80,6 +80,9 @@ class AdapterSet:
     lora_info: dict[int, dict] = field(default_factory=dict)
     tasks: dict[int, tuple[int, int]] = field(default_factory=dict)
     table: torch.Tensor | None = None
+    # rows each cache slot holds for a table sent with the request (``prompt_embedding_table``); 0: none
+    request_rows: int = 0
+    request_base: int = 0  # where the slots' regions start in model.prompt_table
     _loras: list[_Lora] = field(default_factory=list)
 
     def __bool__(self) -> bool:
@@ -108,13 +111,22 @@ class AdapterSet:
         return self.tasks[task_id]
 
     # -- installing into model.py's Transformer --------------------------------------------------
-    def install(self, model: torch.nn.Module, num_slots: int) -> None:
-        """Attaches the stacked LoRA layers, the slot -> adapter table and the prompt table to ``model``."""
+    def install(self, model: torch.nn.Module, num_slots: int, request_rows: int = 0) -> None:
+        """Attaches the stacked LoRA layers, the slot -> adapter table and the prompt table to ``model``.
+
+        ``request_rows`` > 0 reserves that many prompt-table rows per cache slot for tables sent with a
+        request, after the tasks' rows: the tensor never moves, so a captured decode step stays valid.
+        """
         args: ModelArgs = model.args
         weight = model.tok_embeddings.weight
         dtype, device = weight.dtype, weight.device
-        if self.table is not None:
-            model.prompt_table = self.table.to(device=device, dtype=dtype)
+        self.request_rows = request_rows
+        self.request_base = 0 if self.table is None else self.table.shape[0]
+        if self.table is not None or request_rows:
+            rows = [self.table] if self.table is not None else []
+            if request_rows:
+                rows.append(torch.zeros(num_slots * request_rows, args.dim))
+            model.prompt_table = torch.cat(rows).to(device=device, dtype=dtype)
         if not self._loras:
             return
         mlp_keys = [k for lora in self._loras for k in lora.tensors if k.split(".")[2] in (*MLP_IN_MODULES, "down")]

@@ -86,7 +86,9 @@ class GenerationRequest:
     ``is_cancelled``: polled between steps (e.g. Triton's ``response_sender.is_cancelled``); True, or an
     exception, drops the request as if ``Engine.cancel`` had been called.
     ``lora_task_id``: the served LoRA adapter to use (None: the base model). ``task_id``: the p-tuning
-    task whose table the prompt's virtual tokens (ids ``vocab_size + j``) select; see adapters.py.
+    task whose table the prompt's virtual tokens (ids ``vocab_size + j``) select; ``prompt_table``: a
+    ``[n, hidden]`` table of this request's own instead (tensorrtllm_backend's prompt_embedding_table);
+    see adapters.py.
     """
 
     request_id: str
@@ -102,6 +104,7 @@ class GenerationRequest:
     is_cancelled: Callable[[], bool] | None = None
     lora_task_id: int | None = None
     task_id: int | None = None
+    prompt_table: Any = None  # torch.Tensor or numpy array [n, hidden]
 
 
 @dataclass(eq=False)
@@ -201,6 +204,7 @@ class Engine:
         cuda_graphs: bool | None = None,
         compile: bool | None = None,
         adapters_dir: str | Path | None = None,
+        max_request_table_rows: int = 0,
     ) -> None:
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
@@ -233,7 +237,7 @@ class Engine:
             self.model.setup_caches(max_batch_size=num_slots, max_seq_len=max_seq_len)
             # Before the step is compiled or captured: the LoRA layers are part of it.
             self.adapters = load_adapters(adapters_dir, self.model.args)
-            self.adapters.install(self.model, num_slots)
+            self.adapters.install(self.model, num_slots, request_rows=max_request_table_rows)
         self._decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
         # torch.compile fuses the step's many small kernels (norms, rotary, activations); the CUDA graph
         # then removes the launches. Batch size 1 compiles on its own (size-1 specialisation), the other
@@ -388,9 +392,15 @@ class Engine:
             virtual = self.adapters.task(req.task_id)[1] if req.task_id is not None else 0
         except ValueError as exc:
             return str(exc)
+        if req.prompt_table is not None:
+            problem = self._check_request_table(req)
+            if problem:
+                return problem
+            virtual = len(req.prompt_table)
         bad = [t for t in req.prompt_ids if not 0 <= int(t) < self.vocab_size + virtual]
         if bad:
-            task = f" plus task {req.task_id}'s {virtual} virtual tokens" if virtual else ""
+            task = f" plus task {req.task_id}'s {virtual} virtual tokens" if req.task_id is not None else ""
+            task = f" plus the request's {virtual}-row prompt table" if req.prompt_table is not None else task
             return f"prompt holds token ids outside the vocabulary [0, {self.vocab_size}){task}: {bad[:5]}"
         bad = [t for t in req.end_ids if not 0 <= int(t) < self.vocab_size]
         if bad:
@@ -398,6 +408,22 @@ class Engine:
         for what, seqs in (("stop_sequences", req.stop_sequences), ("bad_sequences", req.bad_sequences)):
             if any(len(s) == 0 for s in seqs):
                 return f"{what} holds an empty sequence"
+        return None
+
+    def _check_request_table(self, req: GenerationRequest) -> str | None:
+        rows = self.adapters.request_rows
+        shape = tuple(getattr(req.prompt_table, "shape", ()))
+        if req.task_id is not None:
+            return "send task_id or prompt_embedding_table, not both"
+        if not rows:
+            return ("this model takes no prompt_embedding_table in a request: regenerate the repository with "
+                    "--max-prompt-embedding-table-size N (rows per request), or serve the tables with "
+                    "--ptuning-nemo-checkpoint and send task_id")
+        if len(shape) != 2 or shape[1] != self.model.args.dim or shape[0] < 1:
+            return f"prompt_embedding_table has shape {shape}; send [1, n, {self.model.args.dim}] (n >= 1)"
+        if shape[0] > rows:
+            return (f"prompt_embedding_table has {shape[0]} rows, more than this model's "
+                    f"--max-prompt-embedding-table-size of {rows}: send fewer")
         return None
 
     # ---------------------------------------------------------------- scheduler thread
@@ -444,8 +470,14 @@ class Engine:
         slot = self._free_slots.pop()
         seed = req.sampling.seed if req.sampling.seed is not None else secrets.randbits(64)
         history = [int(t) for t in req.prompt_ids]
+        offset = None
         if req.task_id is not None:  # the task's virtual ids -> rows of the concatenated table
             offset = self.adapters.task(req.task_id)[0]
+        elif req.prompt_table is not None:  # the request's own table -> its slot's rows
+            offset = self.adapters.request_base + slot * self.adapters.request_rows
+            table = torch.as_tensor(req.prompt_table)
+            self.model.prompt_table[offset : offset + len(table)] = table.to(self.model.prompt_table)
+        if offset is not None:
             history = [t + offset if t >= self.vocab_size else t for t in history]
         if self.model.slot_adapter is not None:
             self.model.slot_adapter[slot] = self.adapters.lora_index(req.lora_task_id)

@@ -50,6 +50,9 @@ def create_engine(runtime: str, model_dir: str | Path, *, trtllm_options: dict[s
     among them only concern the trtllm-engine runtime and are dropped for the LLM API one.
     """
     trt = dict(trtllm_options or {})
+    if runtime != "torch":
+        # rows reserved per slot for request tables: the torch engine's; TensorRT-LLM sizes its own at build
+        options.pop("max_request_table_rows", None)
     if runtime == "trtllm-engine":
         from .trtllm_executor import TrtllmExecutorEngine
 

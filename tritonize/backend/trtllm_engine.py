@@ -323,6 +323,9 @@ class TrtllmEngine:
 
     def _lora_request(self, req: GenerationRequest) -> Any:
         """LoRARequest for the request's lora_task_id (None without one); task_id is refused by name."""
+        if getattr(req, "prompt_table", None) is not None:
+            raise AdapterError("prompt_embedding_table is not available on the trtllm runtime: TensorRT-LLM's LLM "
+                               "API takes no prompt tables; use --runtime torch or trtllm-engine")
         if getattr(req, "task_id", None) is not None:
             raise AdapterError("task_id (p-tuning) is not available on the trtllm runtime: TensorRT-LLM's LLM API "
                                "takes no prompt tables; use --runtime trtllm-engine or torch")

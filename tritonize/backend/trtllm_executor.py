@@ -87,7 +87,8 @@ class ExecutorRequestPlan:
 
 
 def plan_executor_request(req: GenerationRequest, *, end_ids: Sequence[int], pad_id: int | None, max_seq_len: int,
-                          vocab_size: int | None = None, n_virtual: int | None = None) -> ExecutorRequestPlan:
+                          vocab_size: int | None = None, n_virtual: int | None = None,
+                          request_table: bool = False) -> ExecutorRequestPlan:
     """The ``Request`` arguments for one tritonize request; ValueError for what cannot be served."""
     if req.max_new_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, not {req.max_new_tokens}")
@@ -97,7 +98,7 @@ def plan_executor_request(req: GenerationRequest, *, end_ids: Sequence[int], pad
         prompt = list(range(vocab_size, vocab_size + n_virtual)) + prompt  # the virtual tokens lead the prompt
     if not prompt:
         raise ValueError("the prompt is empty")
-    if vocab_size and task_id is None and any(i >= vocab_size for i in prompt):
+    if vocab_size and task_id is None and not request_table and any(i >= vocab_size for i in prompt):
         raise ValueError(f"the prompt has ids >= the vocabulary size {vocab_size} but no task_id: send task_id")
     if len(prompt) + req.max_new_tokens > max_seq_len:
         raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({req.max_new_tokens}) exceeds max_seq_len "
@@ -243,12 +244,19 @@ class TrtllmExecutorEngine:
             n_virtual = None
             task_id = getattr(req, "task_id", None)
             table = None
+            own = getattr(req, "prompt_table", None)
+            if task_id is not None and own is not None:
+                raise ValueError("send task_id or prompt_embedding_table, not both")
             if task_id is not None:
                 table = self._ptuning(int(task_id))
                 n_virtual = table.shape[0]
+            elif own is not None:  # the request's own table: PromptTuningConfig as tensorrtllm_backend sends it
+                import torch
+
+                table = torch.as_tensor(own)
             plan = plan_executor_request(req, end_ids=req.end_ids or self.default_end_ids, pad_id=self.pad_id,
                                          max_seq_len=self.max_seq_len, vocab_size=self.vocab_size,
-                                         n_virtual=n_virtual)
+                                         n_virtual=n_virtual, request_table=own is not None)
             request = self._request(plan, table)
         except (ValueError, TypeError) as e:  # AdapterError is a ValueError
             self._answer(req, StepOutput([], [], 0.0, True, "error", str(e), len(req.prompt_ids), 0))

@@ -71,8 +71,10 @@ ENSEMBLE_OUTPUTS: tuple[Tensor, ...] = (
 )
 
 # --- preprocessing: text in, token ids out ---------------------------------------------------------
-# task_id selects a p-tuning task, whose virtual tokens preprocessing puts before the prompt
-PRE_INPUTS: tuple[Tensor, ...] = TEXT_INPUTS + (_opt("task_id", "TYPE_UINT64"),)
+# task_id selects a p-tuning task, whose virtual tokens preprocessing puts before the prompt (as many as the
+# rows of prompt_embedding_table when a request sends its own table)
+PRE_INPUTS: tuple[Tensor, ...] = TEXT_INPUTS + (_opt("task_id", "TYPE_UINT64"),
+                                                 _opt("prompt_embedding_table", "TYPE_FP16", (-1, -1)))
 PRE_OUTPUTS: tuple[Tensor, ...] = (
     Tensor("input_ids", "TYPE_INT32", (-1,)),
     Tensor("input_lengths", "TYPE_INT32"),

@@ -67,7 +67,8 @@ def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: b
 @click.option("--task-ids", multiple=True, type=int, metavar="ID",
               help="Task id of each --ptuning-nemo-checkpoint, in order (default 0, 1, ...); requests send task_id.")
 @click.option("--max-prompt-embedding-table-size", default=0, show_default=True, type=int,
-              help="Most virtual tokens over all p-tuning tasks (0: no limit).")
+              help="Most virtual tokens over all p-tuning tasks, and most rows of a prompt_embedding_table "
+                   "sent with a request (0: tasks unlimited, request tables refused).")
 @click.option("--force", is_flag=True,
               help="Replace this model version if --output holds it (or --output if it is not a tritonize repository).")
 @trtllm_generate_options
