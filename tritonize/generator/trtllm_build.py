@@ -319,6 +319,9 @@ def resolve_build(opts: BuildOptions, source: TrtllmSource, spec: Any) -> BuildO
         opts.lora_target_modules = list(getattr(spec, "lora_target_modules", None) or
                                         (*_ALL_LORA_MODULES, *(("mlp_gate",) if arch in _GATED else ())))
         opts.max_lora_rank = int(getattr(spec, "max_lora_rank", 0) or opts.max_lora_rank)
+    if getattr(spec, "max_prompt_embedding_table_size", 0) and not opts.max_prompt_embedding_table_size:
+        # request tables (prompt_embedding_table) need the engine's prompt table too, tasks or not
+        opts.max_prompt_embedding_table_size = int(spec.max_prompt_embedding_table_size)
     if getattr(spec, "ptuning", None) and not opts.max_prompt_embedding_table_size:
         size = int(getattr(spec, "max_prompt_embedding_table_size", 0) or 0)
         if not size:
