@@ -44,14 +44,14 @@ def tuned(tmp_path_factory):
 
     exporter = Exporter(work / "model_dir", lora_ckpt_list=[work / "peft-lora"])
     exporter.export(nemo_checkpoint_path=source.path, model_type="llama", dtype="float32", max_lora_rank=8,
-                    use_lora_plugin="float32", **LIMITS)
+                    use_lora_plugin="float32", max_prompt_embedding_table_size=4, **LIMITS)
     task_id = exporter.add_prompt_table("summarize", work / "task.safetensors")
     yield {"exporter": exporter, "source": source, "work": work, "models": {None: source.model, 0: lora},
            "table": table, "task_id": task_id}
     exporter.close()
 
 
-def _reference(setup, prompt: str, lora: int | None, task: bool) -> str:
+def _reference(setup, prompt: str, lora: int | None, task: bool, table: torch.Tensor | None = None) -> str:
     """Greedy continuation by transformers (+ peft), the task's table before the prompt's embeddings."""
     source, model = setup["source"], setup["models"][lora]
     tok = Tokenizer.from_file(str(source.tokenizer_dir / "tokenizer.json"))
@@ -60,8 +60,8 @@ def _reference(setup, prompt: str, lora: int | None, task: bool) -> str:
     with torch.no_grad():
         for _ in range(N):
             embeds = model.get_input_embeddings()(torch.tensor(ids + new))
-            if task:
-                embeds = torch.cat([setup["table"], embeds])
+            if task or table is not None:
+                embeds = torch.cat([setup["table"] if table is None else table, embeds])
             token = int(model(inputs_embeds=embeds[None]).logits[0, -1].argmax())
             if token == eos:
                 break
@@ -94,8 +94,12 @@ def test_unknown_adapters_and_per_call_tables_are_clear_errors(tuned):
         exporter.forward(PROMPTS, max_output_token=N, task_ids=["translate"])
     with pytest.raises(DeployError, match="lora_uids has 3 entries for 2 prompts"):
         exporter.forward(PROMPTS, max_output_token=N, lora_uids=["0", "0", "0"])
-    with pytest.raises(DeployError, match=r"forward\(prompt_embeddings_table=...\) is not supported.*add_prompt_table"):
-        exporter.forward(PROMPTS, task_ids=["summarize"], prompt_embeddings_table=np.zeros((2, 64), np.float32))
+    with pytest.raises(DeployError, match="give task_ids or a per-call prompt table, not both"):
+        exporter.forward(PROMPTS, max_output_token=N, task_ids=["summarize"],
+                         prompt_embeddings_table=np.zeros((2, 64), np.float32))
+    with pytest.raises(DeployError, match=r"the prompt table has shape \(5, 64\): give \[n, 64\] with 1 <= n <= "
+                                          r"max_prompt_embedding_table_size \(4\)"):
+        exporter.forward(PROMPTS, max_output_token=N, prompt_embeddings_table=np.zeros((5, 64), np.float32))
     with pytest.raises(DeployError, match="task 'summarize' is already added"):
         exporter.add_prompt_table("summarize", tuned["work"] / "task.safetensors")
     with pytest.raises(TypeError, match="'lora_ckpt'.*lora_ckpt_list"):
@@ -133,3 +137,15 @@ def test_deployment_serves_the_exporters_adapters(tuned):
     adapters = work / "repo" / "tuned_engine" / "1" / "adapters"
     assert [p.name for p in (adapters / "lora").iterdir()] == ["0"]
     assert [p.name for p in (adapters / "ptuning").iterdir()] == ["0"]
+
+
+def test_a_per_call_prompt_table_applies_to_every_prompt(tuned):
+    """NeMo's forward(prompt_embeddings_table=...) / (prompt_embeddings_checkpoint_path=...)."""
+    table = torch.randn(2, 64, generator=torch.Generator().manual_seed(8)) * 0.3
+    expected = [_reference(tuned, p, None, False, table) for p in PROMPTS]
+    assert tuned["exporter"].forward(PROMPTS, max_output_token=N, prompt_embeddings_table=table.numpy()) == expected
+    save_file({"table": table}, str(tuned["work"] / "call.safetensors"))
+    assert tuned["exporter"].forward(PROMPTS, max_output_token=N, lora_uids=["0"],
+                                     prompt_embeddings_checkpoint_path=tuned["work"] / "call.safetensors") == \
+        [_reference(tuned, p, 0, False, table) for p in PROMPTS]
+    assert expected != [_reference(tuned, p, None, False) for p in PROMPTS]

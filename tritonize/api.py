@@ -278,7 +278,8 @@ class Exporter:
                               max_batch_size=self.max_batch_size,
                               max_seq_len=self.max_input_len + self.max_output_len,
                               max_num_tokens=self.max_num_tokens or self.max_input_len,
-                              adapters_dir=adapters if adapters.is_dir() else None)
+                              adapters_dir=adapters if adapters.is_dir() else None,
+                              max_request_table_rows=self.adapters.max_prompt_embedding_table_size)
 
     # -- generation ----------------------------------------------------------------------------
     def forward(self, input_texts: Sequence[str], max_output_token: int = 64, top_k: int = 1, top_p: float = 0.0,
@@ -295,12 +296,6 @@ class Exporter:
         index in lora_ckpt_list, as a string) hold one entry per prompt, or one for all; "-1" or None
         means none for that prompt.
         """
-        for name, value in (("prompt_embeddings_table", prompt_embeddings_table),
-                            ("prompt_embeddings_checkpoint_path", prompt_embeddings_checkpoint_path)):
-            if value is not None:
-                raise DeployError(f"forward({name}=...) is not supported: the torch runtime builds its prompt "
-                                  "tables at load time; add the table once with add_prompt_table(task_name, path) "
-                                  "and pass task_ids=[task_name]")
         if self._engine is None:
             raise DeployError(f"{self.model_dir} is not loaded: call export(...) first, or point model_dir at an "
                               "exported HF-format directory")
@@ -312,11 +307,14 @@ class Exporter:
             raise ValueError(f"max_output_token is {max_output_token}: ask for 1 to {self.max_output_len} tokens")
         loras = [self._lora_task(uid) for uid in _per_prompt("lora_uids", lora_uids, len(input_texts))]
         tasks = [self._task(t) for t in _per_prompt("task_ids", task_ids, len(input_texts))]
+        table = self._call_table(prompt_embeddings_table, prompt_embeddings_checkpoint_path, tasks)
         texts = [self._tokenizer.encode(text) for text in input_texts]
         prompts = []
         for text, ids, task in zip(input_texts, texts, tasks):
             # The preprocessing model's layout: the task's virtual ids vocab_size + j, then the prompt.
             n_virtual = self._engine.adapters.tasks[task][1] if task is not None else 0
+            if table is not None:
+                n_virtual = len(table)
             prompt = [self._engine.vocab_size + j for j in range(n_virtual)] + ids
             if len(prompt) > self.max_input_len:
                 virtual = f" (with its task's {n_virtual} virtual tokens)" if n_virtual else ""
@@ -330,7 +328,8 @@ class Exporter:
         bads = [encode(w, add_special_tokens=False) for w in bad_words_list or ()]
         requests = [GenerationRequest(request_id=f"forward-{secrets.token_hex(8)}-{i}", prompt_ids=prompt,
                                       max_new_tokens=max_output_token, sampling=sampling, end_ids=self._end_ids,
-                                      stop_sequences=stops, bad_sequences=bads, lora_task_id=lora, task_id=task)
+                                      stop_sequences=stops, bad_sequences=bads, lora_task_id=lora, task_id=task,
+                                      prompt_table=table)
                      for i, (prompt, lora, task) in enumerate(zip(prompts, loras, tasks))]
         with self._lock:
             outputs = submit_and_wait(self._engine, requests)
@@ -340,6 +339,31 @@ class Exporter:
         # The served engine's detokenizer prefix: the prompt's last real tokens (virtual ids left out).
         return [detokenize_delta(self._tokenizer, ids[-STREAM_CONTEXT_TOKENS:], list(out.token_ids), True)
                 for ids, out in zip(texts, outputs)]
+
+    def _call_table(self, table: Any, path: str | Path | None, tasks: list[int | None]) -> Any:
+        """NeMo's per-call prompt table: one [n, hidden] table for every prompt of this forward call."""
+        if table is None and path is None:
+            return None
+        if table is not None and path is not None:
+            raise DeployError("give prompt_embeddings_table or prompt_embeddings_checkpoint_path, not both")
+        if any(t is not None for t in tasks):
+            raise DeployError("give task_ids or a per-call prompt table, not both")
+        rows = self.adapters.max_prompt_embedding_table_size
+        if not rows:
+            raise DeployError("a per-call prompt table needs export(..., max_prompt_embedding_table_size=N): the "
+                              "engine reserves N rows per request for it")
+        import torch
+
+        from .generator.export.adapters import read_ptuning
+
+        hidden = self._engine.model.args.dim
+        tensor = read_ptuning(Path(path), hidden).table if path is not None else torch.as_tensor(table)
+        if tensor.dim() == 3 and tensor.shape[0] == 1:
+            tensor = tensor[0]
+        if tensor.dim() != 2 or tensor.shape[1] != hidden or not 0 < tensor.shape[0] <= rows:
+            raise DeployError(f"the prompt table has shape {tuple(tensor.shape)}: give [n, {hidden}] with "
+                              f"1 <= n <= max_prompt_embedding_table_size ({rows})")
+        return tensor.float()
 
     def _lora_task(self, uid: str | int | None) -> int | None:
         if uid is None or str(uid).strip().lower() in _NO_ADAPTER:
