@@ -41,7 +41,7 @@ from tritonize.backend.trtllm_executor import (
 from tritonize.generator.cli import cli
 from tritonize.generator.client import GenerateOptions, grpc_inputs
 from tritonize.generator.demo_model import write_demo_checkpoint
-from tritonize.generator.deploy import DeployError, refuse_unsupported
+from tritonize.generator.deploy import HONOURED, DeployError, refuse_unsupported
 from tritonize.generator.export import export_checkpoint
 from tritonize.generator.fp8 import detect_fp8
 from tritonize.generator.launch import LaunchPlan, mpi_leader_command, repository_launch
@@ -509,11 +509,20 @@ def test_deploy_refuses_by_name_per_runtime(runtime, options, refused):
         refuse_unsupported(options, runtime=runtime)
 
 
-def test_deploy_accepts_what_each_trtllm_runtime_honours():
-    refuse_unsupported({"tensor_parallelism_size": 2, "pipeline_parallelism_size": 2, "use_fp8_kv_cache": "true",
-                        "export_fp8_quantized": "auto"}, runtime="trtllm")
-    refuse_unsupported({"tensor_parallelism_size": 2, "opt_num_tokens": 64, "no_paged_kv_cache": True,
-                        "disable_remove_input_padding": True, "use_parallel_embedding": True}, runtime="trtllm-engine")
+@pytest.mark.parametrize("runtime, options", [
+    ("trtllm", {"tensor_parallelism_size": 2, "pipeline_parallelism_size": 2, "use_fp8_kv_cache": "true",
+                "lora_ckpt": ("l",), "max_lora_rank": 8}),
+    ("trtllm-engine", {"tensor_parallelism_size": 2, "opt_num_tokens": 64, "no_paged_kv_cache": True,
+                       "disable_remove_input_padding": True, "use_parallel_embedding": True,
+                       "use_lora_plugin": "float16", "ptuning_nemo_checkpoint": ("p",)}),
+    ("torch", {"lora_ckpt": ("l",), "ptuning_nemo_checkpoint": ("p",), "task_ids": ("0",), "use_lora_plugin": "auto"}),
+])
+def test_deploy_accepts_what_each_runtime_honours(runtime, options):
+    assert set(options) <= HONOURED[runtime]
+    try:
+        refuse_unsupported(options, runtime=runtime)
+    except DeployError as e:
+        pytest.fail(f"{runtime} refused an option it honours: {e}")
 
 
 def test_deploy_dry_run_prints_fp8_detection(hf, tmp_path):
