@@ -33,10 +33,7 @@ __all__ = ["AdapterError", "AdapterSet", "LoRA", "load_adapters"]
 
 LORA_FORMAT = "tritonize-lora"
 PTUNING_FORMAT = "tritonize-ptuning"
-# canonical module -> (fused linear of model.py, which rows of its output it adapts)
-ATTN_MODULES = ("q", "k", "v", "qkv")
-MLP_IN_MODULES = ("gate", "up", "gate_up")
-ALL_MODULES = (*ATTN_MODULES, "o", *MLP_IN_MODULES, "down")
+MLP_IN_MODULES = ("gate", "up", "gate_up")  # the canonical modules that adapt model.py's w1
 
 
 class AdapterError(ValueError):
@@ -77,22 +74,12 @@ class AdapterSet:
     """What a model serves: LoRA task id -> stacked index, p-tuning task id -> (offset, count)."""
 
     lora: dict[int, int] = field(default_factory=dict)
-    lora_info: dict[int, dict] = field(default_factory=dict)
     tasks: dict[int, tuple[int, int]] = field(default_factory=dict)
     table: torch.Tensor | None = None
     # rows each cache slot holds for a table sent with the request (``prompt_embedding_table``); 0: none
     request_rows: int = 0
     request_base: int = 0  # where the slots' regions start in model.prompt_table
     _loras: list[_Lora] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.lora or self.tasks)
-
-    def describe(self) -> dict:
-        return {
-            "lora": {str(t): self.lora_info[t] for t in sorted(self.lora)},
-            "ptuning": {str(t): {"n_virtual": n} for t, (_, n) in sorted(self.tasks.items())},
-        }
 
     def lora_index(self, lora_task_id: int | None) -> int:
         if lora_task_id is None:
@@ -244,7 +231,6 @@ def load_adapters(adapters_dir: str | Path | None, args: ModelArgs) -> AdapterSe
         lora = _read_lora(path, int(path.name), args)
         found._loras.append(lora)
         found.lora[lora.task_id] = index
-        found.lora_info[lora.task_id] = {k: lora.meta.get(k) for k in ("rank", "modules", "source")}
     tables, offset = [], 0
     task_dirs = sorted((p for p in (root / "ptuning").glob("*") if p.is_dir()), key=lambda p: int(p.name)) \
         if (root / "ptuning").is_dir() else []
