@@ -171,10 +171,24 @@ def _rope(cfg: dict[str, Any], arch: str, head_dim: int, default_theta: float = 
     return out
 
 
+def _hf_shape(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The shape fields of the families whose config.json uses transformers' standard names."""
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    return {
+        "architecture": arch,
+        "vocab_size": cfg["vocab_size"],
+        "dim": dim,
+        "n_layers": cfg["num_hidden_layers"],
+        "n_heads": n_heads,
+        "n_kv_heads": cfg.get("num_key_value_heads") or n_heads,
+        "head_dim": _head_dim(cfg, dim, n_heads),
+        "intermediate_size": cfg["intermediate_size"],
+    }
+
+
 def _llama_like(cfg: dict[str, Any], arch: str) -> ModelArgs:
     """Llama, Mistral, Mixtral and Gemma: RMSNorm, rotary, gated MLP (or MoE)."""
-    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    head_dim = _head_dim(cfg, dim, n_heads)
+    shape = _hf_shape(cfg, arch)
     gemma = arch == "GemmaForCausalLM"
     act = cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"
     if gemma:
@@ -184,14 +198,7 @@ def _llama_like(cfg: dict[str, Any], arch: str) -> ModelArgs:
     mixtral = arch == "MixtralForCausalLM"
     attention_bias = bool(cfg.get("attention_bias", False))
     return ModelArgs(
-        architecture=arch,
-        vocab_size=cfg["vocab_size"],
-        dim=dim,
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        head_dim=head_dim,
-        intermediate_size=cfg["intermediate_size"],
+        **shape,
         norm="rms",
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         norm_offset=1.0 if gemma else 0.0,
@@ -204,26 +211,18 @@ def _llama_like(cfg: dict[str, Any], arch: str) -> ModelArgs:
         num_experts=cfg.get("num_local_experts", 0) if mixtral else 0,
         num_experts_per_tok=cfg.get("num_experts_per_tok", 2) if mixtral else 0,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
-        embedding_scale=math.sqrt(dim) if gemma else 1.0,
+        embedding_scale=math.sqrt(shape["dim"]) if gemma else 1.0,
         dtype=_dtype(cfg),
-        **_rope(cfg, arch, head_dim, default_theta=1e6 if mixtral else 10000.0),
+        **_rope(cfg, arch, shape["head_dim"], default_theta=1e6 if mixtral else 10000.0),
     )
 
 
 def _nemotron(cfg: dict[str, Any], arch: str) -> ModelArgs:
     """Nemotron (NeMo gptnext): layernorm1p, partial rotary, squared-ReLU non-gated MLP."""
-    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    head_dim = _head_dim(cfg, dim, n_heads)
+    shape = _hf_shape(cfg, arch)
     attention_bias = bool(cfg.get("attention_bias", False))
     return ModelArgs(
-        architecture=arch,
-        vocab_size=cfg["vocab_size"],
-        dim=dim,
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        head_dim=head_dim,
-        intermediate_size=cfg["intermediate_size"],
+        **shape,
         norm="layer",
         norm_eps=float(cfg.get("norm_eps", 1e-5)),
         norm_offset=1.0,
@@ -236,24 +235,16 @@ def _nemotron(cfg: dict[str, Any], arch: str) -> ModelArgs:
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         dtype=_dtype(cfg),
-        **_rope(cfg, arch, head_dim, default_partial=0.5),
+        **_rope(cfg, arch, shape["head_dim"], default_partial=0.5),
     )
 
 
 def _starcoder2(cfg: dict[str, Any], arch: str) -> ModelArgs:
     """StarCoder 2: LayerNorm with bias, rotary, biases everywhere, plain GeLU MLP."""
-    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    head_dim = _head_dim(cfg, dim, n_heads)
+    shape = _hf_shape(cfg, arch)
     bias = bool(cfg.get("use_bias", True))
     return ModelArgs(
-        architecture=arch,
-        vocab_size=cfg["vocab_size"],
-        dim=dim,
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        head_dim=head_dim,
-        intermediate_size=cfg["intermediate_size"],
+        **shape,
         norm="layer",
         norm_eps=float(cfg.get("norm_epsilon", 1e-5)),
         norm_bias=True,
@@ -266,7 +257,7 @@ def _starcoder2(cfg: dict[str, Any], arch: str) -> ModelArgs:
         sliding_window=cfg.get("sliding_window"),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         dtype=_dtype(cfg),
-        **_rope(cfg, arch, head_dim),
+        **_rope(cfg, arch, shape["head_dim"]),
     )
 
 

@@ -115,7 +115,43 @@ def _check_type(model_type: str) -> str:
     return mt
 
 
-def _finish(cfg: dict[str, Any], **facts: Any) -> MegatronConfig:
+def _check_common(c: dict[str, Any], where: str, hint: str = "") -> None:
+    """What both NeMo generations must have, and the features neither export supports."""
+    need = ("num_layers", "hidden_size", "num_attention_heads")
+    missing = [k for k in need if c.get(k) is None]
+    if missing:
+        raise ExportError(f"{where} lacks {', '.join(missing)}{hint}")
+    _check_moe(c)
+    if c.get("qk_layernorm"):
+        raise ExportError("models with qk_layernorm are not supported")
+
+
+def _linear_scaling(c: dict[str, Any]) -> dict[str, Any] | None:
+    if c.get("seq_len_interpolation_factor"):
+        return {"rope_type": "linear", "factor": float(c["seq_len_interpolation_factor"])}
+    return None
+
+
+def _finish(c: dict[str, Any], **facts: Any) -> MegatronConfig:
+    """The config from the keys NeMo 1 and NeMo 2 spell alike, plus ``facts`` (the ones they spell apart)."""
+    window = c.get("window_size")
+    facts = {
+        "num_layers": int(c["num_layers"]),
+        "hidden_size": int(c["hidden_size"]),
+        "ffn_hidden_size": int(c.get("ffn_hidden_size") or 4 * int(c["hidden_size"])),
+        "num_heads": int(c["num_attention_heads"]),
+        "num_query_groups": c.get("num_query_groups"),
+        "head_dim": c.get("kv_channels"),
+        "norm_eps": float(c.get("layernorm_epsilon", 1e-5)),
+        "position": "learned" if str(c.get("position_embedding_type", "learned_absolute")).startswith("learned")
+        else "rope",
+        "rotary_base": float(c.get("rotary_base", 10000.0)),
+        "num_experts": int(c.get("num_moe_experts") or 0),
+        "moe_topk": int(c.get("moe_router_topk") or 0),
+        "window_size": int(window[0]) + 1 if isinstance(window, (list, tuple)) and window and window[0] else None,
+        "make_vocab_size_divisible_by": int(c.get("make_vocab_size_divisible_by") or 128),
+        **facts,
+    }
     heads = int(facts["num_heads"])
     hidden = int(facts["hidden_size"])
     groups = int(facts.get("num_query_groups") or heads)
@@ -151,55 +187,32 @@ def from_nemo2(model_yaml: dict[str, Any], model_type: str | None) -> MegatronCo
     c = model_yaml.get("config")
     if not isinstance(c, dict):
         raise ExportError("context/model.yaml has no 'config' section")
-    need = ("num_layers", "hidden_size", "num_attention_heads")
-    missing = [k for k in need if c.get(k) is None]
-    if missing:
-        raise ExportError(f"context/model.yaml config lacks {', '.join(missing)}")
-    _check_moe(c)
+    _check_common(c, "context/model.yaml config")
     conf_target = str(c.get("_target_", ""))
     act_target = (c.get("activation_func") or {}).get("_target_", "torch.nn.functional.gelu") \
         if isinstance(c.get("activation_func"), dict) else str(c.get("activation_func") or "gelu")
     norm = str(c.get("normalization", "LayerNorm")).lower()
-    if c.get("qk_layernorm"):
-        raise ExportError("models with qk_layernorm are not supported")
     if c.get("multi_latent_attention"):
         raise ExportError("multi-latent attention models are not supported")
     if c.get("rotary_interleaved"):
         raise ExportError("interleaved rotary embeddings (rotary_interleaved: true) are not supported")
-    scaling = _llama3_scaling(c, conf_target)
-    if scaling is None and c.get("seq_len_interpolation_factor"):
-        scaling = {"rope_type": "linear", "factor": float(c["seq_len_interpolation_factor"])}
-    window = c.get("window_size")
+    scaling = _llama3_scaling(c, conf_target) or _linear_scaling(c)
     return _finish(
         c,
-        num_layers=int(c["num_layers"]),
-        hidden_size=int(c["hidden_size"]),
-        ffn_hidden_size=int(c.get("ffn_hidden_size") or 4 * int(c["hidden_size"])),
-        num_heads=int(c["num_attention_heads"]),
-        num_query_groups=c.get("num_query_groups"),
-        head_dim=c.get("kv_channels"),
         vocab_size=int(c["vocab_size"]) if c.get("vocab_size") else None,
         normalization="rmsnorm" if "rms" in norm else "layernorm",
         zero_centered_gamma=bool(c.get("layernorm_zero_centered_gamma", False)) or norm == "layernorm1p",
-        norm_eps=float(c.get("layernorm_epsilon", 1e-5)),
         gated=bool(c.get("gated_linear_unit", False)),
         activation=_act_from_target(act_target),
         add_bias_linear=bool(c.get("add_bias_linear", True)),
         add_qkv_bias=bool(c.get("add_qkv_bias", False)) or bool(c.get("add_bias_linear", True)),
-        position="learned" if str(c.get("position_embedding_type", "learned_absolute")).startswith("learned")
-        else "rope",
-        rotary_base=float(c.get("rotary_base", 10000.0)),
         rotary_percent=float(c.get("rotary_percent", 1.0)),
         rope_scaling=scaling,
         max_position_embeddings=int(c.get("seq_length") or c.get("max_position_embeddings") or 4096),
         share_embeddings=bool(c.get("share_embeddings_and_output_weights", False)),
-        num_experts=int(c.get("num_moe_experts") or 0),
-        moe_topk=int(c.get("moe_router_topk") or 0),
         parallel_attention=bool(c.get("parallel_attention", False)),
         new_decoder_architecture=bool(c.get("new_decoder_architecture", False)),
-        window_size=int(window[0]) + 1 if isinstance(window, (list, tuple)) and window and window[0] else None,
         model_type=mt,
-        make_vocab_size_divisible_by=int(c.get("make_vocab_size_divisible_by") or 128),
     )
 
 
@@ -229,57 +242,36 @@ def from_nemo1(c: dict[str, Any], model_type: str | None) -> MegatronConfig:
     """``model_config.yaml`` of a NeMo 1 ``.nemo`` (MegatronGPTModel with ``mcore_gpt: true``)."""
     if not isinstance(c, dict):
         raise ExportError("model_config.yaml is not a mapping")
-    need = ("num_layers", "hidden_size", "num_attention_heads")
-    missing = [k for k in need if c.get(k) is None]
-    if missing:
-        raise ExportError(f"model_config.yaml lacks {', '.join(missing)}; is this a GPT-family .nemo?")
+    _check_common(c, "model_config.yaml", "; is this a GPT-family .nemo?")
     if c.get("mcore_gpt") is False:
         raise ExportError("this .nemo holds a legacy (non-mcore) Megatron GPT; re-save it with mcore_gpt: true")
     mt = _check_type(model_type) if model_type else _detect_nemo1_type(c)
-    _check_moe(c)
     act, gated = _act_from_name(c.get("activation", "gelu"), bool(c.get("openai_gelu", False)))
     norm = str(c.get("normalization", "layernorm")).lower()
-    if c.get("qk_layernorm"):
-        raise ExportError("models with qk_layernorm are not supported")
     custom = c.get("mcore_customization_config") or {}
     bias = bool(c.get("bias", True))
     scaling = None
     if c.get("scale_positional_embedding"):
         scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 8192}
-    elif c.get("seq_len_interpolation_factor"):
-        scaling = {"rope_type": "linear", "factor": float(c["seq_len_interpolation_factor"])}
-    window = c.get("window_size")
+    else:
+        scaling = _linear_scaling(c)
     return _finish(
         c,
-        num_layers=int(c["num_layers"]),
-        hidden_size=int(c["hidden_size"]),
-        ffn_hidden_size=int(c.get("ffn_hidden_size") or 4 * int(c["hidden_size"])),
-        num_heads=int(c["num_attention_heads"]),
-        num_query_groups=c.get("num_query_groups"),
-        head_dim=c.get("kv_channels"),
         vocab_size=None,
         normalization="rmsnorm" if norm == "rmsnorm" else "layernorm",
         zero_centered_gamma=norm == "layernorm1p" or bool(c.get("layernorm_zero_centered_gamma", False)),
-        norm_eps=float(c.get("layernorm_epsilon", 1e-5)),
         gated=gated,
         activation=act,
         add_bias_linear=bias,
         add_qkv_bias=bias or bool(c.get("qkv_bias", False)),
-        position="learned" if str(c.get("position_embedding_type", "learned_absolute")).startswith("learned")
-        else "rope",
-        rotary_base=float(c.get("rotary_base", 10000.0)),
         rotary_percent=float(c.get("rotary_percentage", 1.0)),
         rope_scaling=scaling,
         max_position_embeddings=int(c.get("max_position_embeddings") or c.get("encoder_seq_length") or 2048),
         share_embeddings=bool(c.get("share_embeddings_and_output_weights", True)),
-        num_experts=int(c.get("num_moe_experts") or 0),
-        moe_topk=int(c.get("moe_router_topk") or 0),
         parallel_attention=bool(custom.get("parallel_attention", False)),
         new_decoder_architecture=bool(custom.get("new_decoder_architecture", False)),
-        window_size=int(window[0]) + 1 if isinstance(window, (list, tuple)) and window and window[0] else None,
         model_type=mt,
-        make_vocab_size_divisible_by=int(c.get("make_vocab_size_divisible_by") or 128),
     )
 
 
