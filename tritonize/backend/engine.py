@@ -37,6 +37,7 @@ from .sampling import Sampler, SamplingParams, SamplingRow
 
 __all__ = [
     "Engine",
+    "EngineBase",
     "EngineError",
     "GenerationRequest",
     "SamplingParams",
@@ -186,7 +187,35 @@ def default_end_ids(model_dir: str | Path) -> list[int]:
     return []
 
 
-class Engine:
+class EngineBase:
+    """What every engine class shares, written against its start / submit / cancel / shutdown."""
+
+    def __enter__(self):  # noqa: ANN204 - returns the concrete engine
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams | None = None,
+        end_ids: Sequence[int] | None = None,
+        stop_sequences: Sequence[Sequence[int]] = (),
+        bad_sequences: Sequence[Sequence[int]] = (),
+        timeout: float | None = None,
+    ) -> list[list[int]]:
+        """Run prompts concurrently and wait: the generated ids of each (end id excluded).
+
+        ``end_ids`` None means the checkpoint's own (generation_config.json). Raises EngineError if a
+        request finished with an error.
+        """
+        return generate_all(self, prompts, max_new_tokens, sampling, end_ids, stop_sequences, bad_sequences,
+                            timeout)
+
+
+class Engine(EngineBase):
     """Thread-safe in-flight batching engine over ``model.py``'s Transformer; see the module docstring."""
 
     # ``is_cancelled`` may be an IPC round trip (Triton's stub asks the server): poll each request at
@@ -345,30 +374,6 @@ class Engine:
             thread.join(timeout)
         if thread is None or not thread.is_alive():
             self._abort_all("the engine was shut down before this request finished")
-
-    def __enter__(self) -> Engine:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        max_new_tokens: int,
-        sampling: SamplingParams | None = None,
-        end_ids: Sequence[int] | None = None,
-        stop_sequences: Sequence[Sequence[int]] = (),
-        bad_sequences: Sequence[Sequence[int]] = (),
-        timeout: float | None = None,
-    ) -> list[list[int]]:
-        """Run prompts concurrently and wait: the generated ids of each (end id excluded).
-
-        ``end_ids`` None means the checkpoint's own (generation_config.json). Raises EngineError if a
-        request finished with an error.
-        """
-        return generate_all(self, prompts, max_new_tokens, sampling, end_ids, stop_sequences, bad_sequences,
-                            timeout)
 
     # ---------------------------------------------------------------- validation
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .engine import GenerationRequest, SamplingParams, StepOutput, default_end_ids, generate_all
+from .engine import EngineBase, GenerationRequest, SamplingParams, StepOutput, default_end_ids
 from .trtllm_adapters import AdapterError, AdapterStore, read_lora, write_peft_dir
 
 __all__ = [
@@ -196,7 +196,7 @@ def _ends_with_stop(history: Sequence[int], stops: Sequence[Sequence[int]]) -> i
     return 0
 
 
-class TrtllmEngine:
+class TrtllmEngine(EngineBase):
     """``engine.Engine``'s interface over ``tensorrt_llm.LLM``; see the module docstring.
 
     ``max_seq_len`` is prompt plus output; ``kv_cache_free_gpu_memory_fraction`` None keeps TensorRT-LLM's
@@ -365,26 +365,6 @@ class TrtllmEngine:
         self.llm.shutdown()
         if self._peft_root is not None:
             shutil.rmtree(self._peft_root, ignore_errors=True)
-
-    def __enter__(self) -> TrtllmEngine:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        max_new_tokens: int,
-        sampling: SamplingParams | None = None,
-        end_ids: Sequence[int] | None = None,
-        stop_sequences: Sequence[Sequence[int]] = (),
-        bad_sequences: Sequence[Sequence[int]] = (),
-        timeout: float | None = None,
-    ) -> list[list[int]]:
-        """Run prompts concurrently and wait: the generated ids of each (end id excluded)."""
-        return generate_all(self, prompts, max_new_tokens, sampling, end_ids, stop_sequences, bad_sequences,
-                            timeout)
 
     # ---------------------------------------------------------------- the asyncio side
 

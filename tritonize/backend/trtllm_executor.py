@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine import GenerationRequest, SamplingParams, StepOutput, default_end_ids, generate_all
+from .engine import EngineBase, GenerationRequest, SamplingParams, StepOutput, default_end_ids
 from .trtllm_adapters import AdapterError, AdapterStore, lora_executor_tensors, read_lora, read_ptuning_table
 from .trtllm_engine import TrtllmNotInstalledError, import_tensorrt_llm, sampling_knobs
 
@@ -164,7 +164,7 @@ class _Flight:
         self.delivered = 0
 
 
-class TrtllmExecutorEngine:
+class TrtllmExecutorEngine(EngineBase):
     """``engine.Engine``'s interface over a TensorRT-LLM engine directory; see the module docstring.
 
     ``model_dir`` is the Hugging Face config + tokenizer folder (end ids, vocabulary size, model family);
@@ -291,19 +291,6 @@ class TrtllmExecutorEngine:
         if self._thread is not None:
             self._thread.join(timeout)
         self.executor.shutdown()
-
-    def __enter__(self) -> TrtllmExecutorEngine:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams | None = None,
-                 end_ids: Sequence[int] | None = None, stop_sequences: Sequence[Sequence[int]] = (),
-                 bad_sequences: Sequence[Sequence[int]] = (), timeout: float | None = None) -> list[list[int]]:
-        """Run prompts concurrently and wait: the generated ids of each (end id excluded)."""
-        return generate_all(self, prompts, max_new_tokens, sampling, end_ids, stop_sequences, bad_sequences,
-                            timeout)
 
     # ---------------------------------------------------------------- requests
 
