@@ -145,7 +145,7 @@ _PEAK = "int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1
 _CHILD = """
 import json, sys, time
 from pathlib import Path
-from tritonize.generator.export import export_checkpoint
+from tritonize.export import export_checkpoint
 start = time.perf_counter()
 r = export_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), progress=False, dtype=(sys.argv[3:] or [None])[0])
 import os
@@ -158,7 +158,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss": PEAK,
 
 _BASELINE = """
 import json
-import torch, safetensors, tritonize.generator.export  # noqa: F401 - the imports the export pays for
+import torch, safetensors, tritonize.export  # noqa: F401 - the imports the export pays for
 print(json.dumps({"peak_rss": PEAK}))
 """.replace("PEAK", _PEAK)
 

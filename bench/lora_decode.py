@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runtime_decode import engine_decode  # noqa: E402
 
-from tritonize.backend.config import ModelArgs  # noqa: E402
-from tritonize.backend.engine import Engine  # noqa: E402
+from tritonize.runtime.config import ModelArgs  # noqa: E402
+from tritonize.runtime.engine import Engine  # noqa: E402
 
 
 def write_random_adapters(model_dir: Path, out: Path, count: int, rank: int) -> None:

@@ -78,7 +78,7 @@ def write_model(out: Path, shape: dict, *, dtype: torch.dtype, tokenizer: Path |
     # A benchmark must not stop early: the end id is one the tokenizer never produces (1 in 128k per token).
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": vocab - 1}))
     if tokenizer is None:
-        from tritonize.generator.demo_model import mistral_tokenizer_model
+        from tritonize.export.demo_model import mistral_tokenizer_model
 
         tokenizer = mistral_tokenizer_model()
     shutil.copy2(tokenizer, out / "tokenizer.model")

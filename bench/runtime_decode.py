@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tritonize.backend.engine import Engine, GenerationRequest, SamplingParams
+from tritonize.runtime.engine import Engine, GenerationRequest, SamplingParams
 
 
 def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:

@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from tritonize.generator.commands.generate import build_repository
-from tritonize.generator.loadgen import run_load, synthetic_prompts
-from tritonize.generator.perfanalyzer import perf_analyzer_binary, perf_analyzer_run
-from tritonize.generator.server import TritonServer, free_ports
-from tritonize.generator.spec import RepoSpec
+from tritonize.repository.build import build_repository
+from tritonize.repository.spec import RepoSpec
+from tritonize.serving.loadgen import run_load, synthetic_prompts
+from tritonize.serving.perfanalyzer import perf_analyzer_binary, perf_analyzer_run
+from tritonize.serving.server import TritonServer, free_ports
 
 
 def main() -> None:

@@ -19,11 +19,11 @@ import time
 import uuid
 from pathlib import Path
 
-from tritonize.generator.client import GenerateOptions, grpc_generate, grpc_inputs
-from tritonize.generator.commands.generate import build_repository
-from tritonize.generator.demo_model import write_demo_checkpoint
-from tritonize.generator.server import SHM_DIR, TritonServer, free_ports
-from tritonize.generator.spec import RepoSpec
+from tritonize.export.demo_model import write_demo_checkpoint
+from tritonize.repository.build import build_repository
+from tritonize.repository.spec import RepoSpec
+from tritonize.serving.client import GenerateOptions, grpc_generate, grpc_inputs
+from tritonize.serving.server import SHM_DIR, TritonServer, free_ports
 
 WORDS = "apple river stone cloud seven green quiet number house music paper light".split()
 

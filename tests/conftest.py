@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tritonize.generator.server import TritonServer, free_ports
+from tritonize.serving.server import TritonServer, free_ports
 
 
 def _hashable(value: Any) -> Any:

@@ -24,9 +24,8 @@ from tests.fixtures.adapters import (
     write_peft_lora,
 )
 from tests.fixtures.hostile import truncated_tar
-from tritonize.backend.config import ModelArgs
-from tritonize.generator.errors import TritonizeError
-from tritonize.generator.export.adapters import (
+from tritonize.errors import TritonizeError
+from tritonize.export.adapters import (
     TRTLLM_TO_CANONICAL,
     AdapterError,
     PromptTable,
@@ -37,6 +36,7 @@ from tritonize.generator.export.adapters import (
     write_lora,
     write_ptuning,
 )
+from tritonize.runtime.config import ModelArgs
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -181,7 +181,7 @@ def test_write_lora_round_trip_and_format(tmp_path):
 
 
 def test_writers_leave_nothing_on_failure(tmp_path, monkeypatch):
-    import tritonize.generator.export.adapters.write as write_mod
+    import tritonize.export.adapters.write as write_mod
 
     adapter = read_lora(write_nemo1_lora(tmp_path / "lora.nemo", _nemo_modules(), heads=4, groups=2, head_dim=8,
                                          adapter_dim=4, alpha=8), _llama_args())

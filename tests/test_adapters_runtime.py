@@ -14,8 +14,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from tests.fixtures.adapter_dirs import write_lora_from_peft, write_ptuning
-from tritonize.backend.adapters import AdapterError
-from tritonize.backend.engine import Engine, GenerationRequest, StepOutput, submit_and_wait
+from tritonize.runtime.adapters import AdapterError
+from tritonize.runtime.engine import Engine, GenerationRequest, StepOutput, submit_and_wait
 
 TIMEOUT = 30
 PROMPTS = [[1, 17, 42, 99, 7], [1, 250, 3], [1, 60, 61, 62, 63, 64, 65, 66], [1, 5, 5, 8, 200, 31]]
@@ -182,8 +182,8 @@ def test_nemo_lora_fused_modules_equal_transformers_with_merged_weights(llama, t
     """A NeMo LoRA (fused qkv and fc1 = [gate; up]) through the converter and the runtime equals
     transformers whose weights have the documented delta ``alpha / dim * B @ A`` added."""
     from tests.fixtures.adapters import write_nemo1_lora
-    from tritonize.backend.config import ModelArgs
-    from tritonize.generator.export.adapters import read_lora, write_lora
+    from tritonize.export.adapters import read_lora, write_lora
+    from tritonize.runtime.config import ModelArgs
 
     torch.manual_seed(5)
     r, alpha, hidden, ffn = 4, 8, 64, 128

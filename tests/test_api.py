@@ -10,9 +10,9 @@ import pytest
 from deploy_source import LIMITS, MAX_TOKENS, PROMPTS, nemo2_llama
 
 from tritonize import Deployment, Exporter
-from tritonize.generator.client import GenerateOptions, grpc_generate
-from tritonize.generator.deploy import DeployError
-from tritonize.generator.server import free_ports
+from tritonize.deploy import DeployError
+from tritonize.serving.client import GenerateOptions, grpc_generate
+from tritonize.serving.server import free_ports
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from tritonize import Deployment, Exporter
-from tritonize.generator.client import GenerateOptions, grpc_generate
-from tritonize.generator.deploy import DeployError
-from tritonize.generator.server import free_ports
+from tritonize.deploy import DeployError
+from tritonize.serving.client import GenerateOptions, grpc_generate
+from tritonize.serving.server import free_ports
 
 N = 8
 N_VIRTUAL = 3

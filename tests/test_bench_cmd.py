@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tritonize.generator.cli import cli
-from tritonize.generator.commands.generate import build_repository
-from tritonize.generator.demo_model import write_demo_checkpoint
-from tritonize.generator.perfanalyzer import genai_perf_command, input_data
-from tritonize.generator.spec import RepoSpec
+from tritonize.cli.main import cli
+from tritonize.export.demo_model import write_demo_checkpoint
+from tritonize.repository.build import build_repository
+from tritonize.repository.spec import RepoSpec
+from tritonize.serving.perfanalyzer import genai_perf_command, input_data
 
 pytestmark = pytest.mark.e2e
 
@@ -106,7 +106,7 @@ def test_bench_errors_are_one_line(server, tmp_path):
     assert "'nosuch' is not ready" in missing.output and "benchy" in missing.output
     assert len(missing.output.strip().splitlines()) == 1
 
-    from tritonize.generator.server import free_port
+    from tritonize.serving.server import free_port
 
     down = runner.invoke(cli, ["bench", "-m", "benchy", "-u", f"127.0.0.1:{free_port()}",
                                "--output-dir", str(tmp_path)])

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tritonize.generator.cli import cli
-from tritonize.generator.demo_model import write_demo_checkpoint
+from tritonize.cli.main import cli
+from tritonize.export.demo_model import write_demo_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_query_without_a_server_is_one_line(tmp_path):
 def test_demo_as_a_user_runs_it(tmp_path):
     """`tritonize demo` in a real subprocess: builds, serves, answers, stops, leaves no server behind."""
     exe = Path(sys.executable).parent / "tritonize"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tritonize.generator.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tritonize.cli.main"]
     proc = subprocess.run([*cmd, "demo", "--max-tokens", "8", "--workdir", str(tmp_path / "w")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

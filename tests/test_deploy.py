@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner, Result
 from deploy_source import LIMITS, MAX_TOKENS, PROMPTS, nemo2_llama
 
-from tritonize.generator.cli import cli
-from tritonize.generator.client import GenerateOptions, grpc_generate
-from tritonize.generator.server import find_stub_processes, free_ports
+from tritonize.cli.main import cli
+from tritonize.serving.client import GenerateOptions, grpc_generate
+from tritonize.serving.server import find_stub_processes, free_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SEED_LIMITS = ["--max_input_len", "32", "--max_output_len", "16", "--max_batch_size", "2"]
@@ -43,7 +43,7 @@ def _read_lines(stream, lines: queue.Queue) -> None:
 def test_deploy_from_nemo_serves_then_reuses(source, tmp_path):
     repo = tmp_path / "repo"
     http, grpc, metrics = free_ports(3)
-    command = [sys.executable, "-m", "tritonize.generator.cli", "deploy", "--nemo_checkpoint", str(source.path),
+    command = [sys.executable, "-m", "tritonize.cli.main", "deploy", "--nemo_checkpoint", str(source.path),
                "--triton_model_name", "tiny", "--triton_model_repository", str(repo), "--triton_port", str(http),
                "--grpc_port", str(grpc), "--metrics-port", str(metrics), "--dtype", "float32", *SEED_LIMITS]
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
@@ -86,8 +86,8 @@ def test_deploy_from_nemo_serves_then_reuses(source, tmp_path):
 
 def test_deploy_builds_the_repository_and_mismatch_names_the_option(source, tmp_path):
     repo = tmp_path / "repo"
-    from tritonize.generator.deploy import carry_out, plan_deploy
-    from tritonize.generator.spec import RepoSpec
+    from tritonize.deploy import carry_out, plan_deploy
+    from tritonize.repository.spec import RepoSpec
 
     spec = RepoSpec(name="tiny", device="cpu", dtype="float32", **LIMITS)
     plan = plan_deploy(repo, spec, source=source.path, export_dtype="float32")
@@ -172,8 +172,8 @@ def test_deploy_serves_adapters_and_a_changed_adapter_is_a_mismatch(source, tmp_
     import transformers
     from safetensors.torch import save_file
 
-    from tritonize.generator.deploy import adapter_choices, carry_out, plan_deploy
-    from tritonize.generator.spec import RepoSpec
+    from tritonize.deploy import adapter_choices, carry_out, plan_deploy
+    from tritonize.repository.spec import RepoSpec
 
     repo = tmp_path / "repo"
     first = _deploy("--nemo_checkpoint", str(source.path), "--triton_model_repository", str(repo), *SEED_LIMITS,

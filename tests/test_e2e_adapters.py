@@ -20,12 +20,12 @@ import transformers
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from tritonize.generator.cli import cli
-from tritonize.generator.client import GenerateOptions, QueryError, grpc_generate
-from tritonize.generator.commands.generate import build_repository
-from tritonize.generator.demo_model import write_demo_checkpoint
-from tritonize.generator.errors import TritonizeError
-from tritonize.generator.spec import RepoSpec
+from tritonize.cli.main import cli
+from tritonize.errors import TritonizeError
+from tritonize.export.demo_model import write_demo_checkpoint
+from tritonize.repository.build import build_repository
+from tritonize.repository.spec import RepoSpec
+from tritonize.serving.client import GenerateOptions, QueryError, grpc_generate
 
 pytestmark = pytest.mark.e2e
 

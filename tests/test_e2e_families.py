@@ -20,10 +20,10 @@ import pytest
 import torch
 from fixtures import gpt2_bpe_tokenizer_dir, sentencepiece_tokenizer_dir, tiny_model, write_nemo1, write_nemo2
 
-from tritonize.generator.client import GenerateOptions, grpc_generate
-from tritonize.generator.commands.generate import build_repository
-from tritonize.generator.export import export_checkpoint
-from tritonize.generator.spec import RepoSpec
+from tritonize.export import export_checkpoint
+from tritonize.repository.build import build_repository
+from tritonize.repository.spec import RepoSpec
+from tritonize.serving.client import GenerateOptions, grpc_generate
 
 pytestmark = pytest.mark.e2e
 

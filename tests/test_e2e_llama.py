@@ -17,10 +17,10 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from tritonize.generator.client import GenerateOptions, QueryError, grpc_generate, http_generate
-from tritonize.generator.commands.generate import build_repository
-from tritonize.generator.demo_model import write_demo_checkpoint
-from tritonize.generator.spec import RepoSpec
+from tritonize.export.demo_model import write_demo_checkpoint
+from tritonize.repository.build import build_repository
+from tritonize.repository.spec import RepoSpec
+from tritonize.serving.client import GenerateOptions, QueryError, grpc_generate, http_generate
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.e2e
@@ -219,7 +219,7 @@ def test_limits_give_clear_errors_and_the_server_stays_up(server, reference, pro
 def test_beam_width_above_one_is_refused(server):
     import tritonclient.grpc as grpcclient
 
-    from tritonize.generator.client import grpc_inputs
+    from tritonize.serving.client import grpc_inputs
 
     inputs = grpc_inputs("hello", GenerateOptions(max_tokens=4), stream=False)
     beam = grpcclient.InferInput("beam_width", [1, 1], "INT32")

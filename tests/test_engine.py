@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tritonize.backend.engine import Engine, EngineError, GenerationRequest, SamplingParams, StepOutput
+from tritonize.runtime.engine import Engine, EngineError, GenerationRequest, SamplingParams, StepOutput
 
 PROMPTS = [[1, 17, 42, 99, 7], [1, 250, 3], [1] + list(range(60, 90)), [1, 5, 5, 5, 8, 200, 31, 64, 2, 9, 11]]
 TIMEOUT = 20
@@ -315,7 +315,7 @@ def test_shutdown_fails_what_is_left(tiny):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph decode path needs a GPU")
 def test_cuda_graph_decode_matches_eager_and_transformers(tiny):
-    from tritonize.backend.cuda_graphs import CudaGraphDecoder
+    from tritonize.runtime.cuda_graphs import CudaGraphDecoder
 
     path, model = tiny
     with Engine(path, device="cuda", dtype="float32", max_batch_size=6, max_seq_len=128) as eng:

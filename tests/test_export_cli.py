@@ -7,7 +7,7 @@ import json
 from click.testing import CliRunner
 from fixtures import gpt2_bpe_tokenizer_dir, tiny_model, write_nemo2
 
-from tritonize.generator.cli import cli
+from tritonize.cli.main import cli
 
 
 def test_help_has_an_example():

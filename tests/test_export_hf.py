@@ -11,7 +11,7 @@ from fixtures import FAMILIES, gpt2_bpe_tokenizer_dir, tiny_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from tritonize.generator.export import export_checkpoint
+from tritonize.export import export_checkpoint
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 1, 0, 299]])
 

@@ -21,8 +21,8 @@ from fixtures import (
     write_unknown_target,
 )
 
-from tritonize.generator.export import ExportError, export_checkpoint
-from tritonize.generator.export.command import export as export_command
+from tritonize.cli.export import export as export_command
+from tritonize.export import ExportError, export_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,8 @@ from fixtures import (
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from tritonize.generator.export import export_checkpoint
-from tritonize.generator.export.tiktoken_convert import PATTERN_TIKTOKEN
+from tritonize.export import export_checkpoint
+from tritonize.export.tiktoken_convert import PATTERN_TIKTOKEN
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "nemo2-llama"
 BPE_VOCAB = 300
@@ -134,7 +134,7 @@ def test_real_nemo2_checkpoint(tmp_path):
             want = source(ids).logits
         assert torch.allclose(exported_logits(out, ids), want, atol=1e-5, rtol=0)
     # The tokenizer the checkpoint declares (its tokenizer.json) is the one served: 'The' -> 1014.
-    from tritonize.backend.tokenizer import Tokenizer
+    from tritonize.runtime.tokenizer import Tokenizer
 
     served = Tokenizer(out)
     for prompt in reference["prompts"]:
@@ -210,7 +210,7 @@ def test_llama31_rope_scaling_from_nemo2_config(bpe_dir, tmp_path):
 
 def test_export_runs_in_tritonize_runtime(bpe_dir, tmp_path):
     """The exported directory is what the torch runtime of a generated repository loads."""
-    from tritonize.backend.weights import load_model
+    from tritonize.runtime.weights import load_model
 
     for family in ("llama", "falcon", "starcoder"):
         model = bpe_model(family)
@@ -264,7 +264,7 @@ def test_nemo2_tiktoken_tokenizer(bpe_dir, tmp_path):
 def test_verify_catches_a_wrong_conversion(bpe_dir, tmp_path, monkeypatch):
     """--verify compares against an independent forward pass: a converter that swaps k and v is caught,
     and nothing is written."""
-    from tritonize.generator.export import ExportError, megatron
+    from tritonize.export import ExportError, megatron
 
     model = bpe_model("llama")
     src = write_nemo2(model, bpe_dir, tmp_path / "ckpt")

@@ -24,13 +24,13 @@ from fixtures import gpt2_bpe_tokenizer_dir, tiny_model, write_nemo1, write_nemo
 from fixtures.dist_ckpt import load_tensors, read_zarr
 from safetensors.torch import load_file
 
-from tritonize.generator.export import ExportError, safe_pickle
-from tritonize.generator.export.dcp import read_dcp
-from tritonize.generator.export.lazy import Lazy
-from tritonize.generator.export.tiktoken_convert import PATTERN_TIKTOKEN, load_ranks, tokenizer_json
-from tritonize.generator.export.tree import DirTree, TarTree
-from tritonize.generator.export.writer import write_safetensors
-from tritonize.generator.export.zarr_store import read_zarr as our_zarr
+from tritonize.export import ExportError, safe_pickle
+from tritonize.export.dcp import read_dcp
+from tritonize.export.lazy import Lazy
+from tritonize.export.tiktoken_convert import PATTERN_TIKTOKEN, load_ranks, tokenizer_json
+from tritonize.export.tree import DirTree, TarTree
+from tritonize.export.writer import write_safetensors
+from tritonize.export.zarr_store import read_zarr as our_zarr
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "nemo2-llama"
 

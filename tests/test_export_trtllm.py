@@ -18,7 +18,7 @@ from fixtures import write_trtllm_checkpoint as write_trt_fixture
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tritonize.generator.export import ExportError, export_checkpoint
+from tritonize.export import ExportError, export_checkpoint
 
 BPE_VOCAB = 300
 MQA = {"falcon", "gemma", "starcoder"}

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from golden import cases
 
-from tritonize.generator.cli import cli
-from tritonize.generator.demo_model import write_demo_checkpoint
+from tritonize.cli.main import cli
+from tritonize.export.demo_model import write_demo_checkpoint
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from tritonize.generator.cli import cli
-from tritonize.generator.commands.generate import build_repository
-from tritonize.generator.demo_model import write_demo_checkpoint
-from tritonize.generator.spec import RepoSpec
+from tritonize.cli.main import cli
+from tritonize.export.demo_model import write_demo_checkpoint
+from tritonize.repository.build import build_repository
+from tritonize.repository.spec import RepoSpec
 
 
 @pytest.fixture(scope="module")

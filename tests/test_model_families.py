@@ -16,9 +16,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tritonize.backend.config import ModelArgs, UnsupportedModelError  # noqa: E402
-from tritonize.backend.model import Transformer  # noqa: E402
-from tritonize.backend.weights import WeightsError, load_model  # noqa: E402
+from tritonize.runtime.config import ModelArgs, UnsupportedModelError  # noqa: E402
+from tritonize.runtime.model import Transformer  # noqa: E402
+from tritonize.runtime.weights import WeightsError, load_model  # noqa: E402
 
 VOCAB = 256
 SMALL = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tritonize.generator.client import GenerateOptions, QueryError, grpc_generate, grpc_inputs
-from tritonize.generator.commands.generate import build_repository
-from tritonize.generator.demo_model import write_demo_checkpoint
-from tritonize.generator.server import SHM_DIR, TritonServer, free_ports
-from tritonize.generator.spec import RepoSpec
+from tritonize.export.demo_model import write_demo_checkpoint
+from tritonize.repository.build import build_repository
+from tritonize.repository.spec import RepoSpec
+from tritonize.serving.client import GenerateOptions, QueryError, grpc_generate, grpc_inputs
+from tritonize.serving.server import SHM_DIR, TritonServer, free_ports
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 pytestmark = pytest.mark.e2e

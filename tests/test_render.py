@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from tritonize.generator.checkpoint import inspect_checkpoint
-from tritonize.generator.errors import RenderError
-from tritonize.generator.render import parse_config, write_repository
-from tritonize.generator.spec import RepoSpec
-from tritonize.generator.validate import ensemble_problems
+from tritonize.errors import RenderError
+from tritonize.repository.checkpoint import inspect_checkpoint
+from tritonize.repository.render import parse_config, write_repository
+from tritonize.repository.spec import RepoSpec
+from tritonize.repository.validate import ensemble_problems
 
 DT = model_config_pb2.DataType
 
 
 @pytest.fixture(scope="module")
 def demo_ckpt(tmp_path_factory) -> Path:
-    from tritonize.generator.demo_model import write_demo_checkpoint
+    from tritonize.export.demo_model import write_demo_checkpoint
 
     return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "ckpt")
 

@@ -16,12 +16,12 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from tritonize.generator.client import GenerateOptions, grpc_generate
-from tritonize.generator.commands.generate import build_repository
-from tritonize.generator.demo_model import write_demo_checkpoint
-from tritonize.generator.errors import RenderError
-from tritonize.generator.spec import RepoSpec
-from tritonize.generator.validate import validate_repository
+from tritonize.errors import RenderError
+from tritonize.export.demo_model import write_demo_checkpoint
+from tritonize.repository.build import build_repository
+from tritonize.repository.spec import RepoSpec
+from tritonize.repository.validate import validate_repository
+from tritonize.serving.client import GenerateOptions, grpc_generate
 
 transformers = pytest.importorskip("transformers")
 

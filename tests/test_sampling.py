@@ -15,7 +15,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from tritonize.backend.sampling import (
+from tritonize.runtime.sampling import (
     Sampler,
     SamplingParams,
     SamplingRow,

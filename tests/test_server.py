@@ -24,9 +24,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from click.testing import CliRunner
 
-from tritonize.generator import server as server_module
-from tritonize.generator.commands.serve import serve
-from tritonize.generator.server import (
+from tritonize.cli.serve import serve
+from tritonize.serving import server as server_module
+from tritonize.serving.server import (
     SHM_DIR,
     STUB_NAME,
     ServerError,
@@ -163,7 +163,7 @@ def test_no_binary_anywhere_is_one_clear_error(tmp_path: Path) -> None:
         f"""
         import sys
         sys.path.insert(0, {str(PROJECT_ROOT)!r})
-        from tritonize.generator.server import ServerError, find_tritonserver
+        from tritonize.serving.server import ServerError, find_tritonserver
         try:
             find_tritonserver()
         except ServerError as exc:
@@ -377,7 +377,7 @@ class TritonPythonModel:
 
 ORPHAN_SCRIPT = """\
 import sys, time
-from tritonize.generator.server import TritonServer, free_ports
+from tritonize.serving.server import TritonServer, free_ports
 http_port, grpc_port, metrics_port = free_ports(3)
 server = TritonServer(sys.argv[1], http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                       log_file=sys.argv[2])
@@ -433,7 +433,7 @@ def test_serve_command_prints_endpoints_and_stops_on_signal(tmp_path: Path, sign
     repo = echo_repository(tmp_path)
     http_port, grpc_port, metrics_port = free_ports(3)
     command = [
-        sys.executable, "-m", "tritonize.generator.commands.serve", str(repo),
+        sys.executable, "-m", "tritonize.cli.serve", str(repo),
         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
         "--log-file", str(tmp_path / "server.log"),
     ]  # fmt: skip

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from tritonize.backend.tokenizer import STREAM_CONTEXT_TOKENS, Tokenizer, detokenize_delta
-from tritonize.generator.demo_model import mistral_tokenizer_model
+from tritonize.export.demo_model import mistral_tokenizer_model
+from tritonize.runtime.tokenizer import STREAM_CONTEXT_TOKENS, Tokenizer, detokenize_delta
 
 FIXTURE_HF = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "nemo2-llama" / "hf"
 TEXTS = [

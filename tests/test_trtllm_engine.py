@@ -20,10 +20,23 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from tritonize.backend.engine import GenerationRequest
-from tritonize.backend.runtime import create_engine
-from tritonize.backend.sampling import SamplingParams
-from tritonize.backend.trtllm_adapters import (
+from tritonize.cli.main import cli
+from tritonize.deploy import HONOURED, DeployError, refuse_unsupported
+from tritonize.export import export_checkpoint
+from tritonize.export.demo_model import write_demo_checkpoint
+from tritonize.repository.fp8 import detect_fp8
+from tritonize.repository.render import parse_config
+from tritonize.repository.trtllm_build import (
+    BuildOptions,
+    TrtllmBuildError,
+    resolve_trtllm_source,
+    shard_embedding,
+    trtllm_build_command,
+)
+from tritonize.runtime.engine import GenerationRequest
+from tritonize.runtime.runtime import create_engine
+from tritonize.runtime.sampling import SamplingParams
+from tritonize.runtime.trtllm_adapters import (
     LORA_MODULE_IDS,
     AdapterError,
     AdapterStore,
@@ -31,28 +44,15 @@ from tritonize.backend.trtllm_adapters import (
     read_lora,
     write_peft_dir,
 )
-from tritonize.backend.trtllm_engine import TrtllmNotInstalledError
-from tritonize.backend.trtllm_executor import (
+from tritonize.runtime.trtllm_engine import TrtllmNotInstalledError
+from tritonize.runtime.trtllm_executor import (
     executor_config_kwargs,
     executor_sampling_kwargs,
     map_executor_finish_reason,
     plan_executor_request,
 )
-from tritonize.generator.cli import cli
-from tritonize.generator.client import GenerateOptions, grpc_inputs
-from tritonize.generator.demo_model import write_demo_checkpoint
-from tritonize.generator.deploy import HONOURED, DeployError, refuse_unsupported
-from tritonize.generator.export import export_checkpoint
-from tritonize.generator.fp8 import detect_fp8
-from tritonize.generator.launch import LaunchPlan, mpi_leader_command, repository_launch
-from tritonize.generator.render import parse_config
-from tritonize.generator.trtllm_build import (
-    BuildOptions,
-    TrtllmBuildError,
-    resolve_trtllm_source,
-    shard_embedding,
-    trtllm_build_command,
-)
+from tritonize.serving.client import GenerateOptions, grpc_inputs
+from tritonize.serving.launch import LaunchPlan, mpi_leader_command, repository_launch
 
 # ---------------------------------------------------------------------------- trtllm-build command line
 

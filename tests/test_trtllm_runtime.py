@@ -17,9 +17,14 @@ import sentencepiece as spm
 import torch
 from click.testing import CliRunner
 
-from tritonize.backend.runtime import create_engine, resolve_runtime, tensorrt_llm_available
-from tritonize.backend.sampling import SamplingParams
-from tritonize.backend.trtllm_engine import (
+from tritonize.cli.main import cli
+from tritonize.export.demo_model import write_demo_checkpoint
+from tritonize.repository.build import build_repository
+from tritonize.repository.render import parse_config
+from tritonize.repository.spec import RUNTIMES, RepoSpec
+from tritonize.runtime.runtime import create_engine, resolve_runtime, tensorrt_llm_available
+from tritonize.runtime.sampling import SamplingParams
+from tritonize.runtime.trtllm_engine import (
     INSTALL_HINT,
     TrtllmNotInstalledError,
     import_tensorrt_llm,
@@ -27,12 +32,7 @@ from tritonize.backend.trtllm_engine import (
     to_trtllm_sampling,
     token_log_probs,
 )
-from tritonize.generator.cli import cli
-from tritonize.generator.client import GenerateOptions, grpc_generate
-from tritonize.generator.commands.generate import build_repository
-from tritonize.generator.demo_model import write_demo_checkpoint
-from tritonize.generator.render import parse_config
-from tritonize.generator.spec import RUNTIMES, RepoSpec
+from tritonize.serving.client import GenerateOptions, grpc_generate
 
 HAVE_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
 
@@ -204,8 +204,8 @@ def test_trtllm_engine_generates_like_the_torch_engine(ckpt):
     pytest.importorskip("tensorrt_llm", reason="tensorrt_llm is not installed")
     if not torch.cuda.is_available():
         pytest.skip("tensorrt_llm needs an NVIDIA GPU")
-    from tritonize.backend.engine import Engine
-    from tritonize.backend.trtllm_engine import TrtllmEngine
+    from tritonize.runtime.engine import Engine
+    from tritonize.runtime.trtllm_engine import TrtllmEngine
 
     prompts = [[1, 450, 4996, 17354], [1, 9038, 2501, 263, 931]]
     with Engine(ckpt, device="cuda", dtype="float32", max_batch_size=2, max_seq_len=32) as reference:

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tritonize.generator.checkpoint import inspect_checkpoint
-from tritonize.generator.cli import cli
-from tritonize.generator.demo_model import write_demo_checkpoint
-from tritonize.generator.render import write_repository
-from tritonize.generator.spec import RepoSpec
+from tritonize.cli.main import cli
+from tritonize.export.demo_model import write_demo_checkpoint
+from tritonize.repository.checkpoint import inspect_checkpoint
+from tritonize.repository.render import write_repository
+from tritonize.repository.spec import RepoSpec
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .generator.deploy import (
+from .deploy import (
     LORA_OPTIONS,
     PTUNING_OPTIONS,
     UNSUPPORTED,
@@ -37,7 +37,7 @@ from .generator.deploy import (
     plan_deploy,
     refuse_unsupported,
 )
-from .generator.spec import RepoSpec
+from .repository.spec import RepoSpec
 
 # TensorRTLLM.export / forward arguments that change nothing on the torch runtime: accepted and ignored
 # because they only tune TensorRT (plugins, profiles) or name the default behaviour.
@@ -83,7 +83,7 @@ class _Adapters:
     max_prompt_embedding_table_size: int = 0
 
     def lora_pairs(self) -> list[tuple[int, str]]:
-        from .generator.adapters import lora_pairs
+        from .repository.adapters import lora_pairs
 
         return lora_pairs(self.lora_ckpt_list)
 
@@ -166,8 +166,8 @@ class Exporter:
         Everything is read and checked first (prepare_adapters, as `tritonize generate` does), then written
         beside the old folder and swapped in, so a bad adapter leaves the previous set in place.
         """
-        from .generator.adapters import prepare_adapters
-        from .generator.checkpoint import inspect_checkpoint
+        from .repository.adapters import prepare_adapters
+        from .repository.checkpoint import inspect_checkpoint
 
         spec = RepoSpec(name="model", max_input_len=self.max_input_len, **wanted.spec_fields()).validate()
         prepared = prepare_adapters(spec, inspect_checkpoint(self.model_dir))
@@ -243,8 +243,8 @@ class Exporter:
         _refuse_seed_kwargs({"tensor_parallelism_size": tensor_parallelism_size,
                              "pipeline_parallelism_size": pipeline_parallelism_size, **seed_options},
                             _NEUTRAL_EXPORT, "export")
-        from .generator.adapters import split_modules
-        from .generator.export import export_checkpoint
+        from .export import export_checkpoint
+        from .repository.adapters import split_modules
 
         wanted = _Adapters(lora_ckpt_list=self.lora_ckpt_list, max_lora_rank=int(max_lora_rank or 0),
                            lora_target_modules=split_modules(list(lora_target_modules or ())),
@@ -265,9 +265,9 @@ class Exporter:
             self._load()
 
     def _load(self) -> None:
-        from .backend.engine import Engine
-        from .backend.tokenizer import Tokenizer
-        from .generator.checkpoint import inspect_checkpoint
+        from .repository.checkpoint import inspect_checkpoint
+        from .runtime.engine import Engine
+        from .runtime.tokenizer import Tokenizer
 
         ckpt = inspect_checkpoint(self.model_dir)  # the same end ids the generated repository uses
         self._end_ids = list(ckpt.end_ids)
@@ -299,9 +299,9 @@ class Exporter:
         if self._engine is None:
             raise DeployError(f"{self.model_dir} is not loaded: call export(...) first, or point model_dir at an "
                               "exported HF-format directory")
-        from .backend.engine import EngineError, GenerationRequest, submit_and_wait
-        from .backend.sampling import SamplingParams
-        from .backend.tokenizer import STREAM_CONTEXT_TOKENS, detokenize_delta
+        from .runtime.engine import EngineError, GenerationRequest, submit_and_wait
+        from .runtime.sampling import SamplingParams
+        from .runtime.tokenizer import STREAM_CONTEXT_TOKENS, detokenize_delta
 
         if max_output_token < 1 or max_output_token > self.max_output_len:
             raise ValueError(f"max_output_token is {max_output_token}: ask for 1 to {self.max_output_len} tokens")
@@ -354,7 +354,7 @@ class Exporter:
                               "engine reserves N rows per request for it")
         import torch
 
-        from .generator.export.adapters import read_ptuning
+        from .export.adapters import read_ptuning
 
         hidden = self._engine.model.args.dim
         tensor = read_ptuning(Path(path), hidden).table if path is not None else torch.as_tensor(table)
@@ -464,7 +464,7 @@ class Deployment:
 
     def run(self) -> None:
         """Starts tritonserver in the background and returns once every model is ready."""
-        from .generator.server import TritonServer
+        from .serving.server import TritonServer
 
         if not self._deployed:
             self.deploy()

@@ -180,7 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--write", action="store_true", help="write the expectations under tests/golden/")
     parser.add_argument("--cli", default="tritonize.cli.main:cli")
-    parser.add_argument("--demo", default="tritonize.serving.demo_model:write_demo_checkpoint")
+    parser.add_argument("--demo", default="tritonize.export.demo_model:write_demo_checkpoint")
     parser.add_argument("--work", type=Path, required=True)
     args = parser.parse_args()
     repos = render(args.work, _load(args.cli), _load(args.demo))

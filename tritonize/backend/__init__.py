@@ -1,7 +1,0 @@
-"""The runtime code that every generated repository carries.
-
-`tritonize generate` copies this package verbatim into each Python-backend model folder as the
-top-level package ``tritonize_backend`` so that the server's Python needs torch, numpy, safetensors,
-tokenizers and sentencepiece, but not tritonize itself. Hence: relative imports only inside this
-package, and nothing from ``tritonize.generator``.
-"""

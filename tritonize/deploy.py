@@ -1,0 +1,416 @@
+"""Export (or reuse) + generate for `tritonize deploy` and `tritonize.Deployment`.
+
+The NeMo deploy workflow skipped the export when the engine directory already held what was asked
+for. Here the repository's tritonize.json records the options it was made with, and the source
+checkpoint and export settings ride along in the spec's ``extra`` table, so a second deploy with the
+same request reuses the repository and a different request fails naming the option that differs
+(rather than serving something other than what was asked for).
+
+Options of the seed that only TensorRT-LLM can honour are refused by name on the torch runtime, never
+dropped silently; the TensorRT-LLM runtimes take the ones they honour (``HONOURED``) and refuse the rest
+by name with the runtime that would (``REFUSED``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DeployError
+from .repository.fp8 import detect_fp8_details, resolve_fp8_switch
+from .repository.render import model_versions, read_manifest
+from .repository.spec import TRTLLM_RUNTIMES, RepoSpec
+from .repository.trtllm_build import (
+    TRTLLM_DIR,
+    BuildOptions,
+    is_trtllm_checkpoint,
+    link_tree,
+    shard_embedding,
+)
+from .serving.serve import ServeOptions, serve_repository
+
+_NEEDS_TRTLLM = "needs --runtime trtllm or trtllm-engine"
+_ENGINE_ONLY = "needs --runtime trtllm-engine"
+_NEEDS_ADAPTERS = "is not served by this runtime"  # every runtime honours or refuses adapters by name
+
+# option (seed spelling) -> (value that means "not used", why the torch runtime cannot honour it)
+UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "tensor_parallelism_size": (1, "above 1 " + _NEEDS_TRTLLM + " (the torch runtime runs on one device)"),
+    "pipeline_parallelism_size": (1, "above 1 " + _NEEDS_TRTLLM + " (the torch runtime runs on one device)"),
+    "opt_num_tokens": (None, _ENGINE_ONLY + " (a TensorRT build profile)"),
+    "ptuning_nemo_checkpoint": ((), _NEEDS_ADAPTERS),
+    "task_ids": ((), _NEEDS_ADAPTERS),
+    "max_prompt_embedding_table_size": (None, _NEEDS_ADAPTERS),
+    "lora_ckpt": ((), _NEEDS_ADAPTERS),
+    "use_lora_plugin": (None, _NEEDS_ADAPTERS),
+    "lora_target_modules": ((), _NEEDS_ADAPTERS),
+    "max_lora_rank": (None, _NEEDS_ADAPTERS),
+    "no_paged_kv_cache": (False, _ENGINE_ONLY + " (the torch runtime's KV cache is static, not paged)"),
+    "disable_remove_input_padding": (False, _ENGINE_ONLY + " (a TensorRT build switch)"),
+    "use_parallel_embedding": (False, _ENGINE_ONLY + " (tensor-parallel embedding)"),
+    "export_fp8_quantized": ("auto", _ENGINE_ONLY + " (FP8 weights; the torch runtime runs them dequantized)"),
+    "use_fp8_kv_cache": ("auto", _NEEDS_TRTLLM + " (FP8 KV cache)"),
+}
+# What each TensorRT-LLM runtime honours, and where: parallel sizes reach the export mapping, the LLM
+# args / executor and the launch; build switches reach trtllm-build; FP8 the KV cache config or the build.
+# Adapters: converted into the repository by generate (adapters.py) for every runtime; the torch runtime
+# serves LoRA and p-tuning, the LLM API LoRA only, trtllm-engine both (built with the LoRA plugin / a prompt
+# table). ``use_lora_plugin`` is a build switch: it reaches trtllm-build, and elsewhere only says "LoRA on".
+LORA_OPTIONS = frozenset({"lora_ckpt", "lora_target_modules", "max_lora_rank", "use_lora_plugin"})
+PTUNING_OPTIONS = frozenset({"ptuning_nemo_checkpoint", "task_ids", "max_prompt_embedding_table_size"})
+HONOURED: dict[str, frozenset[str]] = {
+    "torch": LORA_OPTIONS | PTUNING_OPTIONS,
+    "auto": LORA_OPTIONS | PTUNING_OPTIONS,
+    "trtllm": frozenset({"tensor_parallelism_size", "pipeline_parallelism_size", "use_fp8_kv_cache"}) | LORA_OPTIONS,
+    "trtllm-engine": frozenset({"tensor_parallelism_size", "pipeline_parallelism_size", "opt_num_tokens",
+                                "no_paged_kv_cache", "disable_remove_input_padding", "use_parallel_embedding",
+                                "use_fp8_kv_cache", "export_fp8_quantized"}) | LORA_OPTIONS | PTUNING_OPTIONS,
+}
+REFUSED: dict[str, dict[str, str]] = {
+    "trtllm": {
+        "opt_num_tokens": _ENGINE_ONLY + " (a TensorRT build profile; the trtllm runtime builds no engine)",
+        "no_paged_kv_cache": _ENGINE_ONLY + " (TensorRT-LLM's LLM API always pages its KV cache)",
+        "disable_remove_input_padding": _ENGINE_ONLY + " (a TensorRT build switch)",
+        "use_parallel_embedding": _ENGINE_ONLY + " (a TRT-LLM checkpoint layout; trtllm loads the HF export)",
+        "export_fp8_quantized": _ENGINE_ONLY + " with an FP8 TRT-LLM checkpoint (.qnemo) as source (the trtllm "
+                                "runtime serves the Hugging Face export, dequantized)",
+        **{name: "needs --runtime torch or trtllm-engine (TensorRT-LLM's LLM API takes no prompt tables)"
+           for name in PTUNING_OPTIONS},
+    },
+}
+# "auto" and "false" both mean: no FP8 on the torch runtime.
+_FP8_OFF = {"auto", "false", "0", "no", None, False}
+
+# spec / extra field -> the flag a user passes for it
+FLAGS = {
+    "name": "--triton-model-name",
+    "version": "--triton-model-version",
+    "max_batch_size": "--max-batch-size",
+    "max_input_len": "--max-input-len",
+    "max_output_len": "--max-output-len",
+    "max_num_tokens": "--max-num-tokens",
+    "runtime": "--runtime",
+    "device": "--device",
+    "dtype": "--dtype",
+    "instance_count": "--instance-count",
+    "tokenizer_instance_count": "tokenizer instance count",
+    "source": "--nemo-checkpoint",
+    "model_type": "--model-type",
+    "export_dtype": "--dtype (export)",
+    "tensor_parallel_size": "--tensor-parallelism-size",
+    "pipeline_parallel_size": "--pipeline-parallelism-size",
+    "kv_cache_free_gpu_memory_fraction": "--kv-cache-free-gpu-memory-fraction",
+    "kv_cache_dtype": "--use-fp8-kv-cache",
+    "multi_gpu_mode": "--multi-gpu-mode",
+    "trtllm_build": "the TensorRT-LLM build options",
+    "lora": "--lora-ckpt",
+    "ptuning": "--ptuning-nemo-checkpoint / --task-ids",
+    "max_lora_rank": "--max-lora-rank",
+    "lora_target_modules": "--lora-target-modules",
+    "max_prompt_embedding_table_size": "--max-prompt-embedding-table-size",
+}
+
+
+
+def _unused(name: str, value: Any) -> bool:
+    default = UNSUPPORTED[name][0]
+    if name in ("export_fp8_quantized", "use_fp8_kv_cache"):
+        return (value.lower() if isinstance(value, str) else value) in _FP8_OFF
+    if isinstance(default, tuple):
+        return not value
+    if name in ("max_prompt_embedding_table_size", "max_lora_rank"):
+        return value is None or value == 0
+    return value == default
+
+
+def refuse_unsupported(options: Mapping[str, Any], runtime: str = "torch") -> None:
+    """Raises DeployError for the first option ``runtime`` cannot honour; `options` is by seed name."""
+    honoured = HONOURED.get(runtime, frozenset())
+    for name, value in options.items():
+        if name not in UNSUPPORTED:
+            raise DeployError(f"unknown option {name!r}")
+        if _unused(name, value) or name in honoured:
+            continue
+        dashed = name.replace("_", "-")
+        why = REFUSED.get(runtime, {}).get(name, UNSUPPORTED[name][1])
+        raise DeployError(f"--{dashed} (--{name}) {why}")
+
+
+@dataclass
+class DeployPlan:
+    """What deploy will do: "build" (export + generate), "reuse" (serve what is there) or "serve" (no source)."""
+
+    action: str
+    repository: Path
+    spec: RepoSpec
+    source: Path | None
+    model_type: str | None
+    export_dtype: str | None
+    reason: str
+    replace: bool = False
+    build: BuildOptions | None = None  # trtllm-engine: what trtllm-build gets
+    trtllm_checkpoint: Path | None = None  # trtllm-engine: build this TRT-LLM checkpoint as is (FP8 source)
+    parallel_embedding: bool = False  # trtllm-engine: shard the embedding table over the TP ranks
+    notes: list[str] = field(default_factory=list)  # what deploy prints about its choices (FP8 detection)
+
+    def describe(self) -> str:
+        s = self.spec
+        if self.action == "build":
+            engine = ""
+            if s.runtime == "trtllm-engine":
+                what = (f"the FP8 checkpoint {self.trtllm_checkpoint} as it is" if self.trtllm_checkpoint else
+                        f"a TRT-LLM checkpoint for tensor x pipeline parallelism {s.tensor_parallel_size} x "
+                        f"{s.pipeline_parallel_size}")
+                engine = f", build {what} with trtllm-build,"
+            return (f"export {self.source} (model type {self.model_type or 'detected'}, dtype "
+                    f"{self.export_dtype or 'as stored'}){engine} and generate {s.name} version {s.version} into "
+                    f"{self.repository} ({self.reason})")
+        return f"serve {self.repository} as it is ({self.reason})"
+
+
+def request_spec(spec: RepoSpec, source: Path, model_type: str | None, export_dtype: str | None) -> RepoSpec:
+    """`spec` with the export request recorded in ``extra``, which tritonize.json keeps among the options."""
+    spec.extra = {**spec.extra, "source": str(Path(source).expanduser().resolve()),
+                  "model_type": (model_type or "auto").lower(), "export_dtype": export_dtype or "as stored"}
+    return spec
+
+
+def _difference(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
+    flat_stored = {**{k: v for k, v in stored.items() if k != "extra"}, **(stored.get("extra") or {})}
+    flat_wanted = {**{k: v for k, v in wanted.items() if k != "extra"}, **(wanted.get("extra") or {})}
+    for key, value in flat_wanted.items():
+        if key in flat_stored and flat_stored[key] != value:
+            return f"{FLAGS.get(key, key)} is {value!r} but the repository was made with {flat_stored[key]!r}"
+        if key not in flat_stored and key in ("source", "model_type", "export_dtype"):
+            return f"{FLAGS.get(key, key)}: the repository records no export source (it was not made by deploy)"
+    return None
+
+
+@dataclass
+class TrtllmChoices:
+    """What the TensorRT-LLM options of one deploy request come to (``trtllm_choices``)."""
+
+    build: BuildOptions | None = None
+    trtllm_checkpoint: Path | None = None
+    parallel_embedding: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _fp8_note(what: str, on: bool, value: Any, detected: bool, where: Path | None) -> str:
+    if str(value).lower() in ("auto", "none"):
+        how = f"detected from {where}" if detected else "auto: the checkpoint declares none"
+    else:
+        how = f"{'--use-fp8-kv-cache' if what == 'KV cache' else '--export-fp8-quantized'} {value}"
+    return f"FP8 {what}: {'on' if on else 'off'} ({how})"
+
+
+def trtllm_choices(spec: RepoSpec, options: Mapping[str, Any], source: Path | None) -> TrtllmChoices:
+    """Puts the honoured options of a trtllm runtime into ``spec``; the build for trtllm-engine.
+
+    FP8 "auto" follows the source checkpoint's config files (``fp8.detect_fp8``). trtllm: an FP8 KV cache
+    is the LLM API's KvCacheConfig dtype. trtllm-engine: FP8 weights or KV cache come from a TRT-LLM
+    checkpoint that already has them (a .qnemo), built as it is; tritonize's own export writes neither.
+    """
+    choices = TrtllmChoices()
+    if spec.runtime not in TRTLLM_RUNTIMES:
+        return choices
+    spec.tensor_parallel_size = int(options.get("tensor_parallelism_size") or 1)
+    spec.pipeline_parallel_size = int(options.get("pipeline_parallelism_size") or 1)
+    found = detect_fp8_details(source) if source is not None else None
+    w_detected, kv_detected = (found.weights, found.kv_cache) if found else (False, False)
+    where = found.source if found else None
+    kv_value = options.get("use_fp8_kv_cache", "auto")
+    w_value = options.get("export_fp8_quantized", "auto")
+    kv_on = resolve_fp8_switch(kv_value, kv_detected)
+    w_on = resolve_fp8_switch(w_value, w_detected)
+    if spec.runtime == "trtllm":
+        spec.kv_cache_dtype = "fp8" if kv_on else "auto"
+        choices.notes.append(_fp8_note("KV cache", kv_on, kv_value, kv_detected, where))
+        if w_detected:
+            choices.notes.append(f"FP8 weights: detected in {where}; the trtllm runtime serves the dequantized "
+                                 "export (--runtime trtllm-engine builds the FP8 checkpoint as it is)")
+        return choices
+    fp8_source = source is not None and is_trtllm_checkpoint(source) and (w_detected or kv_detected)
+    for what, on, value in (("weights", w_on, w_value), ("KV cache", kv_on, kv_value)):
+        if on and not fp8_source:
+            raise DeployError(f"FP8 {what} ({_fp8_note(what, on, value, False, where)}) on trtllm-engine needs a "
+                              "TRT-LLM checkpoint quantized to FP8 (a .qnemo directory) as --nemo-checkpoint")
+        choices.notes.append(_fp8_note(what, on, value, (w_detected if what == "weights" else kv_detected), where))
+    if fp8_source:
+        if not (w_on and kv_on == kv_detected):
+            raise DeployError(f"{source} is quantized to FP8 (weights {w_detected}, KV cache {kv_detected}) and "
+                              "trtllm-engine builds it as it is: leave --export-fp8-quantized and "
+                              "--use-fp8-kv-cache at auto")
+        choices.trtllm_checkpoint = source
+    choices.parallel_embedding = bool(options.get("use_parallel_embedding"))
+    choices.build = BuildOptions(
+        max_batch_size=spec.max_batch_size, max_input_len=spec.max_input_len, max_output_len=spec.max_output_len,
+        max_num_tokens=spec.max_num_tokens or None, opt_num_tokens=options.get("opt_num_tokens") or None,
+        paged_kv_cache=not options.get("no_paged_kv_cache"),
+        remove_input_padding=not options.get("disable_remove_input_padding"),
+        fp8_kv_cache_request="true" if kv_on else "auto",
+        lora_plugin=options.get("use_lora_plugin") or None)
+    b = choices.build
+    spec.extra = {**spec.extra, "trtllm_build": json.dumps(
+        {"opt_num_tokens": b.opt_num_tokens, "paged_kv_cache": b.paged_kv_cache,
+         "remove_input_padding": b.remove_input_padding, "parallel_embedding": choices.parallel_embedding,
+         "fp8_weights": w_on, "fp8_kv_cache": kv_on}, sort_keys=True)}
+    return choices
+
+
+def adapter_choices(spec: RepoSpec, options: Mapping[str, Any]) -> list[str]:
+    """Puts the seed's adapter options into ``spec`` (generate converts and checks them); returns notes."""
+    from .repository.adapters import lora_pairs, ptuning_pairs, split_modules
+
+    spec.lora = lora_pairs(list(options.get("lora_ckpt") or ()))
+    spec.ptuning = ptuning_pairs(list(options.get("ptuning_nemo_checkpoint") or ()),
+                                 list(options.get("task_ids") or ()))
+    spec.lora_target_modules = split_modules(list(options.get("lora_target_modules") or ()))
+    spec.max_lora_rank = int(options.get("max_lora_rank") or 0)
+    spec.max_prompt_embedding_table_size = int(options.get("max_prompt_embedding_table_size") or 0)
+    notes = []
+    if options.get("use_lora_plugin") and spec.runtime != "trtllm-engine":
+        notes.append(f"--use-lora-plugin {options['use_lora_plugin']}: a TensorRT build switch; the "
+                     f"{spec.runtime} runtime serves LoRA adapters without it")
+    if spec.lora:
+        notes.append("LoRA adapters: " + ", ".join(f"lora_task_id {t} = {p}" for t, p in spec.lora))
+    if spec.ptuning:
+        notes.append("p-tuning tasks: " + ", ".join(f"task_id {t} = {p}" for t, p in spec.ptuning))
+    return notes
+
+
+def plan_deploy(repository: Path, spec: RepoSpec, *, source: Path | None, model_type: str | None = None,
+                export_dtype: str | None = None, force: bool = False,
+                trtllm: TrtllmChoices | None = None) -> DeployPlan:
+    """Decides between building, reusing and serving as is, checking the request against tritonize.json."""
+    plan = _plan_deploy(repository, spec, source=source, model_type=model_type, export_dtype=export_dtype,
+                        force=force)
+    if trtllm is not None:
+        plan.build, plan.trtllm_checkpoint = trtllm.build, trtllm.trtllm_checkpoint
+        plan.parallel_embedding, plan.notes = trtllm.parallel_embedding, list(trtllm.notes)
+    return plan
+
+
+def _plan_deploy(repository: Path, spec: RepoSpec, *, source: Path | None, model_type: str | None,
+                 export_dtype: str | None, force: bool) -> DeployPlan:
+    repository = Path(repository).expanduser().absolute()
+    spec.validate()
+    if source is None:
+        if not repository.is_dir():
+            raise DeployError(f"{repository} does not exist: give --nemo-checkpoint to export one, "
+                              "or point --triton-model-repository at a generated repository")
+        manifest = read_manifest(repository)
+        if manifest is not None and spec.name not in manifest["models"]:
+            held = ", ".join(sorted(manifest["models"])) or "none"
+            raise DeployError(f"{repository} holds no model {spec.name!r} (it holds: {held}): "
+                              "pass one of those as --triton-model-name")
+        return DeployPlan("serve", repository, spec, None, model_type, export_dtype,
+                          "no checkpoint given")
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise DeployError(f"--nemo-checkpoint {source} does not exist")
+    request_spec(spec, source, model_type, export_dtype)
+    manifest = read_manifest(repository) if repository.is_dir() else None
+    if repository.exists() and manifest is None and not force:
+        raise DeployError(f"{repository} exists and is not a tritonize repository: choose another "
+                          "--triton-model-repository, or pass --force to replace it")
+    entry = (manifest or {}).get("models", {}).get(spec.name)
+    stored = model_versions(entry).get(str(spec.version)) if entry else None
+    if stored is None:
+        return DeployPlan("build", repository, spec, source, model_type, export_dtype,
+                          "the repository does not hold this model version yet", replace=force)
+    diff = _difference(stored.get("options") or {}, spec.as_dict())
+    if diff is None:
+        return DeployPlan("reuse", repository, spec, source, model_type, export_dtype,
+                          "tritonize.json matches the request")
+    if force:
+        return DeployPlan("build", repository, spec, source, model_type, export_dtype, f"--force: {diff}",
+                          replace=True)
+    raise DeployError(f"{repository} holds {spec.name} version {spec.version} made differently: {diff}; "
+                      "deploy with the same options, pass --force to rebuild, or choose another repository")
+
+
+def _is_export(path: Path | None) -> bool:
+    """A directory `tritonize export` wrote: generate reads it as it is, exporting again would only copy it."""
+    return path is not None and path.is_dir() and (path / "export_manifest.json").is_file()
+
+
+def carry_out(plan: DeployPlan, *, progress: bool = False) -> Path:
+    """Runs the export + generate steps of a "build" plan; the export is staged and removed afterwards.
+
+    The repository's weights are hard links (or copies) of the export's files, so dropping the staged
+    export frees nothing the repository needs.
+    """
+    if plan.action != "build":
+        return plan.repository
+    from .export import export_checkpoint
+    from .repository.build import build_repository
+
+    plan.repository.parent.mkdir(parents=True, exist_ok=True)
+    engine = plan.spec.runtime == "trtllm-engine"
+    if _is_export(plan.source) and plan.model_type is None and plan.export_dtype is None and (
+            not engine or (plan.source / TRTLLM_DIR).is_dir()) and not plan.parallel_embedding:
+        return build_repository(plan.source, plan.repository, plan.spec, force=plan.replace, progress=progress,
+                                build=plan.build)
+    work = Path(tempfile.mkdtemp(prefix=f".{plan.repository.name}.deploy-", dir=plan.repository.parent))
+    try:
+        exported = work / "export"
+        export_trtllm = engine and plan.trtllm_checkpoint is None
+        export_checkpoint(plan.source, exported, model_type=plan.model_type, dtype=plan.export_dtype,
+                          progress=progress, fmt="trtllm-checkpoint" if export_trtllm else "hf",
+                          tp_size=plan.spec.tensor_parallel_size if export_trtllm else 1,
+                          pp_size=plan.spec.pipeline_parallel_size if export_trtllm else 1)
+        if engine and plan.trtllm_checkpoint is not None:
+            link_tree(plan.trtllm_checkpoint, exported / TRTLLM_DIR)
+        if engine and plan.parallel_embedding:
+            shard_embedding(exported / TRTLLM_DIR)
+        return build_repository(exported, plan.repository, plan.spec, force=plan.replace, progress=progress,
+                                build=plan.build)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def deploy(source: Path | None, repository: Path | None, spec: RepoSpec, options: Mapping[str, Any], *,
+           model_type: str | None = None, export_dtype: str | None = None, force: bool = False,
+           dry_run: bool = False, serve: ServeOptions = ServeOptions(), say: Callable[[str], None] = print,
+           note: Callable[[str], None] = print) -> None:
+    """NeMo's deploy_triton.py: export (or reuse) ``source``, generate ``spec`` into ``repository``, serve it.
+
+    ``options`` are the options only some runtimes honour, by name (refused by name where ``spec.runtime``
+    cannot honour them). Without ``repository`` a temporary one is used and removed at the end. With
+    ``dry_run`` only what would be done is said.
+    """
+    temporary = None
+    try:
+        refuse_unsupported(options, runtime=spec.runtime)
+        if repository is None:
+            if source is None:
+                raise DeployError("give --nemo-checkpoint to export, or --triton-model-repository to serve")
+            temporary = Path(tempfile.mkdtemp(prefix="tritonize-deploy-"))
+            repository = temporary / "repo"
+        for line in adapter_choices(spec, options):
+            note(line)
+        choices = trtllm_choices(spec, options, source)
+        plan = plan_deploy(repository, spec, source=source, model_type=model_type, export_dtype=export_dtype,
+                           force=force, trtllm=choices)
+        for line in plan.notes:
+            note(line)
+        if dry_run:
+            say(f"would {plan.describe()}")
+            say(f"would serve it: tritonize serve {plan.repository} --http-port {serve.http_port} "
+                f"--grpc-port {serve.grpc_port} --metrics-port {serve.metrics_port} --address {serve.address}")
+            return
+        if plan.action == "build":
+            note(f"{plan.describe()} ...")
+            carry_out(plan, progress=False)
+        else:
+            note(plan.describe())
+        serve_repository(plan.repository, serve, say=say, note=note)
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)

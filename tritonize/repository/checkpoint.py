@@ -1,0 +1,122 @@
+"""Reads what a Hugging Face-format checkpoint directory declares, before anything is written.
+
+Everything `generate` needs to know is checked here, so a bad checkpoint fails with one line
+before a temporary repository is even started.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tritonize.runtime.config import ModelArgs, UnsupportedModelError
+from tritonize.runtime.tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError
+
+from ..errors import CheckpointError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict[str, Any]
+    architecture: str
+    args: ModelArgs
+    weight_files: list[Path]
+    tokenizer_files: list[Path]
+    tokenizer_kind: str
+    vocab_size: int
+    end_ids: list[int] = field(default_factory=list)
+    pad_id: int = 0
+    dtype: str | None = None
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{what} {path} is not valid JSON ({e}): re-export the checkpoint") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} is not a JSON object: re-export the checkpoint")
+    return data
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [int(v) for v in value if isinstance(v, int)]
+    return []
+
+
+def inspect_checkpoint(path: str | Path) -> Checkpoint:
+    """Checks an HF-format directory: config, supported architecture, weights and tokenizer."""
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"checkpoint {root} does not exist: pass a Hugging Face-format directory")
+    if not root.is_dir():
+        raise CheckpointError(
+            f"checkpoint {root} is a file: pass a Hugging Face-format directory (run `tritonize export` first "
+            "for .nemo / .qnemo files)"
+        )
+    if not (root / "config.json").is_file():
+        raise CheckpointError(
+            f"{root} has no config.json: pass a Hugging Face-format directory (or `tritonize export` a NeMo one)"
+        )
+    config = _read_json(root / "config.json", "config")
+    try:
+        args = ModelArgs.from_hf_config(config)
+    except UnsupportedModelError as e:
+        raise CheckpointError(str(e)) from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json in {root} is missing or has a bad field ({e}): fix or re-export it") from None
+    architecture = (config.get("architectures") or [config.get("model_type", "?")])[0]
+
+    weights = sorted(p for p in root.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if not weights:
+        raise CheckpointError(f"{root} has no *.safetensors or *.bin weights")
+    if any(p.suffix == ".safetensors" for p in weights):
+        weights = [p for p in weights if p.suffix == ".safetensors"]
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weights.append(index)
+
+    try:
+        tokenizer = Tokenizer(root)
+    except TokenizerError as e:
+        raise CheckpointError(f"{e}: the repository needs the tokenizer the checkpoint was trained with") from None
+    tokenizer_files = [root / name for name in TOKENIZER_FILES if (root / name).is_file()]
+
+    generation = _read_json(root / "generation_config.json", "generation config") if (
+        root / "generation_config.json"
+    ).is_file() else {}
+    end_ids = _as_ids(generation.get("eos_token_id")) or _as_ids(config.get("eos_token_id"))
+    if not end_ids and tokenizer.eos_id is not None:
+        end_ids = [tokenizer.eos_id]
+    pad = _as_ids(generation.get("pad_token_id")) or _as_ids(config.get("pad_token_id"))
+    pad_id = pad[0] if pad else (end_ids[0] if end_ids else 0)
+    if tokenizer.vocab_size > args.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {args.vocab_size}: "
+            "the tokenizer does not belong to this model"
+        )
+    return Checkpoint(
+        path=root,
+        config=config,
+        architecture=architecture,
+        args=args,
+        weight_files=weights,
+        tokenizer_files=tokenizer_files,
+        tokenizer_kind=tokenizer.kind,
+        vocab_size=tokenizer.vocab_size,
+        end_ids=end_ids,
+        pad_id=pad_id,
+        dtype=config.get("torch_dtype") or config.get("dtype"),
+    )

@@ -1,0 +1,86 @@
+"""tritonize.json: what made a repository, so it can be validated, reused or reproduced later."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
+
+from ..version import __version__
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .spec import RepoSpec
+
+MANIFEST = "tritonize.json"
+CHUNK = 8 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_tree(root: Path, *, progress: bool = False, desc: str = "hashing") -> dict[str, str]:
+    """sha256 of every file under ``root``, keyed by its path relative to ``root``."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in tqdm(files, desc=desc, unit="file", disable=not progress)
+    }
+
+
+def _versions() -> dict[str, str]:
+    out = {"tritonize": __version__, "python": platform.python_version()}
+    for name in ("torch", "tokenizers", "sentencepiece", "numpy"):
+        module = sys.modules.get(name)
+        try:
+            module = module or __import__(name)
+            out[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            continue
+    return out
+
+
+def build_manifest(spec: RepoSpec, ckpt: Checkpoint, repo: Path, *, progress: bool = False,
+                   adapters: dict | None = None) -> dict[str, Any]:
+    """``adapters``: the served LoRA adapters and p-tuning tables (listing and hashes are recorded)."""
+    engine = repo / f"{spec.name}_engine" / str(spec.version) / "weights"
+    tokenizer = repo / f"{spec.name}_preprocessing" / str(spec.version) / "tokenizer"
+    hashes = {
+        "engine": hash_tree(engine, progress=progress, desc="hashing weights"),
+        "tokenizer": hash_tree(tokenizer),
+    }
+    if adapters:
+        hashes["adapters"] = hash_tree(engine.parent / "adapters")
+    if (engine.parent / "engine").is_dir():  # trtllm-engine: the TensorRT-LLM engine beside the weights
+        hashes["trtllm_engine"] = hash_tree(engine.parent / "engine", progress=progress, desc="hashing engine")
+    return {
+        "format": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "models": {
+            spec.name: {
+                "options": spec.as_dict(),
+                "checkpoint": {
+                    "path": str(ckpt.path.resolve()),
+                    "architecture": ckpt.architecture,
+                    "dtype": ckpt.dtype,
+                    "tokenizer": ckpt.tokenizer_kind,
+                    "vocab_size": ckpt.vocab_size,
+                    "end_ids": ckpt.end_ids,
+                    "pad_id": ckpt.pad_id,
+                },
+                "hashes": hashes,
+                **({"adapters": adapters} if adapters else {}),
+            }
+        },
+    }

@@ -1,0 +1,211 @@
+"""Talking to a generated repository the way fleet clients do: gRPC streaming, or HTTP generate.
+
+gRPC streaming reaches the decoupled ensemble both for streamed and single-response requests;
+HTTP goes through Triton's /generate and /generate_stream endpoints. Plain HTTP /infer works on
+the ``<name>_sync`` model only (Triton refuses decoupled models there).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import QueryError
+
+
+@dataclass
+class GenerateOptions:
+    max_tokens: int = 64
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    stop_words: list[str] = field(default_factory=list)
+    bad_words: list[str] = field(default_factory=list)
+    end_id: int | None = None
+    exclude_input_in_output: bool = True
+    return_log_probs: bool = False
+    task_id: int | None = None  # p-tuning task
+    lora_task_id: int | None = None  # LoRA adapter
+
+    def scalars(self) -> dict[str, tuple[object, str]]:
+        """Input name -> (value, Triton dtype) for every option that is set."""
+        table: dict[str, tuple[object, str]] = {
+            "max_tokens": (self.max_tokens, "INT32"),
+            "exclude_input_in_output": (self.exclude_input_in_output, "BOOL"),
+        }
+        optional = {
+            "top_k": (self.top_k, "INT32"),
+            "top_p": (self.top_p, "FP32"),
+            "temperature": (self.temperature, "FP32"),
+            "seed": (self.seed, "UINT64"),
+            "repetition_penalty": (self.repetition_penalty, "FP32"),
+            "min_tokens": (self.min_tokens, "INT32"),
+            "end_id": (self.end_id, "INT32"),
+            "return_log_probs": (self.return_log_probs or None, "BOOL"),
+            "task_id": (self.task_id, "UINT64"),
+            "lora_task_id": (self.lora_task_id, "UINT64"),
+        }
+        table.update({k: v for k, v in optional.items() if v[0] is not None})
+        return table
+
+
+@dataclass
+class Result:
+    text: str
+    pieces: list[str]
+    num_input_tokens: int | None = None
+    num_output_tokens: int | None = None
+    cum_log_prob: float | None = None
+    output_log_probs: list[float] | None = None
+    time_to_first_piece: float | None = None
+    elapsed: float = 0.0
+
+
+_NP = {"INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": np.bool_}
+
+
+def grpc_inputs(prompt: str, opts: GenerateOptions, stream: bool) -> list:
+    import tritonclient.grpc as grpcclient
+
+    def make(name: str, array: np.ndarray, dtype: str):
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        return tensor
+
+    inputs = [
+        make("text_input", np.array([[prompt.encode("utf-8")]], dtype=np.object_), "BYTES"),
+        make("stream", np.array([[stream]], dtype=np.bool_), "BOOL"),
+    ]
+    for name, (value, dtype) in opts.scalars().items():
+        inputs.append(make(name, np.array([[value]], dtype=_NP[dtype]), dtype))
+    for name, words in (("stop_words", opts.stop_words), ("bad_words", opts.bad_words)):
+        if words:
+            inputs.append(make(name, np.array([[w.encode() for w in words]], dtype=np.object_), "BYTES"))
+    return inputs
+
+
+def _grpc_url(url: str) -> str:
+    for scheme in ("grpc://", "http://", "https://"):
+        if url.startswith(scheme):
+            return url[len(scheme):]
+    return url
+
+
+def grpc_generate(url: str, model: str, prompt: str, opts: GenerateOptions, *, stream: bool = False,
+                  on_piece: Callable[[str], None] | None = None, timeout: float = 300.0) -> Result:
+    """One request over a gRPC stream; works for streamed and single-response requests alike."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(_grpc_url(url))
+    result = Result(text="", pieces=[])
+    start = time.perf_counter()
+    try:
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        client.async_stream_infer(model, grpc_inputs(prompt, opts, stream), request_id=uuid.uuid4().hex,
+                                  enable_empty_final_response=True)
+        while True:
+            try:
+                res, err = responses.get(timeout=timeout)
+            except queue.Empty:
+                raise QueryError(f"no response from {model} within {timeout:.0f} s") from None
+            if err is not None:
+                raise QueryError(err.message() if hasattr(err, "message") else str(err))
+            _absorb(result, res.as_numpy, on_piece, start)
+            params = res.get_response().parameters
+            if params.get("triton_final_response") and params["triton_final_response"].bool_param:
+                break
+    except InferenceServerException as e:
+        raise QueryError(e.message() or str(e)) from None
+    finally:
+        try:
+            client.stop_stream()
+        finally:
+            client.close()
+    result.elapsed = time.perf_counter() - start
+    return result
+
+
+def _absorb(result: Result, get: Callable[[str], np.ndarray | None], on_piece: Callable[[str], None] | None,
+            start: float) -> None:
+    text = get("text_output")
+    if text is None:
+        return
+    piece = b"".join(t if isinstance(t, bytes) else str(t).encode() for t in text.reshape(-1)).decode("utf-8")
+    if result.time_to_first_piece is None:
+        result.time_to_first_piece = time.perf_counter() - start
+    result.pieces.append(piece)
+    result.text += piece
+    if on_piece is not None:
+        on_piece(piece)
+    for name in ("num_input_tokens", "num_output_tokens"):
+        value = get(name)
+        if value is not None:
+            setattr(result, name, int(value.reshape(-1)[0]))
+    cum = get("cum_log_probs")
+    if cum is not None:
+        result.cum_log_prob = float(cum.reshape(-1)[0])
+    logp = get("output_log_probs")
+    if logp is not None and logp.size:
+        result.output_log_probs = (result.output_log_probs or []) + logp.reshape(-1).tolist()
+
+
+def http_generate(url: str, model: str, prompt: str, opts: GenerateOptions, *, stream: bool = False,
+                  on_piece: Callable[[str], None] | None = None, timeout: float = 300.0) -> Result:
+    """One request to Triton's /generate (one response) or /generate_stream (server-sent events)."""
+    base = url if url.startswith(("http://", "https://")) else f"http://{url}"
+    endpoint = f"{base.rstrip('/')}/v2/models/{model}/{'generate_stream' if stream else 'generate'}"
+    body: dict[str, object] = {"text_input": prompt, "stream": stream}
+    body.update({k: v for k, (v, _) in opts.scalars().items()})
+    if opts.stop_words:
+        body["stop_words"] = opts.stop_words
+    if opts.bad_words:
+        body["bad_words"] = opts.bad_words
+    request = urllib.request.Request(endpoint, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    result = Result(text="", pieces=[])
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            if stream:
+                for raw in response:
+                    line = raw.decode("utf-8").strip()
+                    if line.startswith("data:"):
+                        event = json.loads(line[5:])
+                        if "error" in event:
+                            raise QueryError(event["error"])
+                        _absorb(result, lambda k, e=event: _json_field(e, k), on_piece, start)
+            else:
+                _absorb(result, lambda k, e=json.loads(response.read()): _json_field(e, k), on_piece, start)
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode("utf-8", "replace")
+        try:
+            detail = json.loads(detail).get("error", detail)
+        except ValueError:
+            pass
+        raise QueryError(f"{e.code}: {detail}") from None
+    except urllib.error.URLError as e:
+        raise QueryError(f"cannot reach {endpoint}: {e.reason}") from None
+    result.elapsed = time.perf_counter() - start
+    return result
+
+
+def _json_field(event: dict, key: str) -> np.ndarray | None:
+    if key not in event:
+        return None
+    value = event[key]
+    if key == "text_output":
+        return np.array([value.encode("utf-8")], dtype=np.object_)
+    return np.array(value)

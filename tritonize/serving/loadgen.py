@@ -1,0 +1,164 @@
+"""A genai-perf-shaped load over gRPC streaming, and the LLM statistics it reports.
+
+perf_analyzer and genai-perf are the tools of record for Triton fleets; this generator exists for
+machines where neither runs (their wheels need a newer glibc than some hosts have). Each virtual
+user sends one streaming request at a time, as perf_analyzer's concurrency mode does, and every
+response's arrival time is recorded, so time to first token and inter-token latency are measured
+the way genai-perf measures them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class RequestRecord:
+    start: float
+    response_times: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return self.response_times[0] - self.start if self.response_times else None
+
+    @property
+    def itl(self) -> float | None:
+        """genai-perf's inter-token latency: (last response - first response) / (tokens - 1), which
+        stays right when one response carries several tokens."""
+        t = self.response_times
+        if len(t) < 2 or self.output_tokens < 2:
+            return None
+        return (t[-1] - t[0]) / (self.output_tokens - 1)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return float(np.percentile(np.asarray(values), q))
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    duration: float
+    records: list[RequestRecord]
+
+    def summary(self) -> dict[str, float | int | None]:
+        ok = [r for r in self.records if r.error is None]
+        ttft = [r.ttft for r in ok if r.ttft is not None]
+        itl = [r.itl for r in ok if r.itl is not None]
+        tokens = sum(r.output_tokens for r in ok)
+        out: dict[str, float | int | None] = {
+            "concurrency": self.concurrency,
+            "requests": len(ok),
+            "errors": len(self.records) - len(ok),
+            "duration_s": self.duration,
+            "output_tokens_per_s": tokens / self.duration if self.duration else None,
+            "requests_per_s": len(ok) / self.duration if self.duration else None,
+        }
+        for name, values in (("ttft_ms", ttft), ("itl_ms", itl)):
+            for q in (50, 90, 99):
+                p = percentile(values, q)
+                out[f"{name}_p{q}"] = None if p is None else p * 1000
+            out[f"{name}_mean"] = statistics.fmean(values) * 1000 if values else None
+        return out
+
+
+def _inputs(prompt: str, output_len: int, grpcclient):  # noqa: ANN001 - module passed in to keep imports lazy
+    def make(name, array, dtype):
+        t = grpcclient.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        return t
+
+    return [
+        make("text_input", np.array([[prompt.encode()]], dtype=np.object_), "BYTES"),
+        make("max_tokens", np.array([[output_len]], dtype=np.int32), "INT32"),
+        make("min_tokens", np.array([[output_len]], dtype=np.int32), "INT32"),
+        make("stream", np.array([[True]], dtype=np.bool_), "BOOL"),
+        make("exclude_input_in_output", np.array([[True]], dtype=np.bool_), "BOOL"),
+    ]
+
+
+async def _user(url: str, model: str, prompts: list[str], output_len: int, deadline: float, max_requests: int,
+                counter: list[int], records: list[RequestRecord]) -> None:
+    import tritonclient.grpc as grpcclient
+    import tritonclient.grpc.aio as aio
+
+    async with aio.InferenceServerClient(url) as client:
+        while time.perf_counter() < deadline and counter[0] < max_requests:
+            i = counter[0]
+            counter[0] += 1
+            prompt = prompts[i % len(prompts)]
+            record = RequestRecord(start=time.perf_counter())
+            records.append(record)
+
+            async def one_request(prompt=prompt):
+                yield {"model_name": model, "inputs": _inputs(prompt, output_len, grpcclient),
+                       "request_id": uuid.uuid4().hex, "enable_empty_final_response": True}
+
+            try:
+                async for result, error in client.stream_infer(one_request()):
+                    if error is not None:
+                        record.error = str(error)
+                        break
+                    text = result.as_numpy("text_output")
+                    if text is not None:
+                        record.response_times.append(time.perf_counter())
+                        n = result.as_numpy("num_output_tokens")
+                        if n is not None:
+                            record.output_tokens = int(n.reshape(-1)[0])
+                    final = result.get_response().parameters.get("triton_final_response")
+                    if final is not None and final.bool_param:
+                        break
+            except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
+                record.error = str(e)
+
+
+async def run_load_async(url: str, model: str, prompts: list[str], *, output_len: int, concurrency: int,
+                         duration: float = 30.0, max_requests: int = 1_000_000) -> LoadResult:
+    start = time.perf_counter()
+    records: list[RequestRecord] = []
+    counter = [0]
+    deadline = start + duration
+    await asyncio.gather(*(
+        _user(url, model, prompts, output_len, deadline, max_requests, counter, records)
+        for _ in range(concurrency)
+    ))
+    return LoadResult(concurrency, time.perf_counter() - start, records)
+
+
+def run_load(url: str, model: str, prompts: list[str], **kwargs) -> LoadResult:  # noqa: ANN003
+    return asyncio.run(run_load_async(url, model, prompts, **kwargs))
+
+
+def synthetic_prompts(tokenizer_dir: str, input_len: int, count: int = 64, seed: int = 0) -> list[str]:
+    """Prompts of exactly ``input_len`` tokens (with BOS) under the repository's own tokenizer."""
+    from tritonize.runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_dir)
+    rng = np.random.default_rng(seed)
+    words = "the of and to in is was for on that with as by at from his her an which their be this".split()
+    prompts = []
+    for _ in range(count):
+        text = " ".join(rng.choice(words, size=input_len * 2))
+        ids = tok.encode(text)
+        while len(ids) > input_len:
+            text = text[: int(len(text) * input_len / len(ids)) - 1]
+            ids = tok.encode(text)
+        while len(ids) < input_len:
+            text += " " + str(rng.choice(words))
+            ids = tok.encode(text)
+            if len(ids) > input_len:
+                text = text.rsplit(" ", 1)[0]
+                ids = tok.encode(text)
+                break
+        prompts.append(text)
+    return prompts
