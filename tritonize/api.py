@@ -300,8 +300,9 @@ class Exporter:
             raise DeployError(f"{self.model_dir} is not loaded: call export(...) first, or point model_dir at an "
                               "exported HF-format directory")
         from .runtime.engine import EngineError, GenerationRequest, submit_and_wait
+        from .runtime.prompt import virtual_tokens
         from .runtime.sampling import SamplingParams
-        from .runtime.tokenizer import STREAM_CONTEXT_TOKENS, detokenize_delta
+        from .runtime.tokenizer import detokenize_delta, response_ids
 
         if max_output_token < 1 or max_output_token > self.max_output_len:
             raise ValueError(f"max_output_token is {max_output_token}: ask for 1 to {self.max_output_len} tokens")
@@ -311,11 +312,11 @@ class Exporter:
         texts = [self._tokenizer.encode(text) for text in input_texts]
         prompts = []
         for text, ids, task in zip(input_texts, texts, tasks):
-            # The preprocessing model's layout: the task's virtual ids vocab_size + j, then the prompt.
+            # The preprocessing model's layout: the task's virtual tokens, then the prompt.
             n_virtual = self._engine.adapters.tasks[task][1] if task is not None else 0
             if table is not None:
                 n_virtual = len(table)
-            prompt = [self._engine.vocab_size + j for j in range(n_virtual)] + ids
+            prompt = virtual_tokens(self._engine.vocab_size, n_virtual) + ids
             if len(prompt) > self.max_input_len:
                 virtual = f" (with its task's {n_virtual} virtual tokens)" if n_virtual else ""
                 raise ValueError(f"the prompt {text[:30]!r}... is {len(prompt)} tokens{virtual}, more than "
@@ -336,9 +337,14 @@ class Exporter:
         for out in outputs:
             if out.finish_reason == "error":
                 raise EngineError(out.error or "generation failed")
-        # The served engine's detokenizer prefix: the prompt's last real tokens (virtual ids left out).
-        return [detokenize_delta(self._tokenizer, ids[-STREAM_CONTEXT_TOKENS:], list(out.token_ids), True)
-                for ids, out in zip(texts, outputs)]
+        # What the served engine model and detokenizer do with a request that does not stream, the prompt
+        # being the real tokens (virtual ids left out)
+        texts_out = []
+        for ids, out in zip(texts, outputs):
+            delta, prefix = response_ids(ids, list(out.token_ids), list(out.token_ids), stream=False,
+                                         exclude_input=True)
+            texts_out.append(detokenize_delta(self._tokenizer, prefix, delta, True))
+        return texts_out
 
     def _call_table(self, table: Any, path: str | Path | None, tasks: list[int | None]) -> Any:
         """NeMo's per-call prompt table: one [n, hidden] table for every prompt of this forward call."""

@@ -1,4 +1,5 @@
-"""Renders a model repository from the Jinja templates, atomically.
+"""Renders a model repository, atomically: config.pbtxt from the Jinja templates, model.py and the
+runtime package copied from ``tritonize.runtime``.
 
 The repository is written into a temporary directory beside the destination and renamed into
 place only when every file is written and every config parses as Triton's ModelConfig, so a failure
@@ -31,8 +32,12 @@ from .spec import RepoSpec
 from .trtllm_build import ENGINE_DIR, link_tree, trtllm_engine_params
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-BACKEND_SRC = Path(runtime_pkg.__file__).resolve().parent
-BACKEND_PACKAGE = "tritonize_backend"
+RUNTIME_SRC = Path(runtime_pkg.__file__).resolve().parent
+# The runtime package's name inside a repository: what model.py imports, and validate looks for.
+RUNTIME_PACKAGE = "tritonize_backend"
+# Each Python model's model.py: a module of tritonize.runtime.triton, copied as it is.
+MODEL_FILES = {"preprocessing": "preprocessing.py", "engine": "engine_model.py",
+               "postprocessing": "postprocessing.py", "sync": "sync.py"}
 # Triton reads one config.pbtxt per model for all its versions. The models that hold version-specific files
 # (tokenizer, weights) serve every version present so a client can address one; the ensemble and the
 # ``_sync`` door route to the newest (``model_version: -1``), and explicit model control can pin an older one.
@@ -64,11 +69,11 @@ def parse_config(text: str) -> model_config_pb2.ModelConfig:
 class RenderedModel:
     folder: str
     config: str
-    model_py: str | None
+    model_file: Path | None  # copied to <folder>/<version>/model.py (the ensemble has none)
 
 
 def render_models(spec: RepoSpec, ckpt: Checkpoint, adapters: PreparedAdapters | None = None) -> list[RenderedModel]:
-    """The config.pbtxt / model.py text of each model, in memory."""
+    """The config.pbtxt text of each model, in memory, and the file its model.py is copied from."""
     adapters = adapters or PreparedAdapters()
     env = _environment()
     common = {"spec": spec, "version": __version__}
@@ -117,10 +122,8 @@ def render_models(spec: RepoSpec, ckpt: Checkpoint, adapters: PreparedAdapters |
         config = env.get_template(f"{template}/config.pbtxt.j2").render(**common, **context)
         if folder.endswith(VERSIONED_SUFFIXES):
             config += VERSION_POLICY_ALL
-        model_py = None
-        if (TEMPLATES / template / "model.py.j2").is_file():
-            model_py = env.get_template(f"{template}/model.py.j2").render(**common, **context)
-        rendered.append(RenderedModel(folder, config, model_py))
+        model_file = RUNTIME_SRC / "triton" / MODEL_FILES[template] if template in MODEL_FILES else None
+        rendered.append(RenderedModel(folder, config, model_file))
     return rendered
 
 
@@ -141,10 +144,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _copy_backend(dst: Path) -> None:
-    shutil.copytree(
-        BACKEND_SRC, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "CONTRACT.md")
-    )
+def _copy_runtime(dst: Path) -> None:
+    # triton/: the model files, already copied as each model.py
+    shutil.copytree(RUNTIME_SRC, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "CONTRACT.md", "triton"))
 
 
 def _stage(spec: RepoSpec, ckpt: Checkpoint, rendered: list[RenderedModel], tmp: Path, progress: bool,
@@ -155,10 +157,10 @@ def _stage(spec: RepoSpec, ckpt: Checkpoint, rendered: list[RenderedModel], tmp:
         version_dir = folder / str(spec.version)
         version_dir.mkdir(parents=True)
         (folder / "config.pbtxt").write_text(model.config, encoding="utf-8")
-        if model.model_py is not None:
-            (version_dir / "model.py").write_text(model.model_py, encoding="utf-8")
+        if model.model_file is not None:
+            shutil.copyfile(model.model_file, version_dir / "model.py")
     for suffix in ("preprocessing", "postprocessing", "engine"):
-        _copy_backend(tmp / f"{spec.name}_{suffix}" / str(spec.version) / BACKEND_PACKAGE)
+        _copy_runtime(tmp / f"{spec.name}_{suffix}" / str(spec.version) / RUNTIME_PACKAGE)
     for suffix in ("preprocessing", "postprocessing"):
         tok_dir = tmp / f"{spec.name}_{suffix}" / str(spec.version) / "tokenizer"
         tok_dir.mkdir()

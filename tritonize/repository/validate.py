@@ -19,7 +19,7 @@ from tritonize.runtime.config import ModelArgs, UnsupportedModelError
 
 from .layout import model_folders
 from .manifest import MANIFEST, hash_tree
-from .render import BACKEND_PACKAGE, RenderError, model_versions, parse_config, read_manifest
+from .render import RUNTIME_PACKAGE, RenderError, model_versions, parse_config, read_manifest
 
 Config = model_config_pb2.ModelConfig
 REGENERATE = "run `tritonize generate` again"
@@ -170,9 +170,9 @@ def _version_problems(repo: Path, name: str, version: str, entry: dict, configs:
         if config is not None and config.backend == "python" and not (vdir / "model.py").is_file():
             problems.append(Problem(f"{folder}/{version}/model.py", "missing", f"restore it or {REGENERATE}"))
         if folder.endswith(("_preprocessing", "_engine", "_postprocessing")) and not (
-            vdir / BACKEND_PACKAGE / "__init__.py"
+            vdir / RUNTIME_PACKAGE / "__init__.py"
         ).is_file():
-            problems.append(Problem(f"{folder}/{version}/{BACKEND_PACKAGE}/", "the runtime package is missing",
+            problems.append(Problem(f"{folder}/{version}/{RUNTIME_PACKAGE}/", "the runtime package is missing",
                                     REGENERATE))
     engine_dir = repo / f"{name}_engine" / version / "weights"
     problems += _hash_problems(repo, engine_dir, hashes.get("engine", {}), "weights")

@@ -145,6 +145,23 @@ def decode_complete(tokenizer: Tokenizer, ids: list[int]) -> str:
     return text
 
 
+def response_ids(prompt: list[int], generated: list[int], new: list[int], *, stream: bool,
+                 exclude_input: bool) -> tuple[list[int], list[int]]:
+    """(delta, prefix) of the engine model's response carrying ``new``, the last tokens of ``generated``.
+
+    ``detokenize_delta(tokenizer, prefix, delta, final)`` is then the response's text: a streamed
+    response decodes its new tokens after the few before them; the single response of a request that
+    does not stream decodes everything generated after the prompt's last tokens (or, with the prompt in
+    the output, the whole sequence).
+    """
+    if stream:
+        before = prompt + generated[: len(generated) - len(new)]
+        return list(new), before[-STREAM_CONTEXT_TOKENS:]
+    if exclude_input:
+        return list(generated), prompt[-STREAM_CONTEXT_TOKENS:]
+    return prompt + generated, []
+
+
 def detokenize_delta(tokenizer: Tokenizer, prefix: list[int], delta: list[int], final: bool) -> str:
     """The text that ``delta`` adds after ``prefix``, computed without state.
 

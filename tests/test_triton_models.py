@@ -1,0 +1,118 @@
+"""The Triton model files as Python modules: imported from tritonize with a stand-in for Triton's
+``triton_python_backend_utils``, driven through ``initialize`` / ``execute`` on a rendered repository's
+own config and files. (The end-to-end tests run the same files inside a real tritonserver.)"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures import triton_stub
+from google.protobuf import json_format
+
+from tritonize.export.demo_model import write_demo_checkpoint
+from tritonize.repository.checkpoint import inspect_checkpoint
+from tritonize.repository.render import MODEL_FILES, RUNTIME_SRC, parse_config, write_repository
+from tritonize.repository.spec import RepoSpec
+from tritonize.runtime.prompt import virtual_tokens
+from tritonize.runtime.tokenizer import Tokenizer, response_ids
+
+VOCAB, N_VIRTUAL, TASK = 32000, 5, 3
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("triton-models")
+    ckpt = write_demo_checkpoint(work / "ckpt", hidden=32, layers=1, seed=4)
+    table = work / "table.npy"
+    np.save(table, np.ones((N_VIRTUAL, 32), dtype=np.float32))
+    spec = RepoSpec(name="m", max_batch_size=2, max_input_len=24, max_output_len=8, device="cpu",
+                    ptuning=[(TASK, str(table))])
+    return write_repository(spec, inspect_checkpoint(ckpt), work / "repo", progress=False)
+
+
+def _load(monkeypatch, repo: Path, folder: str, module: str):
+    """A model of ``module`` initialised as Triton would for ``repo/folder`` version 1."""
+    triton_stub.install(monkeypatch)
+    name = f"tritonize.runtime.triton.{module}"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    config = parse_config((repo / folder / "config.pbtxt").read_text())
+    args = {"model_config": json_format.MessageToJson(config, preserving_proto_field_name=True),
+            "model_repository": str(repo / folder), "model_version": "1", "model_instance_kind": "CPU"}
+    model = importlib.import_module(name).TritonPythonModel()
+    model.initialize(args)
+    return model
+
+
+def _text(value: str | bytes) -> np.ndarray:
+    return np.array([[value.encode() if isinstance(value, str) else value]], dtype=np.object_)
+
+
+def test_each_model_py_is_its_module_copied_as_it_is(repo):
+    for step, file in MODEL_FILES.items():
+        assert (repo / f"m_{step}" / "1" / "model.py").read_bytes() == (RUNTIME_SRC / "triton" / file).read_bytes()
+    assert not (repo / "m_engine" / "1" / "tritonize_backend" / "triton").exists()
+
+
+def test_preprocessing_puts_the_tasks_virtual_tokens_before_the_prompt(monkeypatch, repo):
+    model = _load(monkeypatch, repo, "m_preprocessing", "preprocessing")
+    plain, task = model.execute([
+        triton_stub.Request(text_input=_text("Hello world"), max_tokens=np.array([[4]], np.int32)),
+        triton_stub.Request(text_input=_text("Hello world"), max_tokens=np.array([[4]], np.int32),
+                            task_id=np.array([[TASK]], np.uint64)),
+    ])
+    ids = Tokenizer(repo / "m_preprocessing" / "1" / "tokenizer").encode("Hello world")
+    assert plain.output("input_ids")[0].tolist() == ids
+    assert task.output("input_ids")[0].tolist() == virtual_tokens(VOCAB, N_VIRTUAL) + ids
+    assert task.output("input_lengths").tolist() == [[N_VIRTUAL + len(ids)]]
+    assert task.output("request_output_len").tolist() == [[4]] and task.output("end_ids").tolist() == [[2]]
+
+
+def test_preprocessing_lays_out_stop_words_as_tensorrtllm_backend(monkeypatch, repo):
+    model = _load(monkeypatch, repo, "m_preprocessing", "preprocessing")
+    [response] = model.execute([triton_stub.Request(
+        text_input=_text("Hi"), max_tokens=np.array([[2]], np.int32),
+        stop_words=np.array([[b"world", b"good day"]], dtype=np.object_))])
+    tok = Tokenizer(repo / "m_preprocessing" / "1" / "tokenizer")
+    first, second = tok.encode("world", add_special_tokens=False), tok.encode("good day", add_special_tokens=False)
+    flat, offsets = response.output("stop_words_list")[0].tolist()
+    assert flat == first + second
+    assert offsets[:2] == [len(first), len(first) + len(second)] and set(offsets[2:]) <= {-1}
+    assert response.output("bad_words_list").tolist() == [[[0], [-1]]]
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"text_input": _text("Hi"), "max_tokens": np.array([[4]], np.int32), "task_id": np.array([[9]], np.uint64)},
+     "task_id 9 has no p-tuning table in this model (it serves: 3)"),
+    ({"text_input": _text("word " * 30), "max_tokens": np.array([[4]], np.int32)},
+     "more than this model's max_input_len of 24"),
+    ({"text_input": _text("Hi"), "max_tokens": np.array([[0]], np.int32)}, "max_tokens is 0: ask for at least 1"),
+    ({"text_input": _text(b"\xff\xfe"), "max_tokens": np.array([[1]], np.int32)}, "text_input is not valid UTF-8"),
+    ({"text_input": _text("Hi"), "max_tokens": np.array([[1]], np.int32), "task_id": np.array([[TASK]], np.uint64),
+      "prompt_embedding_table": np.ones((1, 2, 32), np.float16)}, "send task_id or prompt_embedding_table"),
+])
+def test_preprocessing_refuses_what_the_model_cannot_serve(monkeypatch, repo, inputs, message):
+    model = _load(monkeypatch, repo, "m_preprocessing", "preprocessing")
+    [response] = model.execute([triton_stub.Request(**inputs)])
+    assert response.has_error() and message in response.error().message()
+
+
+def test_postprocessing_streams_text_that_concatenates_to_the_whole(monkeypatch, repo):
+    model = _load(monkeypatch, repo, "m_postprocessing", "postprocessing")
+    tok = Tokenizer(repo / "m_postprocessing" / "1" / "tokenizer")
+    prompt, answer = tok.encode("Say:"), tok.encode("Grüße, 世界! ok", add_special_tokens=False)
+    pieces = []
+    for i, token in enumerate(answer):
+        delta, prefix = response_ids(prompt, answer[: i + 1], [token], stream=True, exclude_input=True)
+        final = i == len(answer) - 1
+        [response] = model.execute([triton_stub.Request(
+            output_ids=np.array([delta], np.int32), prefix_ids=np.array([prefix], np.int32),
+            is_final=np.array([[final]]), cum_log_probs=np.zeros((1, 1), np.float32),
+            output_log_probs=np.zeros((1, 1, 1), np.float32), num_input_tokens=np.array([[len(prompt)]], np.int32),
+            num_output_tokens=np.array([[i + 1]], np.int32), request_key=_text("k"))])
+        pieces.append(response.output("text_output")[0][0].decode())
+    whole, head = tok.decode(prompt + answer), tok.decode(prompt)
+    assert "".join(pieces) == whole[len(head):]
