@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tritonize.runtime.engine import Engine, GenerationRequest, SamplingParams
+from tritonize.runtime.engine import Engine
+from tritonize.runtime.request import GenerationRequest, SamplingParams
 
 
 def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:

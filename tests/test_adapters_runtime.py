@@ -14,8 +14,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from tests.fixtures.adapter_dirs import write_lora_from_peft, write_ptuning
-from tritonize.runtime.adapters import AdapterError
-from tritonize.runtime.engine import Engine, GenerationRequest, StepOutput, submit_and_wait
+from tritonize.errors import AdapterError
+from tritonize.runtime.engine import Engine
+from tritonize.runtime.request import GenerationRequest, StepOutput, submit_and_wait
 
 TIMEOUT = 30
 PROMPTS = [[1, 17, 42, 99, 7], [1, 250, 3], [1, 60, 61, 62, 63, 64, 65, 66], [1, 5, 5, 8, 200, 31]]
@@ -224,7 +225,7 @@ def test_request_tables_beside_tasks_in_one_batch(llama):
     torch.manual_seed(9)
     own = [torch.randn(2, 64) * 0.1, torch.randn(4, 64) * 0.1]
     with Engine(llama["path"], device="cpu", max_batch_size=4, max_seq_len=64, max_num_tokens=32,
-                adapters_dir=llama["adapters"], max_request_table_rows=4) as eng:
+                adapters_dir=llama["adapters"], max_prompt_embedding_table_size=4) as eng:
         jobs = [([vocab, vocab + 1] + PROMPTS[0], {"prompt_table": own[0]}),
                 ([vocab + j for j in range(4)] + PROMPTS[1], {"prompt_table": own[1].numpy().astype("float16")}),
                 ([vocab + j for j in range(3)] + PROMPTS[2], {"task_id": 0}),

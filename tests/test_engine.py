@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tritonize.runtime.engine import Engine, EngineError, GenerationRequest, SamplingParams, StepOutput
+from tritonize.runtime.engine import Engine
+from tritonize.runtime.request import EngineError, GenerationRequest, SamplingParams, StepOutput
 
 PROMPTS = [[1, 17, 42, 99, 7], [1, 250, 3], [1] + list(range(60, 90)), [1, 5, 5, 5, 8, 200, 31, 64, 2, 9, 11]]
 TIMEOUT = 20

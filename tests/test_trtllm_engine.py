@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from tritonize.cli.main import cli
 from tritonize.deploy import HONOURED, DeployError, refuse_unsupported
+from tritonize.errors import AdapterError
 from tritonize.export import export_checkpoint
 from tritonize.export.demo_model import write_demo_checkpoint
 from tritonize.repository.fp8 import detect_fp8
@@ -33,12 +34,11 @@ from tritonize.repository.trtllm_build import (
     shard_embedding,
     trtllm_build_command,
 )
-from tritonize.runtime.engine import GenerationRequest
+from tritonize.runtime.request import GenerationRequest
 from tritonize.runtime.runtime import create_engine
 from tritonize.runtime.sampling import SamplingParams
 from tritonize.runtime.trtllm_adapters import (
     LORA_MODULE_IDS,
-    AdapterError,
     AdapterStore,
     lora_executor_tensors,
     read_lora,

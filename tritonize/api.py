@@ -279,7 +279,7 @@ class Exporter:
                               max_seq_len=self.max_input_len + self.max_output_len,
                               max_num_tokens=self.max_num_tokens or self.max_input_len,
                               adapters_dir=adapters if adapters.is_dir() else None,
-                              max_request_table_rows=self.adapters.max_prompt_embedding_table_size)
+                              max_prompt_embedding_table_size=self.adapters.max_prompt_embedding_table_size)
 
     # -- generation ----------------------------------------------------------------------------
     def forward(self, input_texts: Sequence[str], max_output_token: int = 64, top_k: int = 1, top_p: float = 0.0,
@@ -299,9 +299,8 @@ class Exporter:
         if self._engine is None:
             raise DeployError(f"{self.model_dir} is not loaded: call export(...) first, or point model_dir at an "
                               "exported HF-format directory")
-        from .runtime.engine import EngineError, GenerationRequest, submit_and_wait
         from .runtime.prompt import virtual_tokens
-        from .runtime.sampling import SamplingParams
+        from .runtime.request import EngineError, GenerationRequest, SamplingParams, submit_and_wait
         from .runtime.tokenizer import detokenize_delta, response_ids
 
         if max_output_token < 1 or max_output_token > self.max_output_len:

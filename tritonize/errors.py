@@ -8,28 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .runtime.errors import AdapterError, EngineError, OneLineError, TritonizeError
 
-class TritonizeError(Exception):
-    """Base of every error the CLI reports as one line, without a traceback."""
-
-
-class _OneLine(TritonizeError):
-    """Messages assembled from other errors' text may span lines: they are folded into one."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
+__all__ = [
+    "AdapterError", "CheckpointError", "DeployError", "EngineError", "ExportError", "LaunchError", "QueryError",
+    "RenderError", "ServerError", "TritonizeError", "TrtllmBuildError", "UnsafePickleError",
+]
 
 
-class ExportError(_OneLine):
+class ExportError(OneLineError):
     """A checkpoint that cannot be exported (a corrupt tar, a missing file, an unsupported model)."""
 
 
 class UnsafePickleError(ExportError):
     """A pickle in the checkpoint asked for something the restricted unpickler does not admit."""
-
-
-class AdapterError(_OneLine):
-    """A LoRA adapter or p-tuning table that cannot be converted or served with the options given."""
 
 
 class CheckpointError(TritonizeError):

@@ -88,8 +88,8 @@ def render_models(spec: RepoSpec, ckpt: Checkpoint, adapters: PreparedAdapters |
         "max_output_len": spec.max_output_len,
         "max_num_tokens": max_num_tokens,
         "vocab_size": ckpt.args.vocab_size,
-        # rows per request for a prompt_embedding_table sent with it (the seed's option; 0: none accepted)
-        "max_request_table_rows": spec.max_prompt_embedding_table_size,
+        # rows per request for a prompt_embedding_table sent with it (0: none accepted)
+        "max_prompt_embedding_table_size": spec.max_prompt_embedding_table_size,
     }
     if adapters:
         engine_params["adapters_dir"] = ADAPTERS_DIR

@@ -28,16 +28,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from .config import ModelArgs
+from .errors import AdapterError
 
-__all__ = ["AdapterError", "AdapterSet", "LoRA", "load_adapters"]
+__all__ = ["AdapterSet", "LoRA", "load_adapters"]
 
 LORA_FORMAT = "tritonize-lora"
 PTUNING_FORMAT = "tritonize-ptuning"
 MLP_IN_MODULES = ("gate", "up", "gate_up")  # the canonical modules that adapt model.py's w1
-
-
-class AdapterError(ValueError):
-    """An adapter on disk that this model cannot serve; the message names the adapter and the fix."""
 
 
 class LoRA(torch.nn.Module):
@@ -77,7 +74,7 @@ class AdapterSet:
     tasks: dict[int, tuple[int, int]] = field(default_factory=dict)
     table: torch.Tensor | None = None
     # rows each cache slot holds for a table sent with the request (``prompt_embedding_table``); 0: none
-    request_rows: int = 0
+    max_prompt_embedding_table_size: int = 0
     request_base: int = 0  # where the slots' regions start in model.prompt_table
     _loras: list[_Lora] = field(default_factory=list)
 
@@ -98,21 +95,21 @@ class AdapterSet:
         return self.tasks[task_id]
 
     # -- installing into model.py's Transformer --------------------------------------------------
-    def install(self, model: torch.nn.Module, num_slots: int, request_rows: int = 0) -> None:
+    def install(self, model: torch.nn.Module, num_slots: int, max_prompt_embedding_table_size: int = 0) -> None:
         """Attaches the stacked LoRA layers, the slot -> adapter table and the prompt table to ``model``.
 
-        ``request_rows`` > 0 reserves that many prompt-table rows per cache slot for tables sent with a
+        ``max_prompt_embedding_table_size`` > 0 reserves that many prompt-table rows per cache slot for tables sent with a
         request, after the tasks' rows: the tensor never moves, so a captured decode step stays valid.
         """
         args: ModelArgs = model.args
         weight = model.tok_embeddings.weight
         dtype, device = weight.dtype, weight.device
-        self.request_rows = request_rows
+        self.max_prompt_embedding_table_size = max_prompt_embedding_table_size
         self.request_base = 0 if self.table is None else self.table.shape[0]
-        if self.table is not None or request_rows:
+        if self.table is not None or max_prompt_embedding_table_size:
             rows = [self.table] if self.table is not None else []
-            if request_rows:
-                rows.append(torch.zeros(num_slots * request_rows, args.dim))
+            if max_prompt_embedding_table_size:
+                rows.append(torch.zeros(num_slots * max_prompt_embedding_table_size, args.dim))
             model.prompt_table = torch.cat(rows).to(device=device, dtype=dtype)
         if not self._loras:
             return

@@ -26,86 +26,22 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .sampling import Sampler, SamplingParams, SamplingRow
+from .request import GenerationEngine, GenerationRequest, StepOutput, no_output, stop_length
+from .sampling import Sampler, SamplingRow
 
-__all__ = [
-    "Engine",
-    "EngineBase",
-    "EngineError",
-    "GenerationRequest",
-    "SamplingParams",
-    "StepOutput",
-    "resolve_device",
-    "resolve_dtype",
-    "submit_and_wait",
-]
+__all__ = ["Engine", "resolve_device", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STATS_HISTORY = 100_000
-
-
-class EngineError(RuntimeError):
-    """A request finished with reason "error" (raised by the synchronous ``Engine.generate``)."""
-
-
-@dataclass
-class StepOutput:
-    """What one ``on_output`` call carries: the tokens new since the previous call for this request."""
-
-    token_ids: list[int]
-    log_probs: list[float]
-    cum_log_prob: float
-    finished: bool
-    finish_reason: str | None = None  # "length" | "end" | "stop" | "cancelled" | "error"
-    error: str | None = None
-    num_input_tokens: int = 0
-    num_output_tokens: int = 0
-
-
-def _no_output(_: StepOutput) -> None:
-    raise ValueError("GenerationRequest.on_output is required")
-
-
-@dataclass
-class GenerationRequest:
-    """One generation, with TensorRT-LLM's conventions so the wire interface keeps its meaning.
-
-    ``end_ids``: any of them ends the request and is not part of the output (nor of the log-probs).
-    ``stop_sequences``: generation stops once the sequence so far (prompt included) ends with one; the
-    stop sequence stays in the output. ``bad_sequences``: see ``sampling.banned_tokens``.
-    ``stream``: one ``on_output`` call per step with that step's token, the last with ``finished`` (it may
-    carry no token when an end id finished the request); otherwise exactly one call, at the end.
-    ``is_cancelled``: polled between steps (e.g. Triton's ``response_sender.is_cancelled``); True, or an
-    exception, drops the request as if ``Engine.cancel`` had been called.
-    ``lora_task_id``: the served LoRA adapter to use (None: the base model). ``task_id``: the p-tuning
-    task whose table the prompt's virtual tokens (ids ``vocab_size + j``) select; ``prompt_table``: a
-    ``[n, hidden]`` table of this request's own instead (tensorrtllm_backend's prompt_embedding_table);
-    see adapters.py.
-    """
-
-    request_id: str
-    prompt_ids: list[int]
-    max_new_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    end_ids: list[int] = field(default_factory=list)
-    stop_sequences: list[list[int]] = field(default_factory=list)
-    bad_sequences: list[list[int]] = field(default_factory=list)
-    return_log_probs: bool = False
-    stream: bool = False
-    on_output: Callable[[StepOutput], None] = _no_output
-    is_cancelled: Callable[[], bool] | None = None
-    lora_task_id: int | None = None
-    task_id: int | None = None
-    prompt_table: Any = None  # torch.Tensor or numpy array [n, hidden]
 
 
 @dataclass(eq=False)
@@ -187,35 +123,7 @@ def default_end_ids(model_dir: str | Path) -> list[int]:
     return []
 
 
-class EngineBase:
-    """What every engine class shares, written against its start / submit / cancel / shutdown."""
-
-    def __enter__(self):  # noqa: ANN204 - returns the concrete engine
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        max_new_tokens: int,
-        sampling: SamplingParams | None = None,
-        end_ids: Sequence[int] | None = None,
-        stop_sequences: Sequence[Sequence[int]] = (),
-        bad_sequences: Sequence[Sequence[int]] = (),
-        timeout: float | None = None,
-    ) -> list[list[int]]:
-        """Run prompts concurrently and wait: the generated ids of each (end id excluded).
-
-        ``end_ids`` None means the checkpoint's own (generation_config.json). Raises EngineError if a
-        request finished with an error.
-        """
-        return generate_all(self, prompts, max_new_tokens, sampling, end_ids, stop_sequences, bad_sequences,
-                            timeout)
-
-
-class Engine(EngineBase):
+class Engine(GenerationEngine):
     """Thread-safe in-flight batching engine over ``model.py``'s Transformer; see the module docstring."""
 
     # ``is_cancelled`` may be an IPC round trip (Triton's stub asks the server): poll each request at
@@ -225,6 +133,7 @@ class Engine(EngineBase):
     def __init__(
         self,
         model_dir: str | Path,
+        *,
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
         max_batch_size: int = 8,
@@ -233,7 +142,7 @@ class Engine(EngineBase):
         cuda_graphs: bool | None = None,
         compile: bool | None = None,
         adapters_dir: str | Path | None = None,
-        max_request_table_rows: int = 0,
+        max_prompt_embedding_table_size: int = 0,
     ) -> None:
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
@@ -266,7 +175,7 @@ class Engine(EngineBase):
             self.model.setup_caches(max_batch_size=num_slots, max_seq_len=max_seq_len)
             # Before the step is compiled or captured: the LoRA layers are part of it.
             self.adapters = load_adapters(adapters_dir, self.model.args)
-            self.adapters.install(self.model, num_slots, request_rows=max_request_table_rows)
+            self.adapters.install(self.model, num_slots, max_prompt_embedding_table_size=max_prompt_embedding_table_size)
         self._decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
         # torch.compile fuses the step's many small kernels (norms, rotary, activations); the CUDA graph
         # then removes the launches. Batch size 1 compiles on its own (size-1 specialisation), the other
@@ -330,7 +239,7 @@ class Engine(EngineBase):
 
     def submit(self, req: GenerationRequest) -> None:
         """Queue a request; every outcome, a rejection included, arrives through ``req.on_output``."""
-        if req.on_output is _no_output or not callable(req.on_output):
+        if req.on_output is no_output or not callable(req.on_output):
             raise ValueError("GenerationRequest.on_output must be a callable")
         problem = self._validate(req)
         if problem is None:
@@ -416,7 +325,7 @@ class Engine(EngineBase):
         return None
 
     def _check_request_table(self, req: GenerationRequest) -> str | None:
-        rows = self.adapters.request_rows
+        rows = self.adapters.max_prompt_embedding_table_size
         shape = tuple(getattr(req.prompt_table, "shape", ()))
         if req.task_id is not None:
             return "send task_id or prompt_embedding_table, not both"
@@ -479,7 +388,7 @@ class Engine(EngineBase):
         if req.task_id is not None:  # the task's virtual ids -> rows of the concatenated table
             offset = self.adapters.task(req.task_id)[0]
         elif req.prompt_table is not None:  # the request's own table -> its slot's rows
-            offset = self.adapters.request_base + slot * self.adapters.request_rows
+            offset = self.adapters.request_base + slot * self.adapters.max_prompt_embedding_table_size
             table = torch.as_tensor(req.prompt_table)
             self.model.prompt_table[offset : offset + len(table)] = table.to(self.model.prompt_table)
         if offset is not None:
@@ -563,7 +472,7 @@ class Engine(EngineBase):
         if log_prob is not None:
             run.log_probs.append(log_prob)
             run.cum_log_prob += log_prob
-        if any(_ends_with(run.history, stop) for stop in run.req.stop_sequences):
+        if stop_length(run.history, run.req.stop_sequences):
             self._finish(run, "stop")
         elif len(run.generated) >= run.req.max_new_tokens:
             self._finish(run, "length")
@@ -633,69 +542,3 @@ def _client_gone(req: GenerationRequest) -> bool:
     except Exception:
         log.exception("is_cancelled of request %s raised; dropping the request", req.request_id)
         return True
-
-
-def _ends_with(history: Sequence[int], suffix: Sequence[int]) -> bool:
-    n = len(suffix)
-    return 0 < n <= len(history) and list(history[-n:]) == list(suffix)
-
-
-def submit_and_wait(engine: Any, requests: Sequence[GenerationRequest], timeout: float | None = None) -> list[StepOutput]:
-    """Submits every request at once (one running batch) and returns each one's final output.
-
-    Each request's ``on_output`` is replaced by a collector. On timeout every request is cancelled and
-    TimeoutError raised. Written against the engine interface (start / submit / cancel), so every engine
-    class shares it.
-    """
-    engine.start()
-    outputs: list[StepOutput | None] = [None] * len(requests)
-    done = [threading.Event() for _ in requests]
-
-    def collector(i: int) -> Callable[[StepOutput], None]:
-        def on_output(out: StepOutput) -> None:
-            if out.finished:
-                outputs[i] = out
-                done[i].set()
-
-        return on_output
-
-    for i, req in enumerate(requests):
-        req.on_output = collector(i)
-        engine.submit(req)
-    for event in done:
-        if not event.wait(timeout):
-            for req in requests:
-                engine.cancel(req.request_id)
-            raise TimeoutError(f"generate did not finish within {timeout} s")
-    return [out for out in outputs if out is not None]
-
-
-def generate_all(
-    engine: Any,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    sampling: SamplingParams | None = None,
-    end_ids: Sequence[int] | None = None,
-    stop_sequences: Sequence[Sequence[int]] = (),
-    bad_sequences: Sequence[Sequence[int]] = (),
-    timeout: float | None = None,
-) -> list[list[int]]:
-    """The blocking ``generate`` of every engine class: the generated ids of each prompt."""
-    requests = [
-        GenerationRequest(
-            request_id=f"generate-{secrets.token_hex(8)}-{i}",
-            prompt_ids=list(prompt),
-            max_new_tokens=max_new_tokens,
-            sampling=sampling or SamplingParams(),
-            end_ids=list(engine.default_end_ids if end_ids is None else end_ids),
-            stop_sequences=[list(s) for s in stop_sequences],
-            bad_sequences=[list(s) for s in bad_sequences],
-        )
-        for i, prompt in enumerate(prompts)
-    ]
-    results = []
-    for out in submit_and_wait(engine, requests, timeout):
-        if out.finish_reason == "error":
-            raise EngineError(out.error or "generation failed")
-        results.append(list(out.token_ids))
-    return results

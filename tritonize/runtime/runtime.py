@@ -52,7 +52,7 @@ def create_engine(runtime: str, model_dir: str | Path, *, trtllm_options: dict[s
     trt = dict(trtllm_options or {})
     if runtime != "torch":
         # rows reserved per slot for request tables: the torch engine's; TensorRT-LLM sizes its own at build
-        options.pop("max_request_table_rows", None)
+        options.pop("max_prompt_embedding_table_size", None)
     if runtime == "trtllm-engine":
         from .trtllm_executor import TrtllmExecutorEngine
 

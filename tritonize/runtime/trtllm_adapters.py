@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
+from .errors import AdapterError
+
 __all__ = [
     "LORA_MODULE_IDS",
-    "AdapterError",
     "AdapterStore",
     "LoraAdapter",
     "lora_executor_tensors",
@@ -53,10 +54,6 @@ HF_MODULES = {
     "Starcoder2ForCausalLM": {**{k: v for k, v in _LLAMA_LIKE.items() if k in ("q", "k", "v", "o")},
                               "up": "mlp.c_fc", "down": "mlp.c_proj"},
 }
-
-
-class AdapterError(ValueError):
-    """An adapter id that is not there, or an adapter that does not fit the model; says which and why."""
 
 
 @dataclass

@@ -27,8 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .engine import EngineBase, GenerationRequest, SamplingParams, StepOutput, default_end_ids
-from .trtllm_adapters import AdapterError, AdapterStore, read_lora, write_peft_dir
+from .engine import default_end_ids
+from .errors import AdapterError
+from .request import GenerationEngine, GenerationRequest, SamplingParams, StepOutput, stop_length
+from .trtllm_adapters import AdapterStore, read_lora, write_peft_dir
 
 __all__ = [
     "INSTALL_HINT",
@@ -187,16 +189,7 @@ def _lora_config_class() -> Any:
     raise TrtllmNotInstalledError("this tensorrt_llm has no LoraConfig: LoRA needs TensorRT-LLM 0.18 or newer")
 
 
-def _ends_with_stop(history: Sequence[int], stops: Sequence[Sequence[int]]) -> int:
-    """Length of the stop sequence the history ends with, 0 if none."""
-    for stop in stops:
-        n = len(stop)
-        if 0 < n <= len(history) and list(history[-n:]) == list(stop):
-            return n
-    return 0
-
-
-class TrtllmEngine(EngineBase):
+class TrtllmEngine(GenerationEngine):
     """``engine.Engine``'s interface over ``tensorrt_llm.LLM``; see the module docstring.
 
     ``max_seq_len`` is prompt plus output; ``kv_cache_free_gpu_memory_fraction`` None keeps TensorRT-LLM's
@@ -207,6 +200,7 @@ class TrtllmEngine(EngineBase):
     def __init__(
         self,
         model_dir: str | Path,
+        *,
         device: str = "auto",
         dtype: str = "auto",
         max_batch_size: int = 8,
@@ -431,7 +425,7 @@ class TrtllmEngine(EngineBase):
         history = list(req.prompt_ids) + generated
         first = len(generated) - n_new
         for k in range(first, len(generated)):
-            if _ends_with_stop(history[: len(req.prompt_ids) + k + 1], req.stop_sequences):
+            if stop_length(history[: len(req.prompt_ids) + k + 1], req.stop_sequences):
                 return k + 1
         return None
 

@@ -34,8 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine import EngineBase, GenerationRequest, SamplingParams, StepOutput, default_end_ids
-from .trtllm_adapters import AdapterError, AdapterStore, lora_executor_tensors, read_lora, read_ptuning_table
+from .engine import default_end_ids
+from .errors import AdapterError
+from .request import GenerationEngine, GenerationRequest, SamplingParams, StepOutput, stop_length
+from .trtllm_adapters import AdapterStore, lora_executor_tensors, read_lora, read_ptuning_table
 from .trtllm_engine import TrtllmNotInstalledError, import_tensorrt_llm, sampling_knobs
 
 __all__ = [
@@ -164,7 +166,7 @@ class _Flight:
         self.delivered = 0
 
 
-class TrtllmExecutorEngine(EngineBase):
+class TrtllmExecutorEngine(GenerationEngine):
     """``engine.Engine``'s interface over a TensorRT-LLM engine directory; see the module docstring.
 
     ``model_dir`` is the Hugging Face config + tokenizer folder (end ids, vocabulary size, model family);
@@ -361,7 +363,7 @@ class TrtllmExecutorEngine(EngineBase):
         reasons = getattr(result, "finish_reasons", None) or [None]
         reason = map_executor_finish_reason(reasons[0]) or "length"
         if reason == "stop" and flight.generated and flight.generated[-1] in flight.plan.extra_end_ids \
-                and not _ends_with_stop(flight.generated, flight.req.stop_sequences):
+                and not stop_length(flight.generated, flight.req.stop_sequences):
             flight.generated.pop()  # an extra end id, sent as a stop word: not part of the output
             del flight.log_probs[len(flight.generated):]
             reason = "end"
@@ -392,10 +394,6 @@ class TrtllmExecutorEngine(EngineBase):
             req.on_output(out)
         except Exception:  # noqa: BLE001 - a client that went away
             log.warning("on_output of %s raised; dropping it", req.request_id)
-
-
-def _ends_with_stop(generated: Sequence[int], stops: Sequence[Sequence[int]]) -> bool:
-    return any(0 < len(s) <= len(generated) and list(generated[-len(s):]) == list(s) for s in stops)
 
 
 def _torch_dtype(name: str) -> Any:

@@ -24,13 +24,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 if __name__.startswith("tritonize."):  # imported from the tritonize package (tests, the Python API)
-    from ..engine import GenerationRequest, SamplingParams
+    from ..request import GenerationRequest, SamplingParams
     from ..runtime import create_engine, resolve_runtime
     from ..tokenizer import response_ids
     from ..triton_args import model_args
 else:  # a repository's model.py, which Triton imports as "<version>.model": the runtime package is beside it
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from tritonize_backend.engine import GenerationRequest, SamplingParams
+    from tritonize_backend.request import GenerationRequest, SamplingParams
     from tritonize_backend.runtime import create_engine, resolve_runtime
     from tritonize_backend.tokenizer import response_ids
     from tritonize_backend.triton_args import model_args
@@ -101,7 +101,7 @@ class TritonPythonModel:
             max_batch_size=int(params["max_batch_size"]),
             max_seq_len=self.max_input_len + self.max_output_len,
             max_num_tokens=int(params["max_num_tokens"]),
-            max_request_table_rows=int(params.get("max_request_table_rows") or 0),
+            max_prompt_embedding_table_size=int(params.get("max_prompt_embedding_table_size") or 0),
             **adapters,
             trtllm_options={
                 "kv_cache_free_gpu_memory_fraction": float(fraction) if fraction else None,
