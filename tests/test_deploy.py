@@ -165,7 +165,7 @@ def test_missing_inputs_are_one_line_errors(tmp_path):
 
 
 def test_deploy_serves_adapters_and_a_changed_adapter_is_a_mismatch(source, tmp_path):
-    """The seed's adapter flags reach the repository: converted, listed in tritonize.json, and part of the
+    """The adapter flags of NeMo's deploy_triton.py reach the repository: converted, listed in tritonize.json, and part of the
     request a later deploy is compared with."""
     import peft
     import torch

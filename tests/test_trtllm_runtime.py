@@ -21,8 +21,8 @@ from tritonize.cli.main import cli
 from tritonize.export.demo_model import write_demo_checkpoint
 from tritonize.repository.build import build_repository
 from tritonize.repository.render import parse_config
-from tritonize.repository.spec import RUNTIMES, RepoSpec
-from tritonize.runtime.runtime import create_engine, resolve_runtime, tensorrt_llm_available
+from tritonize.repository.spec import RepoSpec
+from tritonize.runtime.runtime import RUNTIMES, create_engine, resolve_runtime, tensorrt_llm_available
 from tritonize.runtime.sampling import SamplingParams
 from tritonize.runtime.trtllm_engine import (
     INSTALL_HINT,

@@ -291,7 +291,7 @@ class Exporter:
                 **_neutral: Any) -> list[str]:
         """Generated text for each prompt (the prompt excluded), as the served model would send it.
 
-        The seed's defaults (top_k 1, top_p 0) are greedy; top_p 0 and top_k 0 mean "off".
+        NeMo's defaults (top_k 1, top_p 0) are greedy; top_p 0 and top_k 0 mean "off".
         ``task_ids`` (task names of add_prompt_table, or their numeric ids) and ``lora_uids`` (a LoRA's
         index in lora_ckpt_list, as a string) hold one entry per prompt, or one for all; "-1" or None
         means none for that prompt.

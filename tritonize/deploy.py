@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DeployError
+from .export.api import EXPORT_MANIFEST, TRTLLM_DIR
 from .repository.fp8 import detect_fp8_details, resolve_fp8_switch
 from .repository.render import model_versions, read_manifest
 from .repository.spec import TRTLLM_RUNTIMES, RepoSpec
 from .repository.trtllm_build import (
-    TRTLLM_DIR,
     BuildOptions,
     is_trtllm_checkpoint,
     link_tree,
@@ -337,7 +337,7 @@ def _plan_deploy(repository: Path, spec: RepoSpec, *, source: Path | None, model
 
 def _is_export(path: Path | None) -> bool:
     """A directory `tritonize export` wrote: generate reads it as it is, exporting again would only copy it."""
-    return path is not None and path.is_dir() and (path / "export_manifest.json").is_file()
+    return path is not None and path.is_dir() and (path / EXPORT_MANIFEST).is_file()
 
 
 def carry_out(plan: DeployPlan, *, progress: bool = False) -> Path:

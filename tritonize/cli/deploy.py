@@ -14,7 +14,8 @@ import click
 from ..deploy import deploy as run_deploy
 from ..errors import TritonizeError
 from ..export.canonical import MODEL_TYPES
-from ..repository.spec import DEVICES, MULTI_GPU_MODES, RUNTIMES, RepoSpec
+from ..repository.spec import DEVICES, RepoSpec
+from ..runtime.runtime import MULTI_GPU_MODES, RUNTIMES
 from ..serving.serve import ServeOptions
 
 _EPILOG = """\b

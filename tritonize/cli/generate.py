@@ -9,7 +9,8 @@ import click
 from ..errors import TritonizeError
 from ..repository.adapters import lora_pairs, ptuning_pairs, split_modules
 from ..repository.build import build_repository
-from ..repository.spec import DEVICES, DTYPES, RUNTIMES, RepoSpec, runtime_warning
+from ..repository.spec import DEVICES, DTYPES, RepoSpec, runtime_warning
+from ..runtime.runtime import RUNTIMES
 from .trtllm_options import apply_trtllm_options, trtllm_generate_options
 
 

@@ -13,8 +13,9 @@ from typing import Any
 import click
 
 from ..errors import TritonizeError
-from ..repository.spec import MULTI_GPU_MODES, RepoSpec
+from ..repository.spec import RepoSpec
 from ..repository.trtllm_build import BuildOptions
+from ..runtime.runtime import MULTI_GPU_MODES
 
 __all__ = ["TRTLLM_OPTION_NAMES", "apply_trtllm_options", "trtllm_generate_options"]
 

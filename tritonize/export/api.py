@@ -32,7 +32,7 @@ from .weight_files import read_safetensors
 from .writer import DEFAULT_SHARD_BYTES, write_safetensors
 
 FORMATS = ("hf", "trtllm-checkpoint")
-MANIFEST = "export_manifest.json"
+EXPORT_MANIFEST = "export_manifest.json"
 TRTLLM_DIR = "trtllm_checkpoint"
 
 
@@ -210,7 +210,7 @@ def export_checkpoint(
 
         manifest = _manifest(loaded, source, spec, written.files, stage, fmt, tp_size, pp_size, trt_files,
                              verify_result, _num_parameters(tensors))
-        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (stage / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         FILES.close()
         tree.close()
         tree = None

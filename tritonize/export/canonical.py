@@ -17,7 +17,7 @@ from typing import Any
 
 from .lazy import Lazy
 
-#: tritonize's model types (the seed's --model_type values, plus aliases people use)
+#: tritonize's model types (the --model_type values of NeMo's deploy_triton.py, plus aliases people use)
 MODEL_TYPES = ("gpt", "gptnext", "nemotron", "llama", "mistral", "falcon", "starcoder", "starcoder2",
                "mixtral", "gemma")
 

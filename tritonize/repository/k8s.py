@@ -19,8 +19,7 @@ import jinja2
 
 from ..errors import RenderError
 from ..version import __version__
-from .layout import model_names
-from .manifest import MANIFEST
+from .layout import REPOSITORY_MANIFEST, model_names
 
 TEMPLATES = Path(__file__).resolve().parent / "templates" / "k8s"
 DEFAULT_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
@@ -49,16 +48,16 @@ def _environment() -> jinja2.Environment:
 
 def _repository_model(repo: Path) -> tuple[str, dict]:
     """The ensemble's name and its generate options, from tritonize.json."""
-    path = repo / MANIFEST
+    path = repo / REPOSITORY_MANIFEST
     if not path.is_file():
-        raise RenderError(f"{repo} has no {MANIFEST}: pass a repository written by `tritonize generate`")
+        raise RenderError(f"{repo} has no {REPOSITORY_MANIFEST}: pass a repository written by `tritonize generate`")
     try:
         models = json.loads(path.read_text())["models"]
         name, entry = next(iter(models.items()))
     except (ValueError, KeyError, StopIteration, AttributeError):
         raise RenderError(f"{path} is not a tritonize manifest; regenerate the repository") from None
     if name not in model_names(repo):
-        raise RenderError(f"{repo} has no model folder {name!r} although {MANIFEST} names it; "
+        raise RenderError(f"{repo} has no model folder {name!r} although {REPOSITORY_MANIFEST} names it; "
                           "regenerate the repository")
     return name, entry.get("options", {}) if isinstance(entry, dict) else {}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# What made the repository (options, checkpoint, hashes), at its top.
+REPOSITORY_MANIFEST = "tritonize.json"
 # The models that hold version-specific files (tokenizer, weights); the ensemble and ``_sync`` hold none.
 VERSIONED_SUFFIXES = ("_preprocessing", "_engine", "_postprocessing")
 

@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from .checkpoint import Checkpoint
     from .spec import RepoSpec
 
-MANIFEST = "tritonize.json"
 CHUNK = 8 << 20
 
 

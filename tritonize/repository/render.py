@@ -26,8 +26,8 @@ from ..version import __version__
 from . import interface as wire
 from .adapters import ADAPTERS_DIR, PreparedAdapters, prepare_adapters
 from .checkpoint import Checkpoint
-from .layout import VERSIONED_SUFFIXES, model_folders
-from .manifest import MANIFEST, build_manifest
+from .layout import REPOSITORY_MANIFEST, VERSIONED_SUFFIXES, model_folders
+from .manifest import build_manifest
 from .spec import RepoSpec
 from .trtllm_build import ENGINE_DIR, link_tree, trtllm_engine_params
 
@@ -181,7 +181,7 @@ def _stage(spec: RepoSpec, ckpt: Checkpoint, rendered: list[RenderedModel], tmp:
 
 def read_manifest(repo: Path) -> dict | None:
     """The repository's tritonize.json, or None when it has none (not a tritonize repository)."""
-    path = repo / MANIFEST
+    path = repo / REPOSITORY_MANIFEST
     if not path.is_file():
         return None
     try:
@@ -296,7 +296,7 @@ def write_repository(spec: RepoSpec, ckpt: Checkpoint, output: str | Path, *, fo
     manifest = read_manifest(out) if out.exists() else None
     if out.exists() and manifest is None and not force:
         raise RenderError(
-            f"{out} already exists and is not a tritonize repository (no {MANIFEST}): pass --force to replace "
+            f"{out} already exists and is not a tritonize repository (no {REPOSITORY_MANIFEST}): pass --force to replace "
             f"it, or choose another --output"
         )
     adapters = prepare_adapters(spec, ckpt)
@@ -311,7 +311,7 @@ def write_repository(spec: RepoSpec, ckpt: Checkpoint, output: str | Path, *, fo
         entry = staged["models"][spec.name]
         if manifest is None:
             staged["models"][spec.name] = _merge_entry(None, spec.version, entry)
-            (tmp / MANIFEST).write_text(json.dumps(staged, indent=2) + "\n", encoding="utf-8")
+            (tmp / REPOSITORY_MANIFEST).write_text(json.dumps(staged, indent=2) + "\n", encoding="utf-8")
             if out.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
                 os.rename(out, old / "repo")
@@ -323,11 +323,11 @@ def write_repository(spec: RepoSpec, ckpt: Checkpoint, output: str | Path, *, fo
         manifest["models"][spec.name] = _merge_entry(manifest["models"].get(spec.name), spec.version, entry)
         manifest["created"] = staged["created"]
         manifest["versions"] = staged["versions"]
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        (tmp / REPOSITORY_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         trash = tmp / ".replaced"
         trash.mkdir()
         _move_in(spec, tmp, out, trash)
-        os.replace(tmp / MANIFEST, out / MANIFEST)
+        os.replace(tmp / REPOSITORY_MANIFEST, out / REPOSITORY_MANIFEST)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

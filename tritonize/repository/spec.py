@@ -12,14 +12,13 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from ..errors import RenderError
+from ..runtime.runtime import MULTI_GPU_MODES, RUNTIMES
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 # torch: tritonize's own runtime; trtllm: tensorrt_llm.LLM on the server; trtllm-engine: a TensorRT-LLM
 # engine built by trtllm-build, run by the executor; auto: trtllm where the server has tensorrt_llm and a
 # GPU, else torch (decided by the engine model at load time).
-RUNTIMES = ("torch", "trtllm", "trtllm-engine", "auto")
 TRTLLM_RUNTIMES = ("trtllm", "trtllm-engine")
-MULTI_GPU_MODES = ("leader", "orchestrator")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 

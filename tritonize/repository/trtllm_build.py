@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrtllmBuildError
+from ..export.api import EXPORT_MANIFEST, TRTLLM_DIR
 
 __all__ = [
     "BUILD_INSTALL_HINT",
@@ -46,16 +47,14 @@ __all__ = [
 BUILD_INSTALL_HINT = (
     "pip install --extra-index-url https://pypi.nvidia.com 'tensorrt_llm<=1.2' (on a machine with an NVIDIA GPU)"
 )
-EXPORT_DIR_MARKER = "export_manifest.json"
 ENGINE_DIR = "engine"  # <name>_engine/<version>/engine in a generated repository
-TRTLLM_DIR = "trtllm_checkpoint"
 LORA_PLUGIN_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 
 @dataclass
 class BuildOptions:
-    """The seed's engine build options (NeMo's TensorRTLLM.export), as ``trtllm-build`` takes them."""
+    """The engine build options of NeMo's TensorRTLLM.export, as ``trtllm-build`` takes them."""
 
     max_batch_size: int = 8
     max_input_len: int = 256
@@ -244,7 +243,7 @@ def resolve_trtllm_source(path: str | Path) -> TrtllmSource:
         raise TrtllmBuildError(f"--checkpoint {path} is not a directory: pass an export directory written by "
                                "`tritonize export --format trtllm-checkpoint`, or its TRT-LLM checkpoint / engine")
     if is_engine_dir(path) or is_trtllm_checkpoint(path):
-        if (path.parent / EXPORT_DIR_MARKER).is_file():
+        if (path.parent / EXPORT_MANIFEST).is_file():
             return TrtllmSource(path.parent, path, is_engine_dir(path))
         if (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file():
             raise TrtllmBuildError(f"{path} holds no Hugging Face config.json for the tokenizer models: export the "
@@ -252,7 +251,7 @@ def resolve_trtllm_source(path: str | Path) -> TrtllmSource:
         raise TrtllmBuildError(f"{path} is not inside a `tritonize export` directory, so there is no tokenizer for it: "
                                "put it (or build it) under the export directory, or pass the export directory")
     trt = path / TRTLLM_DIR
-    if (path / EXPORT_DIR_MARKER).is_file() and (is_trtllm_checkpoint(trt) or is_engine_dir(trt)):
+    if (path / EXPORT_MANIFEST).is_file() and (is_trtllm_checkpoint(trt) or is_engine_dir(trt)):
         return TrtllmSource(path, trt, is_engine_dir(trt))
     raise TrtllmBuildError(f"{path} holds no TRT-LLM checkpoint or engine: export it with `tritonize export "
                            f"{path} --output DIR --format trtllm-checkpoint` and pass DIR")

@@ -17,8 +17,8 @@ from tritonclient.grpc import model_config_pb2
 
 from tritonize.runtime.config import ModelArgs, UnsupportedModelError
 
-from .layout import model_folders
-from .manifest import MANIFEST, hash_tree
+from .layout import REPOSITORY_MANIFEST, model_folders
+from .manifest import hash_tree
 from .render import RUNTIME_PACKAGE, RenderError, model_versions, parse_config, read_manifest
 
 Config = model_config_pb2.ModelConfig
@@ -146,10 +146,10 @@ def _hash_problems(repo: Path, folder: Path, expected: dict[str, str], what: str
         if name not in actual:
             problems.append(Problem(f"{rel}/{name}", f"{what} file is missing", f"restore it or {REGENERATE}"))
         elif actual[name] != digest:
-            problems.append(Problem(f"{rel}/{name}", f"sha256 differs from {MANIFEST} (changed or truncated)",
+            problems.append(Problem(f"{rel}/{name}", f"sha256 differs from {REPOSITORY_MANIFEST} (changed or truncated)",
                                     f"copy it again from the checkpoint or {REGENERATE}"))
     for name in sorted(set(actual) - set(expected)):
-        problems.append(Problem(f"{rel}/{name}", f"not listed in {MANIFEST}", f"remove it or {REGENERATE}"))
+        problems.append(Problem(f"{rel}/{name}", f"not listed in {REPOSITORY_MANIFEST}", f"remove it or {REGENERATE}"))
     return problems
 
 
@@ -209,7 +209,7 @@ def _limit_problems(name: str, options: dict, configs: dict[str, Config]) -> lis
     want = options.get("max_batch_size", sizes.get(engine))
     for folder, size in sizes.items():
         if size != want:
-            problems.append(Problem(f"{folder}/config.pbtxt", f"max_batch_size {size} but {MANIFEST} and the "
+            problems.append(Problem(f"{folder}/config.pbtxt", f"max_batch_size {size} but {REPOSITORY_MANIFEST} and the "
                                     f"other models of {name!r} have {want}",
                                     f"set max_batch_size: {want} in every model of {name!r} or {REGENERATE}"))
     max_num_tokens = options.get("max_num_tokens") or options.get("max_input_len")
@@ -230,7 +230,7 @@ def _limit_problems(name: str, options: dict, configs: dict[str, Config]) -> lis
                 continue
             if params.get(key) != str(value):
                 problems.append(Problem(
-                    f"{folder}/config.pbtxt", f"parameter {key} is {params.get(key)!r} but {MANIFEST} says {value!r}",
+                    f"{folder}/config.pbtxt", f"parameter {key} is {params.get(key)!r} but {REPOSITORY_MANIFEST} says {value!r}",
                     f"set it to \"{value}\" or {REGENERATE}"))
     return problems
 
@@ -246,10 +246,10 @@ def validate_repository(repo: str | Path) -> Report:
         manifest = read_manifest(root)
     except RenderError:
         manifest = None
-        report.problems.append(Problem(MANIFEST, "unreadable, or has no 'models' table", f"restore it or {REGENERATE}"))
+        report.problems.append(Problem(REPOSITORY_MANIFEST, "unreadable, or has no 'models' table", f"restore it or {REGENERATE}"))
     else:
         if manifest is None:
-            report.problems.append(Problem(MANIFEST, "missing: this is not a tritonize repository",
+            report.problems.append(Problem(REPOSITORY_MANIFEST, "missing: this is not a tritonize repository",
                                            f"{REGENERATE}, or validate the directory it wrote"))
     configs = _parse_all(root, report)
     for folder, config in configs.items():
@@ -257,7 +257,7 @@ def validate_repository(repo: str | Path) -> Report:
             report.problems += ensemble_problems(folder, configs)
     for name, entry in (manifest or {}).get("models", {}).items():
         if not (root / name).is_dir():
-            report.problems.append(Problem(f"{name}/", f"model {name!r} of {MANIFEST} is missing",
+            report.problems.append(Problem(f"{name}/", f"model {name!r} of {REPOSITORY_MANIFEST} is missing",
                                            f"restore it, or {REGENERATE}"))
             continue
         versions = model_versions(entry)

@@ -10,10 +10,13 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RUNTIMES", "create_engine", "resolve_runtime", "tensorrt_llm_available"]
+__all__ = ["MULTI_GPU_MODES", "RUNTIMES", "create_engine", "resolve_runtime", "tensorrt_llm_available"]
 
 # trtllm: tensorrt_llm.LLM (PyTorch backend); trtllm-engine: prebuilt TensorRT-LLM engines through the executor
 RUNTIMES = ("torch", "trtllm", "trtllm-engine", "auto")
+# How a trtllm-engine engine over several GPUs is launched: one tritonserver per MPI rank (leader), or one
+# whose executor spawns its workers (orchestrator)
+MULTI_GPU_MODES = ("leader", "orchestrator")
 
 
 def tensorrt_llm_available() -> bool:

@@ -37,6 +37,7 @@ from typing import Any
 from .engine import default_end_ids
 from .errors import AdapterError
 from .request import GenerationEngine, GenerationRequest, SamplingParams, StepOutput, stop_length
+from .runtime import MULTI_GPU_MODES
 from .trtllm_adapters import AdapterStore, lora_executor_tensors, read_lora, read_ptuning_table
 from .trtllm_engine import TrtllmNotInstalledError, import_tensorrt_llm, sampling_knobs
 
@@ -50,7 +51,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-MULTI_GPU_MODES = ("leader", "orchestrator")
 _AWAIT = datetime.timedelta(milliseconds=50)
 _GATED_MLPS = {"LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "GemmaForCausalLM"}
 

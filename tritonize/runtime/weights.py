@@ -27,7 +27,7 @@ class WeightsError(ValueError):
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_dtype(dtype: torch.dtype | str | None, args: ModelArgs) -> torch.dtype:
+def weights_dtype(dtype: torch.dtype | str | None, args: ModelArgs) -> torch.dtype:
     """``None``/"auto" means the checkpoint's own dtype (float32 when it does not say)."""
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -50,7 +50,7 @@ def read_config(model_dir: str | Path) -> dict:
         raise WeightsError(f"{path} is not valid JSON ({exc})") from None
 
 
-class Checkpoint:
+class TensorFiles:
     """Name -> tensor access over a directory's ``*.safetensors`` (or ``.bin``) files, read lazily."""
 
     def __init__(self, model_dir: Path, stack: ExitStack) -> None:
@@ -98,33 +98,33 @@ def _load_bin(file: Path) -> dict[str, Tensor]:
 Tensors = Iterator[tuple[str, Tensor]]
 
 
-def _norm(ck: Checkpoint, ours: str, theirs: str, args: ModelArgs) -> Tensors:
+def _norm(ck: TensorFiles, ours: str, theirs: str, args: ModelArgs) -> Tensors:
     yield f"{ours}.weight", ck.get(f"{theirs}.weight")
     if args.norm_bias:
         yield f"{ours}.bias", ck.get(f"{theirs}.bias")
 
 
-def _linear(ck: Checkpoint, ours: str, theirs: str, bias: bool, transpose: bool = False) -> Tensors:
+def _linear(ck: TensorFiles, ours: str, theirs: str, bias: bool, transpose: bool = False) -> Tensors:
     weight = ck.get(f"{theirs}.weight")
     yield f"{ours}.weight", weight.t() if transpose else weight
     if bias:
         yield f"{ours}.bias", ck.get(f"{theirs}.bias")
 
 
-def _fused(ck: Checkpoint, ours: str, theirs: list[str], bias: bool) -> Tensors:
+def _fused(ck: TensorFiles, ours: str, theirs: list[str], bias: bool) -> Tensors:
     yield f"{ours}.weight", torch.cat([ck.get(f"{t}.weight") for t in theirs])
     if bias:
         yield f"{ours}.bias", torch.cat([ck.get(f"{t}.bias") for t in theirs])
 
 
-def _head(ck: Checkpoint, args: ModelArgs, embed: str, final_norm: str, lm_head: str) -> Tensors:
+def _head(ck: TensorFiles, args: ModelArgs, embed: str, final_norm: str, lm_head: str) -> Tensors:
     yield "tok_embeddings.weight", ck.get(embed)
     yield from _norm(ck, "norm", final_norm, args)
     if not args.tie_word_embeddings:
         yield "output.weight", ck.get(lm_head)
 
 
-def _llama_layout(ck: Checkpoint, args: ModelArgs) -> Tensors:
+def _llama_layout(ck: TensorFiles, args: ModelArgs) -> Tensors:
     """Llama, Mistral, Mixtral, Gemma, StarCoder 2, Nemotron: ``model.layers.N.self_attn.q_proj``..."""
     yield from _head(ck, args, "model.embed_tokens.weight", "model.norm", "lm_head.weight")
     for i in range(args.n_layers):
@@ -148,7 +148,7 @@ def _llama_layout(ck: Checkpoint, args: ModelArgs) -> Tensors:
             yield from _linear(ck, f"{ff}.w2", f"{hf}.mlp.down_proj", args.mlp_bias)
 
 
-def _mixtral_experts(ck: Checkpoint, args: ModelArgs, ours: str, hf: str) -> Tensors:
+def _mixtral_experts(ck: TensorFiles, args: ModelArgs, ours: str, hf: str) -> Tensors:
     """Per-expert ``block_sparse_moe.experts.E.w{1,2,3}`` or transformers 5.x stacked ``mlp.experts``."""
     if ck.has(f"{hf}.mlp.experts.gate_up_proj"):
         yield f"{ours}.gate.weight", ck.get(f"{hf}.mlp.gate.weight")
@@ -171,11 +171,11 @@ def _split_interleaved_qkv(t: Tensor, n_heads: int, head_dim: int) -> Tensor:
     return torch.cat([t[:, j].reshape(n_heads * head_dim, *t.shape[3:]) for j in range(3)])
 
 
-def _gpt2_prefix(ck: Checkpoint) -> str:
+def _gpt2_prefix(ck: TensorFiles) -> str:
     return "transformer." if ck.has("transformer.wte.weight") else ""
 
 
-def _gpt2(ck: Checkpoint, args: ModelArgs) -> Tensors:
+def _gpt2(ck: TensorFiles, args: ModelArgs) -> Tensors:
     """GPT-2: ``Conv1D`` weights are stored ``[in, out]``; c_attn is [q; k; v] along ``out``."""
     p = _gpt2_prefix(ck)
     yield from _head(ck, args, f"{p}wte.weight", f"{p}ln_f", "lm_head.weight")
@@ -190,7 +190,7 @@ def _gpt2(ck: Checkpoint, args: ModelArgs) -> Tensors:
         yield from _linear(ck, f"{ours}.feed_forward.w2", f"{hf}.mlp.c_proj", True, transpose=True)
 
 
-def _gpt_bigcode(ck: Checkpoint, args: ModelArgs) -> Tensors:
+def _gpt_bigcode(ck: TensorFiles, args: ModelArgs) -> Tensors:
     """StarCoder 1: ``nn.Linear`` weights; c_attn is [q; k; v] (multi-query) or per-head interleaved."""
     p = _gpt2_prefix(ck)
     yield from _head(ck, args, f"{p}wte.weight", f"{p}ln_f", "lm_head.weight")
@@ -226,7 +226,7 @@ def _falcon_qkv(t: Tensor, args: ModelArgs) -> Tensor:
     return _split_interleaved_qkv(t, args.n_heads, hd)
 
 
-def _falcon(ck: Checkpoint, args: ModelArgs) -> Tensors:
+def _falcon(ck: TensorFiles, args: ModelArgs) -> Tensors:
     p = "transformer."
     yield from _head(ck, args, f"{p}word_embeddings.weight", f"{p}ln_f", "lm_head.weight")
     for i in range(args.n_layers):
@@ -247,7 +247,7 @@ def _falcon(ck: Checkpoint, args: ModelArgs) -> Tensors:
         yield from _linear(ck, f"{ours}.feed_forward.w2", f"{hf}.mlp.dense_4h_to_h", args.mlp_bias)
 
 
-_FAMILIES: dict[str, Callable[[Checkpoint, ModelArgs], Tensors]] = {
+_FAMILIES: dict[str, Callable[[TensorFiles, ModelArgs], Tensors]] = {
     "LlamaForCausalLM": _llama_layout,
     "MistralForCausalLM": _llama_layout,
     "MixtralForCausalLM": _llama_layout,
@@ -269,13 +269,13 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     """
     model_dir = Path(model_dir)
     args = ModelArgs.from_hf_config(read_config(model_dir))
-    dtype = resolve_dtype(dtype, args)
+    dtype = weights_dtype(dtype, args)
     with torch.device("meta"):
         model = Transformer(args)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     state: dict[str, Tensor] = {}
     with ExitStack() as stack:
-        ck = Checkpoint(model_dir, stack)
+        ck = TensorFiles(model_dir, stack)
         for name, tensor in _FAMILIES[args.architecture](ck, args):
             if name not in expected:
                 raise WeightsError(f"{model_dir}: unexpected runtime parameter {name!r} for {args.architecture}")

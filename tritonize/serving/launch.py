@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LaunchError
+from ..runtime.runtime import MULTI_GPU_MODES
 
-__all__ = ["MULTI_GPU_MODES", "LaunchError", "LaunchPlan", "mpi_leader_command", "repository_launch"]
+__all__ = ["LaunchPlan", "mpi_leader_command", "repository_launch"]
 
-MULTI_GPU_MODES = ("leader", "orchestrator")
 ORCHESTRATOR_ENV = {"TRTLLM_ORCHESTRATOR": "1"}
 # Flags of the single-server command that only rank 0 may carry: the others serve no endpoint.
 _RANK0_ONLY = ("--http-port", "--grpc-port", "--metrics-port", "--http-address", "--grpc-address",
