@@ -172,7 +172,7 @@ def test_deploy_serves_adapters_and_a_changed_adapter_is_a_mismatch(source, tmp_
     import transformers
     from safetensors.torch import save_file
 
-    from tritonize.deploy import adapter_choices, carry_out, plan_deploy
+    from tritonize.deploy import carry_out, plan_deploy
     from tritonize.repository.spec import RepoSpec
 
     repo = tmp_path / "repo"
@@ -198,8 +198,8 @@ def test_deploy_serves_adapters_and_a_changed_adapter_is_a_mismatch(source, tmp_
 
     options = {"lora_ckpt": (tmp_path / "peft",), "use_lora_plugin": "bfloat16", "max_lora_rank": 4,
                "ptuning_nemo_checkpoint": (tmp_path / "task.safetensors",), "task_ids": ("5",)}
-    spec = RepoSpec(name="model", max_input_len=32, max_output_len=16, max_batch_size=2)
-    adapter_choices(spec, options)
+    spec = RepoSpec.from_options({"name": "model", "max_input_len": 32, "max_output_len": 16, "max_batch_size": 2,
+                                  **options})
     carry_out(plan_deploy(repo, spec, source=source.path, force=True))
     entry = json.loads((repo / "tritonize.json").read_text())["models"]["model"]
     assert entry["adapters"]["lora"]["0"]["rank"] == 4 and entry["adapters"]["ptuning"]["5"]["n_virtual"] == 3

@@ -21,11 +21,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from tritonize.cli.main import cli
-from tritonize.deploy import HONOURED, DeployError, refuse_unsupported
-from tritonize.errors import AdapterError
+from tritonize.errors import AdapterError, OptionError
 from tritonize.export import export_checkpoint
 from tritonize.export.demo_model import write_demo_checkpoint
 from tritonize.repository.fp8 import detect_fp8
+from tritonize.repository.options import honoured, refuse
 from tritonize.repository.render import parse_config
 from tritonize.repository.trtllm_build import (
     BuildOptions,
@@ -485,10 +485,14 @@ def test_generate_trtllm_options_reach_the_engine_parameters(hf, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tensor-parallelism-size", "2"], "--tensor-parallelism-size needs --runtime trtllm or trtllm-engine"),
+    (["--tensor-parallelism-size", "2"], "--tensor-parallelism-size above 1 needs --runtime trtllm or trtllm-engine"),
     (["--kv-cache-free-gpu-memory-fraction", "0.5"], "--kv-cache-free-gpu-memory-fraction needs --runtime trtllm"),
-    (["--runtime", "trtllm", "--no-paged-kv-cache"], "--no-paged-kv-cache is a TensorRT-LLM engine build option"),
-    (["--opt-num-tokens", "8"], "--opt-num-tokens is a TensorRT-LLM engine build option"),
+    (["--runtime", "trtllm", "--no-paged-kv-cache"],
+     "--no-paged-kv-cache needs --runtime trtllm-engine (TensorRT-LLM's LLM API always pages its KV cache)"),
+    (["--opt-num-tokens", "8"], "--opt-num-tokens needs --runtime trtllm-engine (a TensorRT build profile)"),
+    (["--use-fp8-kv-cache", "true"], "--use-fp8-kv-cache needs --runtime trtllm or trtllm-engine"),
+    (["--runtime", "trtllm", "--ptuning-nemo-checkpoint", "t.npy"],
+     "--ptuning-nemo-checkpoint needs --runtime torch or trtllm-engine"),
 ])
 def test_generate_refuses_options_the_runtime_cannot_honour(hf, tmp_path, args, message):
     result = CliRunner().invoke(cli, ["generate", "-c", str(hf), "-o", str(tmp_path / "r"), *args])
@@ -497,7 +501,7 @@ def test_generate_refuses_options_the_runtime_cannot_honour(hf, tmp_path, args, 
 
 
 @pytest.mark.parametrize("runtime, options, refused", [
-    ("torch", {"tensor_parallelism_size": 2}, "--tensor-parallelism-size (--tensor_parallelism_size) above 1 needs --runtime trtllm or trtllm-engine"),
+    ("torch", {"tensor_parallel_size": 2}, "--tensor-parallelism-size (--tensor_parallelism_size) above 1 needs --runtime trtllm or trtllm-engine"),
     ("trtllm", {"no_paged_kv_cache": True}, "--no-paged-kv-cache (--no_paged_kv_cache) needs --runtime trtllm-engine"),
     ("trtllm", {"opt_num_tokens": 64}, "--opt-num-tokens (--opt_num_tokens) needs --runtime trtllm-engine"),
     ("trtllm", {"export_fp8_quantized": "true"}, "--export-fp8-quantized (--export_fp8_quantized) needs --runtime"),
@@ -505,23 +509,23 @@ def test_generate_refuses_options_the_runtime_cannot_honour(hf, tmp_path, args, 
      "--ptuning-nemo-checkpoint (--ptuning_nemo_checkpoint) needs --runtime torch or trtllm-engine"),
 ])
 def test_deploy_refuses_by_name_per_runtime(runtime, options, refused):
-    with pytest.raises(DeployError, match=refused.replace("(", r"\(").replace(")", r"\)")):
-        refuse_unsupported(options, runtime=runtime)
+    with pytest.raises(OptionError, match=refused.replace("(", r"\(").replace(")", r"\)")):
+        refuse(options, runtime)
 
 
 @pytest.mark.parametrize("runtime, options", [
-    ("trtllm", {"tensor_parallelism_size": 2, "pipeline_parallelism_size": 2, "use_fp8_kv_cache": "true",
+    ("trtllm", {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "use_fp8_kv_cache": "true",
                 "lora_ckpt": ("l",), "max_lora_rank": 8}),
-    ("trtllm-engine", {"tensor_parallelism_size": 2, "opt_num_tokens": 64, "no_paged_kv_cache": True,
+    ("trtllm-engine", {"tensor_parallel_size": 2, "opt_num_tokens": 64, "no_paged_kv_cache": True,
                        "disable_remove_input_padding": True, "use_parallel_embedding": True,
                        "use_lora_plugin": "float16", "ptuning_nemo_checkpoint": ("p",)}),
     ("torch", {"lora_ckpt": ("l",), "ptuning_nemo_checkpoint": ("p",), "task_ids": ("0",), "use_lora_plugin": "auto"}),
 ])
 def test_deploy_accepts_what_each_runtime_honours(runtime, options):
-    assert set(options) <= HONOURED[runtime]
+    assert set(options) <= honoured(runtime)
     try:
-        refuse_unsupported(options, runtime=runtime)
-    except DeployError as e:
+        refuse(options, runtime)
+    except OptionError as e:
         pytest.fail(f"{runtime} refused an option it honours: {e}")
 
 

@@ -28,43 +28,28 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .deploy import (
-    LORA_OPTIONS,
-    PTUNING_OPTIONS,
-    UNSUPPORTED,
-    DeployError,
-    carry_out,
-    plan_deploy,
-    refuse_unsupported,
-)
+from .deploy import DeployError, carry_out, plan_deploy
+from .repository.options import LORA_OPTIONS, PTUNING_OPTIONS, from_api, lora_pairs, refuse, split_modules
 from .repository.spec import RepoSpec
 
-# TensorRTLLM.export / forward arguments that change nothing on the torch runtime: accepted and ignored
-# because they only tune TensorRT (plugins, profiles) or name the default behaviour.
-_NEUTRAL_EXPORT = {"gpus_per_node", "use_embedding_sharing", "paged_context_fmha", "multiple_profiles",
-                   "gpt_attention_plugin", "gemm_plugin", "max_seq_len", "reduce_fusion", "fp8_kvcache_type"}
-_EXPORT_ALIASES = {"fp8_quantized": "export_fp8_quantized", "fp8_kvcache": "use_fp8_kv_cache",
-                   "paged_kv_cache": "no_paged_kv_cache", "remove_input_padding": "disable_remove_input_padding"}
 
-
-def _refuse_seed_kwargs(kwargs: dict[str, Any], neutral: set[str], what: str) -> None:
+def _nemo_export_options(kwargs: dict[str, Any], what: str) -> None:
+    """Refuses by name what NeMo's TensorRTLLM.export was asked that the torch runtime cannot honour; the
+    keywords are NeMo's (``repository.options`` maps them), and the ones without effect here are accepted."""
     options: dict[str, Any] = {}
     for key, value in kwargs.items():
-        if key in neutral:
-            continue
-        name = _EXPORT_ALIASES.get(key, key)
-        if name in LORA_OPTIONS | PTUNING_OPTIONS:  # the deploy script's spellings, not TensorRTLLM's
+        if key in LORA_OPTIONS | PTUNING_OPTIONS:  # the deploy script's spellings, not TensorRTLLM's
             raise TypeError(f"{what}() got an unexpected keyword argument {key!r}: give LoRA checkpoints as "
                             "Exporter(model_dir, lora_ckpt_list=[...]) and p-tuning tables with "
                             "add_prompt_table(task_name, path), as NeMo's TensorRTLLM takes them")
-        if key in ("paged_kv_cache", "remove_input_padding"):  # the seed's positive spelling of a switch
-            value = value is False
-        elif key in ("fp8_quantized", "fp8_kvcache"):
-            value = "auto" if value is None else str(value).lower()
-        if name not in UNSUPPORTED:
-            raise TypeError(f"{what}() got an unexpected keyword argument {key!r}")
-        options[name] = tuple(value) if isinstance(value, list) else value
-    refuse_unsupported(options)
+        try:
+            option = from_api(key, value)
+        except KeyError:
+            raise TypeError(f"{what}() got an unexpected keyword argument {key!r}") from None
+        if option is not None:
+            name, value = option
+            options[name] = tuple(value) if isinstance(value, list) else value
+    refuse(options, "torch")
 
 
 ADAPTERS_DIR = "adapters"
@@ -83,8 +68,6 @@ class _Adapters:
     max_prompt_embedding_table_size: int = 0
 
     def lora_pairs(self) -> list[tuple[int, str]]:
-        from .repository.adapters import lora_pairs
-
         return lora_pairs(self.lora_ckpt_list)
 
     def ptuning_pairs(self) -> list[tuple[int, str]]:
@@ -169,7 +152,7 @@ class Exporter:
         from .repository.adapters import prepare_adapters
         from .repository.checkpoint import inspect_checkpoint
 
-        spec = RepoSpec(name="model", max_input_len=self.max_input_len, **wanted.spec_fields()).validate()
+        spec = RepoSpec(name="model", max_input_len=self.max_input_len, **wanted.spec_fields())
         prepared = prepare_adapters(spec, inspect_checkpoint(self.model_dir))
         final = self.model_dir / ADAPTERS_DIR
         work = Path(tempfile.mkdtemp(prefix=f".{ADAPTERS_DIR}.", dir=self.model_dir))
@@ -231,7 +214,7 @@ class Exporter:
                max_batch_size: int = 8, max_num_tokens: int | None = None, dtype: str | None = None,
                load_model: bool = True, max_prompt_embedding_table_size: int | None = None,
                use_lora_plugin: str | None = None, lora_target_modules: Sequence[str] | None = None,
-               max_lora_rank: int | None = None, **seed_options: Any) -> None:
+               max_lora_rank: int | None = None, **nemo_options: Any) -> None:
         """Exports a .nemo / NeMo 2 / .qnemo / HF checkpoint into `model_dir` (HF format), converts the
         ``lora_ckpt_list`` adapters into ``model_dir/adapters``, then loads it.
 
@@ -240,11 +223,9 @@ class Exporter:
         (TensorRT-LLM names, e.g. attn_qkv) restricts which modules an adapter may touch.
         """
         del use_lora_plugin
-        _refuse_seed_kwargs({"tensor_parallelism_size": tensor_parallelism_size,
-                             "pipeline_parallelism_size": pipeline_parallelism_size, **seed_options},
-                            _NEUTRAL_EXPORT, "export")
+        _nemo_export_options({"tensor_parallelism_size": tensor_parallelism_size,
+                              "pipeline_parallelism_size": pipeline_parallelism_size, **nemo_options}, "export")
         from .export import export_checkpoint
-        from .repository.adapters import split_modules
 
         wanted = _Adapters(lora_ckpt_list=self.lora_ckpt_list, max_lora_rank=int(max_lora_rank or 0),
                            lora_target_modules=split_modules(list(lora_target_modules or ())),

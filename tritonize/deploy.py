@@ -1,14 +1,13 @@
-"""Export (or reuse) + generate for `tritonize deploy` and `tritonize.Deployment`.
+"""Export (or reuse) + generate + serve: `tritonize deploy` (NeMo's deploy_triton.py) and ``tritonize.Deployment``.
 
-The NeMo deploy workflow skipped the export when the engine directory already held what was asked
-for. Here the repository's tritonize.json records the options it was made with, and the source
-checkpoint and export settings ride along in the spec's ``extra`` table, so a second deploy with the
-same request reuses the repository and a different request fails naming the option that differs
-(rather than serving something other than what was asked for).
+The NeMo workflow skipped the export when the engine directory already held what was asked for. Here
+the repository's tritonize.json records the options it was made with, and the source checkpoint and
+export settings ride along in the spec's ``extra`` table, so a second deploy with the same request
+reuses the repository and a different request fails naming the option that differs (rather than
+serving something other than what was asked for).
 
-Options of the seed that only TensorRT-LLM can honour are refused by name on the torch runtime, never
-dropped silently; the TensorRT-LLM runtimes take the ones they honour (``HONOURED``) and refuse the rest
-by name with the runtime that would (``REFUSED``).
+What a runtime cannot honour is refused by name before anything is done (``repository.options``);
+never dropped silently.
 """
 
 from __future__ import annotations
@@ -17,128 +16,25 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import DeployError
 from .export.api import EXPORT_MANIFEST, TRTLLM_DIR
+from .repository.build import build_repository
 from .repository.fp8 import detect_fp8_details, resolve_fp8_switch
+from .repository.options import describe, refuse
 from .repository.render import model_versions, read_manifest
 from .repository.spec import TRTLLM_RUNTIMES, RepoSpec
 from .repository.trtllm_build import (
     BuildOptions,
+    build_options,
     is_trtllm_checkpoint,
     link_tree,
     shard_embedding,
 )
 from .serving.serve import ServeOptions, serve_repository
-
-_NEEDS_TRTLLM = "needs --runtime trtllm or trtllm-engine"
-_ENGINE_ONLY = "needs --runtime trtllm-engine"
-_NEEDS_ADAPTERS = "is not served by this runtime"  # every runtime honours or refuses adapters by name
-
-# option (seed spelling) -> (value that means "not used", why the torch runtime cannot honour it)
-UNSUPPORTED: dict[str, tuple[Any, str]] = {
-    "tensor_parallelism_size": (1, "above 1 " + _NEEDS_TRTLLM + " (the torch runtime runs on one device)"),
-    "pipeline_parallelism_size": (1, "above 1 " + _NEEDS_TRTLLM + " (the torch runtime runs on one device)"),
-    "opt_num_tokens": (None, _ENGINE_ONLY + " (a TensorRT build profile)"),
-    "ptuning_nemo_checkpoint": ((), _NEEDS_ADAPTERS),
-    "task_ids": ((), _NEEDS_ADAPTERS),
-    "max_prompt_embedding_table_size": (None, _NEEDS_ADAPTERS),
-    "lora_ckpt": ((), _NEEDS_ADAPTERS),
-    "use_lora_plugin": (None, _NEEDS_ADAPTERS),
-    "lora_target_modules": ((), _NEEDS_ADAPTERS),
-    "max_lora_rank": (None, _NEEDS_ADAPTERS),
-    "no_paged_kv_cache": (False, _ENGINE_ONLY + " (the torch runtime's KV cache is static, not paged)"),
-    "disable_remove_input_padding": (False, _ENGINE_ONLY + " (a TensorRT build switch)"),
-    "use_parallel_embedding": (False, _ENGINE_ONLY + " (tensor-parallel embedding)"),
-    "export_fp8_quantized": ("auto", _ENGINE_ONLY + " (FP8 weights; the torch runtime runs them dequantized)"),
-    "use_fp8_kv_cache": ("auto", _NEEDS_TRTLLM + " (FP8 KV cache)"),
-}
-# What each TensorRT-LLM runtime honours, and where: parallel sizes reach the export mapping, the LLM
-# args / executor and the launch; build switches reach trtllm-build; FP8 the KV cache config or the build.
-# Adapters: converted into the repository by generate (adapters.py) for every runtime; the torch runtime
-# serves LoRA and p-tuning, the LLM API LoRA only, trtllm-engine both (built with the LoRA plugin / a prompt
-# table). ``use_lora_plugin`` is a build switch: it reaches trtllm-build, and elsewhere only says "LoRA on".
-LORA_OPTIONS = frozenset({"lora_ckpt", "lora_target_modules", "max_lora_rank", "use_lora_plugin"})
-PTUNING_OPTIONS = frozenset({"ptuning_nemo_checkpoint", "task_ids", "max_prompt_embedding_table_size"})
-HONOURED: dict[str, frozenset[str]] = {
-    "torch": LORA_OPTIONS | PTUNING_OPTIONS,
-    "auto": LORA_OPTIONS | PTUNING_OPTIONS,
-    "trtllm": frozenset({"tensor_parallelism_size", "pipeline_parallelism_size", "use_fp8_kv_cache"}) | LORA_OPTIONS,
-    "trtllm-engine": frozenset({"tensor_parallelism_size", "pipeline_parallelism_size", "opt_num_tokens",
-                                "no_paged_kv_cache", "disable_remove_input_padding", "use_parallel_embedding",
-                                "use_fp8_kv_cache", "export_fp8_quantized"}) | LORA_OPTIONS | PTUNING_OPTIONS,
-}
-REFUSED: dict[str, dict[str, str]] = {
-    "trtllm": {
-        "opt_num_tokens": _ENGINE_ONLY + " (a TensorRT build profile; the trtllm runtime builds no engine)",
-        "no_paged_kv_cache": _ENGINE_ONLY + " (TensorRT-LLM's LLM API always pages its KV cache)",
-        "disable_remove_input_padding": _ENGINE_ONLY + " (a TensorRT build switch)",
-        "use_parallel_embedding": _ENGINE_ONLY + " (a TRT-LLM checkpoint layout; trtllm loads the HF export)",
-        "export_fp8_quantized": _ENGINE_ONLY + " with an FP8 TRT-LLM checkpoint (.qnemo) as source (the trtllm "
-                                "runtime serves the Hugging Face export, dequantized)",
-        **{name: "needs --runtime torch or trtllm-engine (TensorRT-LLM's LLM API takes no prompt tables)"
-           for name in PTUNING_OPTIONS},
-    },
-}
-# "auto" and "false" both mean: no FP8 on the torch runtime.
-_FP8_OFF = {"auto", "false", "0", "no", None, False}
-
-# spec / extra field -> the flag a user passes for it
-FLAGS = {
-    "name": "--triton-model-name",
-    "version": "--triton-model-version",
-    "max_batch_size": "--max-batch-size",
-    "max_input_len": "--max-input-len",
-    "max_output_len": "--max-output-len",
-    "max_num_tokens": "--max-num-tokens",
-    "runtime": "--runtime",
-    "device": "--device",
-    "dtype": "--dtype",
-    "instance_count": "--instance-count",
-    "tokenizer_instance_count": "tokenizer instance count",
-    "source": "--nemo-checkpoint",
-    "model_type": "--model-type",
-    "export_dtype": "--dtype (export)",
-    "tensor_parallel_size": "--tensor-parallelism-size",
-    "pipeline_parallel_size": "--pipeline-parallelism-size",
-    "kv_cache_free_gpu_memory_fraction": "--kv-cache-free-gpu-memory-fraction",
-    "kv_cache_dtype": "--use-fp8-kv-cache",
-    "multi_gpu_mode": "--multi-gpu-mode",
-    "trtllm_build": "the TensorRT-LLM build options",
-    "lora": "--lora-ckpt",
-    "ptuning": "--ptuning-nemo-checkpoint / --task-ids",
-    "max_lora_rank": "--max-lora-rank",
-    "lora_target_modules": "--lora-target-modules",
-    "max_prompt_embedding_table_size": "--max-prompt-embedding-table-size",
-}
-
-
-
-def _unused(name: str, value: Any) -> bool:
-    default = UNSUPPORTED[name][0]
-    if name in ("export_fp8_quantized", "use_fp8_kv_cache"):
-        return (value.lower() if isinstance(value, str) else value) in _FP8_OFF
-    if isinstance(default, tuple):
-        return not value
-    if name in ("max_prompt_embedding_table_size", "max_lora_rank"):
-        return value is None or value == 0
-    return value == default
-
-
-def refuse_unsupported(options: Mapping[str, Any], runtime: str = "torch") -> None:
-    """Raises DeployError for the first option ``runtime`` cannot honour; `options` is by seed name."""
-    honoured = HONOURED.get(runtime, frozenset())
-    for name, value in options.items():
-        if name not in UNSUPPORTED:
-            raise DeployError(f"unknown option {name!r}")
-        if _unused(name, value) or name in honoured:
-            continue
-        dashed = name.replace("_", "-")
-        why = REFUSED.get(runtime, {}).get(name, UNSUPPORTED[name][1])
-        raise DeployError(f"--{dashed} (--{name}) {why}")
 
 
 @dataclass
@@ -175,9 +71,9 @@ class DeployPlan:
 
 def request_spec(spec: RepoSpec, source: Path, model_type: str | None, export_dtype: str | None) -> RepoSpec:
     """`spec` with the export request recorded in ``extra``, which tritonize.json keeps among the options."""
-    spec.extra = {**spec.extra, "source": str(Path(source).expanduser().resolve()),
-                  "model_type": (model_type or "auto").lower(), "export_dtype": export_dtype or "as stored"}
-    return spec
+    return replace(spec, extra={**spec.extra, "source": str(Path(source).expanduser().resolve()),
+                                "model_type": (model_type or "auto").lower(),
+                                "export_dtype": export_dtype or "as stored"})
 
 
 def _difference(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
@@ -185,9 +81,9 @@ def _difference(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | N
     flat_wanted = {**{k: v for k, v in wanted.items() if k != "extra"}, **(wanted.get("extra") or {})}
     for key, value in flat_wanted.items():
         if key in flat_stored and flat_stored[key] != value:
-            return f"{FLAGS.get(key, key)} is {value!r} but the repository was made with {flat_stored[key]!r}"
+            return f"{describe(key)} is {value!r} but the repository was made with {flat_stored[key]!r}"
         if key not in flat_stored and key in ("source", "model_type", "export_dtype"):
-            return f"{FLAGS.get(key, key)}: the repository records no export source (it was not made by deploy)"
+            return f"{describe(key)}: the repository records no export source (it was not made by deploy)"
     return None
 
 
@@ -209,8 +105,8 @@ def _fp8_note(what: str, on: bool, value: Any, detected: bool, where: Path | Non
     return f"FP8 {what}: {'on' if on else 'off'} ({how})"
 
 
-def trtllm_choices(spec: RepoSpec, options: Mapping[str, Any], source: Path | None) -> TrtllmChoices:
-    """Puts the honoured options of a trtllm runtime into ``spec``; the build for trtllm-engine.
+def trtllm_choices(spec: RepoSpec, options: Mapping[str, Any], source: Path | None) -> tuple[RepoSpec, TrtllmChoices]:
+    """``spec`` with the KV cache dtype a trtllm runtime gets, and the build for trtllm-engine.
 
     FP8 "auto" follows the source checkpoint's config files (``fp8.detect_fp8``). trtllm: an FP8 KV cache
     is the LLM API's KvCacheConfig dtype. trtllm-engine: FP8 weights or KV cache come from a TRT-LLM
@@ -218,9 +114,7 @@ def trtllm_choices(spec: RepoSpec, options: Mapping[str, Any], source: Path | No
     """
     choices = TrtllmChoices()
     if spec.runtime not in TRTLLM_RUNTIMES:
-        return choices
-    spec.tensor_parallel_size = int(options.get("tensor_parallelism_size") or 1)
-    spec.pipeline_parallel_size = int(options.get("pipeline_parallelism_size") or 1)
+        return spec, choices
     found = detect_fp8_details(source) if source is not None else None
     w_detected, kv_detected = (found.weights, found.kv_cache) if found else (False, False)
     where = found.source if found else None
@@ -229,12 +123,11 @@ def trtllm_choices(spec: RepoSpec, options: Mapping[str, Any], source: Path | No
     kv_on = resolve_fp8_switch(kv_value, kv_detected)
     w_on = resolve_fp8_switch(w_value, w_detected)
     if spec.runtime == "trtllm":
-        spec.kv_cache_dtype = "fp8" if kv_on else "auto"
         choices.notes.append(_fp8_note("KV cache", kv_on, kv_value, kv_detected, where))
         if w_detected:
             choices.notes.append(f"FP8 weights: detected in {where}; the trtllm runtime serves the dequantized "
                                  "export (--runtime trtllm-engine builds the FP8 checkpoint as it is)")
-        return choices
+        return replace(spec, kv_cache_dtype="fp8" if kv_on else "auto"), choices
     fp8_source = source is not None and is_trtllm_checkpoint(source) and (w_detected or kv_detected)
     for what, on, value in (("weights", w_on, w_value), ("KV cache", kv_on, kv_value)):
         if on and not fp8_source:
@@ -248,31 +141,15 @@ def trtllm_choices(spec: RepoSpec, options: Mapping[str, Any], source: Path | No
                               "--use-fp8-kv-cache at auto")
         choices.trtllm_checkpoint = source
     choices.parallel_embedding = bool(options.get("use_parallel_embedding"))
-    choices.build = BuildOptions(
-        max_batch_size=spec.max_batch_size, max_input_len=spec.max_input_len, max_output_len=spec.max_output_len,
-        max_num_tokens=spec.max_num_tokens or None, opt_num_tokens=options.get("opt_num_tokens") or None,
-        paged_kv_cache=not options.get("no_paged_kv_cache"),
-        remove_input_padding=not options.get("disable_remove_input_padding"),
-        fp8_kv_cache_request="true" if kv_on else "auto",
-        lora_plugin=options.get("use_lora_plugin") or None)
-    b = choices.build
-    spec.extra = {**spec.extra, "trtllm_build": json.dumps(
+    choices.build = b = build_options(spec, options, fp8_kv_cache_request="true" if kv_on else "auto")
+    return replace(spec, extra={**spec.extra, "trtllm_build": json.dumps(
         {"opt_num_tokens": b.opt_num_tokens, "paged_kv_cache": b.paged_kv_cache,
          "remove_input_padding": b.remove_input_padding, "parallel_embedding": choices.parallel_embedding,
-         "fp8_weights": w_on, "fp8_kv_cache": kv_on}, sort_keys=True)}
-    return choices
+         "fp8_weights": w_on, "fp8_kv_cache": kv_on}, sort_keys=True)}), choices
 
 
-def adapter_choices(spec: RepoSpec, options: Mapping[str, Any]) -> list[str]:
-    """Puts the seed's adapter options into ``spec`` (generate converts and checks them); returns notes."""
-    from .repository.adapters import lora_pairs, ptuning_pairs, split_modules
-
-    spec.lora = lora_pairs(list(options.get("lora_ckpt") or ()))
-    spec.ptuning = ptuning_pairs(list(options.get("ptuning_nemo_checkpoint") or ()),
-                                 list(options.get("task_ids") or ()))
-    spec.lora_target_modules = split_modules(list(options.get("lora_target_modules") or ()))
-    spec.max_lora_rank = int(options.get("max_lora_rank") or 0)
-    spec.max_prompt_embedding_table_size = int(options.get("max_prompt_embedding_table_size") or 0)
+def adapter_notes(spec: RepoSpec, options: Mapping[str, Any]) -> list[str]:
+    """What deploy says about the adapters of a request (generate converts and checks them)."""
     notes = []
     if options.get("use_lora_plugin") and spec.runtime != "trtllm-engine":
         notes.append(f"--use-lora-plugin {options['use_lora_plugin']}: a TensorRT build switch; the "
@@ -299,7 +176,6 @@ def plan_deploy(repository: Path, spec: RepoSpec, *, source: Path | None, model_
 def _plan_deploy(repository: Path, spec: RepoSpec, *, source: Path | None, model_type: str | None,
                  export_dtype: str | None, force: bool) -> DeployPlan:
     repository = Path(repository).expanduser().absolute()
-    spec.validate()
     if source is None:
         if not repository.is_dir():
             raise DeployError(f"{repository} does not exist: give --nemo-checkpoint to export one, "
@@ -314,7 +190,7 @@ def _plan_deploy(repository: Path, spec: RepoSpec, *, source: Path | None, model
     source = Path(source).expanduser()
     if not source.exists():
         raise DeployError(f"--nemo-checkpoint {source} does not exist")
-    request_spec(spec, source, model_type, export_dtype)
+    spec = request_spec(spec, source, model_type, export_dtype)
     manifest = read_manifest(repository) if repository.is_dir() else None
     if repository.exists() and manifest is None and not force:
         raise DeployError(f"{repository} exists and is not a tritonize repository: choose another "
@@ -349,7 +225,6 @@ def carry_out(plan: DeployPlan, *, progress: bool = False) -> Path:
     if plan.action != "build":
         return plan.repository
     from .export import export_checkpoint
-    from .repository.build import build_repository
 
     plan.repository.parent.mkdir(parents=True, exist_ok=True)
     engine = plan.spec.runtime == "trtllm-engine"
@@ -375,29 +250,34 @@ def carry_out(plan: DeployPlan, *, progress: bool = False) -> Path:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def deploy(source: Path | None, repository: Path | None, spec: RepoSpec, options: Mapping[str, Any], *,
-           model_type: str | None = None, export_dtype: str | None = None, force: bool = False,
-           dry_run: bool = False, serve: ServeOptions = ServeOptions(), say: Callable[[str], None] = print,
+def deploy(options: Mapping[str, Any], *, force: bool = False, dry_run: bool = False,
+           tritonserver: Path | None = None, startup_timeout: float = 600, say: Callable[[str], None] = print,
            note: Callable[[str], None] = print) -> None:
-    """NeMo's deploy_triton.py: export (or reuse) ``source``, generate ``spec`` into ``repository``, serve it.
+    """NeMo's deploy_triton.py: export (or reuse) ``source``, generate it into ``triton_model_repository``, and
+    serve it until stopped.
 
-    ``options`` are the options only some runtimes honour, by name (refused by name where ``spec.runtime``
-    cannot honour them). Without ``repository`` a temporary one is used and removed at the end. With
-    ``dry_run`` only what would be done is said.
+    ``options`` are deploy's, by name (``repository.options``); what ``runtime`` cannot honour is refused
+    first. Without ``triton_model_repository`` a temporary repository is used and removed at the end.
+    With ``dry_run`` only what would be done is said.
     """
+    source, repository = options.get("source"), options.get("triton_model_repository")
+    refuse(options, options.get("runtime") or "torch")
+    serve = ServeOptions(http_port=options["triton_port"], grpc_port=options["grpc_port"],
+                         metrics_port=options["metrics_port"], address=options["triton_http_address"],
+                         tritonserver=tritonserver, startup_timeout=startup_timeout)
     temporary = None
     try:
-        refuse_unsupported(options, runtime=spec.runtime)
         if repository is None:
             if source is None:
                 raise DeployError("give --nemo-checkpoint to export, or --triton-model-repository to serve")
             temporary = Path(tempfile.mkdtemp(prefix="tritonize-deploy-"))
             repository = temporary / "repo"
-        for line in adapter_choices(spec, options):
+        spec = RepoSpec.from_options(options)
+        for line in adapter_notes(spec, options):
             note(line)
-        choices = trtllm_choices(spec, options, source)
-        plan = plan_deploy(repository, spec, source=source, model_type=model_type, export_dtype=export_dtype,
-                           force=force, trtllm=choices)
+        spec, choices = trtllm_choices(spec, options, source)
+        plan = plan_deploy(repository, spec, source=source, model_type=options.get("model_type"),
+                           export_dtype=options.get("dtype"), force=force, trtllm=choices)
         for line in plan.notes:
             note(line)
         if dry_run:

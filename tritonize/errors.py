@@ -11,7 +11,7 @@ from pathlib import Path
 from .runtime.errors import AdapterError, EngineError, OneLineError, TritonizeError
 
 __all__ = [
-    "AdapterError", "CheckpointError", "DeployError", "EngineError", "ExportError", "LaunchError", "QueryError",
+    "AdapterError", "CheckpointError", "DeployError", "EngineError", "ExportError", "LaunchError", "OptionError", "QueryError",
     "RenderError", "ServerError", "TritonizeError", "TrtllmBuildError", "UnsafePickleError",
 ]
 
@@ -38,6 +38,11 @@ class TrtllmBuildError(TritonizeError):
 
 class DeployError(TritonizeError):
     """A deploy request that cannot be carried out as asked; the message names the option and the fix."""
+
+
+class OptionError(DeployError):
+    """An option the chosen runtime cannot honour (or none that exists), named as the user spelled it; a
+    DeployError because deploy and the Python API raised that for it before generate shared the check."""
 
 
 class LaunchError(TritonizeError):

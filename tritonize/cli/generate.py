@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ..errors import TritonizeError
-from ..repository.adapters import lora_pairs, ptuning_pairs, split_modules
-from ..repository.build import build_repository
-from ..repository.spec import DEVICES, DTYPES, RepoSpec, runtime_warning
-from ..runtime.runtime import RUNTIMES
-from .trtllm_options import apply_trtllm_options, trtllm_generate_options
+from ..repository.build import generate_repository
+from ..repository.spec import DEVICES, DTYPES
+from ..runtime.runtime import MULTI_GPU_MODES, RUNTIMES
+from .options import FP8_SWITCH, generate_option
 
 
 @click.command()
@@ -19,43 +19,56 @@ from .trtllm_options import apply_trtllm_options, trtllm_generate_options
               help="Hugging Face-format directory (config.json, *.safetensors, tokenizer), e.g. from `tritonize export`.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
               help="Model repository to write, or an existing one to add the model or version to.")
-@click.option("--model-name", "-n", default="model", show_default=True, help="Name of the ensemble clients call.")
-@click.option("--model-version", default=1, show_default=True, type=int, help="Version folder of each model; a new version is added beside the others.")
-@click.option("--max-batch-size", default=8, show_default=True, type=int,
+@generate_option("name", "-n", default="model", show_default=True, help="Name of the ensemble clients call.")
+@generate_option("version", default=1, show_default=True, type=int, help="Version folder of each model; a new version is added beside the others.")
+@generate_option("max_batch_size", default=8, show_default=True, type=int,
               help="Requests decoded together (KV cache slots).")
-@click.option("--max-input-len", default=256, show_default=True, type=int, help="Longest prompt, in tokens.")
-@click.option("--max-output-len", default=256, show_default=True, type=int, help="Most tokens generated per request.")
-@click.option("--max-num-tokens", default=0, show_default=True, type=int,
+@generate_option("max_input_len", default=256, show_default=True, type=int, help="Longest prompt, in tokens.")
+@generate_option("max_output_len", default=256, show_default=True, type=int, help="Most tokens generated per request.")
+@generate_option("max_num_tokens", default=0, show_default=True, type=int,
               help="Prompt tokens prefilled per scheduler step (0: --max-input-len).")
-@click.option("--runtime", default="torch", show_default=True, type=click.Choice(RUNTIMES), help="Engine runtime.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
+@generate_option("runtime", default="torch", show_default=True, type=click.Choice(RUNTIMES), help="Engine runtime.")
+@generate_option("device", default="auto", show_default=True, type=click.Choice(DEVICES),
               help="auto: CUDA when the server has a GPU, else CPU.")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES),
+@generate_option("dtype", default="auto", show_default=True, type=click.Choice(DTYPES),
               help="auto: bfloat16 on CUDA, float32 on CPU.")
-@click.option("--instance-count", default=1, show_default=True, type=int, help="Engine model instances.")
-@click.option("--lora-ckpt", "lora_ckpt", multiple=True, metavar="[ID=]PATH",
+@generate_option("instance_count", default=1, show_default=True, type=int, help="Engine model instances.")
+@generate_option("lora_ckpt", multiple=True, metavar="[ID=]PATH",
               help="LoRA adapter to serve (PEFT dir, NeMo .nemo or NeMo 2 dir); repeat for several. Requests pick one "
                    "with lora_task_id: ID, or the adapter's position (0, 1, ...).")
-@click.option("--lora-target-modules", multiple=True, metavar="MODULE",
+@generate_option("lora_target_modules", multiple=True, metavar="MODULE",
               help="Modules adapters may touch (attn_qkv attn_q attn_k attn_v attn_dense mlp_h_to_4h mlp_gate "
                    "mlp_4h_to_h); an adapter with others is refused. Default: any.")
-@click.option("--max-lora-rank", default=0, show_default=True, type=int,
+@generate_option("max_lora_rank", default=0, show_default=True, type=int,
               help="Largest adapter rank accepted (0: no limit).")
-@click.option("--ptuning-nemo-checkpoint", multiple=True, metavar="PATH",
+@generate_option("ptuning_nemo_checkpoint", multiple=True, metavar="PATH",
               help="NeMo p-tuning checkpoint (.nemo) or a [n, hidden] table (.safetensors/.npy); repeat for several.")
-@click.option("--task-ids", multiple=True, type=int, metavar="ID",
+@generate_option("task_ids", multiple=True, type=int, metavar="ID",
               help="Task id of each --ptuning-nemo-checkpoint, in order (default 0, 1, ...); requests send task_id.")
-@click.option("--max-prompt-embedding-table-size", default=0, show_default=True, type=int,
+@generate_option("max_prompt_embedding_table_size", default=0, show_default=True, type=int,
               help="Most virtual tokens over all p-tuning tasks, and most rows of a prompt_embedding_table "
                    "sent with a request (0: tasks unlimited, request tables refused).")
 @click.option("--force", is_flag=True,
               help="Replace this model version if --output holds it (or --output if it is not a tritonize repository).")
-@trtllm_generate_options
-def generate(checkpoint: Path, output: Path, model_name: str, model_version: int, max_batch_size: int,
-             max_input_len: int, max_output_len: int, max_num_tokens: int, runtime: str, device: str, dtype: str,
-             instance_count: int, lora_ckpt: tuple[str, ...], lora_target_modules: tuple[str, ...],
-             max_lora_rank: int, ptuning_nemo_checkpoint: tuple[str, ...], task_ids: tuple[int, ...],
-             max_prompt_embedding_table_size: int, force: bool, **trtllm) -> None:
+@generate_option("tensor_parallel_size", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="TensorRT-LLM runtimes: GPUs per pipeline stage (trtllm-engine: from the engine if left at 1).")
+@generate_option("pipeline_parallel_size", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="TensorRT-LLM runtimes: pipeline stages.")
+@generate_option("kv_cache_free_gpu_memory_fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+                 help="TensorRT-LLM runtimes: share of free GPU memory the KV cache takes (TensorRT-LLM's default 0.9).")
+@generate_option("use_fp8_kv_cache", type=FP8_SWITCH, default="auto", show_default=True,
+                 help="trtllm: FP8 KV cache (auto: as the checkpoint says). trtllm-engine: fixed by the checkpoint.")
+@generate_option("multi_gpu_mode", type=click.Choice(MULTI_GPU_MODES), default="leader", show_default=True,
+                 help="trtllm-engine over several GPUs: one tritonserver per MPI rank (leader) or one that spawns "
+                      "its workers (orchestrator).")
+@generate_option("opt_num_tokens", type=click.IntRange(min=1), default=None,
+                 help="trtllm-engine build: optimal tokens per step.")
+@generate_option("no_paged_kv_cache", is_flag=True,
+                 help="trtllm-engine build: a contiguous KV cache instead of the paged one.")
+@generate_option("disable_remove_input_padding", is_flag=True, help="trtllm-engine build: keep input padding.")
+@generate_option("build_workers", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="trtllm-engine build: ranks built in parallel (trtllm-build --workers).")
+def generate(checkpoint: Path, output: Path, force: bool, **options: Any) -> None:
     """Write a Triton model repository for a Hugging Face-format CHECKPOINT.
 
     \b
@@ -77,28 +90,14 @@ def generate(checkpoint: Path, output: Path, model_name: str, model_version: int
           --ptuning-nemo-checkpoint ./ptuning.nemo --task-ids 3
     """
     try:
-        spec = RepoSpec(
-            name=model_name, version=model_version, max_batch_size=max_batch_size, max_input_len=max_input_len,
-            max_output_len=max_output_len, max_num_tokens=max_num_tokens, runtime=runtime, device=device,
-            dtype=dtype, instance_count=instance_count, lora=lora_pairs(lora_ckpt),
-            ptuning=ptuning_pairs(ptuning_nemo_checkpoint, task_ids), max_lora_rank=max_lora_rank,
-            lora_target_modules=split_modules(lora_target_modules),
-            max_prompt_embedding_table_size=max_prompt_embedding_table_size,
-        )
-        build = apply_trtllm_options(spec, trtllm)
+        result = generate_repository(checkpoint, output, options, force=force,
+                                     note=lambda line: click.echo(line, err=True))
     except TritonizeError as e:
         raise click.ClickException(str(e)) from None
-    warning = runtime_warning(runtime)
-    if warning:
-        click.echo(warning, err=True)
-    existed = (output / "tritonize.json").is_file()
-    try:
-        out = build_repository(checkpoint, output, spec, force=force, build=build)
-    except TritonizeError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"added version {model_version} of {model_name} to {out}" if existed else f"wrote {out}")
-    click.echo(f"  models: {model_name} (ensemble), {model_name}_preprocessing, {model_name}_engine, "
-               f"{model_name}_postprocessing, {model_name}_sync")
+    spec, out = result.spec, result.repository
+    click.echo(f"added version {spec.version} of {spec.name} to {out}" if result.added else f"wrote {out}")
+    click.echo(f"  models: {spec.name} (ensemble), {spec.name}_preprocessing, {spec.name}_engine, "
+               f"{spec.name}_postprocessing, {spec.name}_sync")
     for task, source in spec.lora:
         click.echo(f"  LoRA:   lora_task_id {task} = {source}")
     for task, source in spec.ptuning:

@@ -7,7 +7,6 @@ whatever the source was (PEFT, NeMo 1, NeMo 2, a plain table file).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,41 +80,3 @@ def prepare_adapters(spec: RepoSpec, ckpt: Checkpoint) -> PreparedAdapters:
             raise AdapterError(f"a p-tuning task has {longest} virtual tokens, as many as --max-input-len "
                              f"{spec.max_input_len}: raise --max-input-len")
     return prepared
-
-
-def lora_pairs(values: Sequence[str | Path]) -> list[tuple[int, str]]:
-    """``--lora-ckpt`` values: ``PATH`` (lora_task_id = its position, 0-based, as NeMo numbered them) or
-    ``ID=PATH``."""
-    pairs = []
-    for position, value in enumerate(values):
-        task, sep, path = str(value).partition("=")
-        if sep and task.strip().isdigit():
-            pairs.append((int(task), _absolute(path)))
-        else:
-            pairs.append((position, _absolute(value)))
-    return pairs
-
-
-def _absolute(path: str | Path) -> str:
-    """Sources are recorded absolute, so a later deploy from another directory compares equal."""
-    return str(Path(path).expanduser().resolve())
-
-
-def ptuning_pairs(paths: Sequence[str | Path], task_ids: Sequence[int | str]) -> list[tuple[int, str]]:
-    """``--ptuning-nemo-checkpoint`` values with ``--task-ids`` (default 0, 1, ... in order)."""
-    if task_ids and len(task_ids) != len(paths):
-        raise AdapterError(f"--task-ids gives {len(task_ids)} id(s) for {len(paths)} --ptuning-nemo-checkpoint "
-                           "value(s): give one id per checkpoint, or none")
-    ids = []
-    for task in task_ids or range(len(paths)):
-        try:
-            ids.append(int(task))
-        except (TypeError, ValueError):
-            raise AdapterError(f"--task-ids {task!r} is not a number: task ids are integers on the wire (task_id "
-                               "is UINT64); pass 0, 1, ...") from None
-    return [(task, _absolute(path)) for task, path in zip(ids, paths)]
-
-
-def split_modules(values: list[str] | tuple[str, ...]) -> list[str]:
-    """``--lora-target-modules a b`` (NeMo's form, one string) and repeated flags alike."""
-    return [m for value in values for m in value.replace(",", " ").split()]

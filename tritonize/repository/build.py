@@ -9,14 +9,43 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ..errors import TritonizeError
 from .checkpoint import inspect_checkpoint
+from .layout import REPOSITORY_MANIFEST
+from .options import refuse
 from .render import write_repository
-from .spec import RepoSpec
-from .trtllm_build import BuildOptions, resolve_trtllm_source, run_trtllm_build, stage_engine
+from .spec import RepoSpec, runtime_warning
+from .trtllm_build import BuildOptions, build_options, resolve_trtllm_source, run_trtllm_build, stage_engine
+
+
+@dataclass(frozen=True)
+class Generated:
+    repository: Path
+    spec: RepoSpec  # what the model version was made with
+    added: bool  # the repository was there: the model or version went in beside what it held
+
+
+def generate_repository(checkpoint: Path, output: Path, options: Mapping[str, Any], *, force: bool,
+                        note: Callable[[str], None] = print) -> Generated:
+    """`tritonize generate`: the options (by name, ``repository.options``) checked against the runtime, the spec
+    built from them, the repository written. ``note`` gets a warning when this machine lacks what the
+    runtime needs (not an error: the repository is usually served elsewhere)."""
+    runtime = options.get("runtime") or "torch"
+    refuse(options, runtime, nemo=False)
+    spec = RepoSpec.from_options(options)
+    warning = runtime_warning(runtime)
+    if warning:
+        note(warning)
+    build = None
+    if runtime == "trtllm-engine":
+        build = build_options(spec, options, fp8_kv_cache_request=str(options.get("use_fp8_kv_cache") or "auto").lower())
+    added = (Path(output) / REPOSITORY_MANIFEST).is_file()
+    return Generated(build_repository(checkpoint, output, spec, force=force, build=build), spec, added)
 
 
 def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: bool, progress: bool = True,
@@ -28,7 +57,6 @@ def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: b
     one: the engine is linked or built (``build``, run by ``runner``) into a staging directory beside
     ``output`` first, and the repository holds hard links to it.
     """
-    spec.validate()
     if spec.runtime != "trtllm-engine":
         return _write(Path(checkpoint), output, spec, force=force, progress=progress)
     source = resolve_trtllm_source(checkpoint)
@@ -37,7 +65,7 @@ def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: b
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.engine-", dir=output.parent))
     try:
         engine, (tp, pp) = stage_engine(source, spec, work, build=build, runner=runner)
-        spec.tensor_parallel_size, spec.pipeline_parallel_size = tp, pp
+        spec = replace(spec, tensor_parallel_size=tp, pipeline_parallel_size=pp)
         return _write(source.hf_dir, output, spec, force=force, progress=progress, engine_dir=engine)
     finally:
         shutil.rmtree(work, ignore_errors=True)

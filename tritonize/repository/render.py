@@ -289,7 +289,6 @@ def write_repository(spec: RepoSpec, ckpt: Checkpoint, output: str | Path, *, fo
     ``force`` and replaces only that version's folders. Any other existing ``output`` is replaced
     only with ``force``.
     """
-    spec.validate()
     out = Path(output).resolve()
     if out.exists() and not out.is_dir():
         raise RenderError(f"{out} exists and is not a directory: remove it or choose another --output")

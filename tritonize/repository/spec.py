@@ -1,7 +1,10 @@
-"""The options of one generated repository, validated before anything is rendered.
+"""The options of one model version of a repository: built once, checked once, never edited.
 
-Templates receive only a validated `RepoSpec`, so no user-supplied string reaches a config.pbtxt
-unchecked: names are restricted to Triton's safe characters and numbers are numbers.
+A ``RepoSpec`` is checked when it is made, and ``dataclasses.replace`` (the only way to change one)
+makes a new one that is checked again, so whatever holds a spec holds a valid one: templates receive
+nothing else, and no user-supplied string reaches a config.pbtxt unchecked (names are restricted to
+Triton's safe characters, numbers are numbers). The flags its messages name come from the options
+table.
 """
 
 from __future__ import annotations
@@ -9,10 +12,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any
 
 from ..errors import RenderError
 from ..runtime.runtime import MULTI_GPU_MODES, RUNTIMES
+from .options import OPTIONS, flag, lora_pairs, ptuning_pairs, split_modules
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 # torch: tritonize's own runtime; trtllm: tensorrt_llm.LLM on the server; trtllm-engine: a TensorRT-LLM
@@ -42,7 +49,7 @@ def runtime_warning(runtime: str) -> str | None:
     return None
 
 
-@dataclass
+@dataclass(frozen=True)
 class RepoSpec:
     name: str
     version: int = 1
@@ -56,35 +63,57 @@ class RepoSpec:
     instance_count: int = 1
     tokenizer_instance_count: int = 1
     # adapters: (lora_task_id, source) and (task_id, source) pairs, and the limits they are checked against
-    lora: list[tuple[int, str]] = field(default_factory=list)
-    ptuning: list[tuple[int, str]] = field(default_factory=list)
+    lora: tuple[tuple[int, str], ...] = ()
+    ptuning: tuple[tuple[int, str], ...] = ()
     max_lora_rank: int = 0  # 0: the largest adapter's rank
-    lora_target_modules: list[str] = field(default_factory=list)  # empty: whatever the adapters hold
+    lora_target_modules: tuple[str, ...] = ()  # empty: whatever the adapters hold
     max_prompt_embedding_table_size: int = 0  # 0: no limit
-    # TensorRT-LLM runtimes only (validate refuses them elsewhere):
+    # TensorRT-LLM runtimes only (refused elsewhere):
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     kv_cache_free_gpu_memory_fraction: float = 0.0  # 0: TensorRT-LLM's default (0.9)
     kv_cache_dtype: str = "auto"  # "fp8" on the trtllm runtime; an engine's is fixed at build time
     multi_gpu_mode: str = "leader"  # how tritonize serve launches world size > 1: leader | orchestrator
-    extra: dict[str, str] = field(default_factory=dict)
+    # what else made the repository (deploy's export request), recorded in tritonize.json with the rest
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Lists given by callers become tuples (and ``extra`` a read-only mapping): nothing shares them.
+        object.__setattr__(self, "lora", tuple((int(t), str(p)) for t, p in self.lora))
+        object.__setattr__(self, "ptuning", tuple((int(t), str(p)) for t, p in self.ptuning))
+        object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
+        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+        self._check()
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> RepoSpec:
+        """The spec of a generate / deploy request, its options by name (``repository.options``).
+
+        Options of no spec field are left to whoever takes them (the export, the build, the server); None
+        means the default; the adapter options become (task id, source) pairs, and an FP8 KV cache asked
+        for on the trtllm runtime the KV cache dtype.
+        """
+        names = {f.name for f in fields(cls)}
+        values = {name: value for name, value in options.items() if name in names and value is not None}
+        values["lora"] = lora_pairs(list(options.get("lora_ckpt") or ()))
+        values["ptuning"] = ptuning_pairs(list(options.get("ptuning_nemo_checkpoint") or ()),
+                                          list(options.get("task_ids") or ()))
+        values["lora_target_modules"] = split_modules(list(options.get("lora_target_modules") or ()))
+        if values.get("runtime") == "trtllm" and str(options.get("use_fp8_kv_cache")).lower() == "true":
+            values["kv_cache_dtype"] = "fp8"
+        return cls(**values)
 
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
-    def validate(self) -> RepoSpec:
+    def _check(self) -> None:
         check_name(self.name)
-        positive = {
-            "--model-version": self.version,
-            "--max-batch-size": self.max_batch_size,
-            "--max-input-len": self.max_input_len,
-            "--max-output-len": self.max_output_len,
-            "--instance-count": self.instance_count,
-        }
-        for flag, value in positive.items():
+        for name in ("version", "max_batch_size", "max_input_len", "max_output_len", "instance_count",
+                     "tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise RenderError(f"{flag} must be a positive integer, not {value!r}")
+                raise RenderError(f"{flag(name)} must be a positive integer, not {value!r}")
         if self.max_num_tokens < 0:
             raise RenderError(f"--max-num-tokens must be 0 (automatic) or positive, not {self.max_num_tokens}")
         if self.runtime not in RUNTIMES:
@@ -93,24 +122,14 @@ class RepoSpec:
             raise RenderError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
             raise RenderError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        for flag, pairs in (("--lora-ckpt", self.lora), ("--ptuning-nemo-checkpoint", self.ptuning)):
+        for name, pairs in (("lora_ckpt", self.lora), ("ptuning_nemo_checkpoint", self.ptuning)):
             ids = [task for task, _ in pairs]
-            if len(set(ids)) != len(ids) or any(not isinstance(t, int) or t < 0 for t in ids):
-                raise RenderError(f"{flag}: task ids must be distinct non-negative integers, got {ids}")
-        for flag, value in (("--max-lora-rank", self.max_lora_rank),
-                            ("--max-prompt-embedding-table-size", self.max_prompt_embedding_table_size)):
+            if len(set(ids)) != len(ids) or any(t < 0 for t in ids):
+                raise RenderError(f"{flag(name)}: task ids must be distinct non-negative integers, got {ids}")
+        for name in ("max_lora_rank", "max_prompt_embedding_table_size"):
+            value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
-                raise RenderError(f"{flag} must be 0 (no limit) or positive, not {value!r}")
-        self._validate_trtllm()
-        if self.device == "cpu" and self.dtype == "float16":
-            raise RenderError("--dtype float16 is not supported on --device cpu: use float32 or bfloat16")
-        return self
-
-    def _validate_trtllm(self) -> None:
-        for flag, value in (("--tensor-parallelism-size", self.tensor_parallel_size),
-                            ("--pipeline-parallelism-size", self.pipeline_parallel_size)):
-            if not isinstance(value, int) or value < 1:
-                raise RenderError(f"{flag} must be a positive integer, not {value!r}")
+                raise RenderError(f"{flag(name)} must be 0 (no limit) or positive, not {value!r}")
         if not 0.0 <= self.kv_cache_free_gpu_memory_fraction <= 1.0:
             raise RenderError("--kv-cache-free-gpu-memory-fraction must be in (0, 1], not "
                               f"{self.kv_cache_free_gpu_memory_fraction}")
@@ -118,16 +137,21 @@ class RepoSpec:
             raise RenderError(f"KV cache dtype {self.kv_cache_dtype!r} is not auto or fp8")
         if self.multi_gpu_mode not in MULTI_GPU_MODES:
             raise RenderError(f"--multi-gpu-mode {self.multi_gpu_mode!r} is not one of {', '.join(MULTI_GPU_MODES)}")
-        if self.runtime in TRTLLM_RUNTIMES:
-            return
-        used = [flag for flag, on in (("--tensor-parallelism-size", self.tensor_parallel_size > 1),
-                                      ("--pipeline-parallelism-size", self.pipeline_parallel_size > 1),
-                                      ("--kv-cache-free-gpu-memory-fraction", self.kv_cache_free_gpu_memory_fraction > 0),
-                                      ("--use-fp8-kv-cache", self.kv_cache_dtype == "fp8")) if on]
-        if used:
-            raise RenderError(f"{used[0]} needs --runtime trtllm or trtllm-engine, not {self.runtime}")
+        self._check_runtime()
+        if self.device == "cpu" and self.dtype == "float16":
+            raise RenderError("--dtype float16 is not supported on --device cpu: use float32 or bfloat16")
 
-    def as_dict(self) -> dict:
+    def _check_runtime(self) -> None:
+        """What the options table says the runtime does not honour is refused here too, whoever built the spec
+        (generate and deploy refuse it earlier, by the flag the user typed)."""
+        for option in OPTIONS.values():
+            value = getattr(self, option.spec_field or option.name, None)
+            if self.runtime not in option.runtimes and value is not None and not option.is_unset(value):
+                raise RenderError(f"{flag(option.name)} needs --runtime {option.honouring()}, not {self.runtime}")
+
+    def as_dict(self) -> dict[str, Any]:
         """As tritonize.json stores it (JSON types: the adapter pairs become lists), so stored and asked-for
         options compare equal."""
-        return json.loads(json.dumps(asdict(self)))
+        plain = {f.name: getattr(self, f.name) for f in fields(self)}
+        plain["extra"] = dict(self.extra)
+        return json.loads(json.dumps(plain))

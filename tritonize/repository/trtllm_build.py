@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from ..export.api import EXPORT_MANIFEST, TRTLLM_DIR
 __all__ = [
     "BUILD_INSTALL_HINT",
     "BuildOptions",
+    "build_options",
     "TrtllmBuildError",
     "TrtllmSource",
     "engine_world_size",
@@ -80,6 +81,17 @@ class BuildOptions:
     @property
     def max_seq_len(self) -> int:
         return self.max_input_len + self.max_output_len
+
+
+def build_options(spec: Any, options: Mapping[str, Any], *, fp8_kv_cache_request: str = "auto") -> BuildOptions:
+    """What ``trtllm-build`` gets for ``spec`` and a generate / deploy request's build options (by name)."""
+    return BuildOptions(
+        max_batch_size=spec.max_batch_size, max_input_len=spec.max_input_len, max_output_len=spec.max_output_len,
+        max_num_tokens=spec.max_num_tokens or None, opt_num_tokens=options.get("opt_num_tokens") or None,
+        paged_kv_cache=not options.get("no_paged_kv_cache"),
+        remove_input_padding=not options.get("disable_remove_input_padding"),
+        lora_plugin=options.get("use_lora_plugin") or None, workers=int(options.get("build_workers") or 1),
+        fp8_kv_cache_request=fp8_kv_cache_request)
 
 
 def trtllm_build_command(checkpoint_dir: str | Path, output_dir: str | Path, opts: BuildOptions,
@@ -336,7 +348,5 @@ def stage_engine(source: TrtllmSource, spec: Any, work: Path, *, build: BuildOpt
     have = engine_world_size(source.trtllm_dir)
     wanted = (spec.tensor_parallel_size, spec.pipeline_parallel_size)
     parallel = None if wanted == (1, 1) else wanted
-    opts = resolve_build(build or BuildOptions(max_batch_size=spec.max_batch_size, max_input_len=spec.max_input_len,
-                                               max_output_len=spec.max_output_len,
-                                               max_num_tokens=spec.max_num_tokens or None), source, spec)
+    opts = resolve_build(build or build_options(spec, {}), source, spec)
     return prepare_engine(source, work / ENGINE_DIR, opts, parallel=parallel, build=runner), have
