@@ -22,7 +22,8 @@ from tritonize.export.demo_model import write_demo_checkpoint
 from tritonize.repository.build import build_repository
 from tritonize.repository.render import parse_config
 from tritonize.repository.spec import RepoSpec
-from tritonize.runtime.runtime import RUNTIMES, create_engine, resolve_runtime, tensorrt_llm_available
+from tritonize.runtime.choices import RUNTIMES
+from tritonize.runtime.runtime import create_engine, resolve_runtime, tensorrt_llm_available
 from tritonize.runtime.sampling import SamplingParams
 from tritonize.runtime.trtllm_engine import (
     INSTALL_HINT,

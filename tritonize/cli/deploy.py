@@ -15,7 +15,7 @@ from ..deploy import deploy as run_deploy
 from ..errors import TritonizeError
 from ..export.canonical import MODEL_TYPES
 from ..repository.spec import DEVICES
-from ..runtime.runtime import MULTI_GPU_MODES, RUNTIMES
+from ..runtime.choices import MULTI_GPU_MODES, RUNTIMES
 from .options import FP8_SWITCH, deploy_option
 
 _EPILOG = """\b

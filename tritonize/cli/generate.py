@@ -10,7 +10,7 @@ import click
 from ..errors import TritonizeError
 from ..repository.build import generate_repository
 from ..repository.spec import DEVICES, DTYPES
-from ..runtime.runtime import MULTI_GPU_MODES, RUNTIMES
+from ..runtime.choices import MULTI_GPU_MODES, RUNTIMES
 from .options import FP8_SWITCH, generate_option
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import TritonizeError
-from ..runtime.runtime import MULTI_GPU_MODES
+from ..runtime.choices import MULTI_GPU_MODES
 from ..serving.serve import ServeOptions, dry_run_line, serve_repository
 from ..serving.server import MODEL_CONTROL_MODES
 

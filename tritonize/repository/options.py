@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError, OptionError
-from ..runtime.runtime import RUNTIMES
+from ..runtime.choices import RUNTIMES
 
 ALL = frozenset(RUNTIMES)
 TRTLLM = frozenset({"trtllm", "trtllm-engine"})

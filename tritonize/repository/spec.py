@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..errors import RenderError
-from ..runtime.runtime import MULTI_GPU_MODES, RUNTIMES
+from ..runtime.choices import MULTI_GPU_MODES, RUNTIMES
 from .options import OPTIONS, flag, lora_pairs, ptuning_pairs, split_modules
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")

@@ -10,13 +10,9 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MULTI_GPU_MODES", "RUNTIMES", "create_engine", "resolve_runtime", "tensorrt_llm_available"]
+from .choices import RUNTIMES
 
-# trtllm: tensorrt_llm.LLM (PyTorch backend); trtllm-engine: prebuilt TensorRT-LLM engines through the executor
-RUNTIMES = ("torch", "trtllm", "trtllm-engine", "auto")
-# How a trtllm-engine engine over several GPUs is launched: one tritonserver per MPI rank (leader), or one
-# whose executor spawns its workers (orchestrator)
-MULTI_GPU_MODES = ("leader", "orchestrator")
+__all__ = ["create_engine", "resolve_runtime", "tensorrt_llm_available"]
 
 
 def tensorrt_llm_available() -> bool:

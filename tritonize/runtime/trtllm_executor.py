@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .choices import MULTI_GPU_MODES
 from .engine import default_end_ids
 from .errors import AdapterError
 from .request import GenerationEngine, GenerationRequest, SamplingParams, StepOutput, stop_length
-from .runtime import MULTI_GPU_MODES
 from .trtllm_adapters import AdapterStore, lora_executor_tensors, read_lora, read_ptuning_table
 from .trtllm_engine import TrtllmNotInstalledError, import_tensorrt_llm, sampling_knobs
 

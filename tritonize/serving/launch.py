@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LaunchError
-from ..runtime.runtime import MULTI_GPU_MODES
+from ..runtime.choices import MULTI_GPU_MODES
 
 __all__ = ["LaunchPlan", "mpi_leader_command", "repository_launch"]
 
