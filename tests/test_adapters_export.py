@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from tests.fixtures.adapters import (
@@ -24,7 +25,7 @@ from tests.fixtures.adapters import (
     write_peft_lora,
 )
 from tests.fixtures.hostile import truncated_tar
-from tritonize.errors import TritonizeError
+from tritonize.cli.main import cli
 from tritonize.export.adapters import (
     TRTLLM_TO_CANONICAL,
     AdapterError,
@@ -36,6 +37,7 @@ from tritonize.export.adapters import (
     write_lora,
     write_ptuning,
 )
+from tritonize.export.demo_model import write_demo_checkpoint
 from tritonize.runtime.config import ModelArgs
 
 transformers = pytest.importorskip("transformers")
@@ -286,7 +288,19 @@ def test_hostile_pickle_is_refused(tmp_path, payload):
     with pytest.raises(AdapterError, match="refusing to unpickle"):
         read_ptuning(pt, 32)
     assert not marker.exists()
-    assert isinstance(AdapterError("x"), TritonizeError)
+
+
+def test_generate_refuses_a_hostile_adapter_in_one_line_and_writes_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = write_hostile_nemo(tmp_path / "evil.nemo", marker, payload="os.system")
+    ckpt = write_demo_checkpoint(tmp_path / "ckpt", hidden=32, layers=2)
+    out = tmp_path / "repo"
+    result = CliRunner().invoke(cli, ["generate", "-c", str(ckpt), "-o", str(out), "--lora-ckpt", str(evil)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and "refusing to unpickle" in lines[0]
+    assert not out.exists() and not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "evil.nemo"]
 
 
 def test_peft_refusals(tmp_path):

@@ -29,7 +29,7 @@ def logits(model_or_dir) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_hf_family(family, tmp_path):
+def test_hf_checkpoint_exports_to_the_same_logits_and_tokenizer(family, tmp_path):
     model = bpe_model(family)
     model.save_pretrained(tmp_path / "hf")
     gpt2_bpe_tokenizer_dir(tmp_path / "hf", vocab_size=300)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from fixtures import (
     UNKNOWN_TARGET,
@@ -20,6 +21,7 @@ from fixtures import (
     write_shape_mismatch,
     write_unknown_target,
 )
+from transformers import AutoModelForCausalLM
 
 from tritonize.cli.export import export as export_command
 from tritonize.export import ExportError, export_checkpoint
@@ -87,8 +89,13 @@ def test_unknown_target(model, bpe_dir, tmp_path):
     src = write_unknown_target(model, bpe_dir, tmp_path / "ckpt")
     message = assert_refused(src, tmp_path / "outs" / "out", "unknown NeMo 2 model _target_")
     assert UNKNOWN_TARGET in message and "--model-type" in message
-    # the override is the documented way out: a llama forced as llama exports fine
-    export_checkpoint(src, tmp_path / "outs" / "forced", model_type="llama", progress=False)
+    # the override is the documented way out: the same llama forced as llama exports to the same model
+    forced = export_checkpoint(src, tmp_path / "outs" / "forced", model_type="llama", progress=False)
+    assert forced.architecture == "LlamaForCausalLM"
+    exported = AutoModelForCausalLM.from_pretrained(forced.output, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["nemo1", "nemo2", "trtllm"])

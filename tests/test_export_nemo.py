@@ -97,7 +97,7 @@ def test_nemo1_zarr_dir_unfused_norms(family, bpe_dir, tmp_path):
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "falcon"])
-def test_nemo2(family, bpe_dir, tmp_path):
+def test_nemo2_training_checkpoint_exports_to_the_same_logits(family, bpe_dir, tmp_path):
     """A NeMo 2 dir of every family NeMo 2 has (a training checkpoint: optimizer state is skipped)."""
     model = bpe_model(family)
     src = write_nemo2(model, bpe_dir, tmp_path / "ckpt", with_optimizer=True, tp_size=1 if family in MQA else 2)

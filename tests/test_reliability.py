@@ -342,9 +342,15 @@ def test_sigterm_with_requests_in_flight_never_hangs(narrow_repo, tmp_path):
         assert not any(thread.is_alive() for thread in threads), f"requests hung after SIGTERM: {outcomes}"
     finally:
         server.stop()
-    print(f"exited by itself: {exited_alone}; outcomes {outcomes}; shm left by the server itself: {left}; cleanup {server.cleanup}")
-    assert len(outcomes) == 4
-    for outcome in outcomes.values():
-        assert outcome == f"ok {LONG}" or outcome.startswith("error "), outcome
+    # Triton 2.51 waits its exit timeout for the open streams, gives up, and then exits or not (both were
+    # seen); what it leaves running, stop() kills, and the shared memory it leaves behind, stop() removes.
+    assert "Exit timeout expired" in server.log_text()
+    if not exited_alone:
+        assert server.cleanup["killed_pids"], "the server outlived its exit timeout but stop() killed nothing"
+    assert set(server.cleanup["removed_shm"]) >= {f"/dev/shm/{segment}" for segment in left}
+    assert sorted(outcomes) == [0, 1, 2, 3]
+    for outcome in outcomes.values():  # refused by the stopping server, or cut when it went away
+        assert outcome == f"ok {LONG}" or (outcome.startswith("error ") and (
+            "Server is stopping" in outcome or "Stream removed" in outcome)), outcome
     assert shm_segments(server) == []
     assert server.stub_pids() == []
