@@ -1,0 +1,36 @@
+"""examples/clients.py, run as a user runs it, against a served repository: every door gives the same text."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tritonize.export.demo_model import write_demo_checkpoint
+from tritonize.repository.build import build_repository
+from tritonize.repository.spec import RepoSpec
+
+pytestmark = pytest.mark.e2e
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "clients.py"
+
+
+@pytest.fixture(scope="module")
+def server(triton_server, tmp_path_factory):
+    work = tmp_path_factory.mktemp("clients")
+    ckpt = write_demo_checkpoint(work / "ckpt", hidden=32, layers=2, seed=7)
+    spec = RepoSpec(name="tiny", max_batch_size=4, max_input_len=32, max_output_len=16, device="cpu")
+    return triton_server(build_repository(ckpt, work / "repo", spec, force=False, progress=False))
+
+
+def test_each_door_answers_the_same(server):
+    proc = subprocess.run([sys.executable, str(EXAMPLE), "--model", "tiny", "--prompt", "The capital of France is",
+                           "--max-tokens", "8", "--grpc", server.grpc_endpoint, "--http", server.http_endpoint],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    answers = dict(line.split(": ", 1) for line in proc.stdout.splitlines())
+    assert sorted(answers) == ["HTTP /infer  ", "HTTP generate", "gRPC stream  "]
+    texts = {ast.literal_eval(text) for text in answers.values()}
+    assert len(texts) == 1 and texts.pop()
