@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import parser  # noqa: E402 - bench/common.py, beside this script
 from runtime_decode import engine_decode  # noqa: E402
 
 from tritonize.runtime.config import ModelArgs  # noqa: E402
@@ -71,13 +72,8 @@ def measure(model: Path, batches: list[int], input_len: int, output_len: int, de
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
+    ap = parser(__doc__)
     ap.add_argument("--batch", default="1,16,64")
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import parser
 
 from tritonize.runtime.engine import Engine
 from tritonize.runtime.request import GenerationRequest, SamplingParams
@@ -113,14 +114,9 @@ def hf_generate(model_dir: Path, batches: list[int], input_len: int, output_len:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
+    ap = parser(__doc__)
     ap.add_argument("--batch", default="1,16,64")
     ap.add_argument("--hf-batch", default="1,8,32", help="transformers batch sizes ('' to skip)")
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the decode step (default: on for CUDA)")
     ap.add_argument("--json", type=Path, default=None)

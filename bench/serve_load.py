@@ -14,11 +14,12 @@ throughput is reported as a ratio to sequential serving in the same run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
+
+from common import parser
 
 from tritonize.repository.build import build_repository
 from tritonize.repository.spec import RepoSpec
@@ -28,13 +29,8 @@ from tritonize.serving.server import TritonServer, free_ports
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
+    ap = parser(__doc__)
     ap.add_argument("--concurrency", default="1,16,64")
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of load per concurrency (own loader)")
     ap.add_argument("--pa-interval-ms", type=int, default=5000)
     ap.add_argument("--sequential", action="store_true", help="also report batched / sequential throughput")

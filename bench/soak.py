@@ -16,13 +16,13 @@ import asyncio
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from tritonize.export.demo_model import write_demo_checkpoint
 from tritonize.repository.build import build_repository
 from tritonize.repository.spec import RepoSpec
-from tritonize.serving.client import GenerateOptions, grpc_generate, grpc_inputs
+from tritonize.serving.client import GenerateOptions, grpc_generate
+from tritonize.serving.loadgen import answers_under_load
 from tritonize.serving.server import SHM_DIR, TritonServer, free_ports
 
 WORDS = "apple river stone cloud seven green quiet number house music paper light".split()
@@ -34,60 +34,20 @@ def prompts(count: int) -> list[str]:
 
 
 
-async def _stream_one(client, model: str, prompt: str, max_tokens: int) -> tuple[str, int, str | None]:
-    """Text, number of final responses, and the error (if any) of one streamed request."""
-    request_id = uuid.uuid4().hex
-
-    async def requests():
-        yield {"model_name": model, "inputs": grpc_inputs(prompt, GenerateOptions(max_tokens=max_tokens), True),
-               "request_id": request_id, "enable_empty_final_response": True}
-
-    text, finals = "", 0
-    try:
-        async for result, error in client.stream_infer(requests()):
-            if error is not None:
-                return text, finals, str(error)
-            if result.get_response().id != request_id:
-                return text, finals, f"response for request {result.get_response().id} on {request_id}'s stream"
-            out = result.as_numpy("text_output")
-            if out is not None:
-                text += b"".join(out.reshape(-1)).decode()
-            final = result.get_response().parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
-                finals += 1
-                break
-    except Exception as e:  # noqa: BLE001 - counted as a failure
-        return text, finals, str(e)
-    return text, finals, None
-
-
 async def load_round(url: str, model: str, expected: dict[str, str], clients: int, max_tokens: int,
                      duration: float) -> tuple[int, list[str]]:
     """Runs `clients` streaming clients for `duration` seconds; returns (requests, failure descriptions)."""
-    import tritonclient.grpc.aio as aio
-
-    asks = list(expected)
-    failures: list[str] = []
-    count = [0]
-    deadline = time.monotonic() + duration
-
-    async def user(k: int) -> None:
-        async with aio.InferenceServerClient(url) as client:
-            i = k
-            while time.monotonic() < deadline:
-                prompt = asks[i % len(asks)]
-                text, finals, error = await _stream_one(client, model, prompt, max_tokens)
-                count[0] += 1
-                if error is not None:
-                    failures.append(f"{prompt!r}: error {error}")
-                elif finals != 1:
-                    failures.append(f"{prompt!r}: {finals} final responses")
-                elif text != expected[prompt]:
-                    failures.append(f"{prompt!r}: got {text!r}, expected {expected[prompt]!r}")
-                i += clients
-
-    await asyncio.gather(*(user(k) for k in range(clients)))
-    return count[0], failures
+    answers = await answers_under_load(url, model, list(expected), clients=clients, max_tokens=max_tokens,
+                                       duration=duration)
+    failures = []
+    for a in answers:
+        if a.error is not None:
+            failures.append(f"{a.prompt!r}: error {a.error}")
+        elif a.finals != 1:
+            failures.append(f"{a.prompt!r}: {a.finals} final responses")
+        elif a.text != expected[a.prompt]:
+            failures.append(f"{a.prompt!r}: got {a.text!r}, expected {expected[a.prompt]!r}")
+    return len(answers), failures
 
 
 def main() -> int:

@@ -81,6 +81,22 @@ class ServerPool:
 
 
 @pytest.fixture(scope="session")
+def bpe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real GPT-2 BPE tokenizer cut to the export tests' 300 tokens (read only: shared by all)."""
+    from fixtures import BPE_VOCAB, gpt2_bpe_tokenizer_dir
+
+    return gpt2_bpe_tokenizer_dir(tmp_path_factory.mktemp("bpe"), vocab_size=BPE_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def sp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Mistral's SentencePiece tokenizer as a tokenizer directory (read only: shared by all)."""
+    from fixtures import sentencepiece_tokenizer_dir
+
+    return sentencepiece_tokenizer_dir(tmp_path_factory.mktemp("sp"))
+
+
+@pytest.fixture(scope="session")
 def triton_server(tmp_path_factory: pytest.TempPathFactory):
     """Factory: `triton_server(repo, **TritonServer options) -> TritonServer` (started, ready)."""
     pool = ServerPool(tmp_path_factory.mktemp("tritonserver-logs"))

@@ -3,29 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from fixtures import FAMILIES, gpt2_bpe_tokenizer_dir, tiny_model
+from fixtures import FAMILIES, bpe_model, gpt2_bpe_tokenizer_dir, logits
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
 
 from tritonize.export import export_checkpoint
-
-IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 1, 0, 299]])
-
-
-def bpe_model(family: str, **kw):
-    return tiny_model(family, vocab_size=300, bos_token_id=0, eos_token_id=0, **kw)
-
-
-def logits(model_or_dir) -> torch.Tensor:
-    model = model_or_dir
-    if isinstance(model_or_dir, Path):
-        model = AutoModelForCausalLM.from_pretrained(model_or_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(IDS).logits
 
 
 @pytest.mark.parametrize("family", FAMILIES)

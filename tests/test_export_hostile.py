@@ -11,7 +11,6 @@ import torch
 from click.testing import CliRunner
 from fixtures import (
     UNKNOWN_TARGET,
-    gpt2_bpe_tokenizer_dir,
     shrink_vocab,
     tiny_model,
     truncated_tar,
@@ -25,11 +24,6 @@ from transformers import AutoModelForCausalLM
 
 from tritonize.cli.export import export as export_command
 from tritonize.export import ExportError, export_checkpoint
-
-
-@pytest.fixture(scope="module")
-def bpe_dir(tmp_path_factory) -> Path:
-    return gpt2_bpe_tokenizer_dir(tmp_path_factory.mktemp("bpe"), vocab_size=300)
 
 
 @pytest.fixture(scope="module")

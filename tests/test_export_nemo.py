@@ -16,9 +16,13 @@ import pytest
 import torch
 import yaml
 from fixtures import (
+    BPE_VOCAB,
     FAMILIES,
-    gpt2_bpe_tokenizer_dir,
-    sentencepiece_tokenizer_dir,
+    MQA_FAMILIES,
+    PROBE_IDS,
+    REAL_NEMO2,
+    bpe_model,
+    logits,
     tiny_model,
     write_nemo1,
     write_nemo2,
@@ -29,33 +33,8 @@ from transformers import AutoModelForCausalLM
 from tritonize.export import export_checkpoint
 from tritonize.export.tiktoken_convert import PATTERN_TIKTOKEN
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "nemo2-llama"
-BPE_VOCAB = 300
-MQA = {"falcon", "gemma", "starcoder"}  # one key/value head: Megatron cannot shard it over TP
-IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 1, 0, 299]])
 
-
-@pytest.fixture(scope="module")
-def bpe_dir(tmp_path_factory) -> Path:
-    return gpt2_bpe_tokenizer_dir(tmp_path_factory.mktemp("bpe"), vocab_size=BPE_VOCAB)
-
-
-@pytest.fixture(scope="module")
-def sp_dir(tmp_path_factory) -> Path:
-    return sentencepiece_tokenizer_dir(tmp_path_factory.mktemp("sp"))
-
-
-def bpe_model(family: str, **kw):
-    return tiny_model(family, vocab_size=BPE_VOCAB, bos_token_id=0, eos_token_id=0, **kw)
-
-
-def exported_logits(out: Path, ids: torch.Tensor = IDS) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def reference_logits(model, ids: torch.Tensor = IDS, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def reference_logits(model, ids: torch.Tensor = PROBE_IDS, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The source model's logits, its weights first rounded to ``dtype`` as the export stores them."""
     if dtype != torch.float32:
         state = {k: v.to(dtype).float() for k, v in model.state_dict().items()}
@@ -66,7 +45,7 @@ def reference_logits(model, ids: torch.Tensor = IDS, dtype: torch.dtype = torch.
 
 
 def assert_matches(model, out: Path, atol: float = 1e-5, dtype: torch.dtype = torch.float32) -> None:
-    got, want = exported_logits(out), reference_logits(model, dtype=dtype)
+    got, want = logits(out), reference_logits(model, dtype=dtype)
     assert got.shape == want.shape
     assert torch.allclose(got, want, atol=atol, rtol=0), float((got - want).abs().max())
 
@@ -75,7 +54,7 @@ def assert_matches(model, out: Path, atol: float = 1e-5, dtype: torch.dtype = to
 def test_nemo1_torch_dist_tar(family, bpe_dir, tmp_path):
     """A .nemo tar (torch_dist weights, trained with TP 2 where Megatron can shard it) of every family."""
     model = bpe_model(family)
-    src = write_nemo1(model, bpe_dir, tmp_path / "m.nemo", tp_size=1 if family in MQA else 2)
+    src = write_nemo1(model, bpe_dir, tmp_path / "m.nemo", tp_size=1 if family in MQA_FAMILIES else 2)
     result = export_checkpoint(src, tmp_path / "out", progress=False)
     assert result.source_kind == "nemo1"
     assert result.vocab_size == BPE_VOCAB  # Megatron's padded rows (384 or 512) are trimmed to the tokenizer
@@ -100,7 +79,7 @@ def test_nemo1_zarr_dir_unfused_norms(family, bpe_dir, tmp_path):
 def test_nemo2_training_checkpoint_exports_to_the_same_logits(family, bpe_dir, tmp_path):
     """A NeMo 2 dir of every family NeMo 2 has (a training checkpoint: optimizer state is skipped)."""
     model = bpe_model(family)
-    src = write_nemo2(model, bpe_dir, tmp_path / "ckpt", with_optimizer=True, tp_size=1 if family in MQA else 2)
+    src = write_nemo2(model, bpe_dir, tmp_path / "ckpt", with_optimizer=True, tp_size=1 if family in MQA_FAMILIES else 2)
     result = export_checkpoint(src, tmp_path / "out", progress=False, verify=True)
     assert result.source_kind == "nemo2"
     assert result.verify["passed"] and result.verify["max_abs_logit_diff"] < 1e-4
@@ -121,18 +100,18 @@ def test_model_types_map_to_architectures(bpe_dir, tmp_path):
 
 def test_real_nemo2_checkpoint(tmp_path):
     """The checkpoint NeMo's own importer wrote: logits equal transformers on its HF source."""
-    if not (REAL / "nemo2" / "weights" / ".metadata").is_file():
+    if not (REAL_NEMO2 / "nemo2" / "weights" / ".metadata").is_file():
         pytest.skip("the shared NeMo 2 fixture is not present")
     out = tmp_path / "out"
-    result = export_checkpoint(REAL / "nemo2", out, progress=False, verify=True)
+    result = export_checkpoint(REAL_NEMO2 / "nemo2", out, progress=False, verify=True)
     assert (result.architecture, result.vocab_size, result.tokenizer) == ("LlamaForCausalLM", 32000, "huggingface")
-    reference = json.loads((REAL / "reference_outputs.json").read_text())
-    source = AutoModelForCausalLM.from_pretrained(REAL / "hf", dtype=torch.float32).eval()
+    reference = json.loads((REAL_NEMO2 / "reference_outputs.json").read_text())
+    source = AutoModelForCausalLM.from_pretrained(REAL_NEMO2 / "hf", dtype=torch.float32).eval()
     for prompt in reference["prompts"]:
         ids = torch.tensor([prompt["input_ids"]])
         with torch.no_grad():
             want = source(ids).logits
-        assert torch.allclose(exported_logits(out, ids), want, atol=1e-5, rtol=0)
+        assert torch.allclose(logits(out, ids), want, atol=1e-5, rtol=0)
     # The tokenizer the checkpoint declares (its tokenizer.json) is the one served: 'The' -> 1014.
     from tritonize.runtime.tokenizer import Tokenizer
 
@@ -217,9 +196,9 @@ def test_export_runs_in_tritonize_runtime(bpe_dir, tmp_path):
         out = tmp_path / family
         export_checkpoint(write_nemo1(model, bpe_dir, tmp_path / f"{family}.nemo"), out, progress=False)
         runtime = load_model(out, device="cpu", dtype=torch.float32)
-        runtime.setup_caches(max_batch_size=1, max_seq_len=IDS.shape[1])
+        runtime.setup_caches(max_batch_size=1, max_seq_len=PROBE_IDS.shape[1])
         with torch.no_grad():
-            got = runtime(IDS, torch.arange(IDS.shape[1])[None], torch.tensor([0]))
+            got = runtime(PROBE_IDS, torch.arange(PROBE_IDS.shape[1])[None], torch.tensor([0]))
         assert torch.allclose(got, reference_logits(model), atol=1e-4, rtol=0)
 
 
@@ -255,7 +234,7 @@ def test_nemo2_tiktoken_tokenizer(bpe_dir, tmp_path):
     text = "the thing is in Paris, isn't it"
     assert served.encode(text, add_special_tokens=False).ids == [i + 1000 for i in ref.encode(text)]
     ids = torch.tensor([[1000, 1003, 1260, 5, 2]])
-    got = exported_logits(tmp_path / "out", ids)
+    got = logits(tmp_path / "out", ids)
     with torch.no_grad():
         want = model(ids).logits[..., : result.vocab_size]
     assert torch.allclose(got, want, atol=1e-5, rtol=0)

@@ -15,12 +15,11 @@ import json
 import os
 import pickle
 import subprocess
-from pathlib import Path
 
 import pytest
 import regex
 import torch
-from fixtures import gpt2_bpe_tokenizer_dir, tiny_model, write_nemo1, write_nemo2
+from fixtures import REAL_NEMO2, tiny_model, write_nemo1, write_nemo2
 from fixtures.dist_ckpt import load_tensors, read_zarr
 from safetensors.torch import load_file
 
@@ -32,19 +31,12 @@ from tritonize.export.tree import DirTree, TarTree
 from tritonize.export.writer import write_safetensors
 from tritonize.export.zarr_store import read_zarr as our_zarr
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "nemo2-llama"
-
-
-@pytest.fixture(scope="module")
-def bpe_dir(tmp_path_factory) -> Path:
-    return gpt2_bpe_tokenizer_dir(tmp_path_factory.mktemp("bpe"), vocab_size=300)
-
 
 def test_dcp_reader_matches_torch(bpe_dir, tmp_path):
     """Megatron chunking (TP 2: qkv per rank, gate/up halves, layer-stacked) read region by region."""
     model = tiny_model("mixtral", vocab_size=300, bos_token_id=0, eos_token_id=0)
     src = write_nemo2(model, bpe_dir, tmp_path / "ckpt", tp_size=2, with_optimizer=True)
-    dirs = [src / "weights"] + ([REAL / "nemo2" / "weights"] if (REAL / "nemo2").is_dir() else [])
+    dirs = [src / "weights"] + ([REAL_NEMO2 / "nemo2" / "weights"] if (REAL_NEMO2 / "nemo2").is_dir() else [])
     for d in dirs:
         ours = read_dcp(DirTree(d), d.name, lambda k: not k.startswith("optimizer."))
         theirs = load_tensors(d, keys=list(ours))
@@ -108,9 +100,9 @@ def test_restricted_unpickler_refuses_code(payload):
 
 
 def test_restricted_unpickler_reads_dcp_metadata():
-    if not (REAL / "nemo2" / "weights" / ".metadata").is_file():
+    if not (REAL_NEMO2 / "nemo2" / "weights" / ".metadata").is_file():
         pytest.skip("the shared NeMo 2 fixture is not present")
-    meta = safe_pickle.loads((REAL / "nemo2" / "weights" / ".metadata").read_bytes(), what=".metadata")
+    meta = safe_pickle.loads((REAL_NEMO2 / "nemo2" / "weights" / ".metadata").read_bytes(), what=".metadata")
     assert isinstance(meta, safe_pickle.Metadata)
     qkv = meta.state_dict_metadata["module.decoder.layers.self_attention.linear_qkv.weight"]
     assert qkv.properties.dtype == torch.float32 and tuple(qkv.size) == (2, 128, 64)

@@ -9,37 +9,23 @@ writer produces for the same model and parallelism.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from fixtures import FAMILIES, gpt2_bpe_tokenizer_dir, sentencepiece_tokenizer_dir, tiny_model, write_qnemo
+from fixtures import (
+    FAMILIES,
+    MQA_FAMILIES,
+    bpe_model,
+    gpt2_bpe_tokenizer_dir,
+    logits,
+    sentencepiece_tokenizer_dir,
+    tiny_model,
+    write_qnemo,
+)
 from fixtures import write_trtllm_checkpoint as write_trt_fixture
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from tritonize.export import ExportError, export_checkpoint
-
-BPE_VOCAB = 300
-MQA = {"falcon", "gemma", "starcoder"}
-IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 1, 0, 299]])
-
-
-@pytest.fixture(scope="module")
-def bpe_dir(tmp_path_factory) -> Path:
-    return gpt2_bpe_tokenizer_dir(tmp_path_factory.mktemp("bpe"), vocab_size=BPE_VOCAB)
-
-
-def bpe_model(family: str, vocab: int = BPE_VOCAB, **kw):
-    return tiny_model(family, vocab_size=vocab, bos_token_id=0, eos_token_id=0, **kw)
-
-
-def logits(model_or_dir, ids: torch.Tensor = IDS) -> torch.Tensor:
-    model = model_or_dir
-    if isinstance(model_or_dir, Path):
-        model = AutoModelForCausalLM.from_pretrained(model_or_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(ids).logits
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -57,7 +43,7 @@ def test_trtllm_checkpoint_tp2_pp2(family, tmp_path):
 def test_qnemo_fp8_dequantized(family, bpe_dir, tmp_path):
     """FP8 weights with per-tensor scales come out in the checkpoint dtype, equal to fp8 * scale."""
     model = bpe_model(family)
-    src = write_qnemo(model, bpe_dir, tmp_path / "m.qnemo", tar=True, tp_size=2 if family not in MQA else 1,
+    src = write_qnemo(model, bpe_dir, tmp_path / "m.qnemo", tar=True, tp_size=2 if family not in MQA_FAMILIES else 1,
                       dtype="bfloat16", fp8=True)
     result = export_checkpoint(src, tmp_path / "out", progress=False, verify=True)
     assert result.dtype == "bfloat16" and result.tokenizer == "huggingface"

@@ -18,9 +18,12 @@ import pytest
 import torch
 import yaml
 from fixtures import (
+    BPE_VOCAB,
     FAMILIES,
+    MQA_FAMILIES,
+    REAL_NEMO2,
     UNKNOWN_TARGET,
-    gpt2_bpe_tokenizer_dir,
+    bpe_model,
     sentencepiece_tokenizer_dir,
     shrink_vocab,
     tiny_model,
@@ -35,24 +38,6 @@ from fixtures import (
 )
 from fixtures.dist_ckpt import MCORE_MODULE, MCoreSavePlan, byte_keys, load_tensors, read_metadata, read_zarr
 from safetensors.torch import load_file
-
-REAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "nemo2-llama"
-BPE_VOCAB = 300
-MQA_FAMILIES = {"falcon", "gemma", "starcoder"}  # one KV head: Megatron cannot shard it over TP
-
-
-@pytest.fixture(scope="module")
-def bpe_dir(tmp_path_factory) -> Path:
-    return gpt2_bpe_tokenizer_dir(tmp_path_factory.mktemp("bpe"), vocab_size=BPE_VOCAB)
-
-
-@pytest.fixture(scope="module")
-def sp_dir(tmp_path_factory) -> Path:
-    return sentencepiece_tokenizer_dir(tmp_path_factory.mktemp("sp"))
-
-
-def bpe_model(family: str, **kw):
-    return tiny_model(family, vocab_size=BPE_VOCAB, bos_token_id=0, eos_token_id=0, **kw)
 
 
 def extract(tar_path: Path, dest: Path) -> Path:
@@ -72,14 +57,14 @@ def hf(model) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def nemo2_pair(tmp_path_factory):
-    if not (REAL / "nemo2" / "weights" / ".metadata").is_file():
+    if not (REAL_NEMO2 / "nemo2" / "weights" / ".metadata").is_file():
         pytest.skip("the shared NeMo 2 fixture is not present")
     from transformers import LlamaForCausalLM
 
     tmp = tmp_path_factory.mktemp("nemo2real")
-    model = LlamaForCausalLM.from_pretrained(REAL / "hf", dtype=torch.float32)
-    tok = sentencepiece_tokenizer_dir(tmp / "tok", hf_files_from=REAL / "hf")
-    return write_nemo2(model, tok, tmp / "ckpt"), REAL / "nemo2"
+    model = LlamaForCausalLM.from_pretrained(REAL_NEMO2 / "hf", dtype=torch.float32)
+    tok = sentencepiece_tokenizer_dir(tmp / "tok", hf_files_from=REAL_NEMO2 / "hf")
+    return write_nemo2(model, tok, tmp / "ckpt"), REAL_NEMO2 / "nemo2"
 
 
 def _chunks(md, key):

@@ -15,7 +15,6 @@ import signal
 import threading
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from tritonize.export.demo_model import write_demo_checkpoint
 from tritonize.repository.build import build_repository
 from tritonize.repository.spec import RepoSpec
 from tritonize.serving.client import GenerateOptions, QueryError, grpc_generate, grpc_inputs
+from tritonize.serving.loadgen import answers_under_load
 from tritonize.serving.server import SHM_DIR, TritonServer, free_ports
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -43,50 +43,6 @@ def prompts(count: int) -> list[str]:
 
 def shm_segments(server: TritonServer) -> list[str]:
     return sorted(p.name for p in SHM_DIR.glob(f"{server.shm_prefix}*"))
-
-
-async def stream_one(client, model: str, prompt: str, max_tokens: int) -> tuple[str, int]:
-    """One streamed request: its text and the number of final responses it got (must be 1)."""
-    request_id = uuid.uuid4().hex
-
-    async def requests():
-        yield {"model_name": model, "inputs": grpc_inputs(prompt, GenerateOptions(max_tokens=max_tokens), True),
-               "request_id": request_id, "enable_empty_final_response": True}
-
-    text, finals = "", 0
-    async for result, error in client.stream_infer(requests()):
-        if error is not None:
-            raise QueryError(str(error))
-        assert result.get_response().id == request_id
-        out = result.as_numpy("text_output")
-        if out is not None:
-            text += b"".join(out.reshape(-1)).decode()
-        final = result.get_response().parameters.get("triton_final_response")
-        if final is not None and final.bool_param:
-            finals += 1
-            break
-    return text, finals
-
-
-async def load_round(url: str, model: str, asks: list[str], clients: int, max_tokens: int,
-                     duration: float) -> list[tuple[str, str, int]]:
-    """`clients` concurrent streaming clients, each cycling through prompts until `duration` is up."""
-    import tritonclient.grpc.aio as aio
-
-    done: list[tuple[str, str, int]] = []
-    deadline = time.monotonic() + duration
-
-    async def user(k: int) -> None:
-        async with aio.InferenceServerClient(url) as client:
-            i = k
-            while time.monotonic() < deadline:
-                prompt = asks[i % len(asks)]
-                text, finals = await stream_one(client, model, prompt, max_tokens)
-                done.append((prompt, text, finals))
-                i += clients
-
-    await asyncio.gather(*(user(k) for k in range(clients)))
-    return done
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +82,13 @@ def test_concurrent_streams_get_their_own_answers_and_memory_stays_flat(triton_s
     rss = []
     total = 0
     for _ in range(2):
-        done = asyncio.run(load_round(server.grpc_endpoint, "wide", asks, clients=32, max_tokens=12, duration=3))
+        done = asyncio.run(answers_under_load(server.grpc_endpoint, "wide", asks, clients=32, max_tokens=12,
+                                              duration=3))
         total += len(done)
         assert len(done) >= 32
-        for prompt, text, finals in done:
-            assert finals == 1, prompt
-            assert text == expected[prompt], prompt
+        for answer in done:
+            assert answer.error is None and answer.finals == 1, answer
+            assert answer.text == expected[answer.prompt], answer.prompt
         rss.append(server.rss_mb())
     assert rss[1] < rss[0] * 1.05 + 16, f"server RSS grew from {rss[0]:.0f} MB to {rss[1]:.0f} MB"
     print(f"{total} streamed requests, RSS {rss[0]:.0f} -> {rss[1]:.0f} MB")

@@ -142,14 +142,19 @@ def _engine_params(repo: Path, name: str) -> dict[str, str]:
     return {key: value.string_value for key, value in config.parameters.items()}
 
 
+def _generate(ckpt: Path, out: Path, runtime: str) -> str:
+    """`generate --runtime RUNTIME` of a small repository named t: its output."""
+    result = CliRunner().invoke(cli, ["generate", "--checkpoint", str(ckpt), "--output", str(out), "--model-name",
+                                      "t", "--runtime", runtime, "--max-input-len", "16", "--max-output-len", "8"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
 @pytest.mark.skipif(HAVE_TRTLLM, reason="tensorrt_llm is installed")
 def test_generate_trtllm_writes_the_repository_and_warns(ckpt, tmp_path):
     out = tmp_path / "repo"
-    result = CliRunner().invoke(cli, ["generate", "--checkpoint", str(ckpt), "--output", str(out),
-                                      "--model-name", "t", "--runtime", "trtllm", "--max-input-len", "16",
-                                      "--max-output-len", "8"])
-    assert result.exit_code == 0, result.output
-    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    output = _generate(ckpt, out, "trtllm")
+    warnings = [line for line in output.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "tensorrt_llm is not installed" in warnings[0] and "pip install" in warnings[0]
     assert _engine_params(out, "t")["runtime"] == "trtllm"
     assert (out / "t_engine" / "1" / "tritonize_backend" / "trtllm_engine.py").is_file()
@@ -158,11 +163,7 @@ def test_generate_trtllm_writes_the_repository_and_warns(ckpt, tmp_path):
 
 def test_generate_auto_does_not_warn(ckpt, tmp_path):
     out = tmp_path / "repo"
-    result = CliRunner().invoke(cli, ["generate", "--checkpoint", str(ckpt), "--output", str(out),
-                                      "--model-name", "t", "--runtime", "auto", "--max-input-len", "16",
-                                      "--max-output-len", "8"])
-    assert result.exit_code == 0, result.output
-    assert "warning" not in result.output
+    assert "warning" not in _generate(ckpt, out, "auto")
     assert _engine_params(out, "t")["runtime"] == "auto"
 
 

@@ -23,7 +23,7 @@ import logging
 import shutil
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from .trtllm_adapters import AdapterStore, read_lora, write_peft_dir
 __all__ = [
     "INSTALL_HINT",
     "TrtllmEngine",
+    "TrtllmEngineBase",
     "TrtllmNotInstalledError",
     "import_tensorrt_llm",
     "map_finish_reason",
@@ -52,15 +53,15 @@ class TrtllmNotInstalledError(ImportError):
     """The trtllm runtime was asked for on a machine without tensorrt_llm."""
 
 
-def import_tensorrt_llm() -> Any:
-    """tensorrt_llm, or a one-line error saying how to get it (it is not on PyPI proper)."""
+def import_tensorrt_llm(module: str = "tensorrt_llm", *, runtime: str = "trtllm",
+                        fix: str = f"install it with `{INSTALL_HINT}` (NVIDIA GPU, see TensorRT-LLM's installation "
+                                   "guide) or use --runtime torch") -> Any:
+    """tensorrt_llm (or ``module`` of it), or a one-line error saying how to get it (it is not on PyPI proper)."""
     try:
-        return importlib.import_module("tensorrt_llm")
+        return importlib.import_module(module)
     except ImportError as e:
         raise TrtllmNotInstalledError(
-            f"the trtllm runtime needs tensorrt_llm, which cannot be imported here ({e}): install it with "
-            f"`{INSTALL_HINT}` (NVIDIA GPU, see TensorRT-LLM's installation guide) or use --runtime torch"
-        ) from None
+            f"the {runtime} runtime needs {module}, which cannot be imported here ({e}): {fix}") from None
 
 
 def sampling_knobs(sampling: SamplingParams) -> dict[str, Any]:
@@ -189,7 +190,107 @@ def _lora_config_class() -> Any:
     raise TrtllmNotInstalledError("this tensorrt_llm has no LoraConfig: LoRA needs TensorRT-LLM 0.18 or newer")
 
 
-class TrtllmEngine(GenerationEngine):
+def _refused(req: GenerationRequest, problem: str) -> StepOutput:
+    return StepOutput([], [], 0.0, True, "error", problem, len(req.prompt_ids), 0)
+
+
+class TrtllmEngineBase(GenerationEngine):
+    """What both TensorRT-LLM engines do around the library that batches for them: one background thread,
+    the admission of each request, and its final answer with the counters the engine model publishes.
+
+    A subclass says how a request is prepared (``_prepare``: ValueError / TypeError refuse it), queued
+    (``_enqueue``), found (``_requests``) and forgotten (``_forget``), what its thread runs
+    (``_thread_target``), and how the library stops (``_stop_library``).
+    """
+
+    _thread_name = "tritonize-trtllm"
+
+    def _init_engine(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.stats: dict[str, Any] = {"decode_batch_histogram": {}, "generated_tokens": 0, "finished": {}}
+
+    def _thread_target(self) -> Callable[[], None] | None:
+        """What the background thread runs; None where this process serves no requests."""
+        raise NotImplementedError
+
+    def _prepare(self, req: GenerationRequest) -> Any:
+        raise NotImplementedError
+
+    def _requests(self) -> Mapping[str, Any]:
+        """The requests in flight, by request id; read holding the lock."""
+        raise NotImplementedError
+
+    def _enqueue(self, req: GenerationRequest, prepared: Any) -> None:
+        """Hands the request to TensorRT-LLM; called holding the lock."""
+        raise NotImplementedError
+
+    def _forget(self, req: GenerationRequest, key: Any) -> None:
+        """Drops what is kept about a finished request; called holding the lock."""
+        raise NotImplementedError
+
+    def _stop_library(self, thread_done: bool) -> None:
+        """Stops TensorRT-LLM: called once before the thread is joined (``thread_done`` False), once after."""
+        raise NotImplementedError
+
+    def start(self) -> TrtllmEngineBase:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this engine was shut down; create a new one")
+            if self._thread is None:
+                target = self._thread_target()
+                if target is not None:
+                    self._thread = threading.Thread(target=target, name=self._thread_name, daemon=True)
+                    self._thread.start()
+        return self
+
+    def submit(self, req: GenerationRequest) -> None:
+        """Queue a request; every outcome, a rejection included, arrives through ``req.on_output``."""
+        if not callable(req.on_output):
+            raise ValueError("GenerationRequest.on_output must be a callable")
+        self.start()
+        try:
+            prepared = self._prepare(req)
+        except (ValueError, TypeError) as e:  # AdapterError is a ValueError
+            self._answer(req, _refused(req, str(e)))
+            return
+        with self._lock:
+            problem = None
+            if self._closed:
+                problem = "the engine was shut down; no new requests are accepted"
+            elif req.request_id in self._requests():
+                problem = f"request id {req.request_id!r} is already in flight; use a unique id"
+            else:
+                self._enqueue(req, prepared)
+        if problem is not None:
+            self._answer(req, _refused(req, problem))
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Stops taking requests, cancels the ones in flight (each answers "cancelled") and stops the library."""
+        with self._lock:
+            self._closed = True
+            ids = list(self._requests())
+        for request_id in ids:
+            self.cancel(request_id)
+        self._stop_library(thread_done=False)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._stop_library(thread_done=True)
+
+    def _answer(self, req: GenerationRequest, out: StepOutput, key: Any = None) -> None:
+        with self._lock:
+            self._forget(req, key)
+            finished = self.stats["finished"]
+            finished[out.finish_reason] = finished.get(out.finish_reason, 0) + 1
+            self.stats["generated_tokens"] += out.num_output_tokens
+        try:
+            req.on_output(out)
+        except Exception:  # noqa: BLE001 - a client that went away
+            log.warning("on_output of %s raised; dropping it", req.request_id)
+
+
+class TrtllmEngine(TrtllmEngineBase):
     """``engine.Engine``'s interface over ``tensorrt_llm.LLM``; see the module docstring.
 
     ``max_seq_len`` is prompt plus output; ``kv_cache_free_gpu_memory_fraction`` None keeps TensorRT-LLM's
@@ -261,59 +362,40 @@ class TrtllmEngine(GenerationEngine):
         self.llm_args = llm_args
         self.llm = trtllm.LLM(**llm_args)
 
-        self._lock = threading.Lock()
+        self._init_engine()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._closed = False
         self._tasks: dict[str, asyncio.Task] = {}
         self._results: dict[str, Any] = {}
         self._cancelled: set[str] = set()  # asked to cancel before TensorRT-LLM had the request
-        self.stats: dict[str, Any] = {"decode_batch_histogram": {}, "generated_tokens": 0, "finished": {}}
 
     # ---------------------------------------------------------------- public API
 
-    def start(self) -> TrtllmEngine:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("this engine was shut down; create a new one")
-            if self._thread is None:
-                self._loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(target=self._loop.run_forever, name="tritonize-trtllm", daemon=True)
-                self._thread.start()
-        return self
+    def _thread_target(self) -> Callable[[], None]:
+        self._loop = asyncio.new_event_loop()
+        return self._loop.run_forever
 
-    def submit(self, req: GenerationRequest) -> None:
-        """Queue a request; every outcome, a rejection included, arrives through ``req.on_output``."""
-        if not callable(req.on_output):
-            raise ValueError("GenerationRequest.on_output must be a callable")
-        self.start()
-        try:
-            kwargs = to_trtllm_sampling(
-                req.sampling, req.max_new_tokens, req.end_ids or self.default_end_ids, req.bad_sequences,
-                req.return_log_probs,
-            )
-            if not req.prompt_ids:
-                raise ValueError("the prompt is empty")
-            if len(req.prompt_ids) + req.max_new_tokens > self.max_seq_len:
-                raise ValueError(
-                    f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_new_tokens}) exceeds "
-                    f"max_seq_len {self.max_seq_len}"
-                )
-            params = self._sampling_cls(**kwargs)
-            lora_request = self._lora_request(req)
-        except (ValueError, TypeError) as e:
-            self._finish(req, StepOutput([], [], 0.0, True, "error", str(e), len(req.prompt_ids), 0))
-            return
-        with self._lock:
-            if self._closed or req.request_id in self._tasks:
-                problem = ("the engine was shut down; no new requests are accepted" if self._closed
-                           else f"request id {req.request_id!r} is already in flight; use a unique id")
-            else:
-                problem = None
-                future = asyncio.run_coroutine_threadsafe(self._run(req, params, lora_request), self._loop)
-                self._tasks[req.request_id] = future  # type: ignore[assignment]
-        if problem is not None:
-            self._finish(req, StepOutput([], [], 0.0, True, "error", problem, len(req.prompt_ids), 0))
+    def _prepare(self, req: GenerationRequest) -> tuple[Any, Any]:
+        kwargs = to_trtllm_sampling(req.sampling, req.max_new_tokens, req.end_ids or self.default_end_ids,
+                                    req.bad_sequences, req.return_log_probs)
+        if not req.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(req.prompt_ids) + req.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_new_tokens}) exceeds "
+                             f"max_seq_len {self.max_seq_len}")
+        return self._sampling_cls(**kwargs), self._lora_request(req)
+
+    def _requests(self) -> Mapping[str, Any]:
+        return self._tasks
+
+    def _enqueue(self, req: GenerationRequest, prepared: tuple[Any, Any]) -> None:
+        params, lora_request = prepared
+        future = asyncio.run_coroutine_threadsafe(self._run(req, params, lora_request), self._loop)
+        self._tasks[req.request_id] = future  # type: ignore[assignment]
+
+    def _forget(self, req: GenerationRequest, key: Any) -> None:
+        self._tasks.pop(req.request_id, None)
+        self._results.pop(req.request_id, None)
+        self._cancelled.discard(req.request_id)
 
     def _lora_request(self, req: GenerationRequest) -> Any:
         """LoRARequest for the request's lora_task_id (None without one); task_id is refused by name."""
@@ -346,16 +428,11 @@ class TrtllmEngine(GenerationEngine):
             self._loop.call_soon_threadsafe(result.abort)
         return True
 
-    def shutdown(self, timeout: float | None = 30.0) -> None:
-        with self._lock:
-            self._closed = True
-            ids = list(self._tasks)
-        for request_id in ids:
-            self.cancel(request_id)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def _stop_library(self, thread_done: bool) -> None:
+        if not thread_done:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            return
         self.llm.shutdown()
         if self._peft_root is not None:
             shutil.rmtree(self._peft_root, ignore_errors=True)
@@ -409,15 +486,15 @@ class TrtllmEngine(GenerationEngine):
                 reason = "cancelled"
             start = delivered if req.stream else 0
             if reason == "cancelled":
-                self._finish(req, StepOutput([], [], cum, True, "cancelled", None, n_in, len(generated)))
+                self._answer(req, StepOutput([], [], cum, True, "cancelled", None, n_in, len(generated)))
             else:
-                self._finish(req, StepOutput(generated[start:], log_probs[start:], cum, True, reason, None, n_in,
+                self._answer(req, StepOutput(generated[start:], log_probs[start:], cum, True, reason, None, n_in,
                                              len(generated)))
         except asyncio.CancelledError:
-            self._finish(req, StepOutput([], [], cum, True, "cancelled", None, n_in, len(generated)))
+            self._answer(req, StepOutput([], [], cum, True, "cancelled", None, n_in, len(generated)))
         except Exception as e:  # noqa: BLE001 - a failed request must answer, not hang its client
             log.exception("trtllm request %s failed", req.request_id)
-            self._finish(req, StepOutput([], [], cum, True, "error", f"{type(e).__name__}: {e}", n_in,
+            self._answer(req, StepOutput([], [], cum, True, "error", f"{type(e).__name__}: {e}", n_in,
                                          len(generated)))
 
     def _stop_cut(self, req: GenerationRequest, generated: list[int], n_new: int) -> int | None:
@@ -428,16 +505,3 @@ class TrtllmEngine(GenerationEngine):
             if stop_length(history[: len(req.prompt_ids) + k + 1], req.stop_sequences):
                 return k + 1
         return None
-
-    def _finish(self, req: GenerationRequest, out: StepOutput) -> None:
-        with self._lock:
-            self._tasks.pop(req.request_id, None)
-            self._results.pop(req.request_id, None)
-            self._cancelled.discard(req.request_id)
-            finished = self.stats["finished"]
-            finished[out.finish_reason] = finished.get(out.finish_reason, 0) + 1
-            self.stats["generated_tokens"] += out.num_output_tokens
-        try:
-            req.on_output(out)
-        except Exception:  # noqa: BLE001 - a client that went away
-            log.warning("on_output of %s raised; dropping it", req.request_id)

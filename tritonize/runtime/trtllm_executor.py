@@ -25,11 +25,9 @@ here: ranks > 0 build the same executor and serve no requests. Orchestrator mode
 from __future__ import annotations
 
 import datetime
-import importlib
 import json
 import logging
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +35,9 @@ from typing import Any
 from .choices import MULTI_GPU_MODES
 from .engine import default_end_ids
 from .errors import AdapterError
-from .request import GenerationEngine, GenerationRequest, SamplingParams, StepOutput, stop_length
+from .request import GenerationRequest, SamplingParams, StepOutput, stop_length
 from .trtllm_adapters import AdapterStore, lora_executor_tensors, read_lora, read_ptuning_table
-from .trtllm_engine import TrtllmNotInstalledError, import_tensorrt_llm, sampling_knobs
+from .trtllm_engine import TrtllmEngineBase, import_tensorrt_llm, sampling_knobs
 
 __all__ = [
     "ExecutorRequestPlan",
@@ -58,13 +56,8 @@ _GATED_MLPS = {"LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "
 def import_executor() -> Any:
     """``tensorrt_llm.bindings.executor``, or the one-line install error of the trtllm runtime."""
     import_tensorrt_llm()
-    try:
-        return importlib.import_module("tensorrt_llm.bindings.executor")
-    except ImportError as e:
-        raise TrtllmNotInstalledError(
-            f"the trtllm-engine runtime needs tensorrt_llm.bindings.executor (TensorRT-LLM <= 1.2.x), which "
-            f"cannot be imported here ({e}): install a TensorRT-LLM that has it, or use --runtime trtllm"
-        ) from None
+    return import_tensorrt_llm("tensorrt_llm.bindings.executor", runtime="trtllm-engine",
+                               fix="install a TensorRT-LLM that has it (<= 1.2.x), or use --runtime trtllm")
 
 
 def executor_sampling_kwargs(sampling: SamplingParams) -> dict[str, Any]:
@@ -166,7 +159,7 @@ class _Flight:
         self.delivered = 0
 
 
-class TrtllmExecutorEngine(GenerationEngine):
+class TrtllmExecutorEngine(TrtllmEngineBase):
     """``engine.Engine``'s interface over a TensorRT-LLM engine directory; see the module docstring.
 
     ``model_dir`` is the Hugging Face config + tokenizer folder (end ids, vocabulary size, model family);
@@ -198,12 +191,9 @@ class TrtllmExecutorEngine(GenerationEngine):
         self.tllm = import_executor()
         self.executor = self.tllm.Executor(self.engine_dir, self.tllm.ModelType.DECODER_ONLY,
                                            self._executor_config())
-        self._lock = threading.Lock()
+        self._init_engine()
         self._flights: dict[int, _Flight] = {}
         self._ids: dict[str, int] = {}
-        self._thread: threading.Thread | None = None
-        self._closed = False
-        self.stats: dict[str, Any] = {"decode_batch_histogram": {}, "generated_tokens": 0, "finished": {}}
 
     def _executor_config(self) -> Any:
         t, c = self.tllm, self.config_kwargs
@@ -227,54 +217,43 @@ class TrtllmExecutorEngine(GenerationEngine):
 
     # ---------------------------------------------------------------- public API
 
-    def start(self) -> TrtllmExecutorEngine:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("this engine was shut down; create a new one")
-            if self._thread is None and self.executor.can_enqueue_requests():  # ranks > 0 serve no requests
-                self._thread = threading.Thread(target=self._responses, name="tritonize-trtllm-executor",
-                                                daemon=True)
-                self._thread.start()
-        return self
+    _thread_name = "tritonize-trtllm-executor"
 
-    def submit(self, req: GenerationRequest) -> None:
-        """Queue a request; every outcome, a rejection included, arrives through ``req.on_output``."""
-        if not callable(req.on_output):
-            raise ValueError("GenerationRequest.on_output must be a callable")
-        self.start()
-        try:
-            n_virtual = None
-            task_id = getattr(req, "task_id", None)
-            table = None
-            own = getattr(req, "prompt_table", None)
-            if task_id is not None and own is not None:
-                raise ValueError("send task_id or prompt_embedding_table, not both")
-            if task_id is not None:
-                table = self._ptuning(int(task_id))
-                n_virtual = table.shape[0]
-            elif own is not None:  # the request's own table: PromptTuningConfig as tensorrtllm_backend sends it
-                import torch
+    def _thread_target(self) -> Callable[[], None] | None:
+        return self._responses if self.executor.can_enqueue_requests() else None  # ranks > 0 serve no requests
 
-                table = torch.as_tensor(own)
-            plan = plan_executor_request(req, end_ids=req.end_ids or self.default_end_ids, pad_id=self.pad_id,
-                                         max_seq_len=self.max_seq_len, vocab_size=self.vocab_size,
-                                         n_virtual=n_virtual, request_table=own is not None)
-            request = self._request(plan, table)
-        except (ValueError, TypeError) as e:  # AdapterError is a ValueError
-            self._answer(req, StepOutput([], [], 0.0, True, "error", str(e), len(req.prompt_ids), 0))
-            return
-        with self._lock:
-            problem = None
-            if self._closed:
-                problem = "the engine was shut down; no new requests are accepted"
-            elif req.request_id in self._ids:
-                problem = f"request id {req.request_id!r} is already in flight; use a unique id"
-            else:
-                executor_id = self.executor.enqueue_request(request)
-                self._flights[executor_id] = _Flight(req, plan)
-                self._ids[req.request_id] = executor_id
-        if problem is not None:
-            self._answer(req, StepOutput([], [], 0.0, True, "error", problem, len(req.prompt_ids), 0))
+    def _prepare(self, req: GenerationRequest) -> tuple[ExecutorRequestPlan, Any]:
+        n_virtual = None
+        task_id = getattr(req, "task_id", None)
+        table = None
+        own = getattr(req, "prompt_table", None)
+        if task_id is not None and own is not None:
+            raise ValueError("send task_id or prompt_embedding_table, not both")
+        if task_id is not None:
+            table = self._ptuning(int(task_id))
+            n_virtual = table.shape[0]
+        elif own is not None:  # the request's own table: PromptTuningConfig as tensorrtllm_backend sends it
+            import torch
+
+            table = torch.as_tensor(own)
+        plan = plan_executor_request(req, end_ids=req.end_ids or self.default_end_ids, pad_id=self.pad_id,
+                                     max_seq_len=self.max_seq_len, vocab_size=self.vocab_size,
+                                     n_virtual=n_virtual, request_table=own is not None)
+        return plan, self._request(plan, table)
+
+    def _requests(self) -> Mapping[str, Any]:
+        return self._ids
+
+    def _enqueue(self, req: GenerationRequest, prepared: tuple[ExecutorRequestPlan, Any]) -> None:
+        plan, request = prepared
+        executor_id = self.executor.enqueue_request(request)
+        self._flights[executor_id] = _Flight(req, plan)
+        self._ids[req.request_id] = executor_id
+
+    def _forget(self, req: GenerationRequest, key: Any) -> None:
+        if key is not None:
+            self._flights.pop(key, None)
+            self._ids.pop(req.request_id, None)
 
     def cancel(self, request_id: str) -> bool:
         with self._lock:
@@ -284,15 +263,9 @@ class TrtllmExecutorEngine(GenerationEngine):
         self.executor.cancel_request(executor_id)
         return True
 
-    def shutdown(self, timeout: float | None = 30.0) -> None:
-        with self._lock:
-            self._closed = True
-            ids = list(self._ids)
-        for request_id in ids:
-            self.cancel(request_id)
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self.executor.shutdown()
+    def _stop_library(self, thread_done: bool) -> None:
+        if thread_done:
+            self.executor.shutdown()
 
     # ---------------------------------------------------------------- requests
 
@@ -381,19 +354,6 @@ class TrtllmExecutorEngine(GenerationEngine):
         for executor_id, flight in flights:
             self._answer(flight.req, StepOutput([], [], 0.0, True, "error", message, len(flight.req.prompt_ids),
                                                 len(flight.generated)), executor_id)
-
-    def _answer(self, req: GenerationRequest, out: StepOutput, executor_id: int | None = None) -> None:
-        with self._lock:
-            if executor_id is not None:
-                self._flights.pop(executor_id, None)
-                self._ids.pop(req.request_id, None)
-            finished = self.stats["finished"]
-            finished[out.finish_reason] = finished.get(out.finish_reason, 0) + 1
-            self.stats["generated_tokens"] += out.num_output_tokens
-        try:
-            req.on_output(out)
-        except Exception:  # noqa: BLE001 - a client that went away
-            log.warning("on_output of %s raised; dropping it", req.request_id)
 
 
 def _torch_dtype(name: str) -> Any:

@@ -175,8 +175,8 @@ def _gpt2_prefix(ck: TensorFiles) -> str:
     return "transformer." if ck.has("transformer.wte.weight") else ""
 
 
-def _gpt2(ck: TensorFiles, args: ModelArgs) -> Tensors:
-    """GPT-2: ``Conv1D`` weights are stored ``[in, out]``; c_attn is [q; k; v] along ``out``."""
+def _gpt2_family(ck: TensorFiles, args: ModelArgs, linears: Callable[[str, str], Tensors]) -> Tensors:
+    """GPT-2 and StarCoder 1 share everything but how a layer's linears are stored (``linears(hf, ours)``)."""
     p = _gpt2_prefix(ck)
     yield from _head(ck, args, f"{p}wte.weight", f"{p}ln_f", "lm_head.weight")
     yield "pos_embeddings.weight", ck.get(f"{p}wpe.weight")
@@ -184,21 +184,25 @@ def _gpt2(ck: TensorFiles, args: ModelArgs) -> Tensors:
         hf, ours = f"{p}h.{i}", f"layers.{i}"
         yield from _norm(ck, f"{ours}.attention_norm", f"{hf}.ln_1", args)
         yield from _norm(ck, f"{ours}.ffn_norm", f"{hf}.ln_2", args)
+        yield from linears(hf, ours)
+
+
+def _gpt2(ck: TensorFiles, args: ModelArgs) -> Tensors:
+    """GPT-2: ``Conv1D`` weights are stored ``[in, out]``; c_attn is [q; k; v] along ``out``."""
+
+    def linears(hf: str, ours: str) -> Tensors:
         yield from _linear(ck, f"{ours}.attention.wqkv", f"{hf}.attn.c_attn", True, transpose=True)
         yield from _linear(ck, f"{ours}.attention.wo", f"{hf}.attn.c_proj", True, transpose=True)
         yield from _linear(ck, f"{ours}.feed_forward.w1", f"{hf}.mlp.c_fc", True, transpose=True)
         yield from _linear(ck, f"{ours}.feed_forward.w2", f"{hf}.mlp.c_proj", True, transpose=True)
 
+    return _gpt2_family(ck, args, linears)
+
 
 def _gpt_bigcode(ck: TensorFiles, args: ModelArgs) -> Tensors:
     """StarCoder 1: ``nn.Linear`` weights; c_attn is [q; k; v] (multi-query) or per-head interleaved."""
-    p = _gpt2_prefix(ck)
-    yield from _head(ck, args, f"{p}wte.weight", f"{p}ln_f", "lm_head.weight")
-    yield "pos_embeddings.weight", ck.get(f"{p}wpe.weight")
-    for i in range(args.n_layers):
-        hf, ours = f"{p}h.{i}", f"layers.{i}"
-        yield from _norm(ck, f"{ours}.attention_norm", f"{hf}.ln_1", args)
-        yield from _norm(ck, f"{ours}.ffn_norm", f"{hf}.ln_2", args)
+
+    def linears(hf: str, ours: str) -> Tensors:
         for kind in ("weight", "bias"):
             t = ck.get(f"{hf}.attn.c_attn.{kind}")
             if args.n_kv_heads != 1:
@@ -207,6 +211,8 @@ def _gpt_bigcode(ck: TensorFiles, args: ModelArgs) -> Tensors:
         yield from _linear(ck, f"{ours}.attention.wo", f"{hf}.attn.c_proj", True)
         yield from _linear(ck, f"{ours}.feed_forward.w1", f"{hf}.mlp.c_fc", True)
         yield from _linear(ck, f"{ours}.feed_forward.w2", f"{hf}.mlp.c_proj", True)
+
+    return _gpt2_family(ck, args, linears)
 
 
 def _falcon_qkv(t: Tensor, args: ModelArgs) -> Tensor:

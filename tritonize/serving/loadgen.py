@@ -162,3 +162,63 @@ def synthetic_prompts(tokenizer_dir: str, input_len: int, count: int = 64, seed:
                 break
         prompts.append(text)
     return prompts
+
+
+@dataclass
+class Answer:
+    """One streamed request as a client saw it, for checks of what came back (not of timing)."""
+
+    prompt: str
+    text: str = ""
+    finals: int = 0  # final responses received: exactly one when the engine keeps its promise
+    error: str | None = None  # the first error, a response of another request on this stream included
+
+
+async def stream_answer(client, model: str, prompt: str, max_tokens: int) -> Answer:  # noqa: ANN001 - aio client
+    """Streams ``prompt`` over an open ``tritonclient.grpc.aio`` client until the final response."""
+    from .client import GenerateOptions, grpc_inputs
+
+    request_id = uuid.uuid4().hex
+    answer = Answer(prompt)
+
+    async def request():
+        yield {"model_name": model, "inputs": grpc_inputs(prompt, GenerateOptions(max_tokens=max_tokens), True),
+               "request_id": request_id, "enable_empty_final_response": True}
+
+    try:
+        async for result, error in client.stream_infer(request()):
+            if error is not None:
+                answer.error = str(error)
+                break
+            if result.get_response().id != request_id:
+                answer.error = f"response for request {result.get_response().id} on {request_id}'s stream"
+                break
+            out = result.as_numpy("text_output")
+            if out is not None:
+                answer.text += b"".join(out.reshape(-1)).decode()
+            final = result.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                answer.finals += 1
+                break
+    except Exception as e:  # noqa: BLE001 - reported with the answer
+        answer.error = str(e)
+    return answer
+
+
+async def answers_under_load(url: str, model: str, prompts: list[str], *, clients: int, max_tokens: int,
+                             duration: float) -> list[Answer]:
+    """``clients`` concurrent streaming clients, each cycling through ``prompts`` until ``duration`` is up."""
+    import tritonclient.grpc.aio as aio
+
+    answers: list[Answer] = []
+    deadline = time.monotonic() + duration
+
+    async def user(k: int) -> None:
+        async with aio.InferenceServerClient(url) as client:
+            i = k
+            while time.monotonic() < deadline:
+                answers.append(await stream_answer(client, model, prompts[i % len(prompts)], max_tokens))
+                i += clients
+
+    await asyncio.gather(*(user(k) for k in range(clients)))
+    return answers
