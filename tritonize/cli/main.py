@@ -1,6 +1,6 @@
 """The `tritonize` command line.
 
-Each command lives in its own module under ``commands/``; this module only assembles the group
+Each command lives in its own module of this package; this module only assembles the group
 and turns tritonize's own errors into one-line messages with a non-zero exit.
 """
 
