@@ -5,7 +5,9 @@ Kinds, by what the tree holds:
 - TRT-LLM checkpoint / ``.qnemo``: ``config.json`` with ``architecture`` and ``rank0.safetensors``;
 - NeMo 2: ``context/`` (``model.yaml``) and ``weights/`` (torch_dist);
 - NeMo 1 ``.nemo``: ``model_config.yaml`` and ``model_weights/`` (torch_dist or zarr, per its
-  ``metadata.json``), or a single-rank ``model_weights.ckpt``.
+  ``metadata.json``), or a single-rank ``model_weights.ckpt``;
+- Megatron-Bridge: ``latest_checkpointed_iteration.txt`` and ``iter_NNNNNNN/`` directories, or one of them
+  (``run_config.yaml`` beside torch_dist weights); see ``bridge.py``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .zarr_store import read_zarr
 
 @dataclass
 class Loaded:
-    kind: str  # "nemo1" | "nemo2" | "trtllm" | "hf"
+    kind: str  # "nemo1" | "nemo2" | "megatron-bridge" | "trtllm" | "hf"
     model: Model
     tokenizer: TokenizerFiles | None
     generation_config: dict[str, Any] | None = None
@@ -85,10 +87,15 @@ def detect(tree: Tree) -> str:
         return "nemo1"
     if tree.is_dir("model_weights") or tree.is_file("model_weights.ckpt"):
         raise ExportError(f"{tree.name}: model_weights found but model_config.yaml is missing; not a complete .nemo")
+    from . import bridge
+
+    if bridge.is_bridge(tree):
+        return "megatron-bridge"
     raise ExportError(
         f"{tree.name} is not a recognised checkpoint: expected a .nemo (model_config.yaml), a NeMo 2 directory "
-        "(context/ + weights/), a TRT-LLM checkpoint / .qnemo (config.json + rank0.safetensors) or a Hugging Face "
-        "directory (config.json + *.safetensors)"
+        "(context/ + weights/), a Megatron-Bridge checkpoint (latest_checkpointed_iteration.txt + iter_*/, or one "
+        "iter_*/ with run_config.yaml), a TRT-LLM checkpoint / .qnemo (config.json + rank0.safetensors) or a "
+        "Hugging Face directory (config.json + *.safetensors)"
     )
 
 
@@ -261,7 +268,14 @@ def load_hf(tree: Tree, model_type: str | None, user_tok: TokenizerFiles | None)
     return Loaded("hf", model, tok, gen, cfg, {"hf_architecture": spec.arch})
 
 
-LOADERS = {"nemo1": load_nemo1, "nemo2": load_nemo2, "trtllm": load_trtllm, "hf": load_hf}
+def load_bridge(tree: Tree, model_type: str | None, user_tok: TokenizerFiles | None) -> Loaded:
+    from . import bridge
+
+    return bridge.load(tree, model_type, user_tok)
+
+
+LOADERS = {"nemo1": load_nemo1, "nemo2": load_nemo2, "megatron-bridge": load_bridge, "trtllm": load_trtllm,
+           "hf": load_hf}
 
 
 def load(tree: Tree, model_type: str | None, tokenizer_dir: Path | None = None) -> Loaded:
