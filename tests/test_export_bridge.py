@@ -250,3 +250,26 @@ def test_not_a_bridge_checkpoint(tmp_path):
     assert_refused(tmp_path / "ckpt", tmp_path / "outs" / "a", "iter_0000003 has no run_config.yaml")
     (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("latest")
     assert_refused(tmp_path / "ckpt", tmp_path / "outs" / "b", "not an iteration number")
+
+
+def test_training_checkpoint_with_optimizer_state_and_tp2_fused_norms(tmp_path):
+    """A Bridge iteration written from Megatron-Core's documented layout (TP=2 chunks, TE's fused norm names,
+    Adam moments under ``optimizer.state.*``) with the fixture's run_config.yaml: only the model is read."""
+    import transformers
+    from fixtures.canonical import from_hf
+    from fixtures.dist_ckpt import write_torch_dist
+    from fixtures.megatron import megatron_state
+    from fixtures.nemo2 import _optimizer_tensors
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(FIXTURES / "hf-llama", dtype=torch.float32)
+    tensors, objects = megatron_state(from_hf(model), tp_size=2, fused_norms=True, dtype=torch.bfloat16)
+    tensors = tensors + _optimizer_tensors(tensors, seed=0)
+    it = tmp_path / "run" / "iter_0000100"
+    write_torch_dist(it, tensors, objects, {"checkpoint_version": 3.0, "iteration": 100})
+    shutil.copyfile(LLAMA / "iter_0000020" / "run_config.yaml", it / "run_config.yaml")
+    shutil.copytree(LLAMA / "iter_0000020" / "tokenizer", it / "tokenizer")
+    (tmp_path / "run" / "latest_checkpointed_iteration.txt").write_text("100")
+    assert any(k.startswith("optimizer.state.exp_avg.") for k in read_metadata(DirTree(it), "it").state_dict_metadata)
+    result = export_checkpoint(tmp_path / "run", tmp_path / "out", progress=False)
+    assert result.architecture == "LlamaForCausalLM"
+    _same_weights(tmp_path / "out", FIXTURES / "hf-llama")
