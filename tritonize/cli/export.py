@@ -14,6 +14,7 @@ _EPILOG = """\b
 Examples:
   tritonize export ./llama31_8b.nemo --output ./engine --dtype bfloat16
   tritonize export ./mixtral-qnemo/ --output ./engine
+  tritonize export ./megatron-bridge-run/ --output ./engine --tokenizer ./hf-tokenizer
   tritonize export ./hf-gemma/ --output ./engine --verify
   tritonize export ./nemo2-ckpt/ --output ./engine --format trtllm-checkpoint \\
       --tensor-parallelism-size 2 --pipeline-parallelism-size 1
@@ -41,7 +42,8 @@ Examples:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def export(source: Path, output: Path, model_type: str | None, dtype: str | None, fmt: str, tp_size: int,
            pp_size: int, tokenizer: Path | None, verify: bool, force: bool, quiet: bool) -> None:
-    """Export SOURCE (.nemo, NeMo 2 dir, .qnemo / TRT-LLM checkpoint, HF dir) to an HF-format directory."""
+    """Export SOURCE (.nemo, NeMo 2 dir, Megatron-Bridge checkpoint or iter_* dir, .qnemo / TRT-LLM checkpoint,
+    HF dir) to an HF-format directory."""
     try:
         result = export_checkpoint(source, output, model_type=model_type, dtype=dtype, fmt=fmt, tp_size=tp_size,
                                    pp_size=pp_size, force=force, verify=verify, progress=not quiet,

@@ -1,4 +1,4 @@
-"""Checkpoint export: NeMo (.nemo, NeMo 2), .qnemo / TRT-LLM and Hugging Face checkpoints to an
+"""Checkpoint export: NeMo (.nemo, NeMo 2), Megatron-Bridge, .qnemo / TRT-LLM and Hugging Face checkpoints to an
 HF-format directory (and optionally a TRT-LLM checkpoint) that the generated repository serves.
 
 Reads every source without NeMo, Megatron or TensorRT-LLM installed; see ``api.export_checkpoint``.

@@ -29,7 +29,18 @@ def read_metadata(tree: Tree, what: str) -> sp.StandIn:
         raise ExportError(f"{what}/.metadata is not torch.distributed.checkpoint metadata")
     if not isinstance(getattr(meta, "storage_data", None), dict):
         raise ExportError(f"{what}/.metadata has no storage records (not written by FileSystemWriter)")
+    mcore = getattr(meta, "mcore_data", None)  # megatron-core's MCoreMetadata (0.15): {key: {...}} or None
+    if mcore is not None and not (isinstance(mcore, dict) and all(
+            isinstance(k, str) and (v is None or isinstance(v, dict)) for k, v in mcore.items())):
+        raise ExportError(f"{what}/.metadata: mcore_data is a {type(mcore).__name__}, not Megatron-Core's mapping "
+                          "of tensor keys; the file is corrupt or was not written by Megatron-Core")
     return meta
+
+
+def _flattened(meta: sp.StandIn, key: str) -> bool:
+    """Whether Megatron-Core stored ``key`` N-D flattened (its distributed optimizer's layout, not a weight's)."""
+    mcore = getattr(meta, "mcore_data", None) or {}
+    return bool((mcore.get(key) or {}).get("nd_reformulated_orig_global_shape"))
 
 
 def read_dcp(tree: Tree, what: str, want: Callable[[str], bool] = lambda key: True) -> TensorStore:
@@ -46,6 +57,9 @@ def read_dcp(tree: Tree, what: str, want: Callable[[str], bool] = lambda key: Tr
             continue
         if not isinstance(md, sp.TensorStorageMetadata):
             raise ExportError(f"{what}: unexpected metadata entry for {key}")
+        if _flattened(meta, key):
+            raise ExportError(f"{what}: {key} is stored N-D flattened (Megatron-Core's distributed-optimizer "
+                              "layout), not as a model weight; the checkpoint is not one tritonize can read")
         dtype = getattr(getattr(md, "properties", None), "dtype", None)
         shape = tuple(getattr(md, "size", ()))
         chunks = []

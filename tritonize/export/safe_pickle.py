@@ -74,7 +74,14 @@ StorageInfo = _stand_in("_StorageInfo")
 WriteItem = _stand_in("WriteItem")
 TensorWriteData = _stand_in("TensorWriteData")
 SavePlan = _stand_in("SavePlan")
+BytesIOWriteData = _stand_in("BytesIOWriteData")
+StoragePrefix = _stand_in("_StoragePrefix")
 OpaqueBytes = _stand_in("OpaqueBytes")
+# megatron-core 0.15 pickles its planner's metadata as ``MCoreMetadata(Metadata)`` (a dataclass adding
+# ``mcore_data``: per tensor key, a dict that may hold ``nd_reformulated_orig_global_shape``) and its plans as
+# ``MCoreSavePlan(SavePlan)`` (adding ``mcore_data``); 0.16 pickles torch's plain Metadata and SavePlan again.
+MCoreMetadata = type("MCoreMetadata", (Metadata,), {"__module__": __name__})
+MCoreSavePlan = type("MCoreSavePlan", (SavePlan,), {"__module__": __name__})
 
 
 class TensorProperties(StandIn):
@@ -143,6 +150,8 @@ BASE_GLOBALS: dict[tuple[str, str], Any] = {
     (f"{_DCP}.metadata", "MetadataIndex"): MetadataIndex,
     (f"{_DCP}.metadata", "_MEM_FORMAT_ENCODING"): _enum_value,
     (f"{_DCP}.filesystem", "_StorageInfo"): StorageInfo,
+    (f"{_DCP}.filesystem", "_StoragePrefix"): StoragePrefix,
+    (f"{_DCP}.planner", "BytesIOWriteData"): BytesIOWriteData,
     (f"{_DCP}.planner", "WriteItem"): WriteItem,
     (f"{_DCP}.planner", "WriteItemType"): _enum_value,
     (f"{_DCP}.planner", "TensorWriteData"): TensorWriteData,
@@ -151,8 +160,7 @@ BASE_GLOBALS: dict[tuple[str, str], Any] = {
 
 # Megatron's own classes that its checkpoints pickle (planner data, sharding descriptors, common state).
 for _module, _names in {
-    f"{_MCORE_CKPT}.strategies.torch": ("MCoreSavePlan", "MCoreMetadata", "MCoreLoadPlanner",
-                                        "MCoreSavePlanner"),
+    f"{_MCORE_CKPT}.strategies.torch": ("MCoreLoadPlanner", "MCoreSavePlanner"),
     f"{_MCORE_CKPT}.mapping": ("ShardedTensor", "ShardedObject", "ShardedTensorFactory",
                                "LocalNonpersistentObject"),
     f"{_MCORE_CKPT}.core": ("CheckpointingConfig",),
@@ -161,6 +169,8 @@ for _module, _names in {
 }.items():
     for _name in _names:
         BASE_GLOBALS[(_module, _name)] = _stand_in(_name)
+BASE_GLOBALS[(f"{_MCORE_CKPT}.strategies.torch", "MCoreMetadata")] = MCoreMetadata
+BASE_GLOBALS[(f"{_MCORE_CKPT}.strategies.torch", "MCoreSavePlan")] = MCoreSavePlan
 
 
 def _torch_dtype(module: str, name: str) -> torch.dtype | None:

@@ -5,7 +5,9 @@ Kinds, by what the tree holds:
 - TRT-LLM checkpoint / ``.qnemo``: ``config.json`` with ``architecture`` and ``rank0.safetensors``;
 - NeMo 2: ``context/`` (``model.yaml``) and ``weights/`` (torch_dist);
 - NeMo 1 ``.nemo``: ``model_config.yaml`` and ``model_weights/`` (torch_dist or zarr, per its
-  ``metadata.json``), or a single-rank ``model_weights.ckpt``.
+  ``metadata.json``), or a single-rank ``model_weights.ckpt``;
+- Megatron-Bridge: ``latest_checkpointed_iteration.txt`` and ``iter_NNNNNNN/`` directories, or one of them
+  (``run_config.yaml`` beside torch_dist weights); see ``bridge.py``.
 """
 
 from __future__ import annotations
@@ -18,20 +20,20 @@ from typing import Any
 import yaml
 
 from ..errors import ExportError
-from . import dcp, hf_config, hf_layout, megatron, nemo_config, tokenizer_files, trtllm_read
+from . import bridge, dcp, hf_config, hf_layout, megatron, nemo_config, tokenizer_files, trtllm_read
 from .canonical import Model
 from .lazy import Region
 from .nemo_config import MegatronConfig
 from .stored import StoredTensor
 from .tokenizer_files import TokenizerFiles
-from .tree import Tree
+from .tree import DirTree, Tree
 from .weight_files import read_bin, read_safetensors
 from .zarr_store import read_zarr
 
 
 @dataclass
 class Loaded:
-    kind: str  # "nemo1" | "nemo2" | "trtllm" | "hf"
+    kind: str  # "nemo1" | "nemo2" | "megatron-bridge" | "trtllm" | "hf"
     model: Model
     tokenizer: TokenizerFiles | None
     generation_config: dict[str, Any] | None = None
@@ -85,10 +87,13 @@ def detect(tree: Tree) -> str:
         return "nemo1"
     if tree.is_dir("model_weights") or tree.is_file("model_weights.ckpt"):
         raise ExportError(f"{tree.name}: model_weights found but model_config.yaml is missing; not a complete .nemo")
+    if bridge.is_bridge(tree):
+        return "megatron-bridge"
     raise ExportError(
         f"{tree.name} is not a recognised checkpoint: expected a .nemo (model_config.yaml), a NeMo 2 directory "
-        "(context/ + weights/), a TRT-LLM checkpoint / .qnemo (config.json + rank0.safetensors) or a Hugging Face "
-        "directory (config.json + *.safetensors)"
+        "(context/ + weights/), a Megatron-Bridge checkpoint (latest_checkpointed_iteration.txt + iter_*/, or one "
+        "iter_*/ with run_config.yaml), a TRT-LLM checkpoint / .qnemo (config.json + rank0.safetensors) or a "
+        "Hugging Face directory (config.json + *.safetensors)"
     )
 
 
@@ -261,7 +266,38 @@ def load_hf(tree: Tree, model_type: str | None, user_tok: TokenizerFiles | None)
     return Loaded("hf", model, tok, gen, cfg, {"hf_architecture": spec.arch})
 
 
-LOADERS = {"nemo1": load_nemo1, "nemo2": load_nemo2, "trtllm": load_trtllm, "hf": load_hf}
+def load_bridge(tree: Tree, model_type: str | None, user_tok: TokenizerFiles | None) -> Loaded:
+    """A Megatron-Bridge checkpoint (root or ``iter_*``): its run configuration read by bridge.py, its
+    weights by the same Megatron converter as NeMo's."""
+    it, name = bridge.iteration_dir(tree)
+    what = it.name
+    run = bridge.read_run_config(it, what)
+    cfg = bridge.megatron_config(run["model"], model_type)
+    backend = "torch_dist"
+    if it.is_file("metadata.json"):
+        meta = _json(it, "metadata.json")
+        backend = str(meta.get("sharded_backend", "torch_dist")) if isinstance(meta, dict) else "torch_dist"
+    if backend != "torch_dist":
+        raise ExportError(f"{what}: sharded_backend {backend!r} is not supported in a Megatron-Bridge checkpoint "
+                          "(torch_dist)")
+    tensors = dcp.read_dcp(it, what, megatron.is_weight_key)
+    dcp.read_common(it, what)  # refuses a hostile common.pt even though nothing in it is needed
+    if not tensors:
+        raise ExportError(f"{what}: the checkpoint holds no model tensors")
+    root = None
+    if isinstance(tree, DirTree):  # the directory holding the iterations
+        root = tree.root if name else tree.root.parent
+    tok = user_tok or bridge.tokenizer(it, root, run, what)
+    model, stripped = _megatron_load(dict(tensors.items()), cfg, tok, what)
+    _apply_special_ids(model, tok, None)
+    facts = {"weights_backend": backend, "iteration": name or it.name,
+             "bridge_provider": (run["model"] or {}).get("_target_"),
+             "hf_model_id": (run["model"] or {}).get("hf_model_id")}
+    return Loaded("megatron-bridge", model, tok, None, None, facts, cfg, stripped)
+
+
+LOADERS = {"nemo1": load_nemo1, "nemo2": load_nemo2, "megatron-bridge": load_bridge, "trtllm": load_trtllm,
+           "hf": load_hf}
 
 
 def load(tree: Tree, model_type: str | None, tokenizer_dir: Path | None = None) -> Loaded:

@@ -91,7 +91,7 @@ def _semantics(spec: ModelSpec) -> reference.Semantics:
 def source_logits(loaded: Loaded, tree: Tree, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     if loaded.kind == "hf":
         return _hf_source_logits(tree, prompts)
-    if loaded.kind in ("nemo1", "nemo2"):
+    if loaded.megatron_tensors is not None:  # NeMo 1, NeMo 2, Megatron-Bridge
         return [reference.megatron_logits(loaded.megatron_tensors, loaded.megatron, p, loaded.model.spec.vocab_size)
                 for p in prompts]
     mapping = loaded.facts.get("mapping") or {}
