@@ -120,8 +120,6 @@ def main() -> None:
     ap.add_argument("--hf-batch", default="1,8,32", help="transformers batch sizes ('' to skip)")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch.compile the decode step (default: on for CUDA)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     batches = [int(b) for b in args.batch.split(",") if b]
@@ -139,7 +137,7 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     t = time.perf_counter()
-    kwargs = {} if args.compile is None else {"compile": args.compile}
+    kwargs = {}
     engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch_size=max(batches),
                     max_seq_len=args.input_len + args.output_len + 8, max_num_tokens=4096, **kwargs)
     engine.start()

@@ -108,8 +108,10 @@ class SamplingRow:
 
 @dataclass
 class SampleResult:
-    tokens: list[int]
-    log_probs: list[float] | None = field(default=None)
+    """Device tensors: the chosen token of each row, and its log-probability when a row asked for it."""
+
+    tokens: torch.Tensor  # [B] int64
+    log_probs: torch.Tensor | None = field(default=None)  # [B] float32
 
 
 def _splitmix64(x: int) -> int:
@@ -264,7 +266,7 @@ class Sampler:
         return x - pres * seen - freq * counts.to(torch.float32)
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
-        """Choose one token for each row of ``logits`` [B, V] (B == len(rows))."""
+        """Choose one token for each row of ``logits`` [B, V] (B == len(rows)); nothing waits on the device."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [rows, vocab] with {len(rows)} rows, got {tuple(logits.shape)}")
         x = self.process(logits, rows)
@@ -285,9 +287,16 @@ class Sampler:
         self.record(rows, tokens)
         log_probs = None
         if any(r.want_log_probs for r in rows):
-            chosen = torch.log_softmax(x, dim=-1).gather(1, tokens[:, None])[:, 0]
-            log_probs = chosen.cpu().tolist()
-        return SampleResult(tokens=tokens.cpu().tolist(), log_probs=log_probs)
+            log_probs = torch.log_softmax(x, dim=-1).gather(1, tokens[:, None])[:, 0]
+        return SampleResult(tokens=tokens, log_probs=log_probs)
+
+    @staticmethod
+    def needs_history(row: SamplingRow) -> bool:
+        """Whether choosing this row's token needs its previous tokens on the host (multi-token bad
+        sequences, or multi-token stop sequences while min_tokens holds their last token back)."""
+        if any(len(s) > 1 for s in row.bad_sequences):
+            return True
+        return row.step < row.params.min_tokens and any(len(s) > 1 for s in row.stop_sequences)
 
 
 def _effective_top_p(top_p: float | None) -> float:

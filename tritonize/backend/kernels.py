@@ -1,0 +1,64 @@
+"""Swaps Triton kernels into a model on CUDA, in place (as gpt-fast's quantize.py swaps its linears).
+
+What changes: attention over the paged cache (one kernel per layer for any mix of prompt chunks and
+decode rows, which is also what lets a decode step be captured in a CUDA graph), RMSNorm in one pass,
+and the gated SiLU MLP's activation in one kernel. The modules keep their parameters and buffers; only
+``forward`` differs, so the weights loaded for model.py serve unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+from torch import Tensor
+
+from .attention import AttentionMetadata, PagedAttention
+from .model import FeedForward, Norm, Transformer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["triton_available", "use_triton_kernels"]
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+class TritonPagedAttention(PagedAttention):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata) -> Tensor:
+        from .triton_kernels import paged_attention
+
+        self.write(k, v, meta)
+        return paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
+                               meta.query_start_loc, meta.max_query_len, self.scale, self.window)
+
+
+class TritonRMSNorm(Norm):
+    def forward(self, x: Tensor) -> Tensor:
+        from .triton_kernels import rms_norm
+
+        return rms_norm(x, self.weight, self.eps, self.offset)
+
+
+class TritonSiluFeedForward(FeedForward):
+    def activate(self, h: Tensor) -> Tensor:
+        from .triton_kernels import silu_mul
+
+        return silu_mul(h)
+
+
+def use_triton_kernels(model: Transformer) -> bool:
+    """Swap the kernels in; False (model unchanged) where Triton or CUDA is missing."""
+    if not triton_available():
+        log.warning("triton is not importable here: the model runs on PyTorch's own kernels")
+        return False
+    model.paged_attention_cls = TritonPagedAttention
+    model.device_attention = True
+    for module in model.modules():
+        if type(module) is Norm and module.kind == "rms":
+            module.__class__ = TritonRMSNorm
+        elif type(module) is FeedForward and module.gated and module.act is torch.nn.functional.silu:
+            module.__class__ = TritonSiluFeedForward
+    return True
