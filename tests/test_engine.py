@@ -366,3 +366,16 @@ def test_a_request_larger_than_the_pool_is_refused(tiny):
     with Engine(tiny[0], device="cpu", max_batch_size=2, max_seq_len=64, block_size=4, kv_cache_tokens=16) as eng:
         with pytest.raises(EngineError, match="do not fit the KV cache of 16 tokens"):
             gen(eng, [PROMPTS[0]], 20)
+
+
+def test_final_outputs_carry_the_request_metrics(tiny):
+    from tritonize.backend.engine import submit_and_wait
+
+    shared = [1] + list(range(10, 42))  # 33 tokens: 8 full blocks of 4
+    with Engine(tiny[0], device="cpu", max_batch_size=2, max_seq_len=64, block_size=4) as eng:
+        gen(eng, [shared], 3, end_ids=[])
+        (out,) = submit_and_wait(eng, [GenerationRequest("m", shared + [5], 4, end_ids=[])], timeout=TIMEOUT)
+    m = out.metrics
+    assert m.prefix_hit_tokens == 32 and m.kv_cache_reused_blocks == 8
+    assert m.kv_cache_alloc_new_blocks == 2 and m.kv_cache_alloc_total_blocks == 10  # 34 + 3 tokens in the cache
+    assert 0 < m.arrival_time_ns <= m.first_scheduled_time_ns <= m.first_token_time_ns <= m.last_token_time_ns

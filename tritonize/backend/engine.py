@@ -49,6 +49,7 @@ __all__ = [
     "EngineBase",
     "EngineError",
     "GenerationRequest",
+    "RequestMetrics",
     "SamplingParams",
     "StepOutput",
     "resolve_device",
@@ -78,6 +79,22 @@ class StepOutput:
     error: str | None = None
     num_input_tokens: int = 0
     num_output_tokens: int = 0
+    # On the final output: how the request went, for metrics and tensorrtllm_backend's perf outputs.
+    # Times are time.time_ns() (wall clock, as TensorRT-LLM reports them); 0 where it never happened.
+    metrics: RequestMetrics | None = None
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    arrival_time_ns: int = 0
+    first_scheduled_time_ns: int = 0
+    first_token_time_ns: int = 0
+    last_token_time_ns: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens whose keys and values were reused from the prefix cache
+    kv_cache_alloc_new_blocks: int = 0
+    kv_cache_reused_blocks: int = 0
+    kv_cache_alloc_total_blocks: int = 0
+    preemptions: int = 0
 
 
 def _no_output(_: StepOutput) -> None:
@@ -691,6 +708,7 @@ class Engine(EngineBase):
             error=error,
             num_input_tokens=len(seq.prompt),
             num_output_tokens=len(seq.output),
+            metrics=_metrics(seq) if finished else None,
         )
         if not self._deliver(req, out) and not finished:
             # The receiver is gone (e.g. the client disconnected): stop spending compute on it.
@@ -719,6 +737,23 @@ class Engine(EngineBase):
             self._finish(seq, "error", message)
         with self._cv:
             self._live.clear()
+
+
+def _wall_ns(monotonic: float | None) -> int:
+    """A time.monotonic() reading as time.time_ns()."""
+    if monotonic is None:
+        return 0
+    return time.time_ns() - int((time.monotonic() - monotonic) * 1e9)
+
+
+def _metrics(seq: Sequence) -> RequestMetrics:
+    return RequestMetrics(
+        arrival_time_ns=_wall_ns(seq.arrival), first_scheduled_time_ns=_wall_ns(seq.first_scheduled),
+        first_token_time_ns=_wall_ns(seq.first_token), last_token_time_ns=_wall_ns(seq.last_token),
+        prefix_hit_tokens=seq.prefix_hit_tokens,
+        kv_cache_alloc_new_blocks=seq.blocks_allocated, kv_cache_reused_blocks=seq.blocks_reused,
+        kv_cache_alloc_total_blocks=seq.blocks_allocated + seq.blocks_reused, preemptions=seq.preemptions,
+    )
 
 
 def _virtual_offset(seq: Sequence) -> int:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 
 import torch
 from torch import Tensor
 
 from .attention import AttentionMetadata, PagedAttention
-from .model import FeedForward, Norm, Transformer
+from .model import Attention, FeedForward, Norm, Transformer, TransformerBlock
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,9 @@ __all__ = ["triton_available", "use_triton_kernels"]
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+    """Triton on a CUDA device (or its CPU interpreter, TRITON_INTERPRET=1, which tests use)."""
+    device_ok = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return device_ok and importlib.util.find_spec("triton") is not None
 
 
 class TritonPagedAttention(PagedAttention):
@@ -35,11 +38,39 @@ class TritonPagedAttention(PagedAttention):
                                meta.query_start_loc, meta.max_query_len, self.scale, self.window)
 
 
+class TritonAttention(Attention):
+    """Rotary embedding, the cache write and attention in two kernels instead of a dozen small ones."""
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, meta: AttentionMetadata) -> Tensor:
+        from .triton_kernels import paged_attention, rotary_and_cache
+
+        qkv = self.wqkv(x)
+        cache = self.paged
+        cos, sin = rope if rope is not None else (None, None)
+        q = rotary_and_cache(qkv, cos, sin, meta.slot_mapping, cache.k_cache, cache.v_cache,
+                             self.n_heads, self.n_kv_heads, self.head_dim)
+        y = paged_attention(q, cache.k_cache, cache.v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                            meta.max_query_len, cache.scale, cache.window)
+        return self.wo(y.view(x.shape[0], -1))
+
+
 class TritonRMSNorm(Norm):
     def forward(self, x: Tensor) -> Tensor:
         from .triton_kernels import rms_norm
 
         return rms_norm(x, self.weight, self.eps, self.offset)
+
+
+class TritonBlock(TransformerBlock):
+    """A sequential block with RMSNorms: the residual add after attention is folded into the second norm."""
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, meta: AttentionMetadata) -> Tensor:
+        from .triton_kernels import rms_norm
+
+        attn = self.attention(self.attention_norm(x), rope, meta)
+        norm = self.ffn_norm
+        normed, h = rms_norm(attn, norm.weight, norm.eps, norm.offset, residual=x)
+        return h + self.feed_forward(normed)
 
 
 class TritonSiluFeedForward(FeedForward):
@@ -61,4 +92,9 @@ def use_triton_kernels(model: Transformer) -> bool:
             module.__class__ = TritonRMSNorm
         elif type(module) is FeedForward and module.gated and module.act is torch.nn.functional.silu:
             module.__class__ = TritonSiluFeedForward
+        elif type(module) is Attention:
+            module.__class__ = TritonAttention
+    for block in model.layers:
+        if not block.parallel and isinstance(block.ffn_norm, TritonRMSNorm):
+            block.__class__ = TritonBlock
     return True

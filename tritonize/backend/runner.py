@@ -113,7 +113,11 @@ class ModelRunner:
         self.dummy_slot = max_num_seqs
         cap = _Layout(max(max_num_tokens, max_num_seqs), max_num_seqs, self.width).size
         pin = device.type == "cuda"
-        self.host = torch.zeros(cap, dtype=torch.int64, pin_memory=pin)
+        # Two host buffers, used in turn: step N+1 is written while step N's copy may still be queued (the
+        # engine reads step N-1's tokens, and so knows its copy is done, before it plans step N+1).
+        self._hosts = [torch.zeros(cap, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._turn = 0
+        self.host = self._hosts[0]
         self.host_np = self.host.numpy()
         self.staging = torch.zeros(cap, dtype=torch.int64, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -195,6 +199,13 @@ class ModelRunner:
     # ---------------------------------------------------------------- running a step
     def launch(self, plan: StepPlan, rows: Sequence[SamplingRow], virtual_offset: Callable[[object], int],
                slot_adapter: np.ndarray | None) -> InFlight:
+        self._turn ^= 1
+        self.host = self._hosts[self._turn]
+        self.host_np = self.host.numpy()
+        return self._launch(plan, rows, virtual_offset, slot_adapter)
+
+    def _launch(self, plan: StepPlan, rows: Sequence[SamplingRow], virtual_offset: Callable[[object], int],
+                slot_adapter: np.ndarray | None) -> InFlight:
         n_seqs = len(plan.chunks)
         bucket = None
         if plan.decode_only and self.buckets and n_seqs <= self.buckets[-1]:
@@ -204,6 +215,8 @@ class ModelRunner:
             r = self._fill(plan, layout, virtual_offset, slot_adapter)
             self._pad(layout, n_seqs, n_seqs, r)
             graph = self.graphs.get(bucket) or self._capture(bucket)
+            if graph is None:
+                return self._launch(plan, rows, virtual_offset, slot_adapter)  # now eager for this size
             self.staging[: layout.size].copy_(self.host[: layout.size], non_blocking=True)
             graph[0].replay()
             logits = graph[1][:r]
@@ -240,13 +253,27 @@ class ModelRunner:
         return InFlight(plan, host_tokens, host_lp, event)
 
     # ---------------------------------------------------------------- CUDA graphs
-    def capture_all(self) -> None:
+    def capture_all(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Capture every bucket, largest first (the smaller graphs reuse the largest one's memory)."""
-        for bucket in sorted(self.buckets, reverse=True):
+        todo = sorted(self.buckets, reverse=True)
+        for k, bucket in enumerate(todo):
             if bucket not in self.graphs:
                 self._capture(bucket)
+            if progress is not None:
+                progress(k + 1, len(todo))
 
-    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        """The graph of a decode step of ``bucket`` rows; None (and eager from now on for that size) when the
+        step cannot be captured, e.g. a mixture-of-experts layer routing more tokens than its dense path takes."""
+        try:
+            return self._capture_graph(bucket)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: keep serving, eagerly
+            torch.cuda.synchronize(self.device)
+            log.warning("CUDA graph capture of decode batch %d failed (%s); that size runs eagerly", bucket, exc)
+            self.buckets = [b for b in self.buckets if b < bucket]
+            return None
+
+    def _capture_graph(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         layout = _Layout(bucket, bucket, self.width)
         hv = layout.views(self.host_np[: layout.size])
         self.host_np[: layout.size] = 0

@@ -182,6 +182,7 @@ class Scheduler:
         if new is None:
             return False
         seq.blocks += new
+        seq.blocks_allocated += need
         return True
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
@@ -207,6 +208,8 @@ class Scheduler:
             return 0
         pool.take(cached)
         seq.blocks = cached + (pool.allocate(need) or [])
+        seq.blocks_reused += len(cached)
+        seq.blocks_allocated += max(need, 0)
         seq.num_cached_blocks = len(cached)
         seq.num_computed = computed
         seq.slot = self.free_slots.pop()
@@ -214,6 +217,7 @@ class Scheduler:
         if seq.preemptions == 0:
             pool.stats.prompt_tokens += len(seq.prompt)
             pool.stats.prefix_hit_tokens += computed
+            seq.prefix_hit_tokens = computed
         return n
 
     # ---------------------------------------------------------------- results

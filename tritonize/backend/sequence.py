@@ -44,6 +44,9 @@ class Sequence:
     first_token: float | None = None
     last_token: float | None = None
     preemptions: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens taken from the prefix cache when first admitted
+    blocks_reused: int = 0  # cached blocks taken, over every admission
+    blocks_allocated: int = 0  # fresh blocks taken, over every admission and growth
     finish_reason: str | None = None
     delivered: int = 0  # output tokens already handed to the client
     # What the engine fixes when the request arrives or gets a slot:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["paged_attention", "rms_norm", "silu_mul"]
+__all__ = ["paged_attention", "rms_norm", "rotary_and_cache", "silu_mul"]
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr
     return lo - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     scale, num_seqs,
@@ -144,7 +144,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 @triton.jit
 def _rms_norm_kernel(out_ptr, res_out_ptr, x_ptr, res_ptr, w_ptr, n_cols, eps, offset,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RES: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -156,11 +156,11 @@ def _rms_norm_kernel(out_ptr, res_out_ptr, x_ptr, res_ptr, w_ptr, n_cols, eps, o
     var = tl.sum(xf * xf, 0) / n_cols
     normed = xf * tl.rsqrt(var + eps)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0)
-    if offset != 0.0:
-        y = normed * (w.to(tl.float32) + offset)
-    else:
-        y = w * normed.to(x.dtype)
-    tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+    if HAS_OFFSET:  # Gemma: scale in float32, then round (model.Norm does the same)
+        y = (normed * (w.to(tl.float32) + offset)).to(out_ptr.dtype.element_ty)
+    else:  # Llama: round the normalised value first, then scale in the model dtype
+        y = (w * normed.to(x.dtype)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * n_cols + cols, y, mask=ok)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
@@ -172,7 +172,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     res_out = torch.empty_like(x2) if residual is not None else out
     res = residual.reshape(-1, shape[-1]) if residual is not None else x2
     _rms_norm_kernel[(x2.shape[0],)](out, res_out, x2, res, weight, shape[-1], eps, offset,
-                                     HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(shape[-1]),
+                                     HAS_RES=residual is not None, HAS_OFFSET=offset != 0.0,
+                                     BLOCK=triton.next_power_of_2(shape[-1]),
                                      num_warps=8 if shape[-1] >= 2048 else 4)
     if residual is not None:
         return out.view(shape), res_out.view(shape)
@@ -199,3 +200,58 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     block = 1024
     _silu_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](out, x2, n, BLOCK=block)
     return out.view(*shape[:-1], n)
+
+
+@triton.jit
+def _rotary_cache_kernel(q_out_ptr, qkv_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
+                         stride_qkv, stride_cs, stride_cache,
+                         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+                         HALF: tl.constexpr, HALF_P: tl.constexpr, ROPE: tl.constexpr):
+    """One head of one token: rotate q and k (rotate-half, first 2 * HALF dims), write k and v to the cache."""
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    src = qkv_ptr + tok * stride_qkv + head * D
+    slot = tl.load(slot_ptr + tok)
+    if head >= H + HKV:  # a value head: straight to the cache
+        d = tl.arange(0, D_P)
+        v = tl.load(src + d, mask=d < D)
+        tl.store(v_cache_ptr + slot * stride_cache + (head - H - HKV) * D + d, v, mask=d < D)
+        return
+    if head < H:
+        dst = q_out_ptr + tok * (H * D) + head * D
+    else:
+        dst = k_cache_ptr + slot * stride_cache + (head - H) * D
+    if ROPE:
+        i = tl.arange(0, HALF_P)
+        m = i < HALF
+        x1 = tl.load(src + i, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + i, mask=m, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + tok * stride_cs + i, mask=m, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + tok * stride_cs + i, mask=m, other=0.0).to(tl.float32)
+        tl.store(dst + i, (x1 * c - x2 * s).to(dst.dtype.element_ty), mask=m)
+        tl.store(dst + HALF + i, (x2 * c + x1 * s).to(dst.dtype.element_ty), mask=m)
+        if 2 * HALF < D:  # partial rotary: the rest of the head passes through
+            r = 2 * HALF + tl.arange(0, D_P)
+            tl.store(dst + r, tl.load(src + r, mask=r < D), mask=r < D)
+    else:
+        d = tl.arange(0, D_P)
+        tl.store(dst + d, tl.load(src + d, mask=d < D), mask=d < D)
+
+
+def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                     slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
+                     n_kv: int, head_dim: int) -> torch.Tensor:
+    """From the fused projection ``qkv [N, (H + 2 Hkv) * D]``: rotated queries ``[N, H, D]`` returned, rotated
+    keys and the values written to the cache rows ``slot_mapping``. ``cos``/``sin``: each token's
+    ``[N, ..., rot_dim]`` rows as model.Transformer gathers them (None: no rotary embedding)."""
+    n = qkv.shape[0]
+    q = torch.empty(n, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    rope = cos is not None
+    half = cos.shape[-1] // 2 if rope else 1
+    _rotary_cache_kernel[(n, n_heads + 2 * n_kv)](
+        q, qkv, cos if rope else qkv, sin if rope else qkv, slot_mapping, k_cache, v_cache,
+        qkv.stride(0), cos.stride(0) if rope else 0, n_kv * head_dim,
+        H=n_heads, HKV=n_kv, D=head_dim, D_P=triton.next_power_of_2(head_dim),
+        HALF=half, HALF_P=triton.next_power_of_2(half), ROPE=rope, num_warps=1,
+    )
+    return q
