@@ -99,6 +99,28 @@ def ttft(engine: Engine, prompt: list[int], tag: str) -> float:
     return 1000 * first[0]
 
 
+def profile_decode(engine: Engine, batch: int, input_len: int, vocab: int, out_dir: Path) -> None:
+    """torch.profiler over ~30 decode-only steps of a full batch (prefill excluded): the kernel table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    worker = threading.Thread(target=run_batch, args=(engine, random_prompts(batch, input_len, vocab, 7), 120, "prof"))
+    worker.start()
+    while engine.num_waiting or any(s.prefilling for s in list(engine.scheduler.running)) \
+            or len(engine.scheduler.running) < batch:
+        time.sleep(0.005)
+    time.sleep(0.05)
+    steps = engine.stats["decode_steps"]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        time.sleep(0.3)
+    steps = engine.stats["decode_steps"] - steps
+    worker.join()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    text = f"decode steps in the window: {steps}\n{table}"
+    (out_dir / f"decode_b{batch}.txt").write_text(text)
+    print(text, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
@@ -160,15 +182,7 @@ def main() -> None:
     print(json.dumps(result["prefix"]), flush=True)
 
     if args.profile_dir and dev.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
-        b = max(batches)
-        args.profile_dir.mkdir(parents=True, exist_ok=True)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            run_batch(engine, random_prompts(b, args.input_len, vocab, 7), 24, "prof")
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-        (args.profile_dir / f"kernels_b{b}.txt").write_text(table)
-        print(table, flush=True)
+        profile_decode(engine, max(batches), args.input_len, vocab, args.profile_dir)
     engine.shutdown()
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
