@@ -19,13 +19,13 @@ case $phase in
     cp /tmp/sb/server.log "$out/server.log" 2>/dev/null
     tar czf "$out/pa-logs.tgz" -C /tmp/sb $(cd /tmp/sb && ls perf_analyzer_*.log 2>/dev/null) 2>/dev/null ;;
   final)
-    python3 bench/runtime_decode.py --model $model --batch '' --hf-batch 1,8,32 \
+    python3 bench/engine_bench.py --model $model --batches 1 --prefix-len 0 --hf-batch 1,8,32 \
       --json "$out/transformers.json" 2>&1 | tee "$out/transformers.log"
     python3 bench/serve_load.py --model $model --device cuda --dtype bfloat16 --concurrency 1,64 \
       --duration 10 --pa-interval-ms 4000 --workdir /tmp/sb --json "$out/serve2.json" 2>&1 | tee "$out/serve2.log"
     cp /tmp/sb/server.log "$out/server2.log" 2>/dev/null ;;
   runtime)
-    python3 bench/runtime_decode.py --model $model --batch 1,16,64 --hf-batch 1,8,32 \
+    python3 bench/engine_bench.py --model $model --batches 1,16,64,256 --hf-batch 1,8,32 --profile-dir "$out" \
       --json "$out/runtime.json" 2>&1 | tee "$out/runtime.log" ;;
 esac
 # adapters: the LoRA / p-tuning runtime under CUDA graphs + torch.compile (tests), and what mixed LoRA costs decode.

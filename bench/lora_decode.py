@@ -10,7 +10,6 @@ case). Printed per batch size: decode tok/s of each and their ratio.
 
 from __future__ import annotations
 
-import argparse
 import faulthandler
 import json
 import sys
@@ -23,7 +22,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import parser  # noqa: E402 - bench/common.py, beside this script
-from runtime_decode import engine_decode  # noqa: E402
+from engine_bench import random_prompts, run_batch  # noqa: E402
 
 from tritonize.runtime.config import ModelArgs  # noqa: E402
 from tritonize.runtime.engine import Engine  # noqa: E402
@@ -52,17 +51,17 @@ def write_random_adapters(model_dir: Path, out: Path, count: int, rank: int) -> 
 
 
 def measure(model: Path, batches: list[int], input_len: int, output_len: int, device: str, dtype: str,
-            adapters: Path | None, lora_ids: list[int | None] | None, compile: bool | None) -> tuple[list[dict], float]:
+            adapters: Path | None, lora_ids: list[int | None] | None) -> tuple[list[dict], float]:
     t = time.perf_counter()
     engine = Engine(model, device=device, dtype=dtype, max_batch_size=max(batches),
-                    max_seq_len=input_len + output_len + 8, max_num_tokens=4096, adapters_dir=adapters,
-                    compile=compile).start()
+                    max_seq_len=input_len + output_len + 8, max_num_tokens=4096, adapters_dir=adapters).start()
     load_s = time.perf_counter() - t
     print(f"loaded ({'with' if adapters else 'without'} adapters) in {load_s:.1f} s", flush=True)
     rows = []
     for batch in batches:
-        engine_decode(engine, batch, 16, 4, engine.vocab_size, lora_ids)  # warm-up for this bucket
-        rows.append(engine_decode(engine, batch, input_len, output_len, engine.vocab_size, lora_ids))
+        run_batch(engine, random_prompts(batch, 16, engine.vocab_size, 0), 4, f"w{batch}", lora_ids)  # warm-up
+        rows.append(run_batch(engine, random_prompts(batch, input_len, engine.vocab_size, batch), output_len,
+                              f"b{batch}{'l' if lora_ids else ''}", lora_ids))
         print(json.dumps({"adapters": bool(adapters), **rows[-1]}), flush=True)
     engine.shutdown()
     del engine
@@ -76,8 +75,6 @@ def main() -> None:
     ap.add_argument("--batch", default="1,16,64")
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch.compile the decode step (default: on for CUDA)")
     ap.add_argument("--only-lora", action="store_true", help="skip the run without adapters (diagnosis)")
     ap.add_argument("--stacks-every", type=float, default=0, help="dump all thread stacks every N s (diagnosis)")
     ap.add_argument("--json", type=Path, default=None)
@@ -87,15 +84,14 @@ def main() -> None:
         faulthandler.dump_traceback_later(args.stacks_every, repeat=True)
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "model": str(args.model), "adapters": args.adapters, "rank": args.rank,
-              "input_len": args.input_len, "output_len": args.output_len, "torch": torch.__version__,
-              "compile": args.compile}
+              "input_len": args.input_len, "output_len": args.output_len, "torch": torch.__version__}
     base, result["load_s_base"] = ([], 0.0) if args.only_lora else measure(
-        args.model, batches, args.input_len, args.output_len, args.device, args.dtype, None, None, args.compile)
+        args.model, batches, args.input_len, args.output_len, args.device, args.dtype, None, None)
     with tempfile.TemporaryDirectory() as tmp:
         write_random_adapters(args.model, Path(tmp), args.adapters, args.rank)
         ids: list[int | None] = [None, *range(args.adapters)]
         lora, result["load_s_lora"] = measure(args.model, batches, args.input_len, args.output_len, args.device,
-                                              args.dtype, Path(tmp), ids, args.compile)
+                                              args.dtype, Path(tmp), ids)
     result["rows"] = [{"batch": b["batch"], "base_decode_tok_s": b["decode_tok_s"],
                        "lora_decode_tok_s": lo["decode_tok_s"], "ratio": lo["decode_tok_s"] / b["decode_tok_s"]}
                       for b, lo in zip(base, lora)]

@@ -28,12 +28,31 @@ from tritonize.serving.perfanalyzer import perf_analyzer_binary, perf_analyzer_r
 from tritonize.serving.server import TritonServer, free_ports
 
 
+def prefix_ttft(url: str, repo: Path, prefix_len: int) -> dict:
+    """Served TTFT of prompts that share a cached ``prefix_len``-token prefix, against cold prompts."""
+    tokenizer = str(repo / "llm_preprocessing" / "1" / "tokenizer")
+    prefixes = synthetic_prompts(tokenizer, prefix_len, count=4, seed=123)
+    suffixes = synthetic_prompts(tokenizer, 32, count=6, seed=456)
+
+    def one(text: str) -> float:
+        rec = run_load(url, "llm", [text], output_len=4, concurrency=1, duration=60, max_requests=1).records[0]
+        return 1000 * rec.ttft
+
+    cold = [one(prefixes[i] + " " + suffixes[i]) for i in (1, 2, 3)]
+    one(prefixes[0] + " " + suffixes[0])  # the prefix is cached from here on
+    cached = [one(prefixes[0] + " " + suffixes[i]) for i in (3, 4, 5)]
+    return {"prefix_len": prefix_len, "cold_ttft_ms": cold, "cached_ttft_ms": cached,
+            "ratio_p50": sorted(cached)[1] / sorted(cold)[1]}
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of load per concurrency (own loader)")
     ap.add_argument("--pa-interval-ms", type=int, default=5000)
     ap.add_argument("--sequential", action="store_true", help="also report batched / sequential throughput")
+    ap.add_argument("--prefix-len", type=int, default=1024,
+                    help="TTFT of a prompt whose prefix of this many tokens is cached, against cold (0: skip)")
     ap.add_argument("--no-perf-analyzer", action="store_true")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
@@ -41,7 +60,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tritonize-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    spec = RepoSpec(name="llm", max_batch_size=max(levels), max_input_len=args.input_len + 16,
+    spec = RepoSpec(name="llm", max_batch_size=max(levels), max_input_len=max(args.input_len, args.prefix_len + 64) + 16,
                     max_output_len=args.output_len, device=args.device, dtype=args.dtype,
                     max_num_tokens=max(2048, 2 * max(levels)))
     t = time.perf_counter()
@@ -85,6 +104,9 @@ def main() -> None:
                 row = perf_analyzer_run(pa, url, "llm", prompts, args.output_len, c, workdir, args.pa_interval_ms)
                 result["runs"].append(row)
                 print(json.dumps(row), flush=True)
+        if args.prefix_len:
+            result["prefix"] = prefix_ttft(url, repo, args.prefix_len)
+            print(json.dumps(result["prefix"]), flush=True)
         text = server.log_text()
         result["server_errors"] = [ln for ln in text.splitlines() if ln.startswith("E") and "cuda" not in ln.lower()
                                    and "nvml" not in ln.lower() and "dcgm" not in ln.lower()][:10]

@@ -161,18 +161,17 @@ def test_gpt2_fused_qkv_and_plain_mlp_lora(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph decode path needs a GPU")
-def test_adapters_under_cuda_graphs_and_compile(llama):
-    """The compiled, graph-captured decode step reads each slot's adapter: same answers as peft."""
+def test_adapters_under_cuda_graphs(llama):
+    """The graph-captured decode step reads each token's adapter: same answers as peft."""
     n = 10
-    # compile=True: by default an engine with LoRA adapters replays graphs of the eager step (engine.py)
     with Engine(llama["path"], device="cuda", dtype="float32", max_batch_size=6, max_seq_len=64,
-                adapters_dir=llama["adapters"], compile=True) as eng:
-        assert eng.compiled and eng._decode.enabled
+                adapters_dir=llama["adapters"]) as eng:
+        assert eng.runner.buckets
         vocab = 256
         jobs = [(PROMPTS[0], {"lora_task_id": 1}), (PROMPTS[1], {"lora_task_id": 7}), (PROMPTS[2], {}),
                 ([vocab + j for j in range(5)] + PROMPTS[3], {"task_id": 4, "lora_task_id": 1})]
         outs = _run(eng, jobs, n)
-        assert eng._decode.enabled, "capture fell back to eager"
+        assert eng.runner.graphs and eng.stats["decode_steps"] > 0
     for (prompt, kw), out in zip(jobs[:3], outs[:3]):
         reference = llama["peft"][kw["lora_task_id"]] if "lora_task_id" in kw else llama["base"]
         assert out.token_ids == _hf_greedy(reference, prompt, n), kw
@@ -253,3 +252,31 @@ def test_request_tables_need_reserved_rows(engine):
     (out,) = _run(engine, [([256] + PROMPTS[0], {"prompt_table": torch.randn(1, 64)})], 2)
     assert "takes no prompt_embedding_table in a request: regenerate the repository with " \
            "--max-prompt-embedding-table-size" in out.error
+
+
+def test_prefix_blocks_are_never_shared_across_adapters(llama):
+    """The same long prompt under two adapters, a p-tuning task and the base model: each reuses only
+    its own earlier blocks, and each answer is its own reference's."""
+    n = 6
+    prompt = [1] + list(range(30, 70))  # 41 tokens: 10 full blocks of 4
+    vocab = 256
+    virtual = [vocab + j for j in range(llama["tables"][4].shape[0])]
+    with Engine(llama["path"], device="cpu", max_batch_size=4, max_seq_len=96, max_num_tokens=64, block_size=4,
+                adapters_dir=llama["adapters"]) as eng:
+        kinds = [{"lora_task_id": 1}, {"lora_task_id": 7}, {"task_id": 4}, {}]
+        for kw in kinds:  # first pass: every prefix is new
+            before = eng.pool.stats.prefix_hit_tokens
+            ids = virtual + prompt if "task_id" in kw else prompt
+            (out,) = _run(eng, [(ids, kw)], n)
+            assert out.finish_reason == "length" and eng.pool.stats.prefix_hit_tokens == before, kw
+        for kw in kinds:  # second pass: each finds exactly its own blocks
+            before = eng.pool.stats.prefix_hit_tokens
+            ids = virtual + prompt if "task_id" in kw else prompt
+            (out,) = _run(eng, [(ids + [5], kw)], n)
+            assert eng.pool.stats.prefix_hit_tokens - before == (len(ids) // 4) * 4, kw
+            if "lora_task_id" in kw:
+                assert out.token_ids == _hf_greedy(llama["peft"][kw["lora_task_id"]], prompt + [5], n)
+            elif "task_id" in kw:
+                assert out.token_ids == _hf_ptuned_greedy(llama["base"], llama["tables"][4], prompt + [5], n)
+            else:
+                assert out.token_ids == _hf_greedy(llama["base"], prompt + [5], n)

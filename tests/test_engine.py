@@ -281,16 +281,16 @@ def test_cancel_frees_the_slot(tiny):
 def test_a_failing_step_finishes_its_requests_and_the_engine_goes_on(tiny):
     _, model = tiny
     with Engine(tiny[0], device="cpu", max_batch_size=2, max_seq_len=64) as eng:
-        real = eng._decode
+        real = eng.runner.launch
         calls = {"n": 0}
 
-        def flaky(tokens, pos, slots):
+        def flaky(*args, **kwargs):
             calls["n"] += 1
             if calls["n"] == 2:
                 raise RuntimeError("injected fault")
-            return real(tokens, pos, slots)
+            return real(*args, **kwargs)
 
-        eng._decode = flaky
+        eng.runner.launch = flaky
         with pytest.raises(EngineError, match="injected fault"):
             gen(eng, PROMPTS[:2], 5, end_ids=[])
         assert gen(eng, [PROMPTS[0]], 5, end_ids=[])[0] == hf_greedy(model, PROMPTS[0], 5)
@@ -315,23 +315,68 @@ def test_shutdown_fails_what_is_left(tiny):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph decode path needs a GPU")
-def test_cuda_graph_decode_matches_eager_and_transformers(tiny):
-    from tritonize.runtime.cuda_graphs import CudaGraphDecoder
-
+def test_cuda_graph_decode_matches_transformers(tiny):
     path, model = tiny
     with Engine(path, device="cuda", dtype="float32", max_batch_size=6, max_seq_len=128) as eng:
-        decoder = eng._decode
-        assert isinstance(decoder, CudaGraphDecoder)
+        assert eng.kernels and eng.runner.buckets
         outputs = gen(eng, PROMPTS, 12, end_ids=[])
-        # 4 rows, then 3, 2, 1 as they finish: buckets 4, 4, 2 and 1; padding rows went to the spare slot.
-        assert decoder.enabled and 4 in decoder._graphs
+        # 4 rows, then fewer as they finish: replayed from the graphs of buckets 4, 2 and 1.
+        assert set(eng.runner.graphs) >= {1, 2, 4}
+        assert eng.stats["decode_steps"] > 0
         for prompt, got in zip(PROMPTS, outputs, strict=True):
             assert got == hf_greedy(model, prompt, 12)
         seeded = SamplingParams(temperature=1.0, seed=7)
         alone = gen(eng, [PROMPTS[2]], 8, sampling=seeded, end_ids=[])[0]
         assert gen(eng, PROMPTS, 8, sampling=seeded, end_ids=[])[2] == alone
-        with torch.inference_mode():
-            tokens = torch.tensor([[5], [9], [200]], device="cuda")
-            pos = torch.tensor([[3], [10], [4]], device="cuda")
-            slots = torch.tensor([0, 2, 1], device="cuda")
-            torch.testing.assert_close(decoder(tokens, pos, slots), decoder.eager(tokens, pos, slots))
+
+
+def test_a_shared_prefix_is_reused_and_gives_the_text_it_gives_alone(tiny):
+    _, model = tiny
+    shared = [1] + list(range(10, 70))  # 61 tokens: 15 full blocks of 4
+    with Engine(tiny[0], device="cpu", max_batch_size=2, max_seq_len=128, max_num_tokens=32, block_size=4) as eng:
+        first = gen(eng, [shared + [5, 6]], 6, end_ids=[])[0]
+        before = eng.pool.stats.prefix_hit_tokens
+        second = gen(eng, [shared + [7, 8, 9]], 6, end_ids=[])[0]
+        assert eng.pool.stats.prefix_hit_tokens - before == 60
+    assert first == hf_greedy(model, shared + [5, 6], 6)
+    assert second == hf_greedy(model, shared + [7, 8, 9], 6)
+    with Engine(tiny[0], device="cpu", max_batch_size=2, max_seq_len=128, block_size=4, prefix_cache=False) as eng:
+        gen(eng, [shared + [5, 6]], 2, end_ids=[])
+        gen(eng, [shared + [7, 8, 9]], 2, end_ids=[])
+        assert eng.pool.stats.prefix_hit_tokens == 0
+
+
+def test_a_pool_too_small_for_the_load_preempts_and_loses_nothing(tiny):
+    _, model = tiny
+    prompts = [[1] + list(range(20 + 7 * i, 40 + 7 * i)) for i in range(4)]  # 21 tokens each
+    seeded = SamplingParams(temperature=1.0, seed=3)
+    with Engine(tiny[0], device="cpu", max_batch_size=4, max_seq_len=64, max_num_tokens=64, block_size=4,
+                kv_cache_tokens=64) as eng:  # room for two of the four at a time
+        greedy_out = gen(eng, prompts, 14, end_ids=[])
+        assert eng.pool.stats.preemptions > 0
+        alone = gen(eng, [prompts[3]], 14, sampling=seeded, end_ids=[])[0]
+        preempted_before = eng.pool.stats.preemptions
+        crowded = gen(eng, prompts, 14, sampling=seeded, end_ids=[])[3]
+        assert eng.pool.stats.preemptions > preempted_before
+    assert crowded == alone
+    for prompt, got in zip(prompts, greedy_out, strict=True):
+        assert got == hf_greedy(model, prompt, 14)
+
+
+def test_a_request_larger_than_the_pool_is_refused(tiny):
+    with Engine(tiny[0], device="cpu", max_batch_size=2, max_seq_len=64, block_size=4, kv_cache_tokens=16) as eng:
+        with pytest.raises(EngineError, match="do not fit the KV cache of 16 tokens"):
+            gen(eng, [PROMPTS[0]], 20)
+
+
+def test_final_outputs_carry_the_request_metrics(tiny):
+    from tritonize.runtime.request import submit_and_wait
+
+    shared = [1] + list(range(10, 42))  # 33 tokens: 8 full blocks of 4
+    with Engine(tiny[0], device="cpu", max_batch_size=2, max_seq_len=64, block_size=4) as eng:
+        gen(eng, [shared], 3, end_ids=[])
+        (out,) = submit_and_wait(eng, [GenerationRequest("m", shared + [5], 4, end_ids=[])], timeout=TIMEOUT)
+    m = out.metrics
+    assert m.prefix_hit_tokens == 32 and m.kv_cache_reused_blocks == 8
+    assert m.kv_cache_alloc_new_blocks == 2 and m.kv_cache_alloc_total_blocks == 10  # 34 + 3 tokens in the cache
+    assert 0 < m.arrival_time_ns <= m.first_scheduled_time_ns <= m.first_token_time_ns <= m.last_token_time_ns

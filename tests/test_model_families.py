@@ -16,8 +16,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tests.paged import PagedRun  # noqa: E402
 from tritonize.runtime.config import ModelArgs, UnsupportedModelError  # noqa: E402
-from tritonize.runtime.model import Transformer  # noqa: E402
 from tritonize.runtime.weights import WeightsError, load_model  # noqa: E402
 
 VOCAB = 256
@@ -91,80 +91,69 @@ def random_ids(n: int, seed: int) -> list[int]:
 def test_full_sequence_logits(family):
     hf, model, _ = family
     ids = random_ids(40, seed=1)
-    model.setup_caches(max_batch_size=2, max_seq_len=64)
-    ours = model(torch.tensor([ids]), torch.arange(40)[None], torch.tensor([1]))[0]
+    run = PagedRun(model)
+    ours = run([("a", ids, 0)], every_token=True)
     ref = hf_logits(hf, ids)
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=1e-4)
-    last = model(torch.tensor([ids]), torch.arange(40)[None], torch.tensor([0]), last_only=True)
-    assert last.shape == (1, 1, VOCAB)
-    torch.testing.assert_close(last[0, 0], ref[-1], atol=ATOL, rtol=1e-4)
+    last = run([("b", ids, 0)])
+    assert last.shape == (1, VOCAB)
+    torch.testing.assert_close(last[0], ref[-1], atol=ATOL, rtol=1e-4)
 
 
 def test_chunked_prefill_then_ragged_decode(family):
-    """Three sequences of different lengths, prefilled in chunks into scattered slots, then decoded
-    together with ragged positions: every logit equals transformers' on that sequence alone."""
+    """Three sequences of different lengths, prefilled in chunks packed into shared steps over scattered
+    (and reused, dirty) blocks, then decoded together with ragged positions: every logit equals
+    transformers' on that sequence alone."""
     hf, model, _ = family
-    model.setup_caches(max_batch_size=4, max_seq_len=48)
+    run = PagedRun(model, num_blocks=40, block_size=4, max_seq_len=48)
     prompts = [random_ids(n, seed=10 + n) for n in (13, 7, 21)]
-    slots = [2, 0, 3]
     steps = 5
     continuations = [random_ids(steps, seed=100 + i) for i in range(3)]
     refs = [hf_logits(hf, p + c) for p, c in zip(prompts, continuations, strict=True)]
 
-    # Dirty the cache first so stale entries from an earlier request would show up as errors.
-    model(torch.tensor([random_ids(30, seed=7)]), torch.arange(30)[None], torch.tensor([0]))
+    # Dirty blocks first, so that stale entries from an earlier request would show up as errors.
+    run([("dirty", random_ids(30, seed=7), 0)])
+    run.free("dirty")
 
     chunk = 5
-    for prompt, slot, ref in zip(prompts, slots, refs, strict=True):
-        for start in range(0, len(prompt), chunk):
-            piece = prompt[start:start + chunk]
-            pos = torch.arange(start, start + len(piece))[None]
-            out = model(torch.tensor([piece]), pos, torch.tensor([slot]))[0]
-            torch.testing.assert_close(out, ref[start:start + len(piece)], atol=ATOL, rtol=1e-4)
+    for start in range(0, max(map(len, prompts)), chunk):
+        pieces = [(i, p[start:start + chunk], start) for i, p in enumerate(prompts) if start < len(p)]
+        out = run(pieces, every_token=True)
+        row = 0
+        for i, piece, _ in pieces:
+            got = out[row:row + len(piece)]
+            torch.testing.assert_close(got, refs[i][start:start + len(piece)], atol=ATOL, rtol=1e-4)
+            row += len(piece)
 
     for step in range(steps):
-        tokens = torch.tensor([[c[step]] for c in continuations])
-        pos = torch.tensor([[len(p) + step] for p in prompts])
-        out = model(tokens, pos, torch.tensor(slots))
-        assert out.shape == (3, 1, VOCAB)
+        out = run([(i, [continuations[i][step]], len(prompts[i]) + step) for i in range(3)])
+        assert out.shape == (3, VOCAB)
         for row, (prompt, ref) in enumerate(zip(prompts, refs, strict=True)):
-            torch.testing.assert_close(out[row, 0], ref[len(prompt) + step], atol=ATOL, rtol=1e-4)
-
-
-def greedy(model: Transformer, prompt: list[int], n: int, slot: int = 0) -> list[int]:
-    logits = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], torch.tensor([slot]), last_only=True)
-    out = [int(logits[0, -1].argmax())]
-    for i in range(n - 1):
-        pos = torch.tensor([[len(prompt) + i]])
-        logits = model(torch.tensor([[out[-1]]]), pos, torch.tensor([slot]))
-        out.append(int(logits[0, -1].argmax()))
-    return out
+            torch.testing.assert_close(out[row], ref[len(prompt) + step], atol=ATOL, rtol=1e-4)
 
 
 def test_greedy_matches_generate(family):
     hf, model, _ = family
     prompt = random_ids(6, seed=3)
-    # Many idle slots: decode takes the gathered-rows attention path (the ragged test takes the other).
-    model.setup_caches(max_batch_size=8, max_seq_len=32)
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 6, dtype=torch.long),
                           max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, 6:].tolist()
-    assert greedy(model, prompt, 8, slot=1) == ref
+    assert PagedRun(model, block_size=2).greedy("g", prompt, 8) == ref
 
 
 def test_moe_dense_and_sparse_paths_agree(tmp_path):
     """Decode-sized token counts take the dense expert path, prefill the sparse one: both match."""
     hf = build_hf(FAMILIES["mixtral"](), tmp_path)
     model = load_model(tmp_path)
-    model.setup_caches(1, 64)
+    run = PagedRun(model)
     ids = random_ids(40, seed=5)
     ref = hf_logits(hf, ids)
-    for dense_max_tokens in (0, 1000):
+    for key, dense_max_tokens in enumerate((0, 1000)):
         for layer in model.layers:
             layer.feed_forward.dense_max_tokens = dense_max_tokens
-        out = model(torch.tensor([ids]), torch.arange(40)[None], torch.tensor([0]))[0]
+        out = run([(key, ids, 0)], every_token=True)
         torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-4)
 
 
@@ -180,9 +169,7 @@ def test_mixtral_stacked_expert_layout(tmp_path):
     assert "model.layers.0.mlp.experts.gate_up_proj" in names
     ids = random_ids(20, seed=2)
     for sub in ("orig", "stacked"):
-        model = load_model(tmp_path / sub)
-        model.setup_caches(1, 32)
-        out = model(torch.tensor([ids]), torch.arange(20)[None], torch.tensor([0]))[0]
+        out = PagedRun(load_model(tmp_path / sub))([(0, ids, 0)], every_token=True)
         torch.testing.assert_close(out, hf_logits(hf, ids), atol=ATOL, rtol=1e-4)
 
 
@@ -196,9 +183,8 @@ def test_rope_scaling(tmp_path, rope):
     hf = build_hf(config, tmp_path)
     model = load_model(tmp_path)
     assert model.args.rope_type == rope["rope_type"]
-    model.setup_caches(1, 64)
     ids = random_ids(60, seed=4)
-    out = model(torch.tensor([ids]), torch.arange(60)[None], torch.tensor([0]))[0]
+    out = PagedRun(model)([(0, ids, 0)], every_token=True)
     torch.testing.assert_close(out, hf_logits(hf, ids), atol=ATOL, rtol=1e-4)
 
 
@@ -226,10 +212,10 @@ def test_bfloat16_smoke(tmp_path):
     hf = build_hf(FAMILIES["llama"](), tmp_path)
     model = load_model(tmp_path, dtype=torch.bfloat16)
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
-    model.setup_caches(2, 32)
-    assert model.layers[0].attention.kv_cache.k_cache.dtype == torch.bfloat16
+    run = PagedRun(model, max_seq_len=32)
+    assert model.layers[0].attention.paged.k_cache.dtype == torch.bfloat16
     ids = random_ids(16, seed=6)
-    out = model(torch.tensor([ids]), torch.arange(16)[None], torch.tensor([1]))[0]
+    out = run([(0, ids, 0)], every_token=True)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     ref = hf_logits(hf, ids)
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
@@ -245,9 +231,7 @@ def test_sharded_and_bin_checkpoints(tmp_path):
     ids = random_ids(12, seed=8)
     ref = hf_logits(hf, ids)
     for sub in ("sharded", "bin"):
-        model = load_model(tmp_path / sub)
-        model.setup_caches(1, 16)
-        out = model(torch.tensor([ids]), torch.arange(12)[None], torch.tensor([0]))[0]
+        out = PagedRun(load_model(tmp_path / sub), max_seq_len=16)([(0, ids, 0)], every_token=True)
         torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-4)
 
 
@@ -260,13 +244,13 @@ def test_real_nemo2_llama_fixture(tmp_path):
         pytest.skip("nemo2-llama fixture not available")
     reference = json.loads((root / "reference_outputs.json").read_text())
     model = load_model(root / "hf", dtype=torch.float32)
-    model.setup_caches(max_batch_size=2, max_seq_len=64)
-    for case in reference["prompts"]:
+    run = PagedRun(model)
+    for i, case in enumerate(reference["prompts"]):
         ids = case["input_ids"]
-        last = model(torch.tensor([ids]), torch.arange(len(ids))[None], torch.tensor([1]), last_only=True)[0, 0]
+        last = run([(("last", i), ids, 0)])[0]
         torch.testing.assert_close(last[:8], torch.tensor(case["last_logits_first8"]), atol=1e-5, rtol=1e-5)
         assert int(last.argmax()) == case["last_logits_argmax"]
-        assert greedy(model, ids, len(case["greedy_new_ids"]), slot=1) == case["greedy_new_ids"]
+        assert run.greedy(("greedy", i), ids, len(case["greedy_new_ids"])) == case["greedy_new_ids"]
 
 
 # --- bad input -----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from tritonize.export.demo_model import write_demo_checkpoint
 from tritonize.repository.build import build_repository
 from tritonize.repository.spec import RepoSpec
 from tritonize.repository.validate import validate_repository
+from tritonize.runtime.packed import unpack
 from tritonize.serving.client import GenerateOptions, grpc_generate
 
 transformers = pytest.importorskip("transformers")
@@ -140,9 +141,9 @@ def _engine_ids(endpoint: str, version: str, ids: list[int]) -> list[int]:
         while True:
             result, error = responses.get(timeout=60)
             assert error is None, error
-            ids_out = result.as_numpy("output_ids")
-            if ids_out is not None:
-                got += ids_out.reshape(-1).tolist()
+            packed = result.as_numpy("packed")
+            if packed is not None:
+                got += unpack(packed).delta
             if result.get_response(as_json=True)["parameters"].get("triton_final_response", {}).get("bool_param"):
                 break
         client.stop_stream()

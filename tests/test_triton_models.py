@@ -17,6 +17,7 @@ from tritonize.export.demo_model import write_demo_checkpoint
 from tritonize.repository.checkpoint import inspect_checkpoint
 from tritonize.repository.render import MODEL_FILES, RUNTIME_SRC, parse_config, write_repository
 from tritonize.repository.spec import RepoSpec
+from tritonize.runtime.packed import Packed, pack
 from tritonize.runtime.prompt import virtual_tokens
 from tritonize.runtime.tokenizer import Tokenizer, response_ids
 
@@ -108,11 +109,11 @@ def test_postprocessing_streams_text_that_concatenates_to_the_whole(monkeypatch,
     for i, token in enumerate(answer):
         delta, prefix = response_ids(prompt, answer[: i + 1], [token], stream=True, exclude_input=True)
         final = i == len(answer) - 1
-        [response] = model.execute([triton_stub.Request(
-            output_ids=np.array([delta], np.int32), prefix_ids=np.array([prefix], np.int32),
-            is_final=np.array([[final]]), cum_log_probs=np.zeros((1, 1), np.float32),
-            output_log_probs=np.zeros((1, 1, 1), np.float32), num_input_tokens=np.array([[len(prompt)]], np.int32),
-            num_output_tokens=np.array([[i + 1]], np.int32), request_key=_text("k"))])
+        [response] = model.execute([triton_stub.Request(packed=pack(Packed(
+            delta=delta, prefix=prefix, final=final, num_input_tokens=len(prompt), num_output_tokens=i + 1,
+            log_probs=[-0.5], cum_log_prob=-0.5 * (i + 1))))])
         pieces.append(response.output("text_output")[0][0].decode())
+        assert response.output("num_output_tokens").tolist() == [[i + 1]]
+        assert response.output("output_log_probs").tolist() == [[[-0.5]]]
     whole, head = tok.decode(prompt + answer), tok.decode(prompt)
     assert "".join(pieces) == whole[len(head):]

@@ -254,11 +254,11 @@ class Exporter:
         self._end_ids = list(ckpt.end_ids)
         self._tokenizer = Tokenizer(self.model_dir)
         adapters = self.model_dir / ADAPTERS_DIR
-        # The served engine's budget: max_num_tokens 0 / None means one whole prompt per step.
+        # The served engine's budget: max_num_tokens 0 / None means one whole prompt (or one row per request) a step.
         self._engine = Engine(self.model_dir, device=self.device, dtype=self.dtype,
                               max_batch_size=self.max_batch_size,
                               max_seq_len=self.max_input_len + self.max_output_len,
-                              max_num_tokens=self.max_num_tokens or self.max_input_len,
+                              max_num_tokens=self.max_num_tokens or max(self.max_input_len, self.max_batch_size),
                               adapters_dir=adapters if adapters.is_dir() else None,
                               max_prompt_embedding_table_size=self.adapters.max_prompt_embedding_table_size)
 

@@ -56,13 +56,19 @@ a TRT-LLM checkpoint for the TP x PP given, builds it with trtllm-build and serv
 @deploy_option("runtime", type=click.Choice(RUNTIMES), default="torch", show_default=True,
          help="Engine runtime: torch, trtllm (tensorrt_llm.LLM), trtllm-engine (trtllm-build + executor), auto.")
 @deploy_option("kv_cache_free_gpu_memory_fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
-         help="TensorRT-LLM runtimes: share of free GPU memory for the KV cache (default 0.9).")
+         help="Share of the GPU memory free after the weights that the KV cache takes (default 0.9).")
+@deploy_option("kv_cache_tokens", type=click.IntRange(min=0), default=None,
+         help="KV cache size in tokens, instead of the memory share.")
+@deploy_option("prefix_cache", default=None, help="Reuse the KV cache of prompt prefixes seen before (default: on).")
 @deploy_option("multi_gpu_mode", type=click.Choice(MULTI_GPU_MODES), default="leader", show_default=True,
          help="trtllm-engine on several GPUs: mpirun with one tritonserver per rank, or one orchestrator.")
 @deploy_option("max_input_len", type=click.IntRange(min=1), default=256, show_default=True)
 @deploy_option("max_output_len", type=click.IntRange(min=1), default=256, show_default=True)
-@deploy_option("max_batch_size", type=click.IntRange(min=1), default=8, show_default=True)
-@deploy_option("max_num_tokens", type=click.IntRange(min=0), default=None, help="Prefill tokens per step.")
+@deploy_option("max_batch_size", type=click.IntRange(min=1), default=None,
+         help="Most requests in one step (default: 8 with --device cpu, else 256).")
+@deploy_option("max_num_tokens", type=click.IntRange(min=0), default=None,
+         help="Tokens per scheduler step (default: the larger of --max-input-len and --max-batch-size, at least "
+              "2048 on a GPU).")
 @deploy_option("opt_num_tokens", type=int, default=None)
 @deploy_option("ptuning_nemo_checkpoint", multiple=True, type=click.Path(path_type=Path))
 @deploy_option("task_ids", multiple=True)

@@ -21,12 +21,14 @@ from .options import FP8_SWITCH, generate_option
               help="Model repository to write, or an existing one to add the model or version to.")
 @generate_option("name", "-n", default="model", show_default=True, help="Name of the ensemble clients call.")
 @generate_option("version", default=1, show_default=True, type=int, help="Version folder of each model; a new version is added beside the others.")
-@generate_option("max_batch_size", default=8, show_default=True, type=int,
-              help="Requests decoded together (KV cache slots).")
+@generate_option("max_batch_size", default=None, type=click.IntRange(min=1),
+              help="Most requests in one step (default: 8 with --device cpu, else 256, at most --max-num-tokens). "
+                   "Reserves no memory: the KV cache is paged.")
 @generate_option("max_input_len", default=256, show_default=True, type=int, help="Longest prompt, in tokens.")
 @generate_option("max_output_len", default=256, show_default=True, type=int, help="Most tokens generated per request.")
 @generate_option("max_num_tokens", default=0, show_default=True, type=int,
-              help="Prompt tokens prefilled per scheduler step (0: --max-input-len).")
+              help="Tokens per scheduler step, decodes and prompt chunks together (0: the larger of "
+                   "--max-input-len and --max-batch-size, at least 2048 on a GPU).")
 @generate_option("runtime", default="torch", show_default=True, type=click.Choice(RUNTIMES), help="Engine runtime.")
 @generate_option("device", default="auto", show_default=True, type=click.Choice(DEVICES),
               help="auto: CUDA when the server has a GPU, else CPU.")
@@ -55,7 +57,13 @@ from .options import FP8_SWITCH, generate_option
 @generate_option("pipeline_parallel_size", type=click.IntRange(min=1), default=1, show_default=True,
                  help="TensorRT-LLM runtimes: pipeline stages.")
 @generate_option("kv_cache_free_gpu_memory_fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
-                 help="TensorRT-LLM runtimes: share of free GPU memory the KV cache takes (TensorRT-LLM's default 0.9).")
+                 help="Share of the GPU memory free once the weights are loaded that the KV cache takes "
+                      "(default 0.9, as TensorRT-LLM's).")
+@generate_option("kv_cache_tokens", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="KV cache size in tokens, instead of the memory share (0: the share on a GPU; on a CPU "
+                      "room for 16 requests of the longest length).")
+@generate_option("prefix_cache", default=True, show_default=True,
+                 help="Reuse the keys and values of prompt prefixes seen before (whole blocks of 16 tokens).")
 @generate_option("use_fp8_kv_cache", type=FP8_SWITCH, default="auto", show_default=True,
                  help="trtllm: FP8 KV cache (auto: as the checkpoint says). trtllm-engine: fixed by the checkpoint.")
 @generate_option("multi_gpu_mode", type=click.Choice(MULTI_GPU_MODES), default="leader", show_default=True,

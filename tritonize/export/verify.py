@@ -57,18 +57,12 @@ def _export_logits(out_dir: Path, prompts: Sequence[Sequence[int]]) -> list[torc
 
 def _runtime_logits(out_dir: Path, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     try:
+        from tritonize.runtime.model import prompt_logits
         from tritonize.runtime.weights import load_model
     except ImportError as e:
         raise ExportError(f"--verify needs transformers or tritonize's runtime ({e}); pip install transformers") from None
     model = load_model(out_dir, device="cpu", dtype=torch.float32)
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            model.setup_caches(max_batch_size=1, max_seq_len=len(p))
-            tokens = torch.tensor([list(p)])
-            pos = torch.arange(len(p))[None]
-            out.append(model(tokens, pos, torch.tensor([0]))[0].float())
-    return out
+    return [prompt_logits(model, list(p)) for p in prompts]
 
 
 def _hf_source_logits(tree: Tree, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:

@@ -89,18 +89,10 @@ PRE_OUTPUTS: tuple[Tensor, ...] = (
 # what preprocessing produced, plus the client's adapter and sampling inputs passed straight through
 # plus ``stop`` (tensorrtllm_backend's meaning): cancel the running request whose id this request carries
 ENGINE_INPUTS: tuple[Tensor, ...] = PRE_OUTPUTS + ADAPTER_INPUTS + SAMPLING_INPUTS + (_opt("stop", "TYPE_BOOL"),)
-ENGINE_OUTPUTS: tuple[Tensor, ...] = (
-    Tensor("output_ids", "TYPE_INT32", (-1,)),
-    Tensor("prefix_ids", "TYPE_INT32", (-1,)),
-    Tensor("is_final", "TYPE_BOOL"),
-    Tensor("cum_log_probs", "TYPE_FP32", (-1,)),
-    Tensor("output_log_probs", "TYPE_FP32", (-1, -1)),
-    Tensor("num_input_tokens", "TYPE_INT32"),
-    Tensor("num_output_tokens", "TYPE_INT32"),
-    # the engine's own id of the request, unique even when clients reuse or omit request ids: what
-    # postprocessing sends back with ``stop`` when Triton reports the ensemble request cancelled
-    Tensor("request_key", "TYPE_STRING"),
-)
+# one int32 tensor per response (runtime/packed.py): the new ids, the ids before them, log-probs, counts,
+# the stream's handle (what postprocessing names in ``stop`` when Triton reports the ensemble request
+# cancelled) and, on the last response, the request's metrics
+ENGINE_OUTPUTS: tuple[Tensor, ...] = (Tensor("packed", "TYPE_INT32", (-1,)),)
 
 # --- postprocessing: token ids in, text out ----------------------------------------------------------
 POST_INPUTS: tuple[Tensor, ...] = ENGINE_OUTPUTS

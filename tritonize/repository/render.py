@@ -77,7 +77,6 @@ def render_models(spec: RepoSpec, ckpt: Checkpoint, adapters: PreparedAdapters |
     adapters = adapters or PreparedAdapters()
     env = _environment()
     common = {"spec": spec, "version": __version__}
-    max_num_tokens = spec.max_num_tokens or spec.max_input_len
     engine_params = {
         "runtime": spec.runtime,
         "weights_dir": "weights",
@@ -86,11 +85,15 @@ def render_models(spec: RepoSpec, ckpt: Checkpoint, adapters: PreparedAdapters |
         "max_batch_size": spec.max_batch_size,
         "max_input_len": spec.max_input_len,
         "max_output_len": spec.max_output_len,
-        "max_num_tokens": max_num_tokens,
+        "max_num_tokens": spec.step_tokens,
         "vocab_size": ckpt.args.vocab_size,
         # rows per request for a prompt_embedding_table sent with it (0: none accepted)
         "max_prompt_embedding_table_size": spec.max_prompt_embedding_table_size,
+        "kv_cache_tokens": spec.kv_cache_tokens,
+        "prefix_cache": str(spec.prefix_cache).lower(),
     }
+    if spec.kv_cache_free_gpu_memory_fraction:
+        engine_params["kv_cache_free_gpu_memory_fraction"] = spec.kv_cache_free_gpu_memory_fraction
     if adapters:
         engine_params["adapters_dir"] = ADAPTERS_DIR
     engine_params.update(trtllm_engine_params(spec))

@@ -53,10 +53,10 @@ def runtime_warning(runtime: str) -> str | None:
 class RepoSpec:
     name: str
     version: int = 1
-    max_batch_size: int = 8
+    max_batch_size: int = 8  # generate's default: 8 on --device cpu, else 256
     max_input_len: int = 256
     max_output_len: int = 256
-    max_num_tokens: int = 0  # prefill tokens per scheduler step; 0 = max_input_len
+    max_num_tokens: int = 0  # tokens per scheduler step; 0: see ``step_tokens``
     runtime: str = "torch"
     device: str = "auto"
     dtype: str = "auto"
@@ -68,10 +68,13 @@ class RepoSpec:
     max_lora_rank: int = 0  # 0: the largest adapter's rank
     lora_target_modules: tuple[str, ...] = ()  # empty: whatever the adapters hold
     max_prompt_embedding_table_size: int = 0  # 0: no limit
+    # the KV cache: its size (tokens, or a share of the GPU memory free after the weights) and prefix reuse
+    kv_cache_tokens: int = 0  # 0: from kv_cache_free_gpu_memory_fraction on a GPU; on a CPU what the limits need
+    kv_cache_free_gpu_memory_fraction: float = 0.0  # 0: the default, 0.9 (TensorRT-LLM's)
+    prefix_cache: bool = True
     # TensorRT-LLM runtimes only (refused elsewhere):
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    kv_cache_free_gpu_memory_fraction: float = 0.0  # 0: TensorRT-LLM's default (0.9)
     kv_cache_dtype: str = "auto"  # "fp8" on the trtllm runtime; an engine's is fixed at build time
     multi_gpu_mode: str = "leader"  # how tritonize serve launches world size > 1: leader | orchestrator
     # what else made the repository (deploy's export request), recorded in tritonize.json with the rest
@@ -95,6 +98,9 @@ class RepoSpec:
         """
         names = {f.name for f in fields(cls)}
         values = {name: value for name, value in options.items() if name in names and value is not None}
+        if "max_batch_size" not in values:  # the KV cache is paged: a batch row reserves no memory
+            rows = 8 if values.get("device") == "cpu" else 256
+            values["max_batch_size"] = min(rows, values.get("max_num_tokens") or rows)
         values["lora"] = lora_pairs(list(options.get("lora_ckpt") or ()))
         values["ptuning"] = ptuning_pairs(list(options.get("ptuning_nemo_checkpoint") or ()),
                                           list(options.get("task_ids") or ()))
@@ -102,6 +108,13 @@ class RepoSpec:
         if values.get("runtime") == "trtllm" and str(options.get("use_fp8_kv_cache")).lower() == "true":
             values["kv_cache_dtype"] = "fp8"
         return cls(**values)
+
+    @property
+    def step_tokens(self) -> int:
+        """Tokens per scheduler step: a decode row takes one, prompt chunks the rest."""
+        if self.max_num_tokens:
+            return self.max_num_tokens
+        return max(self.max_input_len, self.max_batch_size, 0 if self.device == "cpu" else 2048)
 
     @property
     def world_size(self) -> int:
@@ -116,6 +129,9 @@ class RepoSpec:
                 raise RenderError(f"{flag(name)} must be a positive integer, not {value!r}")
         if self.max_num_tokens < 0:
             raise RenderError(f"--max-num-tokens must be 0 (automatic) or positive, not {self.max_num_tokens}")
+        if 0 < self.max_num_tokens < self.max_batch_size:
+            raise RenderError(f"--max-num-tokens {self.max_num_tokens} is below --max-batch-size {self.max_batch_size}: "
+                              "each request in a step takes at least one token; raise it or leave it at 0")
         if self.runtime not in RUNTIMES:
             raise RenderError(f"--runtime {self.runtime!r} is not available: choose one of {', '.join(RUNTIMES)}")
         if self.device not in DEVICES:
@@ -126,7 +142,7 @@ class RepoSpec:
             ids = [task for task, _ in pairs]
             if len(set(ids)) != len(ids) or any(t < 0 for t in ids):
                 raise RenderError(f"{flag(name)}: task ids must be distinct non-negative integers, got {ids}")
-        for name in ("max_lora_rank", "max_prompt_embedding_table_size"):
+        for name in ("max_lora_rank", "max_prompt_embedding_table_size", "kv_cache_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise RenderError(f"{flag(name)} must be 0 (no limit) or positive, not {value!r}")

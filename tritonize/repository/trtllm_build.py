@@ -185,8 +185,6 @@ def trtllm_engine_params(spec: Any) -> dict[str, Any]:
         "kv_cache_dtype": spec.kv_cache_dtype,
         "multi_gpu_mode": spec.multi_gpu_mode,
     }
-    if spec.kv_cache_free_gpu_memory_fraction:
-        params["kv_cache_free_gpu_memory_fraction"] = spec.kv_cache_free_gpu_memory_fraction
     if spec.runtime == "trtllm-engine":
         params["engine_dir"] = ENGINE_DIR
     return params

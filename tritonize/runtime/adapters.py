@@ -4,15 +4,17 @@ LoRA: the n adapters of one linear layer are concatenated along the rank axis, `
 ``B [out, n * R]`` (R is the largest rank; smaller adapters are zero-padded). A row computes ``x @ A.T``
 for all of them, keeps only its own adapter's R columns (a 0/1 mask; adapter index 0, the base model,
 keeps none) and multiplies by ``B.T``: two small dense matmuls per linear, the adapters' weights read
-once per step however many rows use them, and no per-row gather of weights. Which adapter a batch row
-uses is looked up inside the forward from the row's cache slot (``model.slot_adapter[slots]``), and the
-engine writes a slot's index when it admits a request, so requests with different adapters, and
-without one, share one decode step whose signature (and CUDA graph) does not change.
+once per step however many rows use them, and no per-row gather of weights. The adapted linears are
+swapped in for the model's own (``LoRALinear`` wraps an ``nn.Linear``, as gpt-fast's quantize.py swaps
+in its int8 linear), so model.py knows nothing of adapters. Which adapter each token of a step uses is
+read from one buffer the engine fills before the forward (``AdapterSet.token_adapter``), so requests with
+different adapters, and without one, share one step whose signature (and CUDA graph) does not change.
 
 P-tuning: the tables of all tasks are concatenated into one ``[total, hidden]`` tensor. As in
 TensorRT-LLM, a prompt carries a task's virtual tokens as ids ``vocab_size + j`` (j < that task's
 count; the preprocessing model puts them there) and the engine maps them to ``vocab_size + offset + j``
-of the concatenated table, whose rows replace the token embeddings at those positions.
+of the concatenated table, whose rows replace the token embeddings at those positions
+(``PromptTableEmbedding``, swapped in for the model's token embedding).
 
 The on-disk formats (``tritonize-lora`` and ``tritonize-ptuning``) are described in CONTRACT.md.
 """
@@ -30,7 +32,7 @@ from safetensors.torch import load_file
 from .config import ModelArgs
 from .errors import AdapterError
 
-__all__ = ["AdapterSet", "LoRA", "load_adapters"]
+__all__ = ["AdapterSet", "LoRA", "LoRALinear", "PromptTableEmbedding", "load_adapters"]
 
 LORA_FORMAT = "tritonize-lora"
 PTUNING_FORMAT = "tritonize-ptuning"
@@ -53,9 +55,40 @@ class LoRA(torch.nn.Module):
         self.register_buffer("keep", keep, persistent=False)
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """x ``[B, T, in]``, rows ``[B]`` adapter indices -> ``[B, T, out]``."""
-        h = F.linear(x, self.a) * self.keep.index_select(0, rows)[:, None, :]
+        """x ``[N, in]``, rows ``[N]`` adapter indices -> ``[N, out]``."""
+        h = F.linear(x, self.a) * self.keep.index_select(0, rows)
         return F.linear(h, self.b)
+
+
+class LoRALinear(torch.nn.Module):
+    """A model linear plus the delta of each token's adapter; ``rows`` is the engine's shared buffer."""
+
+    def __init__(self, base: torch.nn.Linear, lora: LoRA, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.base, self.lora, self.rows = base, lora, rows
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora(x, self.rows[: x.shape[0]])
+
+
+class PromptTableEmbedding(torch.nn.Module):
+    """The token embedding, where ids >= vocab_size take row ``id - vocab_size`` of the prompt table.
+
+    Static shapes and no data-dependent branch, so a step that uses it stays capturable.
+    """
+
+    def __init__(self, base: torch.nn.Embedding, table: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.weight = base.weight  # tied output layers read the embedding matrix through this name
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        vocab = self.base.num_embeddings
+        real = self.base(tokens.clamp(max=vocab - 1))
+        rows = (tokens - vocab).clamp(0, self.table.shape[0] - 1)
+        return torch.where((tokens >= vocab)[..., None], self.table[rows], real)
 
 
 @dataclass
@@ -73,9 +106,11 @@ class AdapterSet:
     lora: dict[int, int] = field(default_factory=dict)
     tasks: dict[int, tuple[int, int]] = field(default_factory=dict)
     table: torch.Tensor | None = None
-    # rows each cache slot holds for a table sent with the request (``prompt_embedding_table``); 0: none
+    # rows each batch slot holds for a table sent with the request (``prompt_embedding_table``); 0: none
     max_prompt_embedding_table_size: int = 0
-    request_base: int = 0  # where the slots' regions start in model.prompt_table
+    request_base: int = 0  # where the slots' regions start in prompt_table
+    prompt_table: torch.Tensor | None = None  # the installed [rows, hidden] table (device, model dtype)
+    token_adapter: torch.Tensor | None = None  # [max_num_tokens]: each token's LoRA index, filled per step
     _loras: list[_Lora] = field(default_factory=list)
 
     def lora_index(self, lora_task_id: int | None) -> int:
@@ -95,29 +130,33 @@ class AdapterSet:
         return self.tasks[task_id]
 
     # -- installing into model.py's Transformer --------------------------------------------------
-    def install(self, model: torch.nn.Module, num_slots: int, max_prompt_embedding_table_size: int = 0) -> None:
-        """Attaches the stacked LoRA layers, the slot -> adapter table and the prompt table to ``model``.
+    def install(self, model: torch.nn.Module, num_slots: int, max_num_tokens: int,
+                max_prompt_embedding_table_size: int = 0) -> None:
+        """Swaps the adapted linears and the prompt-table embedding into ``model``.
 
-        ``max_prompt_embedding_table_size`` > 0 reserves that many prompt-table rows per cache slot for tables sent with a
-        request, after the tasks' rows: the tensor never moves, so a captured decode step stays valid.
+        ``max_prompt_embedding_table_size`` > 0 reserves that many prompt-table rows per batch slot for tables sent with a
+        request, after the tasks' rows: the tensor never moves, so a captured step stays valid.
+        ``token_adapter`` (``[max_num_tokens]``) is where the engine writes each token's adapter index.
         """
         args: ModelArgs = model.args
         weight = model.tok_embeddings.weight
         dtype, device = weight.dtype, weight.device
-        self.max_prompt_embedding_table_size = max_prompt_embedding_table_size
+        rows_each = max_prompt_embedding_table_size
+        self.max_prompt_embedding_table_size = rows_each
         self.request_base = 0 if self.table is None else self.table.shape[0]
-        if self.table is not None or max_prompt_embedding_table_size:
+        if self.table is not None or rows_each:
             rows = [self.table] if self.table is not None else []
-            if max_prompt_embedding_table_size:
-                rows.append(torch.zeros(num_slots * max_prompt_embedding_table_size, args.dim))
-            model.prompt_table = torch.cat(rows).to(device=device, dtype=dtype)
+            if rows_each:
+                rows.append(torch.zeros(num_slots * rows_each, args.dim))
+            model.tok_embeddings = PromptTableEmbedding(model.tok_embeddings, torch.cat(rows).to(device, dtype))
+            self.prompt_table = model.tok_embeddings.table
         if not self._loras:
             return
         mlp_keys = [k for lora in self._loras for k in lora.tensors if k.split(".")[2] in (*MLP_IN_MODULES, "down")]
         if args.num_experts and mlp_keys:
             raise AdapterError(f"LoRA on the MLP of a mixture-of-experts model is not supported ({mlp_keys[0]}): "
                                "target the attention modules only (attn_q, attn_k, attn_v, attn_dense)")
-        model.slot_adapter = torch.zeros(num_slots, dtype=torch.int64, device=device)
+        self.token_adapter = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
         for i, layer in enumerate(model.layers):
             attn, ff = layer.attention, layer.feed_forward
             parts = {
@@ -126,11 +165,13 @@ class AdapterSet:
                 "w1": (ff, _mlp_in_rows(args)),
                 "w2": (ff, {"down": (0, args.dim)}),
             }
-            for linear, (owner, rows) in parts.items():
-                stacked = self._stack(i, rows, getattr(owner, linear, None))
+            for name, (owner, rows) in parts.items():
+                linear = getattr(owner, name, None)
+                stacked = self._stack(i, rows, linear)
                 if stacked is not None:
                     a, b = stacked
-                    setattr(owner, f"{linear}_lora", LoRA(a.to(device, dtype), b.to(device, dtype)))
+                    setattr(owner, name, LoRALinear(linear, LoRA(a.to(device, dtype), b.to(device, dtype)),
+                                                    self.token_adapter))
 
     def _stack(self, layer: int, rows: dict[str, tuple[int, int]], linear) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A/B of one fused linear for every adapter: each module's A stacked along the rank axis and its B

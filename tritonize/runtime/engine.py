@@ -1,40 +1,46 @@
-"""In-flight batching over a static KV cache: the engine the Triton engine model drives.
+"""In-flight batching over a paged KV cache: the engine the Triton engine model drives.
 
-One scheduler thread owns the model. Each iteration it
+One thread owns the model and loops:
 
-1. drops cancelled requests (their slot is free for the next admission at once),
-2. admits queued requests into free slots (``max_batch_size`` slots of ``max_seq_len`` positions,
-   allocated once by ``model.setup_caches``: KV memory never grows, extra requests wait in the queue),
-3. runs one batched decode step (T=1) for every row whose prompt is fully in the cache,
-4. spends what is left of ``max_num_tokens`` on prompt chunks of newcomers, so a long prompt is spread
-   over several iterations instead of stalling the running streams,
-5. delivers outputs; finished rows leave the batch in the same iteration.
+1. take new requests (validated when submitted) into the scheduler's queue, drop cancelled ones;
+2. ``Scheduler.schedule()`` plans the next step under the token budget: every running decode, prompt
+   chunks of newcomers (many prompts packed into one forward), prefix blocks reused from the pool,
+   preemption when the pool is short (scheduler.py);
+3. ``ModelRunner.launch()`` runs it without waiting for the device (runner.py);
+4. meanwhile the tokens of the previous step are read, applied (``update_from_output``), checked
+   (``check_stop``) and handed to each request's ``on_output``.
+
+So the host's bookkeeping of step N overlaps the device's work on step N+1. A request that an end id or
+a stop sequence ends in step N has already been given a row in step N+1; that row's token is dropped.
+Requests whose next choice needs their previous tokens on the host (multi-token bad words) make the
+engine wait for each step instead.
 
 An exception inside a step finishes the requests it touched with reason "error" and the thread goes on.
-Callbacks (``on_output``) run on the scheduler thread and must be quick; one that raises is treated as a
+Callbacks (``on_output``) run on the engine thread and must be quick; one that raises is treated as a
 client that went away, and its request is dropped.
-
-The batched forward is the module-level ``_decode_step``: the seam for a faster GPU path. On CUDA it is
-replayed from CUDA graphs captured per batch bucket (see ``cuda_graphs.py``); on CPU it runs eagerly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .request import GenerationEngine, GenerationRequest, StepOutput, no_output, stop_length
+from .kv_cache import BlockPool
+from .request import GenerationEngine, GenerationRequest, RequestMetrics, StepOutput, no_output
+from .runner import InFlight, ModelRunner
 from .sampling import Sampler, SamplingRow
+from .scheduler import Scheduler, StepPlan, check_stop
+from .sequence import Sequence, Status
 
 __all__ = ["Engine", "resolve_device", "resolve_dtype"]
 
@@ -42,41 +48,7 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STATS_HISTORY = 100_000
-
-
-@dataclass(eq=False)
-class _Running:
-    """A request that holds a cache slot: its prompt is (partly) in the cache, or it is decoding."""
-
-    req: GenerationRequest
-    slot: int
-    seed: int
-    history: list[int]  # prompt + generated; history[-1] is not in the cache yet while decoding
-    prompt_len: int
-    end_ids: frozenset[int]
-    prefilled: int = 0
-    generated: list[int] = field(default_factory=list)
-    log_probs: list[float] = field(default_factory=list)
-    cum_log_prob: float = 0.0
-    delivered: int = 0
-    polled_at: float = 0.0
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == self.prompt_len
-
-    def sampling_row(self) -> SamplingRow:
-        return SamplingRow(
-            params=self.req.sampling,
-            seed=self.seed,
-            slot=self.slot,
-            step=len(self.generated),
-            history=self.history,
-            end_ids=tuple(self.end_ids),
-            stop_sequences=self.req.stop_sequences,
-            bad_sequences=self.req.bad_sequences,
-            want_log_probs=self.req.return_log_probs,
-        )
+CPU_POOL_REQUESTS = 16  # the default CPU KV pool holds this many requests of max_seq_len
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -96,14 +68,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def _decode_step(model: torch.nn.Module, tokens: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor):
-    """One batched decode forward: tokens/input_pos [B, 1], slots [B] -> logits [B, vocab].
-
-    Kept free of Python-side state so that it can be captured in a CUDA graph or compiled as it is.
-    """
-    return model(tokens, input_pos, slots, last_only=True)[:, -1, :]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -140,18 +104,22 @@ class Engine(GenerationEngine):
         max_seq_len: int = 512,
         max_num_tokens: int | None = None,
         cuda_graphs: bool | None = None,
-        compile: bool | None = None,
         adapters_dir: str | Path | None = None,
         max_prompt_embedding_table_size: int = 0,
+        kv_cache_tokens: int | None = None,
+        kv_cache_free_gpu_memory_fraction: float | None = None,
+        block_size: int = 16,
+        prefix_cache: bool = True,
+        kernels: bool | None = None,
     ) -> None:
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
         if max_num_tokens is None:
             max_num_tokens = max(512, 2 * max_batch_size)
-        if max_num_tokens <= max_batch_size:
+        if max_num_tokens < max_batch_size:
             raise ValueError(
-                f"max_num_tokens ({max_num_tokens}) must exceed max_batch_size ({max_batch_size}): each decode "
-                "row uses one token of the per-step budget and prompts need the rest"
+                f"max_num_tokens ({max_num_tokens}) must be at least max_batch_size ({max_batch_size}): each decode "
+                "row uses one token of the per-step budget"
             )
         from .adapters import load_adapters
         from .weights import load_model
@@ -162,57 +130,69 @@ class Engine(GenerationEngine):
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.max_num_tokens = max_num_tokens
+        self.block_size = block_size
         self.default_end_ids = default_end_ids(self.model_dir)
 
         self.model = load_model(self.model_dir, device=self.device, dtype=self.dtype)
         self.vocab_size = self._vocab_size()
-        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        if use_graphs and self.device.type != "cuda":
+        on_cuda = self.device.type == "cuda"
+        use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        if use_graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs device cuda")
-        # CUDA graphs pad a batch up to its bucket; the padding rows write into one spare slot.
-        num_slots = max_batch_size + (1 if use_graphs else 0)
+        use_kernels = on_cuda if kernels is None else kernels
         with torch.no_grad():
-            self.model.setup_caches(max_batch_size=num_slots, max_seq_len=max_seq_len)
-            # Before the step is compiled or captured: the LoRA layers are part of it.
             self.adapters = load_adapters(adapters_dir, self.model.args)
-            self.adapters.install(self.model, num_slots, max_prompt_embedding_table_size=max_prompt_embedding_table_size)
-        self._decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-        # torch.compile fuses the step's many small kernels (norms, rotary, activations); the CUDA graph
-        # then removes the launches. Batch size 1 compiles on its own (size-1 specialisation), the other
-        # buckets share one dynamic-shape compile.
-        # With LoRA adapters the step graph is several times larger and Inductor's fusion pass did not finish
-        # compiling an 8B model's step in 8 minutes (bench/RESULTS.md): such engines replay CUDA graphs of
-        # the eager step instead.
-        if compile is None:
-            compile = self.device.type == "cuda" and not self.adapters.lora
-        use_compile = compile
-        step = torch.compile(_decode_step, dynamic=True) if use_compile else _decode_step
-        self.compiled = use_compile
-        self._decode = lambda tokens, pos, slots: step(self.model, tokens, pos, slots)
-        if use_graphs:
-            from .cuda_graphs import CudaGraphDecoder
+            self.adapters.install(self.model, max_batch_size, max_num_tokens,
+                                 max_prompt_embedding_table_size=max_prompt_embedding_table_size)
+            if use_kernels:
+                from .kernels import use_triton_kernels
 
-            self._decode = CudaGraphDecoder(self.model, step, max_batch_size, pad_slot=max_batch_size)
-        self.sampler = Sampler(self.vocab_size, num_slots, self.device)
+                use_kernels = use_triton_kernels(self.model)
+            if use_graphs and not use_kernels:
+                log.warning("no Triton kernels here: CUDA graphs need them for attention; running eagerly")
+                use_graphs = False
+            num_blocks = self._pool_blocks(kv_cache_tokens, kv_cache_free_gpu_memory_fraction)
+            self.model.setup_caches(num_blocks=num_blocks, block_size=block_size, max_seq_len=max_seq_len)
+        self.kernels = use_kernels
+        self.sampler = Sampler(self.vocab_size, max_batch_size, self.device)
+        self.pool = BlockPool(num_blocks, block_size, prefix_caching=prefix_cache)
+        self.scheduler = Scheduler(self.pool, max_num_seqs=max_batch_size, max_num_tokens=max_num_tokens)
+        self.runner = ModelRunner(
+            self.model, self.sampler, device=self.device, max_num_seqs=max_batch_size, max_num_tokens=max_num_tokens,
+            max_seq_len=max_seq_len, block_size=block_size, cuda_graphs=use_graphs,
+            token_adapter=self.adapters.token_adapter, vocab_size=self.vocab_size,
+        )
+        self.slot_adapter = np.zeros(max_batch_size, dtype=np.int64) if self.adapters.lora else None
+        kv_tokens = (num_blocks - 1) * block_size
+        self.kv_cache_bytes = sum(b.numel() * b.element_size() for name, b in self.model.named_buffers()
+                                  if name.endswith(("k_cache", "v_cache")))
+        self.kv_cache_tokens = kv_tokens
+        log.info("KV cache: %d tokens in %d blocks of %d (%.2f GB); %d requests of %d tokens fit at once%s",
+                 kv_tokens, num_blocks - 1, block_size, self.kv_cache_bytes / 1e9, kv_tokens // max_seq_len,
+                 max_seq_len, "; prefix reuse on" if prefix_cache else "")
 
         self._cv = threading.Condition()
-        self._queue: deque[GenerationRequest] = deque()
+        self._incoming: deque[GenerationRequest] = deque()
         self._live: set[str] = set()
         self._cancel_ids: set[str] = set()
         self._stopping = False
         self._closed = False
         self._thread: threading.Thread | None = None
         # Touched by the scheduler thread only.
-        self._running: dict[str, _Running] = {}
-        self._free_slots: list[int] = list(range(max_batch_size - 1, -1, -1))
+        self._seqs: dict[str, Sequence] = {}
         self.stats: dict[str, Any] = {
             "decode_batch_sizes": deque(maxlen=_STATS_HISTORY),
             "decode_batch_histogram": {},
             "prefill_chunks": deque(maxlen=_STATS_HISTORY),
             "decode_steps": 0,
+            "mixed_steps": 0,
             "prefill_tokens": 0,
             "generated_tokens": 0,
             "finished": {},
+            "kv_cache_tokens": kv_tokens,
+            "pool": self.pool.stats,
+            # seconds the engine thread spent planning, launching, waiting for the device, and applying
+            "time_s": {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "apply": 0.0},
         }
 
     def _vocab_size(self) -> int:
@@ -222,16 +202,86 @@ class Engine(GenerationEngine):
             raise ValueError(f"cannot tell the vocabulary size of {self.model_dir}: no vocab_size in config.json")
         return int(size)
 
+    def _pool_blocks(self, tokens: int | None, fraction: float | None) -> int:
+        """Blocks of the KV pool (plus block 0, which padding rows point at).
+
+        ``tokens`` sets the size directly. Otherwise on CUDA the pool takes ``fraction`` (default 0.9, as
+        TensorRT-LLM's free_gpu_memory_fraction) of the memory that is free once the weights are loaded
+        and the largest step's activations are set aside; on CPU it holds ``max_batch_size`` requests of
+        ``max_seq_len`` tokens, at most 16 of them (more requests share it: the pool is paged).
+        """
+        bs = self.block_size
+        if tokens:
+            return -(-tokens // bs) + 1
+        if self.device.type != "cuda":
+            return min(self.max_batch_size, CPU_POOL_REQUESTS) * -(-self.max_seq_len // bs) + 1
+        fraction = 0.9 if fraction is None else fraction
+        if not 0 < fraction <= 1:
+            raise ValueError(f"kv_cache_free_gpu_memory_fraction must be in (0, 1], got {fraction}")
+        args = self.model.args
+        per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * self.model.tok_embeddings.weight.element_size()
+        activations = self._profile_activations()
+        free, _total = torch.cuda.mem_get_info(self.device)
+        usable = max(0, free - activations)
+        blocks = int(fraction * usable) // (per_token * bs)
+        need = -(-self.max_seq_len // bs) + 1
+        if blocks < need:
+            raise ValueError(
+                f"the GPU has room for {blocks * bs} KV tokens after the weights, less than one request of "
+                f"max_seq_len {self.max_seq_len}: lower max_seq_len or use a larger GPU"
+            )
+        return blocks + 1
+
+    def _profile_activations(self) -> int:
+        """Peak memory of the largest step (max_num_tokens tokens, max_batch_size rows of logits)."""
+        bs = self.block_size
+        n = self.max_num_tokens
+        blocks = -(-n // bs) + 1
+        self.model.setup_caches(num_blocks=blocks, block_size=bs, max_seq_len=self.max_seq_len)
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        from .attention import AttentionMetadata
+
+        width = min(n, self.max_seq_len)
+        seqs = -(-n // width)
+        lens = [min(width, n - s * width) for s in range(seqs)]
+        dev = self.device
+        starts = [0]
+        for length in lens:
+            starts.append(starts[-1] + length)
+        table = torch.zeros(seqs, -(-width // bs), dtype=torch.int64, device=dev)
+        rows = min(self.max_batch_size, n)
+        meta = AttentionMetadata(
+            slot_mapping=torch.zeros(n, dtype=torch.int64, device=dev), block_tables=table,
+            seq_lens=torch.tensor(lens, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int64, device=dev),
+            logits_indices=torch.arange(rows, device=dev), max_query_len=max(lens),
+            seq_lens_host=lens, query_start_host=starts,
+        )
+        pos = torch.cat([torch.arange(length, device=dev) for length in lens])
+        logits = self.model(torch.zeros(n, dtype=torch.int64, device=dev), pos, meta)
+        torch.log_softmax(logits, dim=-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del logits
+        for layer in self.model.layers:
+            layer.attention.paged = None
+        torch.cuda.empty_cache()
+        return int(peak * 1.1) + (256 << 20)  # and room for the CUDA graphs' own pool
+
     # ---------------------------------------------------------------- public API
 
     def start(self) -> Engine:
-        capture_all = getattr(self._decode, "capture_all", None)
-        if capture_all is not None and self._thread is None:
-            with torch.inference_mode():
-                capture_all()  # compile and capture before serving, not on the first requests
         with self._cv:
             if self._closed:
                 raise RuntimeError("this engine was shut down; create a new one")
+            if self._thread is not None:
+                return self
+        if self.runner.buckets:
+            with torch.inference_mode():
+                self.runner.capture_all()  # before serving, not on the first requests
+        with self._cv:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="tritonize-engine", daemon=True)
                 self._thread.start()
@@ -250,7 +300,7 @@ class Engine(GenerationEngine):
                     problem = f"request id {req.request_id!r} is already in flight; use a unique id"
                 else:
                     self._live.add(req.request_id)
-                    self._queue.append(req)
+                    self._incoming.append(req)
                     self._cv.notify()
                     return
         self._deliver(req, self._final(req, [], [], 0.0, 0, "error", problem))
@@ -258,9 +308,9 @@ class Engine(GenerationEngine):
     def cancel(self, request_id: str) -> bool:
         """Stop a request: queued ones leave at once, running ones before the next step. False if unknown."""
         with self._cv:
-            for req in self._queue:
+            for req in self._incoming:
                 if req.request_id == request_id:
-                    self._queue.remove(req)
+                    self._incoming.remove(req)
                     self._live.discard(request_id)
                     break
             else:
@@ -284,6 +334,14 @@ class Engine(GenerationEngine):
         if thread is None or not thread.is_alive():
             self._abort_all("the engine was shut down before this request finished")
 
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._incoming)
+
     # ---------------------------------------------------------------- validation
 
     def _validate(self, req: GenerationRequest) -> str | None:
@@ -301,6 +359,9 @@ class Engine(GenerationEngine):
                 f"prompt ({n} tokens) + max_new_tokens ({req.max_new_tokens}) = {n + req.max_new_tokens} exceeds "
                 f"the engine's max_seq_len ({self.max_seq_len}); shorten the prompt or ask for fewer tokens"
             )
+        if not self.scheduler.fits(n + req.max_new_tokens):
+            return (f"prompt + max_new_tokens = {n + req.max_new_tokens} tokens do not fit the KV cache of "
+                    f"{self.kv_cache_tokens} tokens; ask for fewer tokens or give the cache more memory")
         try:
             self.adapters.lora_index(req.lora_task_id)
             virtual = self.adapters.task(req.task_id)[1] if req.task_id is not None else 0
@@ -344,170 +405,205 @@ class Engine(GenerationEngine):
 
     def _run(self) -> None:
         if self.device.type == "cuda" and self.device.index is not None:
-            torch.cuda.set_device(self.device)  # graph capture uses the thread's current device
+            torch.cuda.set_device(self.device)
+        inflight: InFlight | None = None
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not (self._stopping or self._queue or self._running or self._cancel_ids):
+                    while not (self._stopping or self._incoming or self._cancel_ids or inflight is not None
+                               or self.scheduler.has_work):
                         self._cv.wait()
                     if self._stopping:
                         break
                     cancel_ids, self._cancel_ids = self._cancel_ids, set()
-                    admitted = [self._queue.popleft() for _ in range(min(len(self._free_slots), len(self._queue)))]
+                    incoming = list(self._incoming)
+                    self._incoming.clear()
                 try:
+                    for req in incoming:
+                        self._add(req)
                     self._drop_cancelled(cancel_ids)
-                    for req in admitted:
-                        self._admit(req)
-                    if self._running:
-                        self._step()
-                except Exception as exc:  # a bug in the scheduler itself: fail what is running, keep serving
+                    if inflight is not None and self._needs_sync():
+                        self._complete(inflight)
+                        inflight = None
+                    timing = self.stats["time_s"]
+                    t0 = time.perf_counter()
+                    plan = self.scheduler.schedule()
+                    t1 = time.perf_counter()
+                    launched = self._launch(plan) if plan else None
+                    timing["schedule"] += t1 - t0
+                    timing["launch"] += time.perf_counter() - t1
+                    if inflight is not None:
+                        self._complete(inflight)
+                    inflight = launched
+                    if inflight is None and not plan and self.scheduler.has_work:
+                        with self._cv:  # nothing can run until something finishes or arrives
+                            self._cv.wait(0.005)
+                except Exception as exc:  # a bug in the engine itself: fail what is running, keep serving
                     log.exception("engine step failed")
-                    for run in list(self._running.values()):
-                        self._finish(run, "error", f"internal engine error: {exc}")
+                    inflight = None
+                    for seq in list(self._seqs.values()):
+                        self._finish(seq, "error", f"internal engine error: {exc}")
 
-    def _drop_cancelled(self, cancel_ids: set[str]) -> None:
-        now = time.monotonic()
-        for run in list(self._running.values()):
-            if run.req.request_id in cancel_ids:
-                self._finish(run, "cancelled")
-            elif run.req.is_cancelled is not None and now - run.polled_at >= self.cancel_poll_interval_s:
-                run.polled_at = now
-                if _client_gone(run.req):
-                    self._finish(run, "cancelled")
-
-    def _admit(self, req: GenerationRequest) -> None:
+    def _add(self, req: GenerationRequest) -> None:
         if _client_gone(req):
             with self._cv:
                 self._live.discard(req.request_id)
             self._deliver(req, self._final(req, [], [], 0.0, 0, "cancelled", None))
             return
-        slot = self._free_slots.pop()
-        seed = req.sampling.seed if req.sampling.seed is not None else secrets.randbits(64)
-        history = [int(t) for t in req.prompt_ids]
-        offset = None
-        if req.task_id is not None:  # the task's virtual ids -> rows of the concatenated table
-            offset = self.adapters.task(req.task_id)[0]
-        elif req.prompt_table is not None:  # the request's own table -> its slot's rows
-            offset = self.adapters.request_base + slot * self.adapters.max_prompt_embedding_table_size
-            table = torch.as_tensor(req.prompt_table)
-            self.model.prompt_table[offset : offset + len(table)] = table.to(self.model.prompt_table)
-        if offset is not None:
-            history = [t + offset if t >= self.vocab_size else t for t in history]
-        if self.model.slot_adapter is not None:
-            self.model.slot_adapter[slot] = self.adapters.lora_index(req.lora_task_id)
-        run = _Running(
-            req=req,
-            slot=slot,
-            seed=seed,
-            history=history,
-            prompt_len=len(req.prompt_ids),
+        extra = b""
+        if req.lora_task_id is not None:
+            extra += b"lora:%d;" % req.lora_task_id
+        if req.task_id is not None:
+            extra += b"task:%d;" % req.task_id
+        if req.prompt_table is not None:
+            table = np.ascontiguousarray(np.asarray(torch.as_tensor(req.prompt_table).float().cpu()))
+            extra += b"table:" + hashlib.blake2b(table.tobytes(), digest_size=16).digest()
+        seq = Sequence(
+            request=req, prompt=[int(t) for t in req.prompt_ids], max_new_tokens=req.max_new_tokens, extra_key=extra,
             end_ids=frozenset(int(e) for e in req.end_ids),
+            seed=req.sampling.seed if req.sampling.seed is not None else secrets.randbits(64),
+            needs_history=any(len(s) > 1 for s in req.bad_sequences)
+            or (req.sampling.min_tokens > 0 and any(len(s) > 1 for s in req.stop_sequences)),
         )
-        self._running[req.request_id] = run
+        self._seqs[req.request_id] = seq
+        self.scheduler.add(seq)
+
+    def _needs_sync(self) -> bool:
+        """Rows whose next choice depends on tokens the host has not read yet (see Sampler.needs_history)."""
+        return any(seq.needs_history for seq in self.scheduler.running)
+
+    def _drop_cancelled(self, cancel_ids: set[str]) -> None:
+        now = time.monotonic()
+        for seq in list(self._seqs.values()):
+            if seq.request_id in cancel_ids:
+                self._finish(seq, "cancelled")
+            elif seq.request.is_cancelled is not None and now - seq.polled_at >= self.cancel_poll_interval_s:
+                seq.polled_at = now
+                if _client_gone(seq.request):
+                    self._finish(seq, "cancelled")
+
+    def _setup_slot(self, seq: Sequence) -> None:
+        """A sequence got a batch slot: its adapter, penalty counts and prompt-table rows."""
+        req = seq.request
+        seq.virtual_offset = 0
+        if req.task_id is not None:
+            seq.virtual_offset = self.adapters.task(req.task_id)[0]
+        elif req.prompt_table is not None:
+            seq.virtual_offset = self.adapters.request_base + seq.slot * self.adapters.max_prompt_embedding_table_size
+            table = torch.as_tensor(req.prompt_table)
+            start = seq.virtual_offset
+            self.adapters.prompt_table[start : start + len(table)] = table.to(self.adapters.prompt_table)
+        if self.slot_adapter is not None:
+            self.slot_adapter[seq.slot] = self.adapters.lora_index(req.lora_task_id)
+        real = [t for t in seq.known_tokens() if t < self.vocab_size]
+        self.sampler.start(seq.slot, real, req.sampling)
+
+    def _launch(self, plan: StepPlan) -> InFlight | None:
+        for seq in plan.admitted:
+            try:
+                self._setup_slot(seq)
+            except Exception as exc:
+                log.exception("admitting request %s failed", seq.request_id)
+                self._finish(seq, "error", f"could not admit the request: {exc}")
+        plan.chunks = [c for c in plan.chunks if c.seq.status is Status.RUNNING]
+        if not plan.chunks:
+            return None
+        rows = []
+        for chunk in plan.chunks:
+            if not chunk.samples:
+                self.stats["prefill_chunks"].append(chunk.num_tokens)
+                self.stats["prefill_tokens"] += chunk.num_tokens
+                continue
+            seq = chunk.seq
+            if chunk.num_tokens > 1:
+                self.stats["prefill_chunks"].append(chunk.num_tokens)
+                self.stats["prefill_tokens"] += chunk.num_tokens
+            req = seq.request
+            rows.append(SamplingRow(
+                params=req.sampling, seed=seq.seed, slot=seq.slot, step=seq.num_generated - 1,
+                history=seq.known_tokens() if seq.needs_history else (),
+                end_ids=tuple(seq.end_ids), stop_sequences=req.stop_sequences, bad_sequences=req.bad_sequences,
+                want_log_probs=req.return_log_probs,
+            ))
+        if plan.decode_only:
+            n = len(plan.chunks)
+            self.stats["decode_steps"] += 1
+            self.stats["decode_batch_sizes"].append(n)
+            histogram = self.stats["decode_batch_histogram"]
+            histogram[n] = histogram.get(n, 0) + 1
+        else:
+            self.stats["mixed_steps"] += 1
         try:
-            self.sampler.start(slot, [t for t in run.history if t < self.vocab_size], req.sampling)
+            return self.runner.launch(plan, rows, _virtual_offset, self.slot_adapter)
         except Exception as exc:
-            log.exception("admitting request %s failed", req.request_id)
-            self._finish(run, "error", f"could not admit the request: {exc}")
+            log.exception("step failed")
+            for chunk in plan.chunks:
+                self._finish(chunk.seq, "error", f"step failed: {exc}")
+            return None
 
-    def _step(self) -> None:
-        decoding = [run for run in self._running.values() if run.decoding]
-        if decoding:
-            self._decode_rows(decoding)
-        budget = self.max_num_tokens - len(decoding)
-        for run in [run for run in self._running.values() if not run.decoding]:
-            if budget <= 0:
-                break
-            chunk = min(run.prompt_len - run.prefilled, budget)
-            budget -= chunk
-            self._prefill_chunk(run, chunk)
-
-    def _decode_rows(self, rows: list[_Running]) -> None:
-        self.stats["decode_steps"] += 1
-        self.stats["decode_batch_sizes"].append(len(rows))
-        histogram = self.stats["decode_batch_histogram"]
-        histogram[len(rows)] = histogram.get(len(rows), 0) + 1
+    def _complete(self, inflight: InFlight) -> None:
+        """Read a step's tokens, apply them, and answer the sequences they ended or advanced."""
+        t0 = time.perf_counter()
         try:
-            tokens = torch.tensor([[run.history[-1]] for run in rows], dtype=torch.int64, device=self.device)
-            pos = torch.tensor([[len(run.history) - 1] for run in rows], dtype=torch.int64, device=self.device)
-            slots = torch.tensor([run.slot for run in rows], dtype=torch.int64, device=self.device)
-            logits = self._decode(tokens, pos, slots)
-            result = self.sampler.sample(logits, [run.sampling_row() for run in rows])
+            tokens, log_probs = inflight.result()
         except Exception as exc:
-            log.exception("decode step failed")
-            for run in rows:
-                self._finish(run, "error", f"decode step failed: {exc}")
+            log.exception("step failed")
+            for chunk in inflight.plan.chunks:
+                self._finish(chunk.seq, "error", f"step failed: {exc}")
             return
-        for b, run in enumerate(rows):
-            self._advance(run, result.tokens[b], result.log_probs[b] if result.log_probs else None)
+        t1 = time.perf_counter()
+        self.stats["time_s"]["wait"] += t1 - t0
+        self._apply(inflight, tokens, log_probs)
+        self.stats["time_s"]["apply"] += time.perf_counter() - t1
 
-    def _prefill_chunk(self, run: _Running, chunk: int) -> None:
-        start = run.prefilled
-        self.stats["prefill_chunks"].append(chunk)
-        self.stats["prefill_tokens"] += chunk
-        try:
-            tokens = torch.tensor([run.history[start : start + chunk]], dtype=torch.int64, device=self.device)
-            pos = torch.arange(start, start + chunk, dtype=torch.int64, device=self.device)[None, :]
-            slots = torch.tensor([run.slot], dtype=torch.int64, device=self.device)
-            logits = self.model(tokens, pos, slots, last_only=True)[:, -1, :]
-            run.prefilled = start + chunk
-            if not run.decoding:
-                return
-            result = self.sampler.sample(logits, [run.sampling_row()])
-        except Exception as exc:
-            log.exception("prefill of request %s failed", run.req.request_id)
-            self._finish(run, "error", f"prefill failed: {exc}")
-            return
-        self._advance(run, result.tokens[0], result.log_probs[0] if result.log_probs else None)
+    def _apply(self, inflight: InFlight, tokens: list[int], log_probs: list[float] | None) -> None:
+        self.scheduler.update_from_output(inflight.plan, tokens, log_probs)
+        self.stats["generated_tokens"] += len(tokens)
+        for chunk in inflight.plan.chunks:
+            seq = chunk.seq
+            if not chunk.samples or seq.status is Status.FINISHED:
+                continue
+            reason = check_stop(seq, seq.end_ids, seq.request.stop_sequences)
+            if reason == "end":  # the end id is not part of the output
+                seq.output.pop()
+                if seq.request.return_log_probs and seq.log_probs:
+                    seq.log_probs.pop()
+            if reason is not None:
+                self._finish(seq, reason)
+            elif seq.request.stream:
+                self._emit(seq, finished=False)
 
-    def _advance(self, run: _Running, token: int, log_prob: float | None) -> None:
-        """Append a sampled token and decide whether the request is done (TensorRT-LLM's rules: the end
-        id is dropped from the output, a stop sequence is kept)."""
-        self.stats["generated_tokens"] += 1
-        if token in run.end_ids:
-            self._finish(run, "end")
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if self._seqs.pop(seq.request_id, None) is None:
             return
-        run.generated.append(token)
-        run.history.append(token)
-        if log_prob is not None:
-            run.log_probs.append(log_prob)
-            run.cum_log_prob += log_prob
-        if stop_length(run.history, run.req.stop_sequences):
-            self._finish(run, "stop")
-        elif len(run.generated) >= run.req.max_new_tokens:
-            self._finish(run, "length")
-        elif run.req.stream:
-            self._emit(run, finished=False)
-
-    def _finish(self, run: _Running, reason: str, error: str | None = None) -> None:
-        if self._running.pop(run.req.request_id, None) is None:
-            return
-        self._free_slots.append(run.slot)
+        self.scheduler.finish(seq, reason)
         with self._cv:
-            self._live.discard(run.req.request_id)
+            self._live.discard(seq.request_id)
         finished = self.stats["finished"]
         finished[reason] = finished.get(reason, 0) + 1
-        self._emit(run, finished=True, reason=reason, error=error)
+        self._emit(seq, finished=True, reason=reason, error=error)
 
-    def _emit(self, run: _Running, finished: bool, reason: str | None = None, error: str | None = None) -> None:
-        if not run.req.stream and not finished:
+    def _emit(self, seq: Sequence, finished: bool, reason: str | None = None, error: str | None = None) -> None:
+        req = seq.request
+        if not req.stream and not finished:
             return
-        new = run.generated[run.delivered :]
-        new_log_probs = run.log_probs[run.delivered :] if run.req.return_log_probs else []
-        run.delivered = len(run.generated)
+        new = seq.output[seq.delivered :]
+        new_log_probs = seq.log_probs[seq.delivered :] if req.return_log_probs else []
+        seq.delivered = len(seq.output)
         out = StepOutput(
             token_ids=list(new),
             log_probs=list(new_log_probs),
-            cum_log_prob=run.cum_log_prob,
+            cum_log_prob=float(sum(seq.log_probs)) if req.return_log_probs else 0.0,
             finished=finished,
             finish_reason=reason,
             error=error,
-            num_input_tokens=run.prompt_len,
-            num_output_tokens=len(run.generated),
+            num_input_tokens=len(seq.prompt),
+            num_output_tokens=len(seq.output),
+            metrics=_metrics(seq) if finished else None,
         )
-        if not self._deliver(run.req, out) and not finished:
+        if not self._deliver(req, out) and not finished:
             # The receiver is gone (e.g. the client disconnected): stop spending compute on it.
-            self._finish(run, "cancelled")
+            self._finish(seq, "cancelled")
 
     @staticmethod
     def _final(req, tokens, log_probs, cum, num_out, reason, error) -> StepOutput:
@@ -524,14 +620,35 @@ class Engine(GenerationEngine):
 
     def _abort_all(self, message: str) -> None:
         with self._cv:
-            queued = list(self._queue)
-            self._queue.clear()
+            queued = list(self._incoming)
+            self._incoming.clear()
         for req in queued:
             self._deliver(req, self._final(req, [], [], 0.0, 0, "error", message))
-        for run in list(self._running.values()):
-            self._finish(run, "error", message)
+        for seq in list(self._seqs.values()):
+            self._finish(seq, "error", message)
         with self._cv:
             self._live.clear()
+
+
+def _wall_ns(monotonic: float | None) -> int:
+    """A time.monotonic() reading as time.time_ns()."""
+    if monotonic is None:
+        return 0
+    return time.time_ns() - int((time.monotonic() - monotonic) * 1e9)
+
+
+def _metrics(seq: Sequence) -> RequestMetrics:
+    return RequestMetrics(
+        arrival_time_ns=_wall_ns(seq.arrival), first_scheduled_time_ns=_wall_ns(seq.first_scheduled),
+        first_token_time_ns=_wall_ns(seq.first_token), last_token_time_ns=_wall_ns(seq.last_token),
+        prefix_hit_tokens=seq.prefix_hit_tokens,
+        kv_cache_alloc_new_blocks=seq.blocks_allocated, kv_cache_reused_blocks=seq.blocks_reused,
+        kv_cache_alloc_total_blocks=seq.blocks_allocated + seq.blocks_reused, preemptions=seq.preemptions,
+    )
+
+
+def _virtual_offset(seq: Sequence) -> int:
+    return seq.virtual_offset
 
 
 def _client_gone(req: GenerationRequest) -> bool:

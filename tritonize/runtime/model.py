@@ -3,12 +3,12 @@
 The family differences (norm kind, position encoding, MLP shape, biases, parallel attention, MoE)
 are data in ``ModelArgs``; the forward pass reads top to bottom the same way for all of them.
 
-Serving needs more than a training-style forward: a static KV cache of ``max_batch_size`` slots x
-``max_seq_len`` positions per layer, rows that live in arbitrary slots, ragged positions in decode
-and prefill that continues at an offset. Attention therefore always runs over the whole cache of
-the row's slot with a boolean mask built from absolute positions, which keeps every shape static in
-decode (nothing data-dependent in Python), so the decode step can be captured by torch.compile or
-a CUDA graph.
+Serving shapes the forward: a step packs the tokens of many sequences into one ``[N]`` batch (prompt
+chunks and single decode tokens alike), each with its absolute position, and attention reads every
+sequence's keys and values from the paged cache through ``AttentionMetadata`` (attention.py). The
+forward returns the logits of the tokens the step samples from. Everything a faster device path
+changes is a module here that can be swapped for another (``kernels.py`` swaps in Triton kernels on
+CUDA, ``adapters.py`` wraps linears with LoRA), so this file stays the plain reference.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapters import LoRA
+from .attention import AttentionMetadata, PagedAttention
 from .config import ModelArgs
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -49,23 +49,6 @@ class Norm(nn.Module):
             # Gemma scales in float32 before casting back; Llama casts first (as transformers does).
             return (normed * (self.weight.float() + self.offset)).type_as(x)
         return self.weight * normed.type_as(x)
-
-
-class KVCache(nn.Module):
-    """Static per-layer cache: ``[slots, kv_heads, max_seq_len, head_dim]`` for K and for V."""
-
-    def __init__(self, slots: int, seq_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__()
-        shape = (slots, n_kv_heads, seq_len, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, slots: Tensor, input_pos: Tensor, k: Tensor, v: Tensor) -> None:
-        """Write k/v ``[B, T, kv_heads, head_dim]`` of row b at (slot ``slots[b]``, ``input_pos[b, t]``)."""
-        rows = slots[:, None]
-        self.k_cache[rows, :, input_pos] = k
-        self.v_cache[rows, :, input_pos] = v
 
 
 def rope_inv_freq(args: ModelArgs) -> Tensor:
@@ -98,65 +81,29 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """SDPA for q ``[B, T, H, D]`` over caches ``[B, Hkv, L, D]`` with mask ``[B, T, L]``.
-
-    The query heads that share one K/V head are folded into the query length, so grouped-query and
-    multi-query attention need no copy of the cache; returns ``[B, T, H * D]``.
-    """
-    B, T, H, D = q.shape
-    n_kv = k.shape[1]
-    rep = H // n_kv
-    q = q.view(B, T, n_kv, rep, D).permute(0, 2, 3, 1, 4).reshape(B, n_kv, rep * T, D)
-    mask = mask[:, None].repeat(1, 1, rep, 1)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return y.view(B, n_kv, rep, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
-
-
 class Attention(nn.Module):
-    # Decode attends in slot order over the whole cache once more than 1/slot_order_ratio of the
-    # slots are in the batch (reading every slot once beats copying the rows' caches out first).
-    slot_order_ratio = 3
-
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.scale = args.attn_scale
+        self.window = args.sliding_window
         qkv_dim = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
         self.wqkv = nn.Linear(args.dim, qkv_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.out_bias)
-        self.kv_cache: KVCache | None = None
-        # Stacked LoRA adapters (adapters.py), attached when the model serves some.
-        self.wqkv_lora: LoRA | None = None
-        self.wo_lora: LoRA | None = None
+        self.paged: PagedAttention | None = None  # the cache and the attention over it; Transformer.setup_caches
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor,
-                input_pos: Tensor, slots: Tensor, adapters: Tensor | None = None) -> Tensor:
-        B, T, _ = x.shape
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, meta: AttentionMetadata) -> Tensor:
+        N = x.shape[0]
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        qkv = self.wqkv(x)
-        if self.wqkv_lora is not None:
-            qkv = qkv + self.wqkv_lora(x, adapters)
-        q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(N, self.n_heads, self.head_dim)
+        k = k.view(N, self.n_kv_heads, self.head_dim)
+        v = v.view(N, self.n_kv_heads, self.head_dim)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        cache = self.kv_cache
-        cache.update(slots, input_pos, k, v)
-        n_slots = cache.k_cache.shape[0]
-        if T == 1 and self.slot_order_ratio * B > n_slots:
-            # Idle slots get a dummy query whose output is dropped.
-            q = q.new_zeros(n_slots, *q.shape[1:]).index_copy(0, slots, q)
-            mask = mask.new_ones(n_slots, *mask.shape[1:]).index_copy(0, slots, mask)
-            y = attend(q, cache.k_cache, cache.v_cache, mask, self.scale).index_select(0, slots)
-        else:
-            y = attend(q, cache.k_cache[slots], cache.v_cache[slots], mask, self.scale)
-        if self.wo_lora is not None:
-            return self.wo(y) + self.wo_lora(y, adapters)
-        return self.wo(y)
+        y = self.paged(q, k, v, meta)
+        return self.wo(y.view(N, q_dim))
 
 
 class FeedForward(nn.Module):
@@ -169,21 +116,15 @@ class FeedForward(nn.Module):
         width = 2 * args.intermediate_size if self.gated else args.intermediate_size
         self.w1 = nn.Linear(args.dim, width, bias=args.mlp_bias)
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
-        self.w1_lora: LoRA | None = None
-        self.w2_lora: LoRA | None = None
 
-    def forward(self, x: Tensor, adapters: Tensor | None = None) -> Tensor:
-        h = self.w1(x)
-        if self.w1_lora is not None:
-            h = h + self.w1_lora(x, adapters)
+    def activate(self, h: Tensor) -> Tensor:
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = self.act(gate) * up
-        else:
-            h = self.act(h)
-        if self.w2_lora is not None:
-            return self.w2(h) + self.w2_lora(h, adapters)
-        return self.w2(h)
+            return self.act(gate) * up
+        return self.act(h)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.activate(self.w1(x)))
 
 
 class MoEFeedForward(nn.Module):
@@ -206,7 +147,7 @@ class MoEFeedForward(nn.Module):
         self.w13 = nn.Parameter(torch.empty(n, 2 * i, d))  # [gate; up] per expert
         self.w2 = nn.Parameter(torch.empty(n, d, i))
 
-    def forward(self, x: Tensor, adapters: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         probs = F.softmax(self.gate(x).float(), dim=-1)
@@ -252,14 +193,13 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args)
         self.feed_forward: nn.Module = MoEFeedForward(args) if args.num_experts else FeedForward(args)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor,
-                input_pos: Tensor, slots: Tensor, adapters: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, meta: AttentionMetadata) -> Tensor:
         if self.parallel:
             h = self.attention_norm(x)
             m = self.ffn_norm(x) if self.ffn_norm is not None else h
-            return x + (self.feed_forward(m, adapters) + self.attention(h, rope, mask, input_pos, slots, adapters))
-        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, slots, adapters)
-        return h + self.feed_forward(self.ffn_norm(h), adapters)
+            return x + (self.feed_forward(m) + self.attention(h, rope, meta))
+        h = x + self.attention(self.attention_norm(x), rope, meta)
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
@@ -274,19 +214,17 @@ class Transformer(nn.Module):
         self.norm = Norm(args.dim, args.norm, args.norm_eps, args.norm_offset, args.norm_bias)
         # Tied models multiply by the embedding matrix itself: one tensor, no aliasing tricks.
         self.output = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.max_batch_size = 0
         self.max_seq_len = 0
         self.embed_scale = 1.0
         self.rope_cos: Tensor | None = None
         self.rope_sin: Tensor | None = None
-        self.kv_positions: Tensor | None = None
-        # Served adapters (adapters.py): the LoRA index of each cache slot, and the p-tuning rows that
-        # token ids >= vocab_size select.
-        self.slot_adapter: Tensor | None = None
-        self.prompt_table: Tensor | None = None
+        # kernels.py swaps in a class with the same cache and a device kernel (and sets device_attention).
+        self.paged_attention_cls: type[PagedAttention] = PagedAttention
+        self.device_attention = False
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
-        """Allocate the static KV cache (``max_batch_size`` slots x ``max_seq_len`` positions)."""
+    def setup_caches(self, num_blocks: int, block_size: int, max_seq_len: int) -> None:
+        """Allocate the paged KV cache (``num_blocks`` blocks of ``block_size`` positions per layer) and
+        the position tables up to ``max_seq_len``."""
         args = self.args
         if args.positions == "learned" and max_seq_len > args.max_position_embeddings:
             raise ValueError(
@@ -295,12 +233,12 @@ class Transformer(nn.Module):
             )
         weight = self.tok_embeddings.weight
         dtype, device = weight.dtype, weight.device
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.max_seq_len = max_seq_len
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(
-                max_batch_size, max_seq_len, args.n_kv_heads, args.head_dim, dtype, device
-            )
-        self.kv_positions = torch.arange(max_seq_len, device=device)
+            attn = layer.attention
+            attn.paged = None  # free the old cache before allocating the new one
+            attn.paged = self.paged_attention_cls(num_blocks, block_size, args.n_kv_heads, args.head_dim,
+                                                  attn.scale, attn.window, dtype, device)
         # The scale is applied as the model dtype would hold it, as transformers does for Gemma.
         self.embed_scale = float(torch.tensor(args.embedding_scale, dtype=dtype))
         if args.positions == "rope":
@@ -309,38 +247,36 @@ class Transformer(nn.Module):
             self.rope_cos = freqs.cos().to(device)
             self.rope_sin = freqs.sin().to(device)
 
-    def forward(self, tokens: Tensor, input_pos: Tensor, slots: Tensor, last_only: bool = False) -> Tensor:
-        """Logits ``[B, T, vocab]`` (``[B, 1, vocab]`` if ``last_only``) in float32; see CONTRACT.md."""
-        if self.prompt_table is None:
-            x = self.tok_embeddings(tokens)
-        else:
-            # Virtual tokens (ids >= vocab_size) take their embedding from the p-tuning table; static
-            # shapes, no data-dependent branch, so the decode step stays capturable.
-            vocab = self.args.vocab_size
-            virtual = (tokens >= vocab)[..., None]
-            real = self.tok_embeddings(tokens.clamp(max=vocab - 1))
-            rows = (tokens - vocab).clamp(0, self.prompt_table.shape[0] - 1)
-            x = torch.where(virtual, self.prompt_table[rows], real)
+    def forward(self, tokens: Tensor, input_pos: Tensor, meta: AttentionMetadata) -> Tensor:
+        """tokens, input_pos ``[N]`` -> float32 logits ``[R, vocab]`` of the tokens ``meta.logits_indices``."""
+        x = self.tok_embeddings(tokens)
         if self.args.embedding_scale != 1.0:
             x = x * self.embed_scale
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings(input_pos)
         rope = None
         if self.rope_cos is not None:
-            rope = (self.rope_cos[input_pos][:, :, None].to(x.dtype),
-                    self.rope_sin[input_pos][:, :, None].to(x.dtype))
-        # Row b, query at position p sees cache positions <= p of its own slot (within the window).
-        kv_pos = self.kv_positions[None, None, :]
-        q_pos = input_pos[:, :, None]
-        mask = kv_pos <= q_pos
-        if self.args.sliding_window:
-            mask = mask & (kv_pos > q_pos - self.args.sliding_window)
-        adapters = None if self.slot_adapter is None else self.slot_adapter[slots]
+            rope = (self.rope_cos[input_pos][:, None].to(x.dtype), self.rope_sin[input_pos][:, None].to(x.dtype))
         for layer in self.layers:
-            x = layer(x, rope, mask, input_pos, slots, adapters)
-        if last_only:
-            x = x[:, -1:]
-        x = self.norm(x)
+            x = layer(x, rope, meta)
+        x = self.norm(x.index_select(0, meta.logits_indices))
         if self.output is None:
             return F.linear(x, self.tok_embeddings.weight).float()
         return self.output(x).float()
+
+
+def prompt_logits(model: Transformer, ids: list[int], block_size: int = 16) -> Tensor:
+    """Float32 logits of every token of one prompt, in a cache of its own (export --verify, tests)."""
+    n = len(ids)
+    blocks = -(-n // block_size)
+    model.setup_caches(num_blocks=blocks + 1, block_size=block_size, max_seq_len=n)
+    device = model.tok_embeddings.weight.device
+    positions = torch.arange(n, device=device)
+    meta = AttentionMetadata(
+        slot_mapping=positions + block_size,  # blocks 1, 2, ... in order; block 0 stays unused
+        block_tables=torch.arange(1, blocks + 1, device=device)[None], seq_lens=torch.tensor([n], device=device),
+        query_start_loc=torch.tensor([0, n], device=device), logits_indices=positions, max_query_len=n,
+        seq_lens_host=[n], query_start_host=[0, n],
+    )
+    with torch.no_grad():
+        return model(torch.tensor(ids, device=device), positions, meta)

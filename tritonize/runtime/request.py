@@ -23,6 +23,7 @@ __all__ = [
     "EngineError",
     "GenerationEngine",
     "GenerationRequest",
+    "RequestMetrics",
     "SamplingParams",
     "StepOutput",
     "no_output",
@@ -43,6 +44,23 @@ class StepOutput:
     error: str | None = None
     num_input_tokens: int = 0
     num_output_tokens: int = 0
+    # On the final output: how the request went, for metrics and tensorrtllm_backend's perf outputs.
+    metrics: RequestMetrics | None = None
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """Times are time.time_ns() (wall clock, as TensorRT-LLM reports them); 0 where it never happened."""
+
+    arrival_time_ns: int = 0
+    first_scheduled_time_ns: int = 0
+    first_token_time_ns: int = 0
+    last_token_time_ns: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens whose keys and values were reused from the prefix cache
+    kv_cache_alloc_new_blocks: int = 0
+    kv_cache_reused_blocks: int = 0
+    kv_cache_alloc_total_blocks: int = 0
+    preemptions: int = 0
 
 
 def no_output(_: StepOutput) -> None:

@@ -38,6 +38,18 @@ from dataclasses import dataclass, field
 import torch
 
 _MASK32 = 0xFFFFFFFF
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A host list on the device without making the host wait for the device: through pinned memory
+    (PyTorch's caching host allocator keeps a pinned block until its copy is done)."""
+    t = torch.tensor(values, dtype=dtype)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -108,8 +120,10 @@ class SamplingRow:
 
 @dataclass
 class SampleResult:
-    tokens: list[int]
-    log_probs: list[float] | None = field(default=None)
+    """Device tensors: the chosen token of each row, and its log-probability when a row asked for it."""
+
+    tokens: torch.Tensor  # [B] int64
+    log_probs: torch.Tensor | None = field(default=None)  # [B] float32
 
 
 def _splitmix64(x: int) -> int:
@@ -144,7 +158,7 @@ def counter_uniform(seeds: Sequence[int], steps: Sequence[int], vocab_size: int,
     (seed, step) goes through splitmix64 on the host; its 32-bit key is mixed with each token's hash.
     """
     keys = [_splitmix64((seed & _MASK64) ^ _splitmix64(step)) & _MASK32 for seed, step in zip(seeds, steps, strict=True)]
-    k = torch.tensor(keys, dtype=torch.int64, device=device)[:, None]
+    k = to_device(keys, torch.int64, device)[:, None]
     return unit_interval(_hash32(_token_hashes(vocab_size, torch.device(device)) ^ k))
 
 
@@ -219,7 +233,7 @@ class Sampler:
         if self._counts is None:
             self._counts = torch.zeros(self.num_slots, self.vocab_size, dtype=torch.int32, device=self.device)
         self._counts[slot].zero_()
-        ids = torch.tensor(list(prompt_ids), dtype=torch.int64, device=self.device)
+        ids = to_device(list(prompt_ids), torch.int64, self.device)
         self._counts[slot].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
 
     def record(self, rows: Sequence[SamplingRow], tokens: torch.Tensor) -> None:
@@ -227,8 +241,8 @@ class Sampler:
         penalised = [b for b, r in enumerate(rows) if r.params.uses_penalties]
         if not penalised or self._counts is None:
             return
-        index = torch.tensor(penalised, dtype=torch.int64, device=tokens.device)
-        slots = torch.tensor([rows[b].slot for b in penalised], dtype=torch.int64, device=self.device)
+        index = to_device(penalised, torch.int64, tokens.device)
+        slots = to_device([rows[b].slot for b in penalised], torch.int64, self.device)
         toks = tokens.index_select(0, index).to(self.device)
         self._counts.index_put_((slots, toks), torch.ones_like(toks, dtype=torch.int32), accumulate=True)
 
@@ -237,23 +251,23 @@ class Sampler:
         x = logits.to(torch.float32)
         temps = [r.params.temperature if r.params.temperature else 1.0 for r in rows]
         if any(t != 1.0 for t in temps):
-            x = x / torch.tensor(temps, dtype=torch.float32, device=x.device)[:, None]
+            x = x / to_device(temps, torch.float32, x.device)[:, None]
         if any(r.params.uses_penalties for r in rows) and self._counts is not None:
             x = self._apply_penalties(x, rows)
         bans = [(b, tok) for b, r in enumerate(rows) for tok in banned_tokens(r) if 0 <= tok < x.shape[-1]]
         if bans:
             if x.data_ptr() == logits.data_ptr():
                 x = x.clone()
-            b_idx = torch.tensor([b for b, _ in bans], dtype=torch.int64, device=x.device)
-            t_idx = torch.tensor([t for _, t in bans], dtype=torch.int64, device=x.device)
+            b_idx = to_device([b for b, _ in bans], torch.int64, x.device)
+            t_idx = to_device([t for _, t in bans], torch.int64, x.device)
             x[b_idx, t_idx] = float("-inf")
         return x
 
     def _apply_penalties(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         def column(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=x.device)[:, None]
+            return to_device(values, torch.float32, x.device)[:, None]
 
-        slots = torch.tensor([r.slot for r in rows], dtype=torch.int64, device=self.device)
+        slots = to_device([r.slot for r in rows], torch.int64, self.device)
         counts = self._counts.index_select(0, slots).to(x.device)
         # Rows without penalties get neutral values, so their (possibly stale) counts do nothing.
         rep = column([r.params.repetition_penalty if r.params.uses_penalties else 1.0 for r in rows])
@@ -264,20 +278,20 @@ class Sampler:
         return x - pres * seen - freq * counts.to(torch.float32)
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
-        """Choose one token for each row of ``logits`` [B, V] (B == len(rows))."""
+        """Choose one token for each row of ``logits`` [B, V] (B == len(rows)); nothing waits on the device."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [rows, vocab] with {len(rows)} rows, got {tuple(logits.shape)}")
         x = self.process(logits, rows)
         tokens = torch.argmax(x, dim=-1)
         sampled = [b for b, r in enumerate(rows) if not r.params.greedy]
         if sampled:
-            index = torch.tensor(sampled, dtype=torch.int64, device=x.device)
+            index = to_device(sampled, torch.int64, x.device)
             sub = x.index_select(0, index)
             top_ks = [rows[b].params.top_k or 0 for b in sampled]
             top_ps = [_effective_top_p(rows[b].params.top_p) for b in sampled]
             if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
-                top_k = torch.tensor(top_ks, dtype=torch.int64, device=x.device)
-                top_p = torch.tensor(top_ps, dtype=torch.float32, device=x.device)
+                top_k = to_device(top_ks, torch.int64, x.device)
+                top_p = to_device(top_ps, torch.float32, x.device)
                 sub = top_k_top_p_filter(sub, top_k, top_p)
             u = counter_uniform([rows[b].seed for b in sampled], [rows[b].step for b in sampled], x.shape[-1], x.device)
             gumbel = -torch.log(-torch.log(u))
@@ -285,9 +299,16 @@ class Sampler:
         self.record(rows, tokens)
         log_probs = None
         if any(r.want_log_probs for r in rows):
-            chosen = torch.log_softmax(x, dim=-1).gather(1, tokens[:, None])[:, 0]
-            log_probs = chosen.cpu().tolist()
-        return SampleResult(tokens=tokens.cpu().tolist(), log_probs=log_probs)
+            log_probs = torch.log_softmax(x, dim=-1).gather(1, tokens[:, None])[:, 0]
+        return SampleResult(tokens=tokens, log_probs=log_probs)
+
+    @staticmethod
+    def needs_history(row: SamplingRow) -> bool:
+        """Whether choosing this row's token needs its previous tokens on the host (multi-token bad
+        sequences, or multi-token stop sequences while min_tokens holds their last token back)."""
+        if any(len(s) > 1 for s in row.bad_sequences):
+            return True
+        return row.step < row.params.min_tokens and any(len(s) > 1 for s in row.stop_sequences)
 
 
 def _effective_top_p(top_p: float | None) -> float:

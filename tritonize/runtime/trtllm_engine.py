@@ -294,7 +294,9 @@ class TrtllmEngine(TrtllmEngineBase):
     """``engine.Engine``'s interface over ``tensorrt_llm.LLM``; see the module docstring.
 
     ``max_seq_len`` is prompt plus output; ``kv_cache_free_gpu_memory_fraction`` None keeps TensorRT-LLM's
-    default; ``kv_cache_dtype`` "fp8" stores the KV cache in FP8 ("auto" follows the checkpoint).
+    default, ``kv_cache_tokens`` caps the KV cache (KvCacheConfig.max_tokens), ``prefix_cache`` is
+    KvCacheConfig.enable_block_reuse; ``kv_cache_dtype`` "fp8" stores the KV cache in FP8 ("auto" follows
+    the checkpoint).
     ``device`` is accepted for the same call shape; TensorRT-LLM places ranks on the visible GPUs.
     """
 
@@ -308,6 +310,8 @@ class TrtllmEngine(TrtllmEngineBase):
         max_seq_len: int = 512,
         max_num_tokens: int | None = None,
         kv_cache_free_gpu_memory_fraction: float | None = None,
+        kv_cache_tokens: int | None = None,
+        prefix_cache: bool = True,
         kv_cache_dtype: str = "auto",
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
@@ -331,9 +335,11 @@ class TrtllmEngine(TrtllmEngineBase):
         self.max_num_tokens = max_num_tokens
         self.default_end_ids = default_end_ids(self.model_dir)
         self._sampling_cls = trtllm.SamplingParams
-        kv: dict[str, Any] = {}
+        kv: dict[str, Any] = {"enable_block_reuse": bool(prefix_cache)}
         if kv_cache_free_gpu_memory_fraction is not None:
             kv["free_gpu_memory_fraction"] = kv_cache_free_gpu_memory_fraction
+        if kv_cache_tokens:
+            kv["max_tokens"] = int(kv_cache_tokens)
         if kv_cache_dtype != "auto":
             kv["dtype"] = kv_cache_dtype
         llm_args: dict[str, Any] = {

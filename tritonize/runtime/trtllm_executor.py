@@ -128,15 +128,18 @@ def map_executor_finish_reason(reason: Any) -> str | None:
 
 
 def executor_config_kwargs(*, kv_cache_free_gpu_memory_fraction: float | None, max_batch_size: int | None,
-                           max_num_tokens: int | None, multi_gpu_mode: str, world_size: int) -> dict[str, Any]:
+                           max_num_tokens: int | None, multi_gpu_mode: str, world_size: int,
+                           kv_cache_tokens: int | None = None, prefix_cache: bool = True) -> dict[str, Any]:
     """The plain (non-object) part of ``ExecutorConfig`` and of its KvCacheConfig / ParallelConfig."""
     if multi_gpu_mode not in MULTI_GPU_MODES:
         raise ValueError(f"multi_gpu_mode must be one of {', '.join(MULTI_GPU_MODES)}, not {multi_gpu_mode!r}")
     if kv_cache_free_gpu_memory_fraction is not None and not 0.0 < kv_cache_free_gpu_memory_fraction <= 1.0:
         raise ValueError(f"kv_cache_free_gpu_memory_fraction must be in (0, 1], not {kv_cache_free_gpu_memory_fraction}")
-    kv: dict[str, Any] = {}
+    kv: dict[str, Any] = {"enable_block_reuse": bool(prefix_cache)}
     if kv_cache_free_gpu_memory_fraction is not None:
         kv["free_gpu_memory_fraction"] = float(kv_cache_free_gpu_memory_fraction)
+    if kv_cache_tokens:
+        kv["max_tokens"] = int(kv_cache_tokens)
     config: dict[str, Any] = {"max_beam_width": 1, "kv_cache_config": kv,
                               "scheduler_policy": "GUARANTEED_NO_EVICT"}
     if max_batch_size:
@@ -169,7 +172,7 @@ class TrtllmExecutorEngine(TrtllmEngineBase):
     def __init__(self, model_dir: str | Path, *, engine_dir: str | Path, adapters_dir: str | Path | None = None,
                  device: str = "auto", dtype: str = "auto", max_batch_size: int = 8, max_seq_len: int = 512,
                  max_num_tokens: int | None = None, kv_cache_free_gpu_memory_fraction: float | None = None,
-                 kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 kv_cache_tokens: int | None = None, prefix_cache: bool = True, kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  multi_gpu_mode: str = "leader") -> None:
         self.model_dir = Path(model_dir)
         self.engine_dir = Path(engine_dir)
@@ -180,7 +183,8 @@ class TrtllmExecutorEngine(TrtllmEngineBase):
         self.kv_cache_dtype = kv_cache_dtype  # an engine's KV cache dtype is fixed when it is built
         self.config_kwargs = executor_config_kwargs(
             kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction, max_batch_size=max_batch_size,
-            max_num_tokens=max_num_tokens, multi_gpu_mode=multi_gpu_mode, world_size=self.world_size)
+            max_num_tokens=max_num_tokens, multi_gpu_mode=multi_gpu_mode, world_size=self.world_size,
+            kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
         hf = json.loads((self.model_dir / "config.json").read_text(encoding="utf-8"))
         self.vocab_size = int(hf.get("vocab_size") or 0) or None
         self.gated = (hf.get("architectures") or ["?"])[0] in _GATED_MLPS

@@ -6,30 +6,37 @@ while others are generating join the running batch instead of waiting for it to 
 With ``stream`` false exactly one response is sent (carrying the final flag), which is what
 Triton's /generate endpoint and the non-decoupled ``<name>_sync`` model need.
 
+Each response is one int32 tensor (``packed.py``): every tensor a response carries costs this process
+time holding the GIL, which the engine's own thread needs, while the postprocessing models unpack and
+build the ensemble's outputs in processes of their own. When the engine produces tokens faster than
+responses leave, the tokens of one stream that wait are sent in one response.
+
 A client that cancels its stream on the engine is seen through ``is_cancelled``. Triton 2.51 does
 not mark the engine's request cancelled when the client cancels the ensemble instead; there the
 postprocessing step sees the cancellation and sends a ``stop`` request (tensorrtllm_backend's
-input: cancel the request with this request id) carrying the ``request_key`` of each response.
+input: cancel the request with this request id) naming the stream by the handle each response carries.
 """
 
 import dataclasses
+import itertools
 import os
 import queue
 import sys
 import threading
 import time
-import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 if __name__.startswith("tritonize."):  # imported from the tritonize package (tests, the Python API)
+    from ..packed import Packed, pack
     from ..request import GenerationRequest, SamplingParams
     from ..runtime import create_engine, resolve_runtime
     from ..tokenizer import response_ids
     from ..triton_args import model_args
 else:  # a repository's model.py, which Triton imports as "<version>.model": the runtime package is beside it
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tritonize_backend.packed import Packed, pack
     from tritonize_backend.request import GenerationRequest, SamplingParams
     from tritonize_backend.runtime import create_engine, resolve_runtime
     from tritonize_backend.tokenizer import response_ids
@@ -37,6 +44,9 @@ else:  # a repository's model.py, which Triton imports as "<version>.model": the
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.05
+# Two threads share this process's GIL: the engine's, which must launch each step on time, and the one
+# that sends responses. Python's default switch interval (5 ms) can keep the engine waiting most of a step.
+GIL_SWITCH_INTERVAL_S = 0.0005
 _STOP = object()
 
 
@@ -66,14 +76,19 @@ def _words_list(request, name):
     return [s for s in sequences if s]
 
 
+def _int_or_none(text):
+    return int(text) if text and text.isdigit() else None
+
+
 class _Stream:
     """What the response path needs to know about one request."""
 
-    def __init__(self, sender, prompt, stream, exclude_input):
+    def __init__(self, sender, prompt, stream, exclude_input, handle):
         self.sender = sender
         self.prompt = prompt
         self.stream = stream
         self.exclude_input = exclude_input
+        self.handle = handle
         self.generated = []
         self.log_probs = []
 
@@ -102,9 +117,11 @@ class TritonPythonModel:
             max_seq_len=self.max_input_len + self.max_output_len,
             max_num_tokens=int(params["max_num_tokens"]),
             max_prompt_embedding_table_size=int(params.get("max_prompt_embedding_table_size") or 0),
+            kv_cache_tokens=int(params.get("kv_cache_tokens") or 0) or None,
+            kv_cache_free_gpu_memory_fraction=float(fraction) if fraction else None,
+            prefix_cache=params.get("prefix_cache", "true") != "false",
             **adapters,
             trtllm_options={
-                "kv_cache_free_gpu_memory_fraction": float(fraction) if fraction else None,
                 "kv_cache_dtype": params.get("kv_cache_dtype", "auto") or "auto",
                 "tensor_parallel_size": int(params.get("tensor_parallel_size", "1") or 1),
                 "pipeline_parallel_size": int(params.get("pipeline_parallel_size", "1") or 1),
@@ -113,8 +130,11 @@ class TritonPythonModel:
                 "multi_gpu_mode": params.get("multi_gpu_mode") or "leader",
             },
         )
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.engine.start()
         self.streams = {}
+        self.handles = {}  # handle -> engine key, for stop requests that name a stream by its handle
+        self.next_handle = itertools.count(1)
         self.lock = threading.Lock()
         self.batch_metric = pb_utils.MetricFamily(
             name="tritonize_decode_steps_total",
@@ -142,12 +162,15 @@ class TritonPythonModel:
         return None
 
     def _stop(self, request):
-        """Cancels the requests whose request id, or engine key, is this request's id."""
+        """Cancels the requests whose request id, or engine key ``<request id>/<handle>``, is this request's id."""
         target = request.request_id()
         if not target:
             raise ValueError("stop was sent without a request id: set request_id to the id of the request to stop")
+        handle = _int_or_none(target.rpartition("/")[2])
         with self.lock:
             keys = [key for key in self.streams if key == target or key.startswith(f"{target}/")]
+            if not keys and handle in self.handles:  # postprocessing may not see the client's request id
+                keys = [self.handles[handle]]
         for key in keys:
             self.engine.cancel(key)
         self.outbox.put((request.get_response_sender(), None))
@@ -179,12 +202,13 @@ class TritonPythonModel:
         )
         stream = _scalar(request, "stream", bool, False)
         exclude = _scalar(request, "exclude_input_in_output", bool, False)
-        request_id = request.request_id() or uuid.uuid4().hex
-        key = f"{request_id}/{uuid.uuid4().hex}"
+        handle = next(self.next_handle)
+        key = f"{request.request_id()}/{handle}"
         # Virtual tokens of a p-tuning task have no text: the echoed prompt leaves them out.
-        state = _Stream(sender, [t for t in prompt if t < self.vocab_size], stream, exclude)
+        state = _Stream(sender, [t for t in prompt if t < self.vocab_size], stream, exclude, handle)
         with self.lock:
             self.streams[key] = state
+            self.handles[handle] = key
         self.engine.submit(
             GenerationRequest(
                 request_id=key,
@@ -263,6 +287,7 @@ class TritonPythonModel:
             state = self.streams.get(key)
             if state is not None and out.finished:
                 del self.streams[key]
+                self.handles.pop(state.handle, None)
         if state is None:
             return
         if out.error is not None:
@@ -278,16 +303,13 @@ class TritonPythonModel:
         delta, prefix = response_ids(state.prompt, state.generated, list(out.token_ids), stream=state.stream,
                                      exclude_input=state.exclude_input)
         log_probs = list(out.log_probs or []) if state.stream else state.log_probs
-        tensors = [
-            pb_utils.Tensor("output_ids", np.array([delta], dtype=np.int32).reshape(1, -1)),
-            pb_utils.Tensor("prefix_ids", np.array([prefix], dtype=np.int32).reshape(1, -1)),
-            pb_utils.Tensor("is_final", np.array([[out.finished]], dtype=np.bool_)),
-            pb_utils.Tensor("cum_log_probs", np.array([[out.cum_log_prob or 0.0]], dtype=np.float32)),
-            pb_utils.Tensor("output_log_probs", np.array([log_probs], dtype=np.float32).reshape(1, 1, -1)),
-            pb_utils.Tensor("num_input_tokens", np.array([[out.num_input_tokens]], dtype=np.int32)),
-            pb_utils.Tensor("num_output_tokens", np.array([[out.num_output_tokens]], dtype=np.int32)),
-            pb_utils.Tensor("request_key", np.array([[key.encode()]], dtype=np.object_)),
-        ]
+        metrics = dataclasses.asdict(out.metrics) if out.metrics is not None else None
+        packed = pack(Packed(
+            delta=delta, prefix=prefix, log_probs=log_probs, final=out.finished, finish_reason=out.finish_reason,
+            num_input_tokens=out.num_input_tokens, num_output_tokens=out.num_output_tokens,
+            cum_log_prob=out.cum_log_prob or 0.0, handle=state.handle, metrics=metrics,
+        ))
+        tensors = [pb_utils.Tensor("packed", packed)]
         state.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if out.finished else 0)
 
     # -- metrics --------------------------------------------------------------------------------
@@ -313,6 +335,7 @@ class TritonPythonModel:
         self.sender.join(timeout=10)
         with self.lock:
             streams, self.streams = self.streams, {}
+            self.handles.clear()
         for state in streams.values():
             state.sender.send(
                 pb_utils.InferenceResponse(error=pb_utils.TritonError("the model is shutting down")), flags=FINAL

@@ -1,9 +1,10 @@
 """The ``<name>_postprocessing`` model: detokenizes each engine response without keeping state.
 
-The engine sends, with each delta, the few tokens before it (``prefix_ids``); decoding
-``prefix + delta`` and ``prefix`` and keeping the difference preserves spaces and multi-byte
-characters that decoding the delta alone would break. Statelessness lets Triton run any number of
-instances and interleave responses of many streams freely.
+The engine sends each response as one packed int32 tensor (``packed.py``) holding, with each delta,
+the few tokens before it; decoding ``prefix + delta`` and ``prefix`` and keeping the difference preserves
+spaces and multi-byte characters that decoding the delta alone would break. This model builds the
+ensemble's outputs from it. Statelessness lets Triton run any number of instances and interleave
+responses of many streams freely, and the work done here is work the engine's process does not do.
 
 When a client cancels its stream on the ensemble, Triton 2.51 keeps the engine's request running and
 hands each later response to this step marked cancelled. The step then asks the engine to ``stop``
@@ -19,14 +20,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 if __name__.startswith("tritonize."):  # imported from the tritonize package (tests, the Python API)
+    from ..packed import unpack
     from ..tokenizer import Tokenizer, detokenize_delta
     from ..triton_args import model_args
 else:  # a repository's model.py, which Triton imports as "<version>.model": the runtime package is beside it
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tritonize_backend.packed import unpack
     from tritonize_backend.tokenizer import Tokenizer, detokenize_delta
     from tritonize_backend.triton_args import model_args
 
-PASS_THROUGH = ("cum_log_probs", "output_log_probs", "num_input_tokens", "num_output_tokens")
 STOPPED_MEMORY = 1024  # keys already stopped: later responses of the same request send no second stop
 EMPTY_WORDS = np.array([[[0], [-1]]], dtype=np.int32)
 
@@ -41,25 +43,25 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
+            p = unpack(pb_utils.get_input_tensor_by_name(request, "packed").as_numpy())
             if request.is_cancelled():
                 # Answered as usual below: an error response here would leave the ensemble request
                 # counted in flight for good, which holds up the server's exit by --exit-timeout-secs.
-                self._stop_engine_request(request)
-            delta = pb_utils.get_input_tensor_by_name(request, "output_ids").as_numpy().reshape(-1)
-            prefix = pb_utils.get_input_tensor_by_name(request, "prefix_ids").as_numpy().reshape(-1)
-            final = bool(pb_utils.get_input_tensor_by_name(request, "is_final").as_numpy().reshape(-1)[0])
-            text = detokenize_delta(self.tokenizer, prefix.tolist(), delta.tolist(), final)
-            outputs = [pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_))]
-            for name in PASS_THROUGH:
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                outputs.append(pb_utils.Tensor(name, tensor.as_numpy()))
+                self._stop_engine_request(request, p.handle)
+            text = detokenize_delta(self.tokenizer, p.prefix, p.delta, p.final)
+            outputs = [
+                pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+                pb_utils.Tensor("cum_log_probs", np.array([[p.cum_log_prob]], dtype=np.float32)),
+                pb_utils.Tensor("output_log_probs", np.array(p.log_probs, dtype=np.float32).reshape(1, 1, -1)),
+                pb_utils.Tensor("num_input_tokens", np.array([[p.num_input_tokens]], dtype=np.int32)),
+                pb_utils.Tensor("num_output_tokens", np.array([[p.num_output_tokens]], dtype=np.int32)),
+            ]
             responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses
 
-    def _stop_engine_request(self, request):
-        """Sends the engine a ``stop`` for the request this response came from."""
-        key = pb_utils.get_input_tensor_by_name(request, "request_key").as_numpy().reshape(-1)[0]
-        key = key.decode() if isinstance(key, bytes) else str(key)
+    def _stop_engine_request(self, request, handle):
+        """Sends the engine a ``stop`` for the stream (the engine's handle) this response came from."""
+        key = f"{request.request_id()}/{handle}"
         if key in self.stopped:
             return
         self.stopped[key] = None

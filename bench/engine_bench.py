@@ -1,0 +1,238 @@
+"""The torch runtime's engine alone (no server): decode rate per batch, prefix reuse, and where a step's time goes.
+
+Measured in one run on one device, so the figures compare with each other and with the roofline:
+- copy bandwidth (device-to-device, bytes read + written) and the roofline = bandwidth / weight bytes;
+- per batch size B: B requests of ``--input-len`` random tokens submitted at once, each generating exactly
+  ``--output-len`` tokens: decode tok/s (tokens after the first over the time between first and last,
+  summed over requests), end-to-end tok/s, TTFT p50;
+- prefix reuse: TTFT of a request whose ``--prefix-len``-token prefix is cached, against the same request
+  cold (prefix cache emptied);
+- the engine thread's own time per step (planning, launching, waiting for the device, applying) and a
+  torch.profiler table of the device kernels of decode steps at the largest batch.
+
+- transformers ``generate`` (eager, greedy, same weights) at ``--hf-batch`` sizes, end-to-end tok/s.
+
+    python bench/engine_bench.py --model /tmp/llama8b --batches 1,16,64,256 --hf-batch 1,8,32 --json out.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import parser  # noqa: E402 - bench/common.py, beside this script
+
+from tritonize.runtime.engine import Engine  # noqa: E402
+from tritonize.runtime.request import GenerationRequest, SamplingParams  # noqa: E402
+
+
+def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    n = int(gib * (1 << 30)) // 2
+    a = torch.empty(n, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(10):
+        torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    del a, b
+    return 2 * n * 2 / best
+
+
+def run_batch(engine: Engine, prompts: list[list[int]], output_len: int, tag: str,
+              lora_ids: list[int | None] | None = None) -> dict:
+    """Submit every prompt at once; time each request's tokens from its own callbacks. ``lora_ids``:
+    request i uses adapter ``lora_ids[i % len(lora_ids)]`` (None: the base model)."""
+    times: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
+    done = threading.Event()
+    left = [len(prompts)]
+
+    def on_output(i: int, out) -> None:  # noqa: ANN001 - engine thread
+        if out.token_ids:
+            times[i].append(time.perf_counter())
+        if out.finished:
+            left[0] -= 1
+            if left[0] == 0:
+                done.set()
+
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.submit(GenerationRequest(
+            request_id=f"{tag}-{i}", prompt_ids=prompt, max_new_tokens=output_len,
+            sampling=SamplingParams(min_tokens=output_len), stream=True, end_ids=[],
+            on_output=lambda out, i=i: on_output(i, out),
+            lora_task_id=lora_ids[i % len(lora_ids)] if lora_ids else None))
+    done.wait()
+    wall = time.perf_counter() - start
+    per_request = [(len(t) - 1) / (t[-1] - t[0]) for t in times.values() if len(t) > 1]
+    ttft = sorted(t[0] - start for t in times.values())
+    return {
+        "batch": len(prompts),
+        "decode_tok_s": sum(per_request),
+        "decode_tok_s_per_request": sum(per_request) / len(per_request),
+        "end_to_end_tok_s": len(prompts) * output_len / wall,
+        "ttft_ms_p50": 1000 * ttft[len(ttft) // 2],
+        "wall_s": wall,
+    }
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab - 100, (n, length), generator=g).tolist()
+
+
+def ttft(engine: Engine, prompt: list[int], tag: str) -> float:
+    got = threading.Event()
+    t = time.perf_counter()
+    first: list[float] = []
+
+    def on_output(out) -> None:  # noqa: ANN001
+        if not first:
+            first.append(time.perf_counter() - t)
+        if out.finished:
+            got.set()
+
+    engine.submit(GenerationRequest(request_id=tag, prompt_ids=prompt, max_new_tokens=2, stream=True,
+                                    end_ids=[], on_output=on_output))
+    got.wait()
+    return 1000 * first[0]
+
+
+def hf_generate(model_dir: Path, batches: list[int], input_len: int, output_len: int, device: torch.device,
+                dtype: torch.dtype) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    vocab = model.config.vocab_size
+    rows = []
+    for batch in batches:
+        ids = torch.randint(100, vocab - 100, (batch, input_len), device=device)
+        kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            model.generate(ids, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t
+        rows.append({"batch": batch, "tok_s": batch * output_len / wall, "wall_s": wall})
+        print(f"transformers generate batch {batch}: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def prefix_reuse(engine: Engine, prefix_len: int, vocab: int) -> dict:
+    """TTFT of prompts whose ``prefix_len``-token prefix is cached, against the same kind of prompt cold."""
+    prefix = random_prompts(1, prefix_len, vocab, 99)[0]
+    engine.pool.reset_prefix_cache()
+    cold = [ttft(engine, prefix + random_prompts(1, 32, vocab, 100)[0], "cold0")]
+    ttft(engine, prefix + [7] * 32, "fill")  # from here on the prefix is cached
+    hits = engine.pool.stats.prefix_hit_tokens
+    warm = [ttft(engine, prefix + random_prompts(1, 32, vocab, 200 + i)[0], f"warm{i}") for i in range(3)]
+    hits = engine.pool.stats.prefix_hit_tokens - hits
+    for i in range(2):
+        engine.pool.reset_prefix_cache()
+        cold.append(ttft(engine, prefix + random_prompts(1, 32, vocab, 300 + i)[0], f"cold{i + 1}"))
+    return {"prefix_len": prefix_len, "cold_ttft_ms": cold, "cached_ttft_ms": warm,
+            "prefix_hit_tokens": hits, "ratio": min(warm) / min(cold)}
+
+
+def profile_decode(engine: Engine, batch: int, input_len: int, vocab: int, out_dir: Path) -> None:
+    """torch.profiler over ~30 decode-only steps of a full batch (prefill excluded): the kernel table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    worker = threading.Thread(target=run_batch, args=(engine, random_prompts(batch, input_len, vocab, 7), 120, "prof"))
+    worker.start()
+    while engine.num_waiting or any(s.prefilling for s in list(engine.scheduler.running)) \
+            or len(engine.scheduler.running) < batch:
+        time.sleep(0.005)
+    time.sleep(0.05)
+    steps = engine.stats["decode_steps"]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        time.sleep(0.3)
+    steps = engine.stats["decode_steps"] - steps
+    worker.join()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    text = f"decode steps in the window: {steps}\n{table}"
+    (out_dir / f"decode_b{batch}.txt").write_text(text)
+    print(text, flush=True)
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--hf-batch", default="", help="transformers generate batch sizes, e.g. 1,8,32 ('': skip)")
+    ap.add_argument("--prefix-len", type=int, default=1024)
+    ap.add_argument("--max-num-tokens", type=int, default=2048)
+    ap.add_argument("--profile-dir", type=Path, default=None, help="write a kernel table of decode steps here")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",") if b]
+    max_seq_len = max(args.input_len + args.output_len, args.prefix_len + 64)
+    t = time.perf_counter()
+    engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch_size=max(batches),
+                    max_seq_len=max_seq_len, max_num_tokens=args.max_num_tokens).start()
+    load_s = time.perf_counter() - t
+    dev = engine.device
+    bw = copy_bandwidth(dev)
+    weights = sum(p.stat().st_size for p in args.model.glob("*.safetensors"))
+    result = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "model": str(args.model),
+        "load_s": load_s, "kv_cache_tokens": engine.kv_cache_tokens, "kernels": engine.kernels,
+        "cuda_graph_buckets": engine.runner.buckets, "copy_bandwidth_GBs": bw / 1e9, "weight_GB": weights / 1e9,
+        "roofline_tok_s": bw / weights if dev.type == "cuda" else None,
+        "input_len": args.input_len, "output_len": args.output_len, "rows": [],
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
+    vocab = engine.vocab_size
+    run_batch(engine, random_prompts(2, 16, vocab, 0), 8, "warm")
+    for b in batches:
+        run_batch(engine, random_prompts(b, 16, vocab, 1), 4, f"warm{b}")
+        before = {k: v for k, v in engine.stats["time_s"].items()}
+        steps_before = engine.stats["decode_steps"] + engine.stats["mixed_steps"]
+        row = run_batch(engine, random_prompts(b, args.input_len, vocab, 2 + b), args.output_len, f"b{b}")
+        steps = engine.stats["decode_steps"] + engine.stats["mixed_steps"] - steps_before
+        row["engine_ms_per_step"] = {k: 1000 * (engine.stats["time_s"][k] - before[k]) / max(steps, 1)
+                                     for k in before}
+        row["steps"] = steps
+        if result["roofline_tok_s"]:
+            row["fraction_of_roofline_per_request"] = row["decode_tok_s_per_request"] / result["roofline_tok_s"]
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+
+    if args.prefix_len:
+        result["prefix"] = prefix_reuse(engine, args.prefix_len, vocab)
+        print(json.dumps(result["prefix"]), flush=True)
+
+    if args.profile_dir and dev.type == "cuda":
+        profile_decode(engine, max(batches), args.input_len, vocab, args.profile_dir)
+    engine.shutdown()
+    del engine
+    hf_batches = [int(b) for b in args.hf_batch.split(",") if b]
+    if hf_batches:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        result["transformers"] = hf_generate(args.model, hf_batches, args.input_len, args.output_len, dev, dtype)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The Triton kernels against the plain PyTorch modules they replace (attention.py, model.py).
+
+They run on a CUDA device; without one, ``TRITON_INTERPRET=1`` runs them on the CPU through Triton's
+interpreter (slow but exact in float32). Skipped where neither is possible (triton not installed).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from tritonize.runtime.attention import AttentionMetadata, PagedAttention
+from tritonize.runtime.model import Norm
+
+pytest.importorskip("triton")
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICE = "cpu"
+else:
+    pytest.skip("the Triton kernels need a CUDA device (or TRITON_INTERPRET=1)", allow_module_level=True)
+
+from tritonize.runtime.cuda_kernels import paged_attention, rms_norm, silu_mul  # noqa: E402
+
+CASES = [  # heads, kv heads, head dim, block size, query lengths, cached context lengths, window
+    (4, 2, 16, 4, [1, 1, 1], [5, 12, 0], 0),  # decode rows
+    (4, 2, 16, 4, [7, 1, 13], [0, 9, 3], 0),  # prompt chunks beside decodes, continuing cached prefixes
+    (8, 1, 32, 16, [20, 1], [40, 70], 0),  # multi-query
+    (4, 4, 24, 4, [5, 3], [2, 0], 0),  # multi-head, head size not a power of two
+    (4, 2, 16, 4, [9, 1], [10, 30], 8),  # sliding window
+    (6, 2, 16, 8, [33, 1, 1, 2], [0, 5, 60, 7], 0),  # a group of 3 query heads per kv head
+    (32, 8, 128, 16, [1] * 5 + [40], [100, 3, 250, 17, 64, 90], 0),  # Llama-3-8B's heads
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_paged_attention_matches_the_reference(case, dtype):
+    if dtype is torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("the interpreter checks float32")
+    heads, n_kv, dim, bs, q_lens, contexts, window = case
+    torch.manual_seed(0)
+    ref = PagedAttention(64, bs, n_kv, dim, dim**-0.5, window, dtype, DEVICE)
+    ref.k_cache.normal_()
+    ref.v_cache.normal_()
+    free = list(range(1, 64))
+    random.Random(1).shuffle(free)
+    table = torch.zeros(len(q_lens), 20, dtype=torch.int64)
+    lens, starts, slots = [], [0], []
+    for s, (q, c) in enumerate(zip(q_lens, contexts, strict=True)):
+        blocks = [free.pop() for _ in range(-(-(q + c) // bs))]
+        table[s, : len(blocks)] = torch.tensor(blocks)
+        slots += [blocks[p // bs] * bs + p % bs for p in range(c, c + q)]
+        lens.append(q + c)
+        starts.append(starts[-1] + q)
+    n = starts[-1]
+    q, k, v = (torch.randn(n, h, dim, dtype=dtype, device=DEVICE) for h in (heads, n_kv, n_kv))
+    dev = {"device": DEVICE}
+    meta = AttentionMetadata(torch.tensor(slots, **dev), table.to(DEVICE), torch.tensor(lens, **dev),
+                             torch.tensor(starts, **dev), torch.arange(n, **dev), max(q_lens), lens, starts)
+    want = ref(q, k, v, meta)
+    got = paged_attention(q, ref.k_cache, ref.v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                          meta.max_query_len, dim**-0.5, window)
+    tol = 2e-5 if dtype is torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_silu_mul_match_the_modules(dtype):
+    if dtype is torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("the interpreter checks float32")
+    torch.manual_seed(0)
+    x, w, r = (torch.randn(*shape, device=DEVICE, dtype=dtype) for shape in ((5, 64), (64,), (5, 64)))
+    tol = 1e-5 if dtype is torch.float32 else 1e-2
+    for offset in (0.0, 1.0):
+        norm = Norm(64, "rms", 1e-5, offset).to(DEVICE, dtype)
+        norm.weight.data = w
+        torch.testing.assert_close(rms_norm(x, w, 1e-5, offset), norm(x), atol=tol, rtol=tol)
+        out, res = rms_norm(x, w, 1e-5, offset, residual=r)
+        torch.testing.assert_close(res, x + r)
+        torch.testing.assert_close(out, norm(x + r), atol=tol, rtol=tol)
+    h = torch.randn(3, 200, device=DEVICE, dtype=dtype)
+    gate, up = h.chunk(2, -1)
+    torch.testing.assert_close(silu_mul(h), torch.nn.functional.silu(gate) * up, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, n_kv, dim, rot", [(4, 2, 16, 16), (4, 1, 24, 8), (6, 6, 32, 0)])
+def test_rotary_and_cache_match_the_model(heads, n_kv, dim, rot, dtype):
+    """The fused kernel against model.apply_rotary + PagedAttention.write on the same tokens."""
+    if dtype is torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("the interpreter checks float32")
+    from tritonize.runtime.cuda_kernels import rotary_and_cache
+    from tritonize.runtime.model import apply_rotary
+
+    torch.manual_seed(0)
+    n = 7
+    qkv = torch.randn(n, (heads + 2 * n_kv) * dim, device=DEVICE, dtype=dtype)
+    slots = torch.tensor([9, 3, 14, 0, 5, 11, 2], device=DEVICE)
+    k_cache = torch.zeros(4, 4, n_kv, dim, device=DEVICE, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    q, k, v = qkv.split([heads * dim, n_kv * dim, n_kv * dim], dim=-1)
+    q, k, v = q.view(n, heads, dim), k.view(n, n_kv, dim), v.view(n, n_kv, dim)
+    rope = None
+    if rot:
+        angles = torch.randn(n, rot // 2, device=DEVICE)
+        cos = torch.cat([angles.cos(), angles.cos()], -1)[:, None].to(dtype)
+        sin = torch.cat([angles.sin(), angles.sin()], -1)[:, None].to(dtype)
+        rope = (cos, sin)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    got_q = rotary_and_cache(qkv, *(rope or (None, None)), slots, k_cache, v_cache, heads, n_kv, dim)
+    tol = 1e-5 if dtype is torch.float32 else 2e-2
+    torch.testing.assert_close(got_q, q, atol=tol, rtol=tol)
+    torch.testing.assert_close(k_cache.view(-1, n_kv, dim)[slots], k, atol=tol, rtol=tol)
+    torch.testing.assert_close(v_cache.view(-1, n_kv, dim)[slots], v)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma", "gpt2", "falcon_new", "nemotron", "mixtral"])
+def test_every_family_with_the_kernels_swapped_in_equals_transformers(name, tmp_path):
+    from tests.paged import PagedRun
+    from tests.test_model_families import FAMILIES, build_hf, hf_logits, random_ids
+    from tritonize.runtime.kernels import use_triton_kernels
+    from tritonize.runtime.weights import load_model
+
+    hf = build_hf(FAMILIES[name](), tmp_path)
+    model = load_model(tmp_path, device=DEVICE)
+    assert use_triton_kernels(model)
+    run = PagedRun(model, block_size=4)
+    prompt, more = random_ids(13, seed=1), random_ids(4, seed=2)
+    ref = hf_logits(hf, prompt + more).to(DEVICE)
+    got = run([("a", prompt[:9], 0)], every_token=True)
+    got = torch.cat([got, run([("a", prompt[9:], 9), ("b", prompt, 0)], every_token=True)[:4]])
+    for i, token in enumerate(more):  # decode rows
+        got = torch.cat([got, run([("a", [token], 13 + i)])])
+    torch.testing.assert_close(got[:13], ref[:13], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(got[13:], ref[13:], atol=2e-4, rtol=1e-4)

@@ -1,0 +1,257 @@
+"""GPU kernels written in Triton: attention over the paged KV cache, and small fusions of the decode step.
+
+Imported only where CUDA and the ``triton`` package are present; ``attention.py`` and ``model.py`` hold the
+plain PyTorch versions that run everywhere else (and are the reference these kernels are tested against).
+
+``paged_attention`` serves every step with one launch per layer, whatever mixes it holds: decode rows
+(one query each), prompt chunks (many queries, causal), and chunks that continue a cached prefix. The
+tokens of all sequences are packed one after the other (``query_start_loc`` says where each begins), as
+in vLLM's unified attention; each program takes a tile of one sequence's queries for one key/value head,
+with the query heads that share that key/value head stacked as rows of the same tile, and walks the
+sequence's blocks through its block table with an online softmax. The grid depends only on the number
+of tokens and sequences, so a decode step keeps its shape and can be replayed from a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["paged_attention", "rms_norm", "rotary_and_cache", "silu_mul"]
+
+
+@triton.jit
+def _find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence that owns query tile ``q_block``: tiles are numbered ``start // BLOCK_Q + s`` on."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
+def _paged_attention_kernel(
+    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    scale, num_seqs,
+    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
+    stride_k_blk, stride_k_tok, stride_k_head, stride_v_blk, stride_v_tok, stride_v_head,
+    stride_bt,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_P: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, IEEE: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    s = _find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + s)
+    q_len = tl.load(query_start_loc_ptr + s + 1) - q_start
+    local = q_block - (q_start // BLOCK_Q + s)
+    if local * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + s)
+    context = seq_len - q_len  # tokens cached before this step's queries
+
+    rows = tl.arange(0, BLOCK_M)
+    t = local * BLOCK_Q + rows // GROUP_P  # query index within the sequence
+    g = rows % GROUP_P
+    row_ok = (t < q_len) & (g < GROUP)
+    head = kv_head * GROUP + g
+    d = tl.arange(0, HEAD_P)
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + (q_start + t)[:, None] * stride_q_tok + head[:, None] * stride_q_head + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_pos = context + t
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_P], tl.float32)
+    last = tl.minimum(local * BLOCK_Q + BLOCK_Q, q_len) - 1
+    kv_end = context + last + 1
+    kv_start = 0
+    if WINDOW > 0:
+        kv_start = tl.maximum(context + local * BLOCK_Q - WINDOW + 1, 0)
+        kv_start = (kv_start // BLOCK_N) * BLOCK_N
+    for j0 in range(kv_start, kv_end, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        j_ok = j < kv_end
+        blk = tl.load(block_tables_ptr + s * stride_bt + j // BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
+        off = j % BLOCK_SIZE
+        kv_mask = j_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + blk[:, None] * stride_k_blk + off[:, None] * stride_k_tok
+                    + kv_head * stride_k_head + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = qk * scale
+        visible = (j[None, :] <= q_pos[:, None]) & j_ok[None, :]
+        if WINDOW > 0:
+            visible = visible & (j[None, :] > q_pos[:, None] - WINDOW)
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(qk - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + blk[:, None] * stride_v_blk + off[:, None] * stride_v_tok
+                    + kv_head * stride_v_head + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + (q_start + t)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int, scale: float,
+                    window: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q ``[N, H, D]`` packed by sequence; caches ``[blocks, block_size, Hkv, D]``; -> ``[N, H, D]``."""
+    n_tokens, n_heads, head_dim = q.shape
+    num_blocks, block_size, n_kv, _ = k_cache.shape
+    group = n_heads // n_kv
+    group_p = triton.next_power_of_2(group)
+    num_seqs = seq_lens.shape[0]
+    # Tiles of 16 rows for decode (one query per sequence), 64 for prompt chunks.
+    block_m = max(16, group_p) if max_query_len <= 1 else max(64, group_p)
+    block_q = block_m // group_p
+    if out is None:
+        out = torch.empty_like(q)
+    grid = (n_tokens // block_q + num_seqs, n_kv)
+    _paged_attention_kernel[grid](
+        out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        scale, num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_P=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64 if head_dim <= 128 else 32,
+        WINDOW=int(window or 0), IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=2,
+    )
+    return out
+
+
+@triton.jit
+def _rms_norm_kernel(out_ptr, res_out_ptr, x_ptr, res_ptr, w_ptr, n_cols, eps, offset,
+                     HAS_RES: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=ok, other=0.0)
+    if HAS_RES:
+        x = x + tl.load(res_ptr + row * n_cols + cols, mask=ok, other=0.0)
+        tl.store(res_out_ptr + row * n_cols + cols, x, mask=ok)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, 0) / n_cols
+    normed = xf * tl.rsqrt(var + eps)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+    if HAS_OFFSET:  # Gemma: scale in float32, then round (model.Norm does the same)
+        y = (normed * (w.to(tl.float32) + offset)).to(out_ptr.dtype.element_ty)
+    else:  # Llama: round the normalised value first, then scale in the model dtype
+        y = (w * normed.to(x.dtype)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * n_cols + cols, y, mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of ``x`` (or of ``x + residual``, also returned) in one pass, rounding as model.Norm does."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    out = torch.empty_like(x2)
+    res_out = torch.empty_like(x2) if residual is not None else out
+    res = residual.reshape(-1, shape[-1]) if residual is not None else x2
+    _rms_norm_kernel[(x2.shape[0],)](out, res_out, x2, res, weight, shape[-1], eps, offset,
+                                     HAS_RES=residual is not None, HAS_OFFSET=offset != 0.0,
+                                     BLOCK=triton.next_power_of_2(shape[-1]),
+                                     num_warps=8 if shape[-1] >= 2048 else 4)
+    if residual is not None:
+        return out.view(shape), res_out.view(shape)
+    return out.view(shape)
+
+
+@triton.jit
+def _silu_mul_kernel(out_ptr, x_ptr, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    gate = tl.load(x_ptr + row * 2 * n_cols + cols, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * 2 * n_cols + n_cols + cols, mask=ok, other=0.0)
+    act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    tl.store(out_ptr + row * n_cols + cols, act * up, mask=ok)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for ``x = [gate | up]`` along the last dim, in one kernel."""
+    shape = x.shape
+    n = shape[-1] // 2
+    x2 = x.reshape(-1, shape[-1])
+    out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    block = 1024
+    _silu_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](out, x2, n, BLOCK=block)
+    return out.view(*shape[:-1], n)
+
+
+@triton.jit
+def _rotary_cache_kernel(q_out_ptr, qkv_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
+                         stride_qkv, stride_cs, stride_cache,
+                         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+                         HALF: tl.constexpr, HALF_P: tl.constexpr, ROPE: tl.constexpr):
+    """One head of one token: rotate q and k (rotate-half, first 2 * HALF dims), write k and v to the cache."""
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    src = qkv_ptr + tok * stride_qkv + head * D
+    slot = tl.load(slot_ptr + tok)
+    if head >= H + HKV:  # a value head: straight to the cache
+        d = tl.arange(0, D_P)
+        v = tl.load(src + d, mask=d < D)
+        tl.store(v_cache_ptr + slot * stride_cache + (head - H - HKV) * D + d, v, mask=d < D)
+        return
+    if head < H:
+        dst = q_out_ptr + tok * (H * D) + head * D
+    else:
+        dst = k_cache_ptr + slot * stride_cache + (head - H) * D
+    if ROPE:
+        i = tl.arange(0, HALF_P)
+        m = i < HALF
+        x1 = tl.load(src + i, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + i, mask=m, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + tok * stride_cs + i, mask=m, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + tok * stride_cs + i, mask=m, other=0.0).to(tl.float32)
+        tl.store(dst + i, (x1 * c - x2 * s).to(dst.dtype.element_ty), mask=m)
+        tl.store(dst + HALF + i, (x2 * c + x1 * s).to(dst.dtype.element_ty), mask=m)
+        if 2 * HALF < D:  # partial rotary: the rest of the head passes through
+            r = 2 * HALF + tl.arange(0, D_P)
+            tl.store(dst + r, tl.load(src + r, mask=r < D), mask=r < D)
+    else:
+        d = tl.arange(0, D_P)
+        tl.store(dst + d, tl.load(src + d, mask=d < D), mask=d < D)
+
+
+def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                     slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
+                     n_kv: int, head_dim: int) -> torch.Tensor:
+    """From the fused projection ``qkv [N, (H + 2 Hkv) * D]``: rotated queries ``[N, H, D]`` returned, rotated
+    keys and the values written to the cache rows ``slot_mapping``. ``cos``/``sin``: each token's
+    ``[N, ..., rot_dim]`` rows as model.Transformer gathers them (None: no rotary embedding)."""
+    n = qkv.shape[0]
+    q = torch.empty(n, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    rope = cos is not None
+    half = cos.shape[-1] // 2 if rope else 1
+    _rotary_cache_kernel[(n, n_heads + 2 * n_kv)](
+        q, qkv, cos if rope else qkv, sin if rope else qkv, slot_mapping, k_cache, v_cache,
+        qkv.stride(0), cos.stride(0) if rope else 0, n_kv * head_dim,
+        H=n_heads, HKV=n_kv, D=head_dim, D_P=triton.next_power_of_2(head_dim),
+        HALF=half, HALF_P=triton.next_power_of_2(half), ROPE=rope, num_warps=1,
+    )
+    return q
