@@ -7,12 +7,17 @@ All repositories are merged into one directory so that a single server (started 
 family side by side. The served greedy text must equal transformers ``generate`` on the original
 model, fed the ids the source tokenizer gives (SentencePiece or byte-level BPE, not tritonize's own
 tokenizer code), and decoded the same way.
+
+Each engine runs with a KV pool of three 16-token blocks and a 4-token step budget: prompts are prefilled
+in chunks, concurrent requests outgrow the pool and are preempted and computed again, and repeated
+prompts take their prefix blocks from the cache. None of it may change a single token.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +36,8 @@ BPE_VOCAB = 300
 MAX_TOKENS = 8
 WEIGHT_STD = 0.3
 PROMPTS = ["The capital of France is", "def main():\n    return"]
+# a pool of 3 blocks of 16 tokens and 4 tokens a step: chunked prefill, preemption and prefix reuse at once
+ENGINE_LIMITS = dict(max_batch_size=4, max_num_tokens=4, kv_cache_tokens=48)
 
 
 @dataclass(frozen=True)
@@ -132,8 +139,7 @@ def _build_case(name: str, case: Case, seed: int, tok_dirs: dict[str, Path], wor
                              tokenizer="sentencepiece" if case.tokenizer == "sentencepiece" else None)
     exported = work / f"{name}-hf"
     export_checkpoint(source, exported, progress=False)
-    spec = RepoSpec(name=name, max_batch_size=2, max_input_len=32, max_output_len=16, device="cpu",
-                    dtype="float32")
+    spec = RepoSpec(name=name, max_input_len=32, max_output_len=16, device="cpu", dtype="float32", **ENGINE_LIMITS)
     repo = build_repository(exported, work / f"{name}-repo", spec, force=False, progress=False)
     return repo, reference
 
@@ -171,10 +177,17 @@ def test_family_greedy_text_matches_transformers(name, server, families):
     _, references = families
     reference = references[name]
     seen: set[int] = set()
+    expected = {}
     for prompt in PROMPTS:
         ids, new = reference.generate(prompt, MAX_TOKENS)
         seen.update(new)
-        got = grpc_generate(server.grpc_endpoint, name, prompt, GenerateOptions(max_tokens=MAX_TOKENS))
-        assert got.num_input_tokens == len(ids), (name, prompt)
-        assert (got.num_output_tokens, got.text) == (len(new), reference.text(ids, new)), (name, prompt)
+        expected[prompt] = (len(ids), len(new), reference.text(ids, new))
+    # alone first, then all at once twice over (the pool holds fewer than four requests' tokens)
+    asks = PROMPTS + PROMPTS * 4
+    alone = [grpc_generate(server.grpc_endpoint, name, p, GenerateOptions(max_tokens=MAX_TOKENS)) for p in PROMPTS]
+    with ThreadPoolExecutor(len(asks) - len(PROMPTS)) as pool:
+        crowded = list(pool.map(lambda p: grpc_generate(server.grpc_endpoint, name, p,
+                                                         GenerateOptions(max_tokens=MAX_TOKENS)), asks[len(PROMPTS):]))
+    for prompt, got in zip(asks, alone + crowded, strict=True):
+        assert (got.num_input_tokens, got.num_output_tokens, got.text) == expected[prompt], (name, prompt)
     assert len(seen) > 3, f"{name}: the reference output is too uniform to tell a wrong model apart"

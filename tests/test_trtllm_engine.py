@@ -312,12 +312,13 @@ def test_executor_finish_reasons_and_config():
                                                     "NOT_FINISHED")] == ["end", "stop", "length", "cancelled", None]
     config = executor_config_kwargs(kv_cache_free_gpu_memory_fraction=0.4, max_batch_size=8, max_num_tokens=256,
                                     multi_gpu_mode="orchestrator", world_size=2)
-    assert config["kv_cache_config"] == {"free_gpu_memory_fraction": 0.4}
+    assert config["kv_cache_config"] == {"free_gpu_memory_fraction": 0.4, "enable_block_reuse": True}
     assert config["parallel"] == {"communication_mode": "ORCHESTRATOR"}
     assert (config["max_batch_size"], config["max_num_tokens"], config["max_beam_width"]) == (8, 256, 1)
     leader = executor_config_kwargs(kv_cache_free_gpu_memory_fraction=None, max_batch_size=None, max_num_tokens=None,
-                                    multi_gpu_mode="leader", world_size=2)
-    assert leader["kv_cache_config"] == {} and leader["parallel"] == {"communication_mode": "LEADER"}
+                                    multi_gpu_mode="leader", world_size=2, kv_cache_tokens=4096, prefix_cache=False)
+    assert leader["kv_cache_config"] == {"enable_block_reuse": False, "max_tokens": 4096}
+    assert leader["parallel"] == {"communication_mode": "LEADER"}
 
 
 def test_engine_runtime_without_tensorrt_llm_is_one_line(export_tp2, tmp_path):
@@ -486,7 +487,6 @@ def test_generate_trtllm_options_reach_the_engine_parameters(hf, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--tensor-parallelism-size", "2"], "--tensor-parallelism-size above 1 needs --runtime trtllm or trtllm-engine"),
-    (["--kv-cache-free-gpu-memory-fraction", "0.5"], "--kv-cache-free-gpu-memory-fraction needs --runtime trtllm"),
     (["--runtime", "trtllm", "--no-paged-kv-cache"],
      "--no-paged-kv-cache needs --runtime trtllm-engine (TensorRT-LLM's LLM API always pages its KV cache)"),
     (["--opt-num-tokens", "8"], "--opt-num-tokens needs --runtime trtllm-engine (a TensorRT build profile)"),

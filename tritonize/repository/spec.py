@@ -49,6 +49,13 @@ def runtime_warning(runtime: str) -> str | None:
     return None
 
 
+def step_tokens(max_num_tokens: int, max_input_len: int, max_batch_size: int, device: str) -> int:
+    """Tokens per scheduler step (a decode row takes one, prompt chunks the rest); 0 asks for the default."""
+    if max_num_tokens:
+        return max_num_tokens
+    return max(max_input_len, max_batch_size, 0 if device == "cpu" else 2048)
+
+
 @dataclass(frozen=True)
 class RepoSpec:
     name: str
@@ -111,10 +118,7 @@ class RepoSpec:
 
     @property
     def step_tokens(self) -> int:
-        """Tokens per scheduler step: a decode row takes one, prompt chunks the rest."""
-        if self.max_num_tokens:
-            return self.max_num_tokens
-        return max(self.max_input_len, self.max_batch_size, 0 if self.device == "cpu" else 2048)
+        return step_tokens(self.max_num_tokens, self.max_input_len, self.max_batch_size, self.device)
 
     @property
     def world_size(self) -> int:

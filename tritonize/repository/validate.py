@@ -20,6 +20,7 @@ from tritonize.runtime.config import ModelArgs, UnsupportedModelError
 from .layout import REPOSITORY_MANIFEST, model_folders
 from .manifest import hash_tree
 from .render import RUNTIME_PACKAGE, RenderError, model_versions, parse_config, read_manifest
+from .spec import step_tokens
 
 Config = model_config_pb2.ModelConfig
 REGENERATE = "run `tritonize generate` again"
@@ -212,7 +213,10 @@ def _limit_problems(name: str, options: dict, configs: dict[str, Config]) -> lis
             problems.append(Problem(f"{folder}/config.pbtxt", f"max_batch_size {size} but {REPOSITORY_MANIFEST} and the "
                                     f"other models of {name!r} have {want}",
                                     f"set max_batch_size: {want} in every model of {name!r} or {REGENERATE}"))
-    max_num_tokens = options.get("max_num_tokens") or options.get("max_input_len")
+    max_num_tokens = None
+    if all(options.get(k) is not None for k in ("max_input_len", "max_batch_size")):
+        max_num_tokens = step_tokens(options.get("max_num_tokens") or 0, options["max_input_len"],
+                                     options["max_batch_size"], options.get("device") or "auto")
     expected = {
         engine: {"max_batch_size": options.get("max_batch_size"), "max_input_len": options.get("max_input_len"),
                  "max_output_len": options.get("max_output_len"), "max_num_tokens": max_num_tokens,
