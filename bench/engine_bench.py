@@ -195,7 +195,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "model": str(args.model),
         "load_s": load_s, "kv_cache_tokens": engine.kv_cache_tokens, "kernels": engine.kernels,
-        "cuda_graph_buckets": engine.runner.buckets, "copy_bandwidth_GBs": bw / 1e9, "weight_GB": weights / 1e9,
+        "cuda_graphs": [(g.tokens, g.seqs, g.prompt) for g in engine.runner.shapes()], "copy_bandwidth_GBs": bw / 1e9, "weight_GB": weights / 1e9,
         "roofline_tok_s": bw / weights if dev.type == "cuda" else None,
         "input_len": args.input_len, "output_len": args.output_len, "rows": [],
     }

@@ -166,12 +166,12 @@ def test_adapters_under_cuda_graphs(llama):
     n = 10
     with Engine(llama["path"], device="cuda", dtype="float32", max_batch_size=6, max_seq_len=64,
                 adapters_dir=llama["adapters"]) as eng:
-        assert eng.runner.buckets
+        assert eng.runner.shapes()
         vocab = 256
         jobs = [(PROMPTS[0], {"lora_task_id": 1}), (PROMPTS[1], {"lora_task_id": 7}), (PROMPTS[2], {}),
                 ([vocab + j for j in range(5)] + PROMPTS[3], {"task_id": 4, "lora_task_id": 1})]
         outs = _run(eng, jobs, n)
-        assert eng.runner.graphs and eng.stats["decode_steps"] > 0
+        assert set(eng.runner.graphs) == set(eng.runner.shapes()) and eng.stats["decode_steps"] > 0
     for (prompt, kw), out in zip(jobs[:3], outs[:3]):
         reference = llama["peft"][kw["lora_task_id"]] if "lora_task_id" in kw else llama["base"]
         assert out.token_ids == _hf_greedy(reference, prompt, n), kw

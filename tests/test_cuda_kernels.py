@@ -137,3 +137,30 @@ def test_every_family_with_the_kernels_swapped_in_equals_transformers(name, tmp_
         got = torch.cat([got, run([("a", [token], 13 + i)])])
     torch.testing.assert_close(got[:13], ref[:13], atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(got[13:], ref[13:], atol=2e-4, rtol=1e-4)
+
+
+def test_padded_steps_give_the_exact_steps_tokens(tmp_path):
+    """The layouts the CUDA graphs replay (steps padded to a token bucket, padding tokens and sequences that
+    belong to no request), run eagerly with the kernels: the same greedy text as transformers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tritonize.runtime.engine import Engine
+    from tritonize.runtime.runner import batch_buckets, token_buckets
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.1)
+    hf = LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path)
+    prompts = [[1, 17, 42, 99, 7], [1, 250, 3], [1] + list(range(60, 90)), [1, 5, 5, 5, 8, 200, 31, 64, 2, 9, 11]]
+    with Engine(tmp_path, device=DEVICE, dtype="float32", max_batch_size=4, max_seq_len=64, max_num_tokens=24,
+                block_size=4, kernels=True, cuda_graphs=False) as eng:
+        assert eng.kernels
+        eng.runner.buckets, eng.runner.token_buckets = batch_buckets(4), token_buckets(24)
+        got = eng.generate(prompts, 6, end_ids=[], timeout=120)
+    for prompt, out in zip(prompts, got, strict=True):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+        assert out == ref

@@ -278,7 +278,7 @@ class Engine(GenerationEngine):
                 raise RuntimeError("this engine was shut down; create a new one")
             if self._thread is not None:
                 return self
-        if self.runner.buckets:
+        if self.runner.shapes():
             with torch.inference_mode():
                 self.runner.capture_all()  # before serving, not on the first requests
         with self._cv:

@@ -27,7 +27,7 @@ from .scheduler import StepPlan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InFlight", "ModelRunner", "batch_buckets"]
+__all__ = ["InFlight", "ModelRunner", "batch_buckets", "token_buckets"]
 
 _REGIONS = ("ids", "pos", "slot_mapping", "pending", "adapter")  # one int64 per token
 _SEQ_REGIONS = ("seq_lens", "logits_indices", "sample_slots")  # one per sequence
@@ -53,6 +53,25 @@ def _tokens(seq, start: int, stop: int) -> list[int]:
     if start >= n:
         return seq.output[start - n : stop - n]
     return seq.prompt[start:] + seq.output[: stop - n]
+
+
+def token_buckets(max_num_tokens: int) -> list[int]:
+    """Token counts of a step with prompt chunks that get a CUDA graph: 16, 32, 64, ... up to the budget."""
+    sizes, t = [], 16
+    while t < max_num_tokens:
+        sizes.append(t)
+        t *= 2
+    return sizes + [max_num_tokens]
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What a captured step was captured for: its tokens, its sequences, and whether it holds prompt chunks
+    (the attention kernel's tiles differ)."""
+
+    tokens: int
+    seqs: int
+    prompt: bool
 
 
 class _Layout:
@@ -120,8 +139,11 @@ class ModelRunner:
         self.host = self._hosts[0]
         self.host_np = self.host.numpy()
         self.staging = torch.zeros(cap, dtype=torch.int64, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[_Shape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.failed: set[_Shape] = set()
+        self.capture = cuda_graphs
         self.buckets = batch_buckets(max_num_seqs) if cuda_graphs else []
+        self.token_buckets = token_buckets(max_num_tokens) if cuda_graphs else []
         self._graph_pool = None
 
     # ---------------------------------------------------------------- building a step
@@ -168,15 +190,15 @@ class ModelRunner:
         return r
 
     def _pad(self, layout: _Layout, used_tokens: int, used_seqs: int, rows: int) -> None:
-        """Padding sequences of one token each at position 0 of block 0, sampling into the dummy slot."""
+        """Padding tokens (no sequence's, writing into block 0) and padding sequences (no queries), sampling
+        rows that read token 0 and sample into the dummy slot."""
         v = layout.views(self.host_np[: layout.size])
         for name in _REGIONS:
             v[name][used_tokens:] = 0
         v["pending"][used_tokens:] = -1
-        pad = np.arange(used_seqs, layout.n_seqs)
-        v["seq_lens"][used_seqs:] = 1
-        v["query_start_loc"][used_seqs + 1 :] = used_tokens + np.arange(1, layout.n_seqs - used_seqs + 1)
-        v["logits_indices"][rows:] = used_tokens + (pad - used_seqs)
+        v["seq_lens"][used_seqs:] = 0
+        v["query_start_loc"][used_seqs + 1 :] = used_tokens
+        v["logits_indices"][rows:] = 0
         v["sample_slots"][rows:] = self.dummy_slot
 
     def _device_views(self, layout: _Layout) -> dict:
@@ -184,7 +206,8 @@ class ModelRunner:
         return layout.views(self.staging[: layout.size])
 
     def _forward(self, v: dict, max_query_len: int, host: dict | None) -> torch.Tensor:
-        """The model on a laid-out step; ``host`` carries the numbers the Python attention path reads."""
+        """The model on a laid-out step; ``host`` carries the numbers the Python attention path reads.
+        Logits come for ``v["logits_indices"]`` (a step samples at most one token per sequence)."""
         ids = torch.where(v["pending"] >= 0, self.last_sampled[v["pending"].clamp(min=0)], v["ids"])
         n = ids.shape[0]
         if self.token_adapter is not None:
@@ -204,23 +227,41 @@ class ModelRunner:
         self.host_np = self.host.numpy()
         return self._launch(plan, rows, virtual_offset, slot_adapter)
 
+    def _shape(self, plan: StepPlan) -> _Shape | None:
+        """The captured shape this plan replays, or None (eager)."""
+        if plan.decode_only:
+            n = len(plan.chunks)
+            bucket = next((b for b in self.buckets if b >= n), None)
+            shape = None if bucket is None else _Shape(bucket, bucket, False)
+        else:
+            n = plan.num_tokens
+            bucket = next((t for t in self.token_buckets if t >= n), None)
+            shape = None if bucket is None else _Shape(bucket, self.max_num_seqs, True)
+        return None if shape in self.failed else shape
+
     def _launch(self, plan: StepPlan, rows: Sequence[SamplingRow], virtual_offset: Callable[[object], int],
                 slot_adapter: np.ndarray | None) -> InFlight:
         n_seqs = len(plan.chunks)
-        bucket = None
-        if plan.decode_only and self.buckets and n_seqs <= self.buckets[-1]:
-            bucket = next(b for b in self.buckets if b >= n_seqs)
-        if bucket is not None:
-            layout = _Layout(bucket, bucket, self.width)
-            r = self._fill(plan, layout, virtual_offset, slot_adapter)
-            self._pad(layout, n_seqs, n_seqs, r)
-            graph = self.graphs.get(bucket) or self._capture(bucket)
+        shape = self._shape(plan)
+        graph = None
+        if shape is not None and self.capture:
+            graph = self.graphs.get(shape) or self._capture(shape)
             if graph is None:
-                return self._launch(plan, rows, virtual_offset, slot_adapter)  # now eager for this size
-            self.staging[: layout.size].copy_(self.host[: layout.size], non_blocking=True)
-            graph[0].replay()
-            logits = graph[1][:r]
-            sample_slots = layout.views(self.staging)["sample_slots"][:r]
+                shape = None  # could not be captured: eager, exactly laid out
+        if shape is not None:
+            layout = _Layout(shape.tokens, shape.seqs, self.width)
+            r = self._fill(plan, layout, virtual_offset, slot_adapter)
+            self._pad(layout, plan.num_tokens, n_seqs, r)
+            if graph is not None:
+                self.staging[: layout.size].copy_(self.host[: layout.size], non_blocking=True)
+                graph[0].replay()
+                logits = graph[1][:r]
+                sample_slots = layout.views(self.staging)["sample_slots"][:r]
+            else:  # the padded layout run eagerly: what a graph replays (tests check it where none is captured)
+                v = self._device_views(layout)
+                v["logits_indices"] = v["logits_indices"][: min(shape.tokens, shape.seqs)]
+                logits = self._forward(v, shape.tokens if shape.prompt else 1, None)[:r]
+                sample_slots = v["sample_slots"][:r]
         else:
             layout = _Layout(plan.num_tokens, n_seqs, self.width)
             r = self._fill(plan, layout, virtual_offset, slot_adapter)
@@ -253,47 +294,52 @@ class ModelRunner:
         return InFlight(plan, host_tokens, host_lp, event)
 
     # ---------------------------------------------------------------- CUDA graphs
+    def shapes(self) -> list[_Shape]:
+        """Every shape a step can replay, largest first (smaller graphs reuse the largest one's memory)."""
+        decode = [_Shape(b, b, False) for b in self.buckets]
+        prompt = [_Shape(t, self.max_num_seqs, True) for t in self.token_buckets]
+        return sorted(decode + prompt, key=lambda s: (s.tokens, s.seqs, s.prompt), reverse=True)
+
     def capture_all(self, progress: Callable[[int, int], None] | None = None) -> None:
-        """Capture every bucket, largest first (the smaller graphs reuse the largest one's memory)."""
-        todo = sorted(self.buckets, reverse=True)
-        for k, bucket in enumerate(todo):
-            if bucket not in self.graphs:
-                self._capture(bucket)
+        """Capture every shape now, so that no request pays for a capture later."""
+        todo = self.shapes()
+        for k, shape in enumerate(todo):
+            if shape not in self.graphs and shape not in self.failed:
+                self._capture(shape)
             if progress is not None:
                 progress(k + 1, len(todo))
 
-    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
-        """The graph of a decode step of ``bucket`` rows; None (and eager from now on for that size) when the
-        step cannot be captured, e.g. a mixture-of-experts layer routing more tokens than its dense path takes."""
+    def _capture(self, shape: _Shape) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        """The graph of ``shape``; None (and eager from now on for that shape) when the step cannot be
+        captured, e.g. a mixture-of-experts layer routing more tokens than its dense path takes."""
         try:
-            return self._capture_graph(bucket)
+            return self._capture_graph(shape)
         except Exception as exc:  # noqa: BLE001 - any capture failure: keep serving, eagerly
             torch.cuda.synchronize(self.device)
-            log.warning("CUDA graph capture of decode batch %d failed (%s); that size runs eagerly", bucket, exc)
-            self.buckets = [b for b in self.buckets if b < bucket]
+            log.warning("CUDA graph capture of a step of %d tokens failed (%s); such steps run eagerly",
+                        shape.tokens, exc)
+            self.failed.add(shape)
             return None
 
-    def _capture_graph(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        layout = _Layout(bucket, bucket, self.width)
-        hv = layout.views(self.host_np[: layout.size])
+    def _capture_graph(self, shape: _Shape) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        layout = _Layout(shape.tokens, shape.seqs, self.width)
         self.host_np[: layout.size] = 0
-        hv["pending"][:] = -1
-        hv["seq_lens"][:] = 1
-        hv["query_start_loc"][:] = np.arange(bucket + 1)
-        hv["logits_indices"][:] = np.arange(bucket)
-        hv["sample_slots"][:] = self.dummy_slot
+        self._pad(layout, 0, 0, 0)
         v = self._device_views(layout)
+        v["logits_indices"] = v["logits_indices"][: min(shape.tokens, shape.seqs)]  # no more rows can sample
+        max_query_len = shape.tokens if shape.prompt else 1  # picks the attention kernel's tiles
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(v, 1, None)
+                self._forward(v, max_query_len, None)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            logits = self._forward(v, 1, None)
-        self.graphs[bucket] = (graph, logits)
-        log.info("captured a CUDA graph for decode batch %d", bucket)
-        return self.graphs[bucket]
+            logits = self._forward(v, max_query_len, None)
+        self.graphs[shape] = (graph, logits)
+        log.info("captured a CUDA graph for steps of %d tokens (%s)", shape.tokens,
+                 "prompt chunks" if shape.prompt else "decode")
+        return self.graphs[shape]
