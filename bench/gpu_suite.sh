@@ -31,7 +31,10 @@ case $phase in
       --duration 12 --pa-interval-ms 4000 --prefix-len 1024 --workdir /tmp/sb --json "$out/serve.json" 2>&1 \
       | grep -E '^\{|ready|rror' | tee "$out/serve.log"
     cp /tmp/sb/server.log "$out/server.log" 2>/dev/null
-    tar czf "$out/pa-logs.tgz" -C /tmp/sb $(cd /tmp/sb && ls perf_analyzer_*.log 2>/dev/null) 2>/dev/null ;;
+    tar czf "$out/pa-logs.tgz" -C /tmp/sb $(cd /tmp/sb && ls perf_analyzer_*.log 2>/dev/null) 2>/dev/null
+    # what the Triton hops cost per token when the model costs next to nothing
+    python3 bench/hops.py --device cuda --concurrency 1,64 --duration 8 --json "$out/hops.json" 2>&1 \
+      | grep -E '^\{' | tee "$out/hops.log" ;;
   baseline)
     python3 bench/engine_bench.py --model $model --batches 1 --prefix-len 0 --hf-batch 1,8,32 \
       --json "$out/transformers.json" 2>&1 | tee "$out/transformers.log" ;;

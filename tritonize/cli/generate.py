@@ -35,6 +35,9 @@ from .options import FP8_SWITCH, generate_option
 @generate_option("dtype", default="auto", show_default=True, type=click.Choice(DTYPES),
               help="auto: bfloat16 on CUDA, float32 on CPU.")
 @generate_option("instance_count", default=1, show_default=True, type=int, help="Engine model instances.")
+@generate_option("tokenizer_instance_count", default=None, type=click.IntRange(min=1),
+                 help="Instances of the preprocessing and postprocessing models (default: 1 with --device cpu, "
+                      "else 4): each detokenizes streamed responses in a process of its own.")
 @generate_option("lora_ckpt", multiple=True, metavar="[ID=]PATH",
               help="LoRA adapter to serve (PEFT dir, NeMo .nemo or NeMo 2 dir); repeat for several. Requests pick one "
                    "with lora_task_id: ID, or the adapter's position (0, 1, ...).")

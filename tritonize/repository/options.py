@@ -101,6 +101,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     _row("dtype", nemo=False),
     _row("export_dtype", flag="--dtype", nemo=False, label="--dtype (export)"),
     _row("instance_count", nemo=False),
+    _row("tokenizer_instance_count", nemo=False),
     # adapters
     _row("lora_ckpt", spec_field="lora"),
     _row("lora_target_modules"),
@@ -169,8 +170,7 @@ def describe(key: str) -> str:
         return named[0].label
     if named:
         return " / ".join(o.flag for o in named)
-    return {"tokenizer_instance_count": "tokenizer instance count",
-            "trtllm_build": "the TensorRT-LLM build options"}.get(key, key)
+    return {"trtllm_build": "the TensorRT-LLM build options"}.get(key, key)
 
 
 def flag(name: str) -> str:

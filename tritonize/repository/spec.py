@@ -68,7 +68,7 @@ class RepoSpec:
     device: str = "auto"
     dtype: str = "auto"
     instance_count: int = 1
-    tokenizer_instance_count: int = 1
+    tokenizer_instance_count: int = 1  # generate's default: 1 on --device cpu, else 4
     # adapters: (lora_task_id, source) and (task_id, source) pairs, and the limits they are checked against
     lora: tuple[tuple[int, str], ...] = ()
     ptuning: tuple[tuple[int, str], ...] = ()
@@ -105,6 +105,8 @@ class RepoSpec:
         """
         names = {f.name for f in fields(cls)}
         values = {name: value for name, value in options.items() if name in names and value is not None}
+        if "tokenizer_instance_count" not in values:  # a GPU's streams outrun one detokenizing process
+            values["tokenizer_instance_count"] = 1 if values.get("device") == "cpu" else 4
         if "max_batch_size" not in values:  # the KV cache is paged: a batch row reserves no memory
             rows = 8 if values.get("device") == "cpu" else 256
             values["max_batch_size"] = min(rows, values.get("max_num_tokens") or rows)
@@ -126,7 +128,7 @@ class RepoSpec:
 
     def _check(self) -> None:
         check_name(self.name)
-        for name in ("version", "max_batch_size", "max_input_len", "max_output_len", "instance_count",
+        for name in ("version", "max_batch_size", "max_input_len", "max_output_len", "instance_count", "tokenizer_instance_count",
                      "tensor_parallel_size", "pipeline_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
