@@ -35,6 +35,9 @@ from .options import FP8_SWITCH, generate_option
 @generate_option("dtype", default="auto", show_default=True, type=click.Choice(DTYPES),
               help="auto: bfloat16 on CUDA, float32 on CPU.")
 @generate_option("instance_count", default=1, show_default=True, type=int, help="Engine model instances.")
+@generate_option("chat_template", default=None, type=click.Path(dir_okay=False, path_type=Path),
+                 help="Chat template (.jinja, or a chat_template.json) to serve instead of the checkpoint's; "
+                      "without either, chat requests to the OpenAI API are refused.")
 @generate_option("lora_ckpt", multiple=True, metavar="[ID=]PATH",
               help="LoRA adapter to serve (PEFT dir, NeMo .nemo or NeMo 2 dir); repeat for several. Requests pick one "
                    "with lora_task_id: ID, or the adapter's position (0, 1, ...).")
