@@ -1,0 +1,172 @@
+"""The front's side of the gRPC stream: one ensemble request per OpenAI choice, over tritonclient's asyncio
+client (one channel, one HTTP/2 stream per request), so no request waits on another.
+
+The ensemble is decoupled: a streamed request gets one response per few tokens, a request that does not
+stream exactly one. A stream that is closed early (the OpenAI client went away, or a stop string ended
+the answer) is cancelled on the server, which frees the engine's slot at once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .protocol import ApiError, WireRequest
+
+_NP = {"INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": np.bool_}
+# What a model's error means for the client: most are about the request (a prompt over the limit, an adapter
+# that is not served); these are about the server.
+_SERVER_SIDE = ("shutting down", "unavailable", "not ready", "failed to load")
+
+
+@dataclass
+class Piece:
+    """One response of the ensemble."""
+
+    text: str = ""
+    finish_reason: str | None = None  # set on the final response (tritonize's ensembles)
+    num_input_tokens: int | None = None
+    num_output_tokens: int | None = None
+    tokens: list[str] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+
+
+def _text(array: np.ndarray | None) -> str:
+    if array is None or array.size == 0:
+        return ""
+    value = array.reshape(-1)[0]  # [1, 1] (tritonize) or [1] (tensorrtllm_backend's newer ensembles)
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _count(array: np.ndarray | None) -> int | None:
+    return None if array is None or array.size == 0 else int(array.reshape(-1)[0])
+
+
+def piece_of(result: object) -> Piece:
+    get = result.as_numpy  # type: ignore[attr-defined]
+    piece = Piece(text=_text(get("text_output")), num_input_tokens=_count(get("num_input_tokens")),
+                  num_output_tokens=_count(get("num_output_tokens")))
+    reason = get("finish_reason")
+    piece.finish_reason = _text(reason) or None if reason is not None else None
+    log_probs = get("output_log_probs")
+    if log_probs is not None and log_probs.size:
+        piece.log_probs = log_probs.reshape(-1).tolist()
+        tokens = get("output_tokens")
+        if tokens is not None and tokens.size:
+            piece.tokens = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t)
+                            for t in tokens.reshape(-1)]
+    return piece
+
+
+def model_error(message: str) -> ApiError:
+    """A model's error answer as what the client gets."""
+    if any(word in message.lower() for word in _SERVER_SIDE):
+        return ApiError(503, message)
+    if "unknown model" in message.lower():
+        return ApiError(404, message, param="model", code="model_not_found")
+    return ApiError(400, message)
+
+
+class Backend:
+    """A tritonserver's gRPC endpoint, as the front uses it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._client = None
+        self.ready_models: set[str] = set()
+
+    @property
+    def client(self):  # noqa: ANN201 - tritonclient.grpc.aio.InferenceServerClient
+        """Made on first use, inside the event loop that uses it (gRPC's asyncio channels belong to one)."""
+        if self._client is None:
+            import tritonclient.grpc.aio as aio
+
+            self._client = aio.InferenceServerClient(self.url)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def server_ready(self) -> bool:
+        try:
+            return bool(await self.client.is_server_ready())
+        except Exception:  # noqa: BLE001 - unreachable, refused, not yet listening: not ready
+            return False
+
+    async def check_ready(self, model: str) -> None:
+        """A 503 while the server or the model is not ready; asked once, then trusted until a call fails."""
+        if model in self.ready_models:
+            return
+        try:
+            ready = bool(await self.client.is_model_ready(model))
+        except Exception:  # noqa: BLE001
+            ready = False
+        if not ready:
+            raise ApiError(503, f"tritonserver at {self.url} is not ready to serve {model} yet: retry shortly")
+        self.ready_models.add(model)
+
+    def inputs(self, wire: WireRequest) -> list:
+        import tritonclient.grpc as grpcclient
+
+        def make(name: str, array: np.ndarray, dtype: str):
+            tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            return tensor
+
+        inputs = [
+            make("text_input", np.array([[wire.text.encode("utf-8")]], dtype=np.object_), "BYTES"),
+            make("max_tokens", np.array([[wire.max_tokens]], dtype=np.int32), "INT32"),
+            make("stream", np.array([[wire.stream]], dtype=np.bool_), "BOOL"),
+            make("exclude_input_in_output", np.array([[True]], dtype=np.bool_), "BOOL"),
+        ]
+        for name, (value, dtype) in wire.scalars.items():
+            inputs.append(make(name, np.array([[value]], dtype=_NP[dtype]), dtype))
+        if wire.stop_words:
+            inputs.append(make("stop_words", np.array([[w.encode("utf-8") for w in wire.stop_words]],
+                                                      dtype=np.object_), "BYTES"))
+        return inputs
+
+    async def generate(self, model: str, wire: WireRequest, lora_task_id: int | None = None) -> AsyncIterator[Piece]:
+        """The ensemble's responses to one request; closing the iterator early cancels the request."""
+        import grpc
+
+        inputs = self.inputs(wire)
+        if lora_task_id is not None:
+            import tritonclient.grpc as grpcclient
+
+            tensor = grpcclient.InferInput("lora_task_id", [1, 1], "UINT64")
+            tensor.set_data_from_numpy(np.array([[lora_task_id]], dtype=np.uint64))
+            inputs.append(tensor)
+
+        async def one_request():
+            yield {"model_name": model, "inputs": inputs, "request_id": uuid.uuid4().hex}
+
+        responses = self.client.stream_infer(one_request())
+        finished = False
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    finished = True
+                    raise model_error(error.message() if hasattr(error, "message") else str(error))
+                piece = piece_of(result)
+                if piece.finish_reason is not None:
+                    finished = True
+                yield piece
+                if finished:
+                    return
+            finished = True
+        except grpc.RpcError as e:
+            finished = True
+            self.ready_models.discard(model)
+            code = e.code() if hasattr(e, "code") else None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                raise ApiError(503, f"tritonserver at {self.url} is not reachable: {e.details()}") from None
+            raise ApiError(500, f"tritonserver at {self.url}: {e.details() if hasattr(e, 'details') else e}") from None
+        finally:
+            if not finished:
+                responses.cancel()
