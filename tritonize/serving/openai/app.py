@@ -250,7 +250,8 @@ class Front:
 
     async def pieces(self, model: ServedModel, wire: WireRequest, lora: int | None,
                      choice: Choice) -> AsyncIterator[tuple[Choice, Piece, str]]:
-        async with contextlib.aclosing(self.backend.generate(model.name, wire, lora)) as responses:
+        engine = f"{model.name}_engine"  # every tritonize model has one, and it takes tensorrtllm_backend's stop
+        async with contextlib.aclosing(self.backend.generate(model.name, wire, lora, engine)) as responses:
             async for piece in responses:
                 new = choice.absorb(piece)
                 yield choice, piece, new
@@ -295,15 +296,27 @@ class Front:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def prime(self, stream: AsyncIterator) -> AsyncIterator:
-        """Waits for the first piece before the response starts, so a refused request is an HTTP error."""
+    async def prime(self, stream: AsyncIterator, receive: Receive) -> AsyncIterator:
+        """Waits for the first piece before the response starts, so a refused request is an HTTP error
+        (a client that leaves meanwhile cancels it)."""
+        marker = object()
+
+        async def first_piece() -> Any:
+            try:
+                return await stream.__anext__()
+            except StopAsyncIteration:
+                return marker
+
         try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            first = None
+            first = await until_disconnected(receive, first_piece())
         except BaseException:
             await stream.aclose()  # type: ignore[attr-defined]
             raise
+        if first is None:  # the client left
+            await stream.aclose()  # type: ignore[attr-defined]
+            raise ApiError(499, "the client closed the request")
+        if first is marker:
+            first = None
 
         async def rest() -> AsyncIterator:
             try:
@@ -327,12 +340,13 @@ class Front:
         wires = [wire_request(req, p, tokens, add_special_tokens=True, logprobs=want_logprobs) for p in prompts]
         await self.backend.check_ready(model.name)
         choices = [Choice(i, tokens, req.stops(), want_logprobs) for i in range(len(prompts))]
-        stream = await self.prime(self.merged([self.pieces(model, w, lora, c) for w, c in zip(wires, choices)]))
+        stream = self.merged([self.pieces(model, w, lora, c) for w, c in zip(wires, choices)])
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": req.model}
         top = req.logprobs or 0
         offsets = [len(p) if req.echo else 0 for p in prompts]
         if req.stream:
+            stream = await self.prime(stream, receive)
             return EventStream(self._completion_events(stream, head, choices, prompts, req, top, offsets))
         result = await until_disconnected(receive, _drain(stream))
         if result is None:
@@ -398,11 +412,12 @@ class Front:
         wire = wire_request(req, prompt, tokens, add_special_tokens=False, logprobs=want_logprobs)
         await self.backend.check_ready(model.name)
         choice = Choice(0, tokens, req.stops(), want_logprobs)
-        stream = await self.prime(self.merged([self.pieces(model, wire, lora, choice)]))
+        stream = self.merged([self.pieces(model, wire, lora, choice)])
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": req.model, "system_fingerprint": None}
         top = req.top_logprobs or 0
         if req.stream:
+            stream = await self.prime(stream, receive)
             return EventStream(self._chat_events(stream, {**head, "object": "chat.completion.chunk"}, choice, req, top))
         result = await until_disconnected(receive, _drain(stream))
         if result is None:

@@ -2,12 +2,17 @@
 client (one channel, one HTTP/2 stream per request), so no request waits on another.
 
 The ensemble is decoupled: a streamed request gets one response per few tokens, a request that does not
-stream exactly one. A stream that is closed early (the OpenAI client went away, or a stop string ended
-the answer) is cancelled on the server, which frees the engine's slot at once.
+stream exactly one. A request given up early (the OpenAI client went away, or a stop string ended the
+answer) is cancelled on the server, and its engine is sent tensorrtllm_backend's ``stop`` for the
+request's id: Triton 2.51 does not tell an ensemble's steps that their request was cancelled, and a
+request that does not stream has no response on the way through which the engine could learn it, so
+the ``stop`` is what frees the engine's slot at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,6 +25,7 @@ _NP = {"INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": np.bo
 # What a model's error means for the client: most are about the request (a prompt over the limit, an adapter
 # that is not served); these are about the server.
 _SERVER_SIDE = ("shutting down", "unavailable", "not ready", "failed to load")
+STOP_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -77,6 +83,7 @@ class Backend:
         self.url = url
         self._client = None
         self.ready_models: set[str] = set()
+        self._stopping: set[asyncio.Task] = set()
 
     @property
     def client(self):  # noqa: ANN201 - tritonclient.grpc.aio.InferenceServerClient
@@ -131,8 +138,43 @@ class Backend:
                                                       dtype=np.object_), "BYTES"))
         return inputs
 
-    async def generate(self, model: str, wire: WireRequest, lora_task_id: int | None = None) -> AsyncIterator[Piece]:
-        """The ensemble's responses to one request; closing the iterator early cancels the request."""
+    def stop_inputs(self) -> list:
+        """A ``stop`` request to a tritonize engine model: its required inputs (any values) and ``stop``."""
+        import tritonclient.grpc as grpcclient
+
+        one = np.array([[1]], dtype=np.int32)
+        words = np.array([[[0], [-1]]], dtype=np.int32)
+        inputs = []
+        for name, array, dtype in (("input_ids", one, "INT32"), ("input_lengths", one, "INT32"),
+                                   ("request_output_len", one, "INT32"), ("end_ids", one, "INT32"),
+                                   ("pad_id", one, "INT32"), ("stop_words_list", words, "INT32"),
+                                   ("bad_words_list", words, "INT32"), ("stop", np.array([[True]]), "BOOL")):
+            tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        return inputs
+
+    async def stop(self, engine: str, request_id: str) -> None:
+        """Asks ``engine`` to end the request ``request_id`` now (it answers at once, whether it ran or not)."""
+        async def one_request():
+            yield {"model_name": engine, "inputs": self.stop_inputs(), "request_id": request_id}
+
+        async def drain() -> None:
+            async for _ in self.client.stream_infer(one_request()):
+                pass
+
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(drain(), STOP_TIMEOUT_S)
+
+    def _stop_later(self, engine: str, request_id: str) -> None:
+        task = asyncio.ensure_future(self.stop(engine, request_id))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def generate(self, model: str, wire: WireRequest, lora_task_id: int | None = None,
+                       engine: str | None = None) -> AsyncIterator[Piece]:
+        """The ensemble's responses to one request; closing the iterator early cancels the request (and,
+        given the name of its ``engine`` model, stops it there)."""
         import grpc
 
         inputs = self.inputs(wire)
@@ -143,8 +185,10 @@ class Backend:
             tensor.set_data_from_numpy(np.array([[lora_task_id]], dtype=np.uint64))
             inputs.append(tensor)
 
+        request_id = uuid.uuid4().hex
+
         async def one_request():
-            yield {"model_name": model, "inputs": inputs, "request_id": uuid.uuid4().hex}
+            yield {"model_name": model, "inputs": inputs, "request_id": request_id}
 
         responses = self.client.stream_infer(one_request())
         finished = False
@@ -170,3 +214,5 @@ class Backend:
         finally:
             if not finished:
                 responses.cancel()
+                if engine is not None:
+                    self._stop_later(engine, request_id)
