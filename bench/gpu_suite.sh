@@ -3,6 +3,8 @@
 # Needs the Triton kit (.devkit, from shared/tools/devkit.sh) and tritonclient's Python files in .whl/site.
 #   bash bench/gpu_suite.sh serve     # generated repository on tritonserver, concurrency 1/16/64
 #   bash bench/gpu_suite.sh runtime   # the runtime alone vs roofline, and transformers generate
+#   bash bench/gpu_suite.sh openai    # the OpenAI front against gRPC streaming, same server, concurrency 1/64
+#                                     # (needs fastapi, uvicorn, httptools and openai in .whl/site too)
 set -uo pipefail
 phase=${1:-serve}
 out=${OUT:-/tmp/bench-out}; mkdir -p "$out"
@@ -24,6 +26,11 @@ case $phase in
     python3 bench/serve_load.py --model $model --device cuda --dtype bfloat16 --concurrency 1,64 \
       --duration 10 --pa-interval-ms 4000 --workdir /tmp/sb --json "$out/serve2.json" 2>&1 | tee "$out/serve2.log"
     cp /tmp/sb/server.log "$out/server2.log" 2>/dev/null ;;
+  openai)
+    python3 bench/openai_front.py --model $model --device cuda --dtype bfloat16 --concurrency 1,64 \
+      --input-len 128 --output-len 128 --duration 15 --rounds 3 --workdir /tmp/ob --json "$out/openai.json" \
+      2>&1 | tee "$out/openai.log"
+    cp /tmp/ob/server.log "$out/server-openai.log" 2>/dev/null ;;
   runtime)
     python3 bench/engine_bench.py --model $model --batches 1,16,64,256 --hf-batch 1,8,32 --profile-dir "$out" \
       --json "$out/runtime.json" 2>&1 | tee "$out/runtime.log" ;;

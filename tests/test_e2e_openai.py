@@ -426,6 +426,16 @@ def test_the_repository_answers_triton_s_openai_frontend(server, setup):
     assert len(streamed) > 2
     assert "".join(r.as_numpy("text_output").reshape(-1)[0].decode() for r in streamed) == text
 
+    # the frontend renders the chat template (its BOS included) and sends the text as it is: one BOS is kept
+    ids = chat_ids(setup, MESSAGES)
+    rendered = setup["hf_tok"].apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    chat = responses([tensor("text_input", np.array([[rendered.encode()]], dtype=np.object_), "BYTES"),
+                      tensor("max_tokens", np.array([[8]], dtype=np.int32), "INT32"),
+                      tensor("stream", np.array([[False]]), "BOOL"),
+                      tensor("exclude_input_in_output", np.array([[True]]), "BOOL")])
+    assert int(chat[0].as_numpy("num_input_tokens").reshape(-1)[0]) == len(ids)
+    assert chat[0].as_numpy("text_output").reshape(-1)[0].decode() == text_of(setup, ids, greedy(setup, ids, 8))
+
     guided = {"guided_decoding_guide_type": (np.array([[b"json_schema"]], dtype=np.object_), "BYTES"),
               "guided_decoding_guide": (np.array([[b"{}"]], dtype=np.object_), "BYTES")}
     refused = responses(frontend_inputs(False, **guided))

@@ -101,7 +101,13 @@ class TritonPythonModel:
         if not text:
             raise ValueError("text_input is empty: send a prompt of at least one character")
         add_special = bool(_scalar(request, "add_special_tokens", True))
-        ids = self._virtual_tokens(request) + self.tokenizer.encode(text, add_special_tokens=add_special)
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special)
+        bos = self.tokenizer.bos_id
+        if add_special and bos is not None and ids[:2] == [bos, bos]:
+            # a prompt that starts with the BOS token's text (a chat template's rendering, as Triton's OpenAI
+            # frontend sends it) gets no second one
+            ids = ids[1:]
+        ids = self._virtual_tokens(request) + ids
         if len(ids) > self.max_input_len:
             raise ValueError(
                 f"the prompt is {len(ids)} tokens (virtual tokens of its task included), more than this model's "

@@ -26,6 +26,8 @@ _NP = {"INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": np.bo
 # that is not served); these are about the server.
 _SERVER_SIDE = ("shutting down", "unavailable", "not ready", "failed to load")
 STOP_TIMEOUT_S = 10.0
+OUTPUTS = ("text_output", "num_input_tokens", "num_output_tokens", "finish_reason")
+LOGPROB_OUTPUTS = ("output_log_probs", "output_tokens")
 
 
 @dataclass
@@ -40,30 +42,64 @@ class Piece:
     log_probs: list[float] = field(default_factory=list)
 
 
-def _text(array: np.ndarray | None) -> str:
-    if array is None or array.size == 0:
-        return ""
-    value = array.reshape(-1)[0]  # [1, 1] (tritonize) or [1] (tensorrtllm_backend's newer ensembles)
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _count(array: np.ndarray | None) -> int | None:
-    return None if array is None or array.size == 0 else int(array.reshape(-1)[0])
+def _strings(raw: bytes) -> list[str]:
+    """A BYTES tensor's elements (each a 4-byte little-endian length, then the bytes)."""
+    out, at = [], 0
+    while at + 4 <= len(raw):
+        n = int.from_bytes(raw[at:at + 4], "little")
+        out.append(raw[at + 4:at + 4 + n].decode("utf-8", "replace"))
+        at += 4 + n
+    return out
 
 
 def piece_of(result: object) -> Piece:
+    """One response, read from its raw output contents without a numpy array per tensor: the front reads a
+    response per token of every stream, and this is most of its work. The text is read shape-agnostically
+    (``[1, 1]`` here, ``[1]`` in tensorrtllm_backend's newer ensembles)."""
+    response = result.get_response()  # type: ignore[attr-defined]
+    raw = response.raw_output_contents
+    if len(raw) != len(response.outputs):  # a server that sends typed contents: the general path
+        return _piece_of_arrays(result)
+    piece = Piece()
+    for output, data in zip(response.outputs, raw):
+        name = output.name
+        if name == "text_output":
+            texts = _strings(data)
+            piece.text = texts[0] if texts else ""
+        elif name in ("num_input_tokens", "num_output_tokens"):
+            if len(data) >= 4:
+                setattr(piece, name, int.from_bytes(data[:4], "little", signed=True))
+        elif name == "finish_reason":
+            texts = _strings(data)
+            piece.finish_reason = texts[0] if texts and texts[0] else None
+        elif name == "output_log_probs":
+            piece.log_probs = np.frombuffer(data, dtype=np.float32).tolist()
+        elif name == "output_tokens":
+            piece.tokens = _strings(data)
+    return piece
+
+
+def _piece_of_arrays(result: object) -> Piece:
     get = result.as_numpy  # type: ignore[attr-defined]
-    piece = Piece(text=_text(get("text_output")), num_input_tokens=_count(get("num_input_tokens")),
-                  num_output_tokens=_count(get("num_output_tokens")))
-    reason = get("finish_reason")
-    piece.finish_reason = _text(reason) or None if reason is not None else None
+
+    def text(array: np.ndarray | None) -> str:
+        if array is None or array.size == 0:
+            return ""
+        value = array.reshape(-1)[0]
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+    def count(array: np.ndarray | None) -> int | None:
+        return None if array is None or array.size == 0 else int(array.reshape(-1)[0])
+
+    piece = Piece(text=text(get("text_output")), num_input_tokens=count(get("num_input_tokens")),
+                  num_output_tokens=count(get("num_output_tokens")))
+    piece.finish_reason = text(get("finish_reason")) or None
     log_probs = get("output_log_probs")
     if log_probs is not None and log_probs.size:
         piece.log_probs = log_probs.reshape(-1).tolist()
         tokens = get("output_tokens")
         if tokens is not None and tokens.size:
-            piece.tokens = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t)
-                            for t in tokens.reshape(-1)]
+            piece.tokens = [text(t[None]) for t in tokens.reshape(-1)]
     return piece
 
 
@@ -138,6 +174,13 @@ class Backend:
                                                       dtype=np.object_), "BYTES"))
         return inputs
 
+    def outputs(self, logprobs: bool) -> list:
+        """The outputs the front reads: fewer tensors for the server to send and this process to read."""
+        import tritonclient.grpc as grpcclient
+
+        names = OUTPUTS + (LOGPROB_OUTPUTS if logprobs else ())
+        return [grpcclient.InferRequestedOutput(name) for name in names]
+
     def stop_inputs(self) -> list:
         """A ``stop`` request to a tritonize engine model: its required inputs (any values) and ``stop``."""
         import tritonclient.grpc as grpcclient
@@ -187,8 +230,10 @@ class Backend:
 
         request_id = uuid.uuid4().hex
 
+        outputs = self.outputs(wire.logprobs)
+
         async def one_request():
-            yield {"model_name": model, "inputs": inputs, "request_id": request_id}
+            yield {"model_name": model, "inputs": inputs, "outputs": outputs, "request_id": request_id}
 
         responses = self.client.stream_infer(one_request())
         finished = False

@@ -22,8 +22,10 @@ def _config(grpc_url: str, options: FrontOptions, catalog: Catalog | None):  # n
     if options.max_request_bytes < 1:
         raise ServerError("--max-request-bytes must be positive")
     app = create_app(grpc_url, catalog, api_key=options.key(), max_request_bytes=options.max_request_bytes)
+    # asyncio's own loop: gRPC's asyncio channels are made for it (uvicorn would take uvloop if installed);
+    # HTTP parsing by httptools where it is installed, else h11 (uvicorn's choice)
     return uvicorn.Config(app, host=options.address, port=options.port, log_level=options.log_level,
-                          access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+                          access_log=False, lifespan="on", timeout_graceful_shutdown=5, loop="asyncio")
 
 
 def _catalog(repository: Path | None) -> Catalog | None:
