@@ -277,7 +277,7 @@ def test_errors_are_openai_shaped_and_name_the_parameter(client):
     assert _error(lambda: client.completions.create(model="tiny", prompt=[5, 6], max_tokens=2))[:2] == (400, "prompt")
 
 
-def _post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+def _post(url: str, body, headers: dict | None = None) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"Content-Type": "application/json", **(headers or {})})
     try:
@@ -306,6 +306,8 @@ def test_api_key_body_limit_and_the_server_s_own_configs(server):
         big = json.dumps({"model": "tiny", "prompt": "x" * 5000}).encode()
         status, body = _post(f"{keyed.url}/completions", big, auth)
         assert status == 413 and "4096 bytes" in body["error"]["message"]
+        status, body = _post(f"{keyed.url}/completions", iter([big[:3000], big[3000:]]), auth)  # chunked, no length
+        assert status == 413 and body["error"]["code"] == "request_too_large"
         status, body = _post(f"{keyed.url}/completions", b"{not json", auth)
         assert status == 400 and "not JSON" in body["error"]["message"]
         with urllib.request.urlopen(keyed.url.removesuffix("/v1") + "/health", timeout=10) as health:

@@ -182,3 +182,25 @@ def test_a_repository_says_what_it_serves(tmp_path):
     # the tokenizer folder is a Hugging Face tokenizer directory that carries the template
     config = json.loads((repo / "tiny_preprocessing" / "1" / "tokenizer" / "tokenizer_config.json").read_text())
     assert config["chat_template"] == CHAT_TEMPLATE
+
+
+def test_the_openai_command_says_what_is_wrong_in_one_line(tmp_path):
+    import socket
+
+    from click.testing import CliRunner
+
+    from tritonize.cli.openai import openai as openai_command
+    from tritonize.serving.server import free_port
+
+    runner = CliRunner()
+    (tmp_path / "not-a-repo").mkdir()
+    result = runner.invoke(openai_command, ["--repository", str(tmp_path / "not-a-repo"), "--port", str(free_port())])
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and "tritonize repository" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(openai_command, ["--port", str(port)])
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"Error: port {port} on 127.0.0.1 is in use: pass another --openai-port / --port, or stop what listens there")

@@ -96,12 +96,11 @@ class Models:
 class BodyLimit:
     """413 for a request body over ``limit`` bytes, declared or sent, before it is read whole."""
 
-    class _TooLarge(Exception):
-        pass
-
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
+        self.error = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes",
+                              code="request_too_large")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -112,33 +111,20 @@ class BodyLimit:
             await self._refuse(send)
             return
         received = 0
-        started = False
 
         async def limited_receive() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise self._TooLarge
+                if received > self.limit:  # a body sent without its length: answered by the ApiError handler
+                    raise self.error
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except self._TooLarge:
-            if not started:
-                await self._refuse(send)
+        await self.app(scope, limited_receive, send)
 
     async def _refuse(self, send: Send) -> None:
-        error = ApiError(413, f"the request body is larger than this server's limit of {self.limit} bytes",
-                         code="request_too_large")
-        body = json.dumps(error.body()).encode()
+        body = json.dumps(self.error.body()).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
