@@ -7,6 +7,8 @@
 #                                     # at concurrency 1/16/64/256, served prefix-reuse TTFT, start times
 #   bash bench/gpu_suite.sh baseline  # transformers generate on the same weights (slow: run on its own)
 #   bash bench/gpu_suite.sh adapters  # the LoRA / p-tuning tests under CUDA graphs, and mixed-LoRA decode
+#   bash bench/gpu_suite.sh openai    # the OpenAI front against gRPC streaming, same server, concurrency 1/64
+#                                     # (needs fastapi, uvicorn, httptools and openai in .whl/site too)
 # Every figure is written under $OUT (default /tmp/bench-out) with the card's name and the date.
 set -uo pipefail
 phase=${1:-engine}
@@ -43,5 +45,10 @@ case $phase in
       "tests/test_engine.py::test_cuda_graph_decode_matches_transformers" 2>&1 | tail -15 | tee "$out/adapters-tests.log"
     python3 bench/lora_decode.py --model $model --device cuda --dtype bfloat16 \
       --batch ${LORA_BATCH:-1,16,64} --adapters 4 --rank 16 --json "$out/lora.json" 2>&1 | tee "$out/lora.log" ;;
-  *) echo "usage: bash bench/gpu_suite.sh engine|baseline|adapters" >&2; exit 2 ;;
+  openai)
+    python3 bench/openai_front.py --model $model --device cuda --dtype bfloat16 --concurrency 1,64 \
+      --input-len 128 --output-len 128 --duration 15 --rounds 3 --workdir /tmp/ob --json "$out/openai.json" \
+      2>&1 | tee "$out/openai.log"
+    cp /tmp/ob/server.log "$out/server-openai.log" 2>/dev/null ;;
+  *) echo "usage: bash bench/gpu_suite.sh engine|baseline|adapters|openai" >&2; exit 2 ;;
 esac

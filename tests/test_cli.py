@@ -109,8 +109,10 @@ def test_demo_as_a_user_runs_it(tmp_path):
     proc = subprocess.run([*cmd, "demo", "--max-tokens", "8", "--workdir", str(tmp_path / "w")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    answer = [ln for ln in proc.stdout.splitlines() if ln.startswith("answer (8 tokens")]
+    answer = [ln for ln in proc.stdout.splitlines() if ln.startswith("    answer (8 tokens")]
     assert answer and len(answer[0].split(":", 1)[1]) > 0
+    chat = [ln for ln in proc.stdout.splitlines() if ln.startswith("    assistant (8 tokens, finish_reason length)")]
+    assert chat and len(chat[0].split("): ", 1)[1]) > 0, proc.stdout
     assert (tmp_path / "w" / "repo" / "tritonize.json").is_file()
     leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "w" / "repo")], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""

@@ -7,6 +7,7 @@ Python-backend repository (an echo model, BYTES in and out).
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import queue
 import signal
@@ -16,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -431,11 +433,11 @@ def _read_lines(stream, lines: queue.Queue) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_serve_command_prints_endpoints_and_stops_on_signal(tmp_path: Path, signum: int) -> None:
     repo = echo_repository(tmp_path)
-    http_port, grpc_port, metrics_port = free_ports(3)
+    http_port, grpc_port, metrics_port, openai_port = free_ports(4)
     command = [
         sys.executable, "-m", "tritonize.cli.serve", str(repo),
         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-        "--log-file", str(tmp_path / "server.log"),
+        "--openai-port", str(openai_port), "--log-file", str(tmp_path / "server.log"),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     proc = subprocess.Popen(
@@ -455,6 +457,12 @@ def test_serve_command_prints_endpoints_and_stops_on_signal(tmp_path: Path, sign
         assert f"127.0.0.1:{grpc_port}" in banner
         assert f"http://127.0.0.1:{metrics_port}/metrics" in banner
         assert "models   echo" in banner
+        assert f"OpenAI   http://127.0.0.1:{openai_port}/v1" in banner
+        # the OpenAI API beside it: up, and (not a tritonize repository) serving no model of its own
+        with urllib.request.urlopen(f"http://127.0.0.1:{openai_port}/health", timeout=10) as health:
+            assert json.loads(health.read()) == {"status": "ok"}
+        with urllib.request.urlopen(f"http://127.0.0.1:{openai_port}/v1/models", timeout=10) as listing:
+            assert json.loads(listing.read()) == {"object": "list", "data": []}
 
         output, _ = infer_echo_http(f"127.0.0.1:{http_port}", [b"through tritonize serve"])
         assert output[0][0] == b"through tritonize serve"
@@ -472,8 +480,9 @@ def test_serve_command_prints_endpoints_and_stops_on_signal(tmp_path: Path, sign
     assert "stopping tritonserver" in proc.stderr.read()
     assert not find_stub_processes(str(repo))
     assert not any((SHM_DIR / name).exists() for name in segments)
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", http_port), timeout=2).close()
+    for port in (http_port, openai_port):
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
 def test_serve_errors_are_one_line(tmp_path: Path) -> None:

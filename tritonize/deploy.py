@@ -264,7 +264,7 @@ def deploy(options: Mapping[str, Any], *, force: bool = False, dry_run: bool = F
     refuse(options, options.get("runtime") or "torch")
     serve = ServeOptions(http_port=options["triton_port"], grpc_port=options["grpc_port"],
                          metrics_port=options["metrics_port"], address=options["triton_http_address"],
-                         tritonserver=tritonserver, startup_timeout=startup_timeout)
+                         tritonserver=tritonserver, startup_timeout=startup_timeout, openai=None)
     temporary = None
     try:
         if repository is None:

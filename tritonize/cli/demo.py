@@ -21,15 +21,15 @@ def demo(prompt: str, max_tokens: int, workdir: Path | None, tritonserver: str |
 
     \b
     The model is a 2-layer Llama with random weights and Mistral's real SentencePiece tokenizer
-    (shipped in the mistral-common package), so the answer is fluent nonsense: what the demo shows
-    is the path, from checkpoint to a stock tritonserver answering over gRPC.
+    (shipped in the mistral-common package), so the answers are fluent nonsense: what the demo shows
+    is the path, from checkpoint to a stock tritonserver answering over gRPC, then a chat request
+    through the OpenAI API in front of it.
 
     \b
     Example:
       tritonize demo --prompt "What is the color of a banana?"
     """
     try:
-        result = run_demo(prompt, max_tokens=max_tokens, workdir=workdir, tritonserver=tritonserver, say=click.echo)
+        run_demo(prompt, max_tokens=max_tokens, workdir=workdir, tritonserver=tritonserver, say=click.echo)
     except TritonizeError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"answer ({result.num_output_tokens} tokens, {result.elapsed:.2f} s):{result.text}")

@@ -38,6 +38,9 @@ from .options import FP8_SWITCH, generate_option
 @generate_option("tokenizer_instance_count", default=None, type=click.IntRange(min=1),
                  help="Instances of the preprocessing and postprocessing models (default: 1 with --device cpu, "
                       "else 4): each detokenizes streamed responses in a process of its own.")
+@generate_option("chat_template", default=None, type=click.Path(dir_okay=False, path_type=Path),
+                 help="Chat template (.jinja, or a chat_template.json) to serve instead of the checkpoint's; "
+                      "without either, chat requests to the OpenAI API are refused.")
 @generate_option("lora_ckpt", multiple=True, metavar="[ID=]PATH",
               help="LoRA adapter to serve (PEFT dir, NeMo .nemo or NeMo 2 dir); repeat for several. Requests pick one "
                    "with lora_task_id: ID, or the adapter's position (0, 1, ...).")

@@ -15,6 +15,7 @@ from .deploy import deploy
 from .export import export
 from .generate import generate
 from .k8s import k8s
+from .openai import openai
 from .query import query
 from .serve import serve
 from .validate import validate
@@ -40,6 +41,7 @@ def cli() -> None:
 
 cli.add_command(generate)
 cli.add_command(serve)
+cli.add_command(openai)
 cli.add_command(query)
 cli.add_command(demo)
 cli.add_command(validate)

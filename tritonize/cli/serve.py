@@ -9,14 +9,22 @@ import click
 
 from ..errors import TritonizeError
 from ..runtime.choices import MULTI_GPU_MODES
+from ..serving.openai.options import API_KEY_ENV, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PORT, FrontOptions
 from ..serving.serve import ServeOptions, dry_run_line, serve_repository
 from ..serving.server import MODEL_CONTROL_MODES
 
-_EPILOG = """\b
+_EPILOG = f"""\b
 Example:
   tritonize serve ./repo --http-port 8000
   curl -s localhost:8000/v2/models/<name>/generate \\
-       -d '{"text_input": "The capital of France is", "max_tokens": 16}'
+       -d '{{"text_input": "The capital of France is", "max_tokens": 16}}'
+  curl -s localhost:{DEFAULT_PORT}/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "<name>", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+
+\b
+The OpenAI API (/v1/models, /v1/completions, /v1/chat/completions, /health) listens on
+--openai-port at the same --address and talks to this tritonserver over gRPC streaming;
+--api-key (or ${API_KEY_ENV}) makes it require 'Authorization: Bearer KEY'.
 
 \b
 The tritonserver binary is --tritonserver, else $TRITONSERVER, else the one on PATH, else the one
@@ -80,6 +88,14 @@ rank 0 serves the ports), or one tritonserver whose executor spawns its workers 
     default=None,
     help="Launch of a multi-GPU trtllm-engine repository (default: what generate recorded).",
 )
+@click.option("--openai-port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
+              help="Port of the OpenAI-compatible API (same --address).")
+@click.option("--openai/--no-openai", "openai", default=True, show_default=True,
+              help="Serve the OpenAI-compatible API beside tritonserver.")
+@click.option("--api-key", default=None, metavar="KEY",
+              help=f"Key the OpenAI API requires as 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else none).")
+@click.option("--max-request-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_REQUEST_BYTES, show_default=True,
+              help="Largest request body the OpenAI API reads.")
 @click.option("--dry-run", is_flag=True, help="Print the command line(s) that would run, and exit.")
 def serve(
     repo: Path,
@@ -94,13 +110,19 @@ def serve(
     startup_timeout: float,
     server_args: tuple[str, ...],
     multi_gpu_mode: str | None = None,
+    openai_port: int = DEFAULT_PORT,
+    openai: bool = True,
+    api_key: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     dry_run: bool = False,
 ) -> None:
-    """Serve the model repository REPO with tritonserver until Ctrl-C or SIGTERM."""
+    """Serve the model repository REPO with tritonserver, and the OpenAI API, until Ctrl-C or SIGTERM."""
+    front = FrontOptions(address=address, port=openai_port, api_key=api_key,
+                         max_request_bytes=max_request_bytes) if openai else None
     options = ServeOptions(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, address=address,
                            tritonserver=tritonserver, log_verbose=log_verbose, model_control_mode=model_control_mode,
                            log_file=log_file, startup_timeout=startup_timeout, server_args=server_args,
-                           multi_gpu_mode=multi_gpu_mode)
+                           multi_gpu_mode=multi_gpu_mode, openai=front)
     try:
         if dry_run:
             click.echo(dry_run_line(repo, options))

@@ -30,6 +30,26 @@ def mistral_tokenizer_model() -> Path:
     return path
 
 
+# Mistral-7B-Instruct's chat format (the tokenizer is Mistral's): [INST] turns, an optional system message
+# before the first one, the model's answers closed by </s>.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}"
+    "{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.first and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}"
+    "{%- else %}{{- raise_exception('Only user and assistant roles are supported, with an optional first "
+    "system message') }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
 def write_demo_checkpoint(out: Path, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                           intermediate: int = 128, seed: int = 0, max_positions: int = 1024) -> Path:
     """Writes an HF-format Llama checkpoint (float32, random weights) with a SentencePiece tokenizer."""
@@ -89,6 +109,7 @@ def write_demo_checkpoint(out: Path, *, hidden: int = 64, layers: int = 2, heads
         "eos_token": "</s>",
         "unk_token": "<unk>",
         "legacy": False,
+        "chat_template": CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     return out

@@ -15,6 +15,7 @@ from tritonize.runtime.config import ModelArgs, UnsupportedModelError
 from tritonize.runtime.tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError
 
 from ..errors import CheckpointError
+from .chat_template import check_template, pick_default, read_chat_template
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -32,6 +33,8 @@ class Checkpoint:
     end_ids: list[int] = field(default_factory=list)
     pad_id: int = 0
     dtype: str | None = None
+    # what the checkpoint declares (a string, or transformers' list of named templates); None: no chat
+    chat_template: Any = None
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -93,6 +96,13 @@ def inspect_checkpoint(path: str | Path) -> Checkpoint:
     except TokenizerError as e:
         raise CheckpointError(f"{e}: the repository needs the tokenizer the checkpoint was trained with") from None
     tokenizer_files = [root / name for name in TOKENIZER_FILES if (root / name).is_file()]
+    chat_template = read_chat_template(root)
+    if chat_template is not None:
+        default = pick_default(chat_template)
+        if default is None:
+            raise CheckpointError(f"{root}: the chat template is neither a string nor a list holding one named "
+                                  "'default': fix it, or pass generate --chat-template FILE")
+        check_template(default, f"the chat template of {root}")
 
     generation = _read_json(root / "generation_config.json", "generation config") if (
         root / "generation_config.json"
@@ -119,4 +129,5 @@ def inspect_checkpoint(path: str | Path) -> Checkpoint:
         end_ids=end_ids,
         pad_id=pad_id,
         dtype=config.get("torch_dtype") or config.get("dtype"),
+        chat_template=chat_template,
     )

@@ -52,6 +52,18 @@ TEXT_INPUTS: tuple[Tensor, ...] = (
     _opt("bad_words", "TYPE_STRING", (-1,)),
     _opt("end_id", "TYPE_INT32"),
     _opt("pad_id", "TYPE_INT32"),
+    # tritonize's own: false tokenizes text_input as it is, without the BOS the tokenizer would add (a prompt
+    # rendered by a chat template carries its own, as transformers' apply_chat_template assumes)
+    _opt("add_special_tokens", "TYPE_BOOL"),
+)
+
+# What Triton's OpenAI frontend sends to TensorRT-LLM models and tritonize does not serve yet: declared, so
+# that Triton accepts the request, and refused by name in preprocessing when a request carries them.
+REFUSED_INPUTS: tuple[Tensor, ...] = (
+    _opt("guided_decoding_guide_type", "TYPE_STRING"),
+    _opt("guided_decoding_guide", "TYPE_STRING"),
+    _opt("lora_weights", "TYPE_FP16", (-1, -1)),
+    _opt("lora_config", "TYPE_INT32", (-1, 3)),
 )
 
 ADAPTER_INPUTS: tuple[Tensor, ...] = (
@@ -60,21 +72,28 @@ ADAPTER_INPUTS: tuple[Tensor, ...] = (
     _opt("task_id", "TYPE_UINT64"),
 )
 
-ENSEMBLE_INPUTS: tuple[Tensor, ...] = TEXT_INPUTS + ADAPTER_INPUTS + SAMPLING_INPUTS
+ENSEMBLE_INPUTS: tuple[Tensor, ...] = TEXT_INPUTS + ADAPTER_INPUTS + SAMPLING_INPUTS + REFUSED_INPUTS
 
+# The first five are tensorrtllm_backend's. The last two are tritonize's own (clients that name the outputs
+# they want never see them): ``finish_reason`` is empty until the final response, which carries why the
+# answer ended (``length``: max_tokens; ``end``: an end id; ``stop``: a stop word; ``cancelled``);
+# ``output_tokens`` holds the text of each token ``output_log_probs`` covers (filled when
+# return_log_probs is set), so that the two line up token by token.
 ENSEMBLE_OUTPUTS: tuple[Tensor, ...] = (
     Tensor("text_output", "TYPE_STRING", (-1,)),
     Tensor("cum_log_probs", "TYPE_FP32", (-1,)),
     Tensor("output_log_probs", "TYPE_FP32", (-1, -1)),
     Tensor("num_input_tokens", "TYPE_INT32"),
     Tensor("num_output_tokens", "TYPE_INT32"),
+    Tensor("finish_reason", "TYPE_STRING"),
+    Tensor("output_tokens", "TYPE_STRING", (-1,)),
 )
 
 # --- preprocessing: text in, token ids out ---------------------------------------------------------
 # task_id selects a p-tuning task, whose virtual tokens preprocessing puts before the prompt (as many as the
 # rows of prompt_embedding_table when a request sends its own table)
 PRE_INPUTS: tuple[Tensor, ...] = TEXT_INPUTS + (_opt("task_id", "TYPE_UINT64"),
-                                                 _opt("prompt_embedding_table", "TYPE_FP16", (-1, -1)))
+                                                 _opt("prompt_embedding_table", "TYPE_FP16", (-1, -1))) + REFUSED_INPUTS
 PRE_OUTPUTS: tuple[Tensor, ...] = (
     Tensor("input_ids", "TYPE_INT32", (-1,)),
     Tensor("input_lengths", "TYPE_INT32"),

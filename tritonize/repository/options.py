@@ -102,6 +102,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     _row("export_dtype", flag="--dtype", nemo=False, label="--dtype (export)"),
     _row("instance_count", nemo=False),
     _row("tokenizer_instance_count", nemo=False),
+    _row("chat_template", nemo=False),
     # adapters
     _row("lora_ckpt", spec_field="lora"),
     _row("lora_target_modules"),

@@ -25,6 +25,7 @@ from ..errors import RenderError
 from ..version import __version__
 from . import interface as wire
 from .adapters import ADAPTERS_DIR, PreparedAdapters, prepare_adapters
+from .chat_template import load_template_file, pick_default, special_tokens
 from .checkpoint import Checkpoint
 from .layout import REPOSITORY_MANIFEST, VERSIONED_SUFFIXES, model_folders
 from .manifest import build_manifest
@@ -45,8 +46,9 @@ VERSION_POLICY_ALL = "version_policy: { all { } }\n"
 
 
 def _pbstr(value: object) -> str:
-    """A protobuf text-format string literal; json escaping is a valid subset of it."""
-    return json.dumps(str(value))
+    """A protobuf text-format string literal; json escaping is a valid subset of it, as long as characters
+    beyond the BMP stay UTF-8 (json's surrogate-pair escapes are not protobuf's)."""
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 def _environment() -> jinja2.Environment:
@@ -72,7 +74,41 @@ class RenderedModel:
     model_file: Path | None  # copied to <folder>/<version>/model.py (the ensemble has none)
 
 
-def render_models(spec: RepoSpec, ckpt: Checkpoint, adapters: PreparedAdapters | None = None) -> list[RenderedModel]:
+def served_chat_template(spec: RepoSpec, ckpt: Checkpoint) -> object:
+    """The chat template the repository serves: --chat-template's file, else the checkpoint's (or None)."""
+    if spec.chat_template:
+        return load_template_file(spec.chat_template)
+    return ckpt.chat_template
+
+
+def tokenizer_config(ckpt: Checkpoint, chat_template: object) -> dict | None:
+    """The repository's tokenizer_config.json: the checkpoint's, with the served template; None: copy as is."""
+    path = ckpt.path / "tokenizer_config.json"
+    if chat_template is None:
+        return None
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    config["chat_template"] = chat_template
+    return config
+
+
+def chat_params(ckpt: Checkpoint, chat_template: object, adapters: PreparedAdapters) -> dict[str, str]:
+    """What a front that sees only the server needs to know, in the preprocessing model's parameters: the
+    chat template (the default one) with the special tokens it may name, and the LoRA adapters served."""
+    tokens = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins, as in transformers
+        path = ckpt.path / name
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            tokens.update(special_tokens(data) if isinstance(data, dict) else {})
+    return {
+        "chat_template": pick_default(chat_template) or "",
+        "special_tokens": json.dumps(tokens, sort_keys=True),
+        "lora_task_ids": json.dumps(sorted(adapters.lora)),
+    }
+
+
+def render_models(spec: RepoSpec, ckpt: Checkpoint, adapters: PreparedAdapters | None = None,
+                  chat_template: object = None) -> list[RenderedModel]:
     """The config.pbtxt text of each model, in memory, and the file its model.py is copied from."""
     adapters = adapters or PreparedAdapters()
     env = _environment()
@@ -105,6 +141,7 @@ def render_models(spec: RepoSpec, ckpt: Checkpoint, adapters: PreparedAdapters |
         "pad_id": ckpt.pad_id,
         "vocab_size": ckpt.args.vocab_size,
         "ptuning_tasks": json.dumps(adapters.task_sizes()),
+        **chat_params(ckpt, chat_template, adapters),
     }
     instance_kind = "KIND_GPU" if spec.device == "cuda" else "KIND_CPU"
     models = {
@@ -152,9 +189,20 @@ def _copy_runtime(dst: Path) -> None:
     shutil.copytree(RUNTIME_SRC, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "CONTRACT.md", "triton"))
 
 
+def _copy_tokenizer(ckpt: Checkpoint, config: dict | None, dst: Path) -> None:
+    """The checkpoint's tokenizer files into ``dst``; ``config``: the tokenizer_config.json to write instead."""
+    for f in ckpt.tokenizer_files:
+        if f.name != "tokenizer_config.json" or config is None:
+            shutil.copy2(f, dst / f.name)
+    if config is not None:
+        (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                   encoding="utf-8")
+
+
 def _stage(spec: RepoSpec, ckpt: Checkpoint, rendered: list[RenderedModel], tmp: Path, progress: bool,
-           adapters: PreparedAdapters, engine_dir: Path | None = None) -> dict:
+           adapters: PreparedAdapters, engine_dir: Path | None = None, chat_template: object = None) -> dict:
     """Writes every folder of ``spec.name`` (one version) under ``tmp``; returns its manifest entry."""
+    tok_config = tokenizer_config(ckpt, chat_template)
     for model in rendered:
         folder = tmp / model.folder
         version_dir = folder / str(spec.version)
@@ -167,12 +215,11 @@ def _stage(spec: RepoSpec, ckpt: Checkpoint, rendered: list[RenderedModel], tmp:
     for suffix in ("preprocessing", "postprocessing"):
         tok_dir = tmp / f"{spec.name}_{suffix}" / str(spec.version) / "tokenizer"
         tok_dir.mkdir()
-        for f in ckpt.tokenizer_files:
-            shutil.copy2(f, tok_dir / f.name)
+        _copy_tokenizer(ckpt, tok_config, tok_dir)
     weights_dir = tmp / f"{spec.name}_engine" / str(spec.version) / "weights"
     weights_dir.mkdir()
-    for f in [ckpt.path / "config.json", *ckpt.tokenizer_files]:
-        shutil.copy2(f, weights_dir / f.name)
+    shutil.copy2(ckpt.path / "config.json", weights_dir / "config.json")
+    _copy_tokenizer(ckpt, tok_config, weights_dir)
     for f in tqdm(ckpt.weight_files, desc="weights", unit="file", disable=not progress):
         _link_or_copy(f, weights_dir / f.name)
     if adapters:
@@ -220,6 +267,11 @@ def _owner(manifest: dict, folder: str) -> str | None:
     return None
 
 
+def _short(value: str | None, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
 def _config_differences(old: str, new: str) -> str:
     """What differs between two configs of one model, for an error message."""
     try:
@@ -231,7 +283,8 @@ def _config_differences(old: str, new: str) -> str:
         diffs.append(f"max_batch_size {a.max_batch_size} vs {b.max_batch_size}")
     pa = {k: v.string_value for k, v in a.parameters.items()}
     pb = {k: v.string_value for k, v in b.parameters.items()}
-    diffs += [f"{k} {pa.get(k)!r} vs {pb.get(k)!r}" for k in sorted(set(pa) | set(pb)) if pa.get(k) != pb.get(k)]
+    diffs += [f"{k} {_short(pa.get(k))} vs {_short(pb.get(k))}" for k in sorted(set(pa) | set(pb))
+              if pa.get(k) != pb.get(k)]
     return ", ".join(diffs) or "the generated text differs"
 
 
@@ -302,14 +355,15 @@ def write_repository(spec: RepoSpec, ckpt: Checkpoint, output: str | Path, *, fo
             f"it, or choose another --output"
         )
     adapters = prepare_adapters(spec, ckpt)
-    rendered = render_models(spec, ckpt, adapters)
+    chat_template = served_chat_template(spec, ckpt)
+    rendered = render_models(spec, ckpt, adapters, chat_template)
     _check(rendered)
     if manifest is not None:
         _check_addition(spec, out, manifest, rendered, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        staged = _stage(spec, ckpt, rendered, tmp, progress, adapters, engine_dir)
+        staged = _stage(spec, ckpt, rendered, tmp, progress, adapters, engine_dir, chat_template)
         entry = staged["models"][spec.name]
         if manifest is None:
             staged["models"][spec.name] = _merge_entry(None, spec.version, entry)

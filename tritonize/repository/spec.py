@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -79,6 +80,8 @@ class RepoSpec:
     kv_cache_tokens: int = 0  # 0: from kv_cache_free_gpu_memory_fraction on a GPU; on a CPU what the limits need
     kv_cache_free_gpu_memory_fraction: float = 0.0  # 0: the default, 0.9 (TensorRT-LLM's)
     prefix_cache: bool = True
+    # a chat template file that replaces the checkpoint's (generate --chat-template); None: the checkpoint's
+    chat_template: str | None = None
     # TensorRT-LLM runtimes only (refused elsewhere):
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -114,6 +117,8 @@ class RepoSpec:
         values["ptuning"] = ptuning_pairs(list(options.get("ptuning_nemo_checkpoint") or ()),
                                           list(options.get("task_ids") or ()))
         values["lora_target_modules"] = split_modules(list(options.get("lora_target_modules") or ()))
+        if values.get("chat_template"):  # recorded absolute, as adapter sources are
+            values["chat_template"] = str(Path(values["chat_template"]).expanduser().resolve())
         if values.get("runtime") == "trtllm" and str(options.get("use_fp8_kv_cache")).lower() == "true":
             values["kv_cache_dtype"] = "fp8"
         return cls(**values)

@@ -81,6 +81,7 @@ class Tokenizer:
         self._continuation_bytes = self._find_continuation_bytes()
         self.bos_id = self._special_id(cfg.get("bos_token"), "bos")
         self.eos_id = self._special_id(cfg.get("eos_token"), "eos")
+        self._sp_specials, self._sp_special_re = self._sentencepiece_specials(cfg)
 
     def _special_id(self, token: object, which: str) -> int | None:
         if isinstance(token, dict):
@@ -93,6 +94,36 @@ class Tokenizer:
         if isinstance(token, str):
             return self._hf.token_to_id(token)
         return None
+
+    def _sentencepiece_specials(self, cfg: dict) -> tuple[dict[str, int], re.Pattern | None]:
+        """SentencePiece reads ``<s>`` in a text as three characters; transformers' tokenizers (and the
+        tokenizer.json path here) read it as the token. The special tokens written in a text (a prompt
+        rendered by a chat template carries ``bos_token``) are looked for first, as transformers does."""
+        if self._sp is None:
+            return {}, None
+        specials = {}
+        for i in (self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id()):
+            if 0 <= i < self._sp.GetPieceSize():
+                specials[self._sp.IdToPiece(i)] = i
+        for key, token in (cfg.get("added_tokens_decoder") or {}).items():
+            if isinstance(token, dict) and token.get("special") and str(key).isdigit():
+                if int(key) < self._sp.GetPieceSize() and token.get("content"):
+                    specials[token["content"]] = int(key)
+        if not specials:
+            return {}, None
+        pattern = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
+        return specials, re.compile(f"({pattern})")
+
+    def _sp_encode(self, text: str) -> list[int]:
+        if self._sp_special_re is None or not self._sp_special_re.search(text):
+            return list(self._sp.EncodeAsIds(text))
+        ids: list[int] = []
+        for i, part in enumerate(self._sp_special_re.split(text)):
+            if i % 2:
+                ids.append(self._sp_specials[part])
+            elif part:
+                ids.extend(self._sp.EncodeAsIds(part))
+        return ids
 
     def _find_continuation_bytes(self) -> frozenset[int]:
         """Ids of byte-fallback tokens <0x80>..<0xBF>: a stream context must not start on one."""
@@ -114,7 +145,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self._sp is not None:
-            ids = list(self._sp.EncodeAsIds(text))
+            ids = self._sp_encode(text)
             if add_special_tokens and self.add_bos and self.bos_id is not None:
                 ids = [self.bos_id, *ids]
             return ids
@@ -186,3 +217,19 @@ def detokenize_delta(tokenizer: Tokenizer, prefix: list[int], delta: list[int], 
             break
         common += 1
     return full[common:]
+
+
+def token_texts(tokenizer: Tokenizer, before: list[int], ids: list[int], final: bool) -> list[str]:
+    """The text each of ``ids`` adds after the tokens ``before`` it (and the ones of ``ids`` before it).
+
+    Each token is decoded after the few tokens that precede it, as streamed text is, so the pieces
+    concatenate to the text of the whole; a token that ends inside a multi-byte character adds "" and
+    the token that completes it adds the character.
+    """
+    context = list(before)
+    texts = []
+    for i, token in enumerate(ids):
+        texts.append(detokenize_delta(tokenizer, context[-STREAM_CONTEXT_TOKENS:], [token],
+                                      final and i == len(ids) - 1))
+        context.append(token)
+    return texts

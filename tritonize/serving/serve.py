@@ -14,9 +14,10 @@ from pathlib import Path
 from types import FrameType
 
 from ..errors import ServerError
-from ..repository.layout import model_names
+from ..repository.layout import REPOSITORY_MANIFEST, model_names
 from .launch import LaunchPlan, repository_launch
-from .server import TritonServer
+from .openai.options import FrontOptions
+from .server import TritonServer, port_in_use
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ServeOptions:
     startup_timeout: float = 600
     server_args: tuple[str, ...] = ()
     multi_gpu_mode: str | None = None  # None: what generate recorded in the repository
+    openai: FrontOptions | None = FrontOptions()  # the OpenAI API beside the server (None: off)
 
 
 class _Shutdown(Exception):
@@ -51,7 +53,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise _Shutdown(signum)
 
 
-def describe(server: TritonServer) -> str:
+def describe(server: TritonServer, openai_url: str | None = None) -> str:
     """What a user needs once the server is ready: its endpoints, models and log."""
     models = model_names(server.repo)
     version = server.version
@@ -60,6 +62,7 @@ def describe(server: TritonServer) -> str:
         f"  HTTP     {server.urls['http']}",
         f"  gRPC     {server.grpc_endpoint}",
         f"  metrics  {server.urls['metrics']}",
+        *([f"  OpenAI   {openai_url}"] if openai_url else []),
         f"  models   {', '.join(models) if models else '(none)'}",
         f"  log      {server.log_path}",
         "Press Ctrl-C to stop.",
@@ -96,10 +99,20 @@ def serve_repository(repo: Path, options: ServeOptions = ServeOptions(), *, say:
     launch = server.launch
     if launch.world_size > 1:
         note(f"{launch.world_size} GPUs ({launch.mode} mode) for {', '.join(launch.engine_models)}")
+    if options.openai is not None and port_in_use(options.openai.address, options.openai.port):
+        raise ServerError(f"port {options.openai.port} on {options.openai.address} is in use (the OpenAI API): pass "
+                          "another --openai-port, or --no-openai")
+    front = None
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start(timeout=options.startup_timeout)
-        say(describe(server))
+        if options.openai is not None:
+            from .openai.runner import OpenAIFront
+
+            # a tritonize repository says what it serves; any other is asked of the server
+            described = repo if (Path(repo) / REPOSITORY_MANIFEST).is_file() else None
+            front = OpenAIFront(server.grpc_endpoint, options.openai, repository=described).start()
+        say(describe(server, front.url if front is not None else None))
         while True:
             rc = server.wait(timeout=1.0)
             if rc is not None:
@@ -113,6 +126,8 @@ def serve_repository(repo: Path, options: ServeOptions = ServeOptions(), *, say:
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
         try:
+            if front is not None:
+                front.stop()
             server.stop()
         finally:
             for sig, handler in previous.items():

@@ -3,8 +3,10 @@
 The engine sends each response as one packed int32 tensor (``packed.py``) holding, with each delta,
 the few tokens before it; decoding ``prefix + delta`` and ``prefix`` and keeping the difference preserves
 spaces and multi-byte characters that decoding the delta alone would break. This model builds the
-ensemble's outputs from it. Statelessness lets Triton run any number of instances and interleave
-responses of many streams freely, and the work done here is work the engine's process does not do.
+ensemble's outputs from it: the text, the counts, the log-probs with the text of each token they
+belong to, and on the final response why the answer ended (``finish_reason``). Statelessness lets
+Triton run any number of instances and interleave responses of many streams freely, and the work done
+here is work the engine's process does not do.
 
 When a client cancels its stream on the ensemble, Triton 2.51 keeps the engine's request running and
 hands each later response to this step marked cancelled. The step then asks the engine to ``stop``
@@ -21,12 +23,12 @@ import triton_python_backend_utils as pb_utils
 
 if __name__.startswith("tritonize."):  # imported from the tritonize package (tests, the Python API)
     from ..packed import unpack
-    from ..tokenizer import Tokenizer, detokenize_delta
+    from ..tokenizer import Tokenizer, detokenize_delta, token_texts
     from ..triton_args import model_args
 else:  # a repository's model.py, which Triton imports as "<version>.model": the runtime package is beside it
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from tritonize_backend.packed import unpack
-    from tritonize_backend.tokenizer import Tokenizer, detokenize_delta
+    from tritonize_backend.tokenizer import Tokenizer, detokenize_delta, token_texts
     from tritonize_backend.triton_args import model_args
 
 STOPPED_MEMORY = 1024  # keys already stopped: later responses of the same request send no second stop
@@ -49,12 +51,20 @@ class TritonPythonModel:
                 # counted in flight for good, which holds up the server's exit by --exit-timeout-secs.
                 self._stop_engine_request(request, p.handle)
             text = detokenize_delta(self.tokenizer, p.prefix, p.delta, p.final)
+            reason = (p.finish_reason or "") if p.final else ""
+            tokens = []
+            if p.log_probs:  # the text of each token whose log-prob this response carries (the last ones)
+                n = len(p.log_probs)
+                tokens = token_texts(self.tokenizer, p.prefix + p.delta[:-n], p.delta[-n:], p.final)
             outputs = [
                 pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
                 pb_utils.Tensor("cum_log_probs", np.array([[p.cum_log_prob]], dtype=np.float32)),
                 pb_utils.Tensor("output_log_probs", np.array(p.log_probs, dtype=np.float32).reshape(1, 1, -1)),
                 pb_utils.Tensor("num_input_tokens", np.array([[p.num_input_tokens]], dtype=np.int32)),
                 pb_utils.Tensor("num_output_tokens", np.array([[p.num_output_tokens]], dtype=np.int32)),
+                pb_utils.Tensor("finish_reason", np.array([[reason.encode()]], dtype=np.object_)),
+                pb_utils.Tensor("output_tokens", np.array([[t.encode("utf-8") for t in tokens]],
+                                                          dtype=np.object_).reshape(1, len(tokens))),
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses

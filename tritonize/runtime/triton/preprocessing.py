@@ -45,6 +45,15 @@ def _words(request, name):
     return words
 
 
+# Inputs Triton's OpenAI frontend may send that this repository does not serve yet: refused by name.
+REFUSED = {
+    "guided_decoding_guide_type": "guided decoding (structured output) is not served by this repository yet",
+    "guided_decoding_guide": "guided decoding (structured output) is not served by this repository yet",
+    "lora_weights": "this repository serves the LoRA adapters it was generated with: send lora_task_id alone",
+    "lora_config": "this repository serves the LoRA adapters it was generated with: send lora_task_id alone",
+}
+
+
 def _to_words_list(sequences):
     """tensorrtllm_backend's [2, N] layout: flattened ids, then each sequence's end offset."""
     flat, offsets = [], []
@@ -78,6 +87,9 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
 
     def _tokenize(self, request):
+        for name, why in REFUSED.items():
+            if pb_utils.get_input_tensor_by_name(request, name) is not None:
+                raise ValueError(f"{name} is not supported: {why}")
         texts = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)
         if texts.size != 1:
             raise ValueError(f"text_input holds {texts.size} prompts: send one prompt per request")
@@ -88,7 +100,14 @@ class TritonPythonModel:
             raise ValueError("text_input is not valid UTF-8") from None
         if not text:
             raise ValueError("text_input is empty: send a prompt of at least one character")
-        ids = self._virtual_tokens(request) + self.tokenizer.encode(text)
+        add_special = bool(_scalar(request, "add_special_tokens", True))
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special)
+        bos = self.tokenizer.bos_id
+        if add_special and bos is not None and ids[:2] == [bos, bos]:
+            # a prompt that starts with the BOS token's text (a chat template's rendering, as Triton's OpenAI
+            # frontend sends it) gets no second one
+            ids = ids[1:]
+        ids = self._virtual_tokens(request) + ids
         if len(ids) > self.max_input_len:
             raise ValueError(
                 f"the prompt is {len(ids)} tokens (virtual tokens of its task included), more than this model's "

@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-OUTPUTS = ("text_output", "cum_log_probs", "output_log_probs", "num_input_tokens", "num_output_tokens")
+OUTPUTS = ("text_output", "cum_log_probs", "output_log_probs", "num_input_tokens", "num_output_tokens",
+           "finish_reason", "output_tokens")
 
 
 class TritonPythonModel:
