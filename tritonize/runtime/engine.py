@@ -29,6 +29,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,122 +88,65 @@ def default_end_ids(model_dir: str | Path) -> list[int]:
     return []
 
 
-class Engine(GenerationEngine):
-    """Thread-safe in-flight batching engine over ``model.py``'s Transformer; see the module docstring."""
+@dataclass
+class Loaded:
+    """A model ready to serve on one device: weights (a tensor-parallel rank's shard), adapters, kernels, KV pool."""
 
-    # ``is_cancelled`` may be an IPC round trip (Triton's stub asks the server): poll each request at
-    # most this often rather than every step.
-    cancel_poll_interval_s = 0.05
+    model: torch.nn.Module
+    adapters: Any  # adapters.AdapterSet
+    num_blocks: int
+    kernels: bool
+    graphs: bool
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        device: str | torch.device = "auto",
-        dtype: str | torch.dtype = "auto",
-        max_batch_size: int = 8,
-        max_seq_len: int = 512,
-        max_num_tokens: int | None = None,
-        cuda_graphs: bool | None = None,
-        adapters_dir: str | Path | None = None,
-        max_prompt_embedding_table_size: int = 0,
-        kv_cache_tokens: int | None = None,
-        kv_cache_free_gpu_memory_fraction: float | None = None,
-        block_size: int = 16,
-        prefix_cache: bool = True,
-        kernels: bool | None = None,
-    ) -> None:
-        if max_batch_size < 1 or max_seq_len < 2:
-            raise ValueError(f"need max_batch_size >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
-        if max_num_tokens is None:
-            max_num_tokens = max(512, 2 * max_batch_size)
-        if max_num_tokens < max_batch_size:
-            raise ValueError(
-                f"max_num_tokens ({max_num_tokens}) must be at least max_batch_size ({max_batch_size}): each decode "
-                "row uses one token of the per-step budget"
-            )
-        from .adapters import load_adapters
-        from .weights import load_model
 
-        self.model_dir = Path(model_dir)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.max_batch_size = max_batch_size
-        self.max_seq_len = max_seq_len
-        self.max_num_tokens = max_num_tokens
-        self.block_size = block_size
-        self.default_end_ids = default_end_ids(self.model_dir)
+def load_for_serving(*, model_dir: str, device: str, dtype: torch.dtype, max_batch_size: int, max_seq_len: int,
+                     max_num_tokens: int, cuda_graphs: bool, kernels: bool, adapters_dir: str | None,
+                     max_prompt_embedding_table_size: int, kv_cache_tokens: int | None,
+                     kv_cache_free_gpu_memory_fraction: float | None, block_size: int, tp: Any = None) -> Loaded:
+    """What ``Engine`` and every tensor-parallel worker (tp.py) load, the same way: the steps that run
+    collectives (a GPU's profiling step, the pool's size) happen in the same order on every rank. ``tp`` is
+    this rank's ``tp.Leader`` or ``tp.Group`` (None: one device)."""
+    from .adapters import load_adapters
+    from .weights import load_model
 
-        self.model = load_model(self.model_dir, device=self.device, dtype=self.dtype)
-        self.vocab_size = self._vocab_size()
-        on_cuda = self.device.type == "cuda"
-        use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
-        if use_graphs and not on_cuda:
-            raise ValueError("cuda_graphs=True needs device cuda")
-        use_kernels = on_cuda if kernels is None else kernels
-        with torch.no_grad():
-            self.adapters = load_adapters(adapters_dir, self.model.args)
-            self.adapters.install(self.model, max_batch_size, max_num_tokens,
-                                 max_prompt_embedding_table_size=max_prompt_embedding_table_size)
-            if use_kernels:
-                from .kernels import use_triton_kernels
+    device_ = torch.device(device)
+    shard = tp.shard(model_dir) if tp is not None else None
+    model = load_model(model_dir, device=device_, dtype=dtype, shard=shard)
+    with torch.no_grad():
+        adapters = load_adapters(adapters_dir, model.args)
+        adapters.install(model, max_batch_size, max_num_tokens,
+                         max_prompt_embedding_table_size=max_prompt_embedding_table_size, shard=shard)
+        if shard is not None:
+            from .tp import parallelize
 
-                use_kernels = use_triton_kernels(self.model)
-            if use_graphs and not use_kernels:
-                log.warning("no Triton kernels here: CUDA graphs need them for attention; running eagerly")
-                use_graphs = False
-            num_blocks = self._pool_blocks(kv_cache_tokens, kv_cache_free_gpu_memory_fraction)
-            self.model.setup_caches(num_blocks=num_blocks, block_size=block_size, max_seq_len=max_seq_len)
-        self.kernels = use_kernels
-        self.sampler = Sampler(self.vocab_size, max_batch_size, self.device)
-        self.pool = BlockPool(num_blocks, block_size, prefix_caching=prefix_cache)
-        self.scheduler = Scheduler(self.pool, max_num_seqs=max_batch_size, max_num_tokens=max_num_tokens)
-        self.runner = ModelRunner(
-            self.model, self.sampler, device=self.device, max_num_seqs=max_batch_size, max_num_tokens=max_num_tokens,
-            max_seq_len=max_seq_len, block_size=block_size, cuda_graphs=use_graphs,
-            token_adapter=self.adapters.token_adapter, vocab_size=self.vocab_size,
-        )
-        self.slot_adapter = np.zeros(max_batch_size, dtype=np.int64) if self.adapters.lora else None
-        kv_tokens = (num_blocks - 1) * block_size
-        self.kv_cache_bytes = sum(b.numel() * b.element_size() for name, b in self.model.named_buffers()
-                                  if name.endswith(("k_cache", "v_cache")))
-        self.kv_cache_tokens = kv_tokens
-        log.info("KV cache: %d tokens in %d blocks of %d (%.2f GB); %d requests of %d tokens fit at once%s",
-                 kv_tokens, num_blocks - 1, block_size, self.kv_cache_bytes / 1e9, kv_tokens // max_seq_len,
-                 max_seq_len, "; prefix reuse on" if prefix_cache else "")
+            parallelize(model, shard, tp.group)
+        use_kernels = kernels
+        if use_kernels:
+            from .kernels import use_triton_kernels
 
-        self._cv = threading.Condition()
-        self._incoming: deque[GenerationRequest] = deque()
-        self._live: set[str] = set()
-        self._cancel_ids: set[str] = set()
-        self._stopping = False
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        # Touched by the scheduler thread only.
-        self._seqs: dict[str, Sequence] = {}
-        self.stats: dict[str, Any] = {
-            "decode_batch_sizes": deque(maxlen=_STATS_HISTORY),
-            "decode_batch_histogram": {},
-            "prefill_chunks": deque(maxlen=_STATS_HISTORY),
-            "decode_steps": 0,
-            "mixed_steps": 0,
-            "prefill_tokens": 0,
-            "generated_tokens": 0,
-            "finished": {},
-            "kv_cache_tokens": kv_tokens,
-            "pool": self.pool.stats,
-            # seconds the engine thread spent planning, launching, waiting for the device, and applying
-            "time_s": {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "apply": 0.0},
-        }
+            use_kernels = use_triton_kernels(model)
+        use_graphs = cuda_graphs
+        if use_graphs and not use_kernels:
+            log.warning("no Triton kernels here: CUDA graphs need them for attention; running eagerly")
+            use_graphs = False
+        pool = _PoolSizer(model, device_, block_size, max_batch_size, max_seq_len, max_num_tokens)
+        num_blocks = pool.blocks(kv_cache_tokens, kv_cache_free_gpu_memory_fraction)
+        if tp is not None and device_.type == "cuda":  # every rank's pool holds the same blocks: the smallest
+            num_blocks = tp.group.min_int(num_blocks)
+        model.setup_caches(num_blocks=num_blocks, block_size=block_size, max_seq_len=max_seq_len)
+    return Loaded(model, adapters, num_blocks, use_kernels, use_graphs)
 
-    def _vocab_size(self) -> int:
-        args = getattr(self.model, "args", None) or getattr(self.model, "config", None)
-        size = getattr(args, "vocab_size", None) or _read_json(self.model_dir / "config.json").get("vocab_size")
-        if not size:
-            raise ValueError(f"cannot tell the vocabulary size of {self.model_dir}: no vocab_size in config.json")
-        return int(size)
 
-    def _pool_blocks(self, tokens: int | None, fraction: float | None) -> int:
+@dataclass
+class _PoolSizer:
+    model: torch.nn.Module
+    device: torch.device
+    block_size: int
+    max_batch_size: int
+    max_seq_len: int
+    max_num_tokens: int
+
+    def blocks(self, tokens: int | None, fraction: float | None) -> int:
         """Blocks of the KV pool (plus block 0, which padding rows point at).
 
         ``tokens`` sets the size directly. Otherwise on CUDA the pool takes ``fraction`` (default 0.9, as
@@ -219,7 +163,8 @@ class Engine(GenerationEngine):
         if not 0 < fraction <= 1:
             raise ValueError(f"kv_cache_free_gpu_memory_fraction must be in (0, 1], got {fraction}")
         args = self.model.args
-        per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * self.model.tok_embeddings.weight.element_size()
+        attn = self.model.layers[0].attention  # this rank's key/value heads
+        per_token = 2 * args.n_layers * attn.n_kv_heads * attn.head_dim * self.model.tok_embeddings.weight.element_size()
         activations = self._profile_activations()
         free, _total = torch.cuda.mem_get_info(self.device)
         usable = max(0, free - activations)
@@ -270,6 +215,130 @@ class Engine(GenerationEngine):
         torch.cuda.empty_cache()
         return int(peak * 1.1) + (256 << 20)  # and room for the CUDA graphs' own pool
 
+
+class Engine(GenerationEngine):
+    """Thread-safe in-flight batching engine over ``model.py``'s Transformer; see the module docstring."""
+
+    # ``is_cancelled`` may be an IPC round trip (Triton's stub asks the server): poll each request at
+    # most this often rather than every step.
+    cancel_poll_interval_s = 0.05
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        max_batch_size: int = 8,
+        max_seq_len: int = 512,
+        max_num_tokens: int | None = None,
+        cuda_graphs: bool | None = None,
+        adapters_dir: str | Path | None = None,
+        max_prompt_embedding_table_size: int = 0,
+        kv_cache_tokens: int | None = None,
+        kv_cache_free_gpu_memory_fraction: float | None = None,
+        block_size: int = 16,
+        prefix_cache: bool = True,
+        kernels: bool | None = None,
+        tensor_parallel_size: int = 1,
+    ) -> None:
+        if max_batch_size < 1 or max_seq_len < 2:
+            raise ValueError(f"need max_batch_size >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
+        if max_num_tokens is None:
+            max_num_tokens = max(512, 2 * max_batch_size)
+        if max_num_tokens < max_batch_size:
+            raise ValueError(
+                f"max_num_tokens ({max_num_tokens}) must be at least max_batch_size ({max_batch_size}): each decode "
+                "row uses one token of the per-step budget"
+            )
+        self.model_dir = Path(model_dir)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.max_num_tokens = max_num_tokens
+        self.block_size = block_size
+        self.default_end_ids = default_end_ids(self.model_dir)
+        on_cuda = self.device.type == "cuda"
+        use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        if use_graphs and not on_cuda:
+            raise ValueError("cuda_graphs=True needs device cuda")
+
+        self._cv = threading.Condition()
+        self._fatal: str | None = None  # set when a tensor-parallel rank is lost: every request fails with it
+        options = dict(model_dir=str(self.model_dir), device=str(self.device), dtype=self.dtype,
+                       max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,
+                       cuda_graphs=use_graphs, kernels=on_cuda if kernels is None else kernels,
+                       adapters_dir=None if adapters_dir is None else str(adapters_dir),
+                       max_prompt_embedding_table_size=max_prompt_embedding_table_size,
+                       kv_cache_tokens=kv_cache_tokens, kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
+                       block_size=block_size)
+        self.tp = None
+        self.tensor_parallel_size = tensor_parallel_size
+        if tensor_parallel_size > 1:
+            from .tp import Leader
+
+            self.tp = Leader.start(tensor_parallel_size, self.device, options, on_failure=self._fail_fatal)
+        try:
+            loaded = load_for_serving(**options, tp=self.tp)
+            if self.tp is not None:
+                self.tp.wait_ready()
+        except BaseException as exc:
+            if self.tp is not None:
+                self.tp.close()
+                self.tp.raise_startup_failure(exc)
+            raise
+        self.model, self.adapters, num_blocks = loaded.model, loaded.adapters, loaded.num_blocks
+        self.kernels = loaded.kernels
+        self.vocab_size = self._vocab_size()
+        self.sampler = Sampler(self.vocab_size, max_batch_size, self.device)
+        self.pool = BlockPool(num_blocks, block_size, prefix_caching=prefix_cache)
+        self.scheduler = Scheduler(self.pool, max_num_seqs=max_batch_size, max_num_tokens=max_num_tokens)
+        self.runner = ModelRunner(
+            self.model, self.sampler, device=self.device, max_num_seqs=max_batch_size, max_num_tokens=max_num_tokens,
+            max_seq_len=max_seq_len, block_size=block_size, cuda_graphs=loaded.graphs,
+            token_adapter=self.adapters.token_adapter, vocab_size=self.vocab_size, tp=self.tp,
+        )
+        self.slot_adapter = np.zeros(max_batch_size, dtype=np.int64) if self.adapters.lora else None
+        kv_tokens = (num_blocks - 1) * block_size
+        self.kv_cache_bytes = sum(b.numel() * b.element_size() for name, b in self.model.named_buffers()
+                                  if name.endswith(("k_cache", "v_cache")))
+        self.kv_cache_tokens = kv_tokens
+        per_rank = f" on each of {tensor_parallel_size} ranks" if self.tp is not None else ""
+        log.info("KV cache: %d tokens in %d blocks of %d (%.2f GB%s); %d requests of %d tokens fit at once%s",
+                 kv_tokens, num_blocks - 1, block_size, self.kv_cache_bytes / 1e9, per_rank, kv_tokens // max_seq_len,
+                 max_seq_len, "; prefix reuse on" if prefix_cache else "")
+
+        self._incoming: deque[GenerationRequest] = deque()
+        self._live: set[str] = set()
+        self._cancel_ids: set[str] = set()
+        self._stopping = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        # Touched by the scheduler thread only.
+        self._seqs: dict[str, Sequence] = {}
+        self.stats: dict[str, Any] = {
+            "decode_batch_sizes": deque(maxlen=_STATS_HISTORY),
+            "decode_batch_histogram": {},
+            "prefill_chunks": deque(maxlen=_STATS_HISTORY),
+            "decode_steps": 0,
+            "mixed_steps": 0,
+            "prefill_tokens": 0,
+            "generated_tokens": 0,
+            "finished": {},
+            "kv_cache_tokens": kv_tokens,
+            "pool": self.pool.stats,
+            # seconds the engine thread spent planning, launching, waiting for the device, and applying
+            "time_s": {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "apply": 0.0},
+        }
+
+    def _vocab_size(self) -> int:
+        args = getattr(self.model, "args", None) or getattr(self.model, "config", None)
+        size = getattr(args, "vocab_size", None) or _read_json(self.model_dir / "config.json").get("vocab_size")
+        if not size:
+            raise ValueError(f"cannot tell the vocabulary size of {self.model_dir}: no vocab_size in config.json")
+        return int(size)
+
     # ---------------------------------------------------------------- public API
 
     def start(self) -> Engine:
@@ -291,10 +360,12 @@ class Engine(GenerationEngine):
         """Queue a request; every outcome, a rejection included, arrives through ``req.on_output``."""
         if req.on_output is no_output or not callable(req.on_output):
             raise ValueError("GenerationRequest.on_output must be a callable")
-        problem = self._validate(req)
+        problem = self._fatal or self._validate(req)
         if problem is None:
             with self._cv:
-                if self._closed:
+                if self._fatal:
+                    problem = self._fatal
+                elif self._closed:
                     problem = "the engine was shut down; no new requests are accepted"
                 elif req.request_id in self._live:
                     problem = f"request id {req.request_id!r} is already in flight; use a unique id"
@@ -332,7 +403,26 @@ class Engine(GenerationEngine):
         if thread is not None:
             thread.join(timeout)
         if thread is None or not thread.is_alive():
-            self._abort_all("the engine was shut down before this request finished")
+            self._abort_all(self._fatal or "the engine was shut down before this request finished")
+        if self.tp is not None:
+            self.tp.close()
+
+    def _fail_fatal(self, message: str) -> None:
+        """A tensor-parallel rank is lost (called from the thread that watches them): every request running,
+        queued or still to come fails with ``message`` and the engine stops."""
+        with self._cv:
+            if self._fatal is None:
+                self._fatal = message
+            self._cv.notify_all()
+
+    def _group_failure(self, exc: Exception) -> str:
+        """The message a failed tensor-parallel step ends the engine with: a lost worker's, or this one's."""
+        lost = self.tp.failure(wait=5.0)  # the watching thread has said which worker, and logged it
+        if lost:
+            return lost
+        message = f"tritonize: a tensor-parallel step failed on rank 0 ({exc}); the engine stops"
+        log.error("%s", message)
+        return message
 
     @property
     def num_running(self) -> int:
@@ -411,8 +501,10 @@ class Engine(GenerationEngine):
             while True:
                 with self._cv:
                     while not (self._stopping or self._incoming or self._cancel_ids or inflight is not None
-                               or self.scheduler.has_work):
+                               or self.scheduler.has_work or self._fatal):
                         self._cv.wait()
+                    if self._fatal:
+                        break
                     if self._stopping:
                         break
                     cancel_ids, self._cancel_ids = self._cancel_ids, set()
@@ -441,8 +533,13 @@ class Engine(GenerationEngine):
                 except Exception as exc:  # a bug in the engine itself: fail what is running, keep serving
                     log.exception("engine step failed")
                     inflight = None
+                    if self.tp is not None:  # the ranks may no longer be in step: stop
+                        self._fail_fatal(self._group_failure(exc))
+                        break
                     for seq in list(self._seqs.values()):
                         self._finish(seq, "error", f"internal engine error: {exc}")
+        if self._fatal:
+            self._abort_all(self._fatal)
 
     def _add(self, req: GenerationRequest) -> None:
         if _client_gone(req):
@@ -490,9 +587,11 @@ class Engine(GenerationEngine):
             seq.virtual_offset = self.adapters.task(req.task_id)[0]
         elif req.prompt_table is not None:
             seq.virtual_offset = self.adapters.request_base + seq.slot * self.adapters.max_prompt_embedding_table_size
-            table = torch.as_tensor(req.prompt_table)
+            table = torch.as_tensor(req.prompt_table).to(self.adapters.prompt_table)
             start = seq.virtual_offset
-            self.adapters.prompt_table[start : start + len(table)] = table.to(self.adapters.prompt_table)
+            self.adapters.prompt_table[start : start + len(table)] = table
+            if self.tp is not None:  # every rank embeds the prompt: each needs the rows
+                self.tp.write_prompt_table(start, table)
         if self.slot_adapter is not None:
             self.slot_adapter[seq.slot] = self.adapters.lora_index(req.lora_task_id)
         real = [t for t in seq.known_tokens() if t < self.vocab_size]
@@ -536,6 +635,9 @@ class Engine(GenerationEngine):
         try:
             return self.runner.launch(plan, rows, _virtual_offset, self.slot_adapter)
         except Exception as exc:
+            if self.tp is not None and self.runner.out_of_step:  # a worker is gone, or may have been left behind
+                self._fail_fatal(self._group_failure(exc))
+                return None
             log.exception("step failed")
             for chunk in plan.chunks:
                 self._finish(chunk.seq, "error", f"step failed: {exc}")
