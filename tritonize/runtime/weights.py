@@ -17,16 +17,13 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .config import ModelArgs
 from .model import Transformer
-
-if TYPE_CHECKING:
-    from .tp import Shard
 
 
 class WeightsError(ValueError):
@@ -319,7 +316,7 @@ _FAMILIES: dict[str, Callable[[TensorFiles, ModelArgs], Tensors]] = {
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | str | None = torch.float32, shard: Shard | None = None) -> Transformer:
+               dtype: torch.dtype | str | None = torch.float32, shard: Any = None) -> Transformer:
     """Build the ``Transformer`` described by ``model_dir/config.json`` and load its weights.
 
     ``dtype`` None or "auto" keeps the checkpoint's dtype. ``shard`` (tp.py) loads only one tensor-parallel
