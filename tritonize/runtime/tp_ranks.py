@@ -1,7 +1,7 @@
 """The processes of a tensor-parallel engine (the shard each holds is tp.py's).
 
-The Triton engine model's process is rank 0 (``Leader``). It starts N-1 workers (``torch.multiprocessing``,
-spawn; ``_worker_main``), which join a process group over a TCP store on 127.0.0.1 (gloo on a CPU, NCCL on
+The Triton engine model's process is rank 0 (``Leader``). It starts N-1 worker processes (``_Process``:
+fresh interpreters, as multiprocessing's spawn makes them; ``_worker_main``), which join a process group over a TCP store on 127.0.0.1 (gloo on a CPU, NCCL on
 GPUs, one device per rank: rank r takes the GPU r places after rank 0's). Every rank loads its shard the
 same way (``loading.load_for_serving``). Rank 0 runs the scheduler and sampling; each step its runner sends
 the workers a small header through a pipe (what the step is: its layout's sizes, graph or eager,
@@ -20,14 +20,18 @@ closes. The environment's NCCL settings are left as they are (NVLink multicast s
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import shutil
+import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
@@ -86,6 +90,72 @@ def _say(line: str) -> None:
     log.error("%s", line)
 
 
+# How a worker starts: the rank 0 process's import path, then this module of the same package.
+_BOOT = ("import importlib, json, os, sys; sys.path[:0] = json.loads(os.environ.pop('TRITONIZE_TP_SYS_PATH')); "
+         "importlib.import_module(sys.argv[1] + '.tp_ranks')._worker_entry(int(sys.argv[2]))")
+
+
+class _Process:
+    """A worker process and a file descriptor that becomes readable when it exits (``sentinel``).
+
+    A plain subprocess rather than multiprocessing's spawn: spawn starts a resource tracker, which the
+    interpreter inside Triton's Python backend stub cannot run (its ``_thread`` module and its standard
+    library may come from different Python builds)."""
+
+    def __init__(self, popen: subprocess.Popen) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        try:
+            self.sentinel = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):  # no pidfd here: a thread waits for the process instead
+            self.sentinel, done = os.pipe()
+            threading.Thread(target=self._reap, args=(done,), name="tritonize-tp-reap", daemon=True).start()
+
+    def _reap(self, done: int) -> None:
+        self.popen.wait()
+        os.write(done, b"x")
+        os.close(done)
+
+    @classmethod
+    def start(cls, rank: int) -> tuple[_Process, Connection]:
+        mine, theirs = socket.socketpair()
+        env = dict(os.environ, TRITONIZE_TP_SYS_PATH=json.dumps([p for p in sys.path if p]))
+        package = __name__.rpartition(".")[0]
+        try:
+            popen = subprocess.Popen([_python(), "-c", _BOOT, package, str(theirs.fileno())],
+                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        except OSError as exc:
+            mine.close()
+            raise TensorParallelError(f"cannot start tensor-parallel worker {rank} with {_python()}: {exc}") from None
+        finally:
+            theirs.close()
+        return cls(popen), Connection(mine.detach())
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def terminate(self) -> None:
+        if self.is_alive():
+            self.popen.terminate()
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self.popen.kill()
+
+    def close(self) -> None:
+        os.close(self.sentinel)
+
+
 class Leader(_Rank):
     """Rank 0: starts the workers, sends each step's header through their pipes, watches their processes.
 
@@ -112,7 +182,6 @@ class Leader(_Rank):
               on_failure: Callable[[str], None]) -> Leader:
         """Checks the split and the devices, starts ranks 1..world-1 and joins the group as rank 0."""
         import torch.distributed as dist
-        import torch.multiprocessing as mp
 
         from .weights import read_config
 
@@ -134,20 +203,15 @@ class Leader(_Rank):
                                       "tensor-parallel engine per process")
         store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
-        ctx = mp.get_context("spawn")
-        ctx.set_executable(_python())
         processes, conns = [], []
         leader = cls(world, device, processes, conns, on_failure)
         leader._store = store  # rank 0 serves the store: it lives as long as the group
         try:
             for rank in range(1, world):
-                mine, theirs = ctx.Pipe(duplex=True)
-                process = ctx.Process(target=_worker_main, args=(rank, world, store.port, options, theirs),
-                                      name=f"tritonize-tp-worker-{rank}", daemon=True)
-                process.start()
-                theirs.close()
+                process, conn = _Process.start(rank)
                 processes.append(process)
-                conns.append(mine)
+                conns.append(conn)
+                conn.send((rank, world, store.port, options))
             leader._expect("hello")  # every worker runs and imported the runtime
             _join(store, 0, world, device, datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
             leader._joined = True
@@ -196,6 +260,15 @@ class Leader(_Rank):
         self._expect("ready")
         self._watcher = threading.Thread(target=self._watch, name="tritonize-tp-watch", daemon=True)
         self._watcher.start()
+
+    def describe(self) -> str:
+        """One line for the log: the split, the backend, the processes."""
+        backend = "NCCL" if self.device.type == "cuda" else "gloo"
+        devices = f" on cuda:{self.device.index or 0}-{(self.device.index or 0) + self.world - 1}" \
+            if self.device.type == "cuda" else " on the CPU"
+        pids = ", ".join(str(p.pid) for p in self.processes)
+        return (f"tensor parallelism {self.world} ({backend}{devices}): rank 0 is process {os.getpid()}, "
+                f"ranks 1-{self.world - 1} are processes {pids}")
 
     def raise_startup_failure(self, exc: BaseException) -> None:
         """After a failed start: a worker's own reason, when rank 0's error is only its consequence."""
@@ -283,6 +356,10 @@ class Leader(_Rank):
             conn.close()
         if self._watcher is not None:
             self._watcher.join(5.0)
+        for process in self.processes:
+            process.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
         if self._joined:
             self._joined = False
             _leave()
@@ -311,6 +388,16 @@ def _join(store, rank: int, world: int, device: torch.device, timeout: datetime.
 class _Worker(_Rank):
     def __init__(self, group: Group) -> None:
         self.group = group
+
+
+def _worker_entry(fd: int) -> None:
+    """A worker process's start (``_BOOT``): its rank and the engine's options come through its socket."""
+    conn = Connection(fd)
+    try:
+        rank, world, port, options = conn.recv()
+    except (EOFError, OSError):
+        return  # rank 0 is gone before it said anything
+    _worker_main(rank, world, port, options, conn)
 
 
 def _worker_main(rank: int, world: int, port: int, options: dict[str, Any], conn) -> None:
