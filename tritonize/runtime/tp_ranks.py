@@ -267,8 +267,8 @@ class Leader(_Rank):
         devices = f" on cuda:{self.device.index or 0}-{(self.device.index or 0) + self.world - 1}" \
             if self.device.type == "cuda" else " on the CPU"
         pids = ", ".join(str(p.pid) for p in self.processes)
-        return (f"tensor parallelism {self.world} ({backend}{devices}): rank 0 is process {os.getpid()}, "
-                f"ranks 1-{self.world - 1} are processes {pids}")
+        others = "rank 1 is process" if self.world == 2 else f"ranks 1-{self.world - 1} are processes"
+        return f"tensor parallelism {self.world} ({backend}{devices}): rank 0 is process {os.getpid()}, {others} {pids}"
 
     def raise_startup_failure(self, exc: BaseException) -> None:
         """After a failed start: a worker's own reason, when rank 0's error is only its consequence."""
