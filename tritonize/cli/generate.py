@@ -115,6 +115,6 @@ def generate(checkpoint: Path, output: Path, force: bool, **options: Any) -> Non
     for task, source in spec.ptuning:
         click.echo(f"  p-tuning: task_id {task} = {source}")
     if spec.tensor_parallel_size > 1 and spec.runtime in ("torch", "auto"):
-        click.echo(f"  split:  tensor parallelism {spec.tensor_parallel_size} (one process per GPU, started by "
-                   f"{spec.name}_engine)")
+        where = "processes on the CPU" if spec.device == "cpu" else "one process per GPU"
+        click.echo(f"  split:  tensor parallelism {spec.tensor_parallel_size} ({where}, started by {spec.name}_engine)")
     click.echo(f"  serve:  tritonize serve {out}")
