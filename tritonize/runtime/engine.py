@@ -115,6 +115,8 @@ class Engine(GenerationEngine):
     ) -> None:
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
         if max_num_tokens is None:
             max_num_tokens = max(512, 2 * max_batch_size)
         if max_num_tokens < max_batch_size:
@@ -462,7 +464,11 @@ class Engine(GenerationEngine):
             start = seq.virtual_offset
             self.adapters.prompt_table[start : start + len(table)] = table
             if self.tp is not None:  # every rank embeds the prompt: each needs the rows
-                self.tp.write_prompt_table(start, table)
+                try:
+                    self.tp.write_prompt_table(start, table)
+                except Exception as exc:
+                    self._fail_fatal(self._group_failure(exc))
+                    raise
         if self.slot_adapter is not None:
             self.slot_adapter[seq.slot] = self.adapters.lora_index(req.lora_task_id)
         real = [t for t in seq.known_tokens() if t < self.vocab_size]
@@ -473,6 +479,8 @@ class Engine(GenerationEngine):
             try:
                 self._setup_slot(seq)
             except Exception as exc:
+                if self._fatal:  # the tensor-parallel group is lost: the engine stops
+                    return None
                 log.exception("admitting request %s failed", seq.request_id)
                 self._finish(seq, "error", f"could not admit the request: {exc}")
         plan.chunks = [c for c in plan.chunks if c.seq.status is Status.RUNNING]
