@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -28,7 +29,7 @@ from tritonize.errors import QueryError
 from tritonize.repository.build import build_repository
 from tritonize.repository.spec import RepoSpec
 from tritonize.serving.client import GenerateOptions, grpc_generate
-from tritonize.serving.server import TritonServer, free_ports
+from tritonize.serving.server import TritonServer, port_in_use
 
 pytestmark = pytest.mark.e2e
 
@@ -130,9 +131,30 @@ def served(tmp_path_factory):
     return work, expected
 
 
-def test_split_models_give_transformers_text_streamed_or_not_alone_or_together(served, triton_server):
+def _ports(count: int = 3) -> list[int]:
+    """Free ports below the kernel's ephemeral range: the ranks' gloo connections take ephemeral ports while the
+    models load, before tritonserver binds its own, so a port picked there (free_ports) could be gone by then."""
+    rng = random.Random()
+    found: list[int] = []
+    while len(found) < count:
+        port = rng.randrange(20000, 32000)
+        if port not in found and not port_in_use("127.0.0.1", port):
+            found.append(port)
+    return found
+
+
+def _server(repo: Path, log: Path) -> TritonServer:
+    http, grpc, metrics = _ports()
+    return TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=log, exit_timeout=10)
+
+
+def test_split_models_give_transformers_text_streamed_or_not_alone_or_together(served, tmp_path):
     work, expected = served
-    server = triton_server(work / "repo", timeout=600)
+    with _server(work / "repo", tmp_path / "log").start(timeout=600) as server:
+        _ask_every_model(server, expected)
+
+
+def _ask_every_model(server: TritonServer, expected: dict) -> None:
     log = server.log_text()
     for name, (_, world, _) in MODELS.items():
         if name != KILLED:
@@ -180,10 +202,7 @@ def _alive(pid: int) -> bool:
 
 def test_a_killed_worker_is_reported_and_nothing_hangs(served, tmp_path):
     work, expected = served
-    repo = work / f"{KILLED}-repo"
-    http, grpc, metrics = free_ports(3)
-    server = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=tmp_path / "log",
-                          exit_timeout=10).start(timeout=300)
+    server = _server(work / f"{KILLED}-repo", tmp_path / "log").start(timeout=300)
     workers: list[int] = []
     try:
         engine = [pid for pid in server.stub_pids() if f"{KILLED}_engine/" in " ".join(

@@ -41,7 +41,9 @@ from .model import TransformerBlock
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Group", "ParallelBlock", "RowParallel", "Shard", "TensorParallelError", "VocabParallelHead", "check_split", "parallelize"]
+__all__ = ["Group", "ParallelBlock", "RowParallel", "Shard", "TensorParallelError", "VocabParallelHead",
+           "check_split", "parallelize"]
+
 
 class TensorParallelError(TritonizeError, RuntimeError):
     """The model cannot be split this way, or a rank failed: one line, said as it is."""

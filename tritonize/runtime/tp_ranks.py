@@ -433,25 +433,28 @@ def _worker_main(rank: int, world: int, port: int, options: dict[str, Any], conn
         os._exit(1)
     try:
         with torch.inference_mode():
-            _follow(conn, runner, loaded.adapters, group)
+            stopped = _follow(conn, runner, loaded.adapters, group)
     except BaseException as exc:  # noqa: BLE001 - reported as one line
         _report(conn, f"tritonize: tensor-parallel worker {rank} failed: {_one_line(exc)}")
         os._exit(1)
+    if not stopped:  # rank 0 is gone: leaving the group would wait for it
+        os._exit(0)
     if joined:
         _leave()
 
 
-def _follow(conn, runner, adapters, group: Group) -> None:
+def _follow(conn, runner, adapters, group: Group) -> bool:
+    """Runs rank 0's messages; True when told to stop, False when rank 0 is gone."""
     parent = os.getppid()
     while True:
         if not conn.poll(1.0):
-            if os.getppid() != parent:  # rank 0 is gone
-                return
+            if os.getppid() != parent:
+                return False
             continue
         try:
             kind, *fields = _HEADER.unpack(conn.recv_bytes())
-        except (EOFError, OSError):  # rank 0 is gone
-            return
+        except (EOFError, OSError):
+            return False
         if kind == _STEP:
             runner.follow(fields)
         elif kind == _TABLE:
@@ -463,7 +466,7 @@ def _follow(conn, runner, adapters, group: Group) -> None:
         elif kind == _CAPTURE:
             runner.capture_all()
         elif kind == _STOP:
-            return
+            return True
 
 
 def _one_line(exc: BaseException) -> str:
