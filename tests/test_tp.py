@@ -216,7 +216,7 @@ def test_the_split_engine_gives_transformers_tokens_with_adapters_preemption_and
     assert len({tuple(o.token_ids) for o in outs}) == len(outs), "each adapter and table must change the answer"
 
 
-@pytest.mark.parametrize("name, world", [("mixtral", 2), ("gpt2", 4), ("falcon", 4)])
+@pytest.mark.parametrize("name, world", [("mixtral", 2), ("gpt2", 4)])
 def test_the_split_engine_gives_the_one_device_tokens(checkpoints, name, world):
     prompts = [IDS, IDS[:3], [7, 7, 7, 7, 7, 7, 7, 7, 7], [250]]
     limits = dict(device="cpu", dtype="float32", max_batch_size=4, max_seq_len=48, max_num_tokens=8)
