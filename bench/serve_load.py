@@ -56,17 +56,19 @@ def main() -> None:
     ap.add_argument("--no-perf-analyzer", action="store_true")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--tensor-parallelism-size", type=int, default=1, help="GPUs the torch runtime splits the model over")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tritonize-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     spec = RepoSpec(name="llm", max_batch_size=max(levels), max_input_len=max(args.input_len, args.prefix_len + 64) + 16,
                     max_output_len=args.output_len, device=args.device, dtype=args.dtype,
-                    max_num_tokens=max(2048, 2 * max(levels)))
+                    max_num_tokens=max(2048, 2 * max(levels)), tensor_parallel_size=args.tensor_parallelism_size)
     t = time.perf_counter()
     repo = build_repository(args.model, workdir / "repo", spec, force=True, progress=False)
     result: dict = {"model": str(args.model), "input_len": args.input_len, "output_len": args.output_len,
-                    "generate_s": time.perf_counter() - t, "runs": []}
+                    "tensor_parallel_size": args.tensor_parallelism_size, "generate_s": time.perf_counter() - t,
+                    "runs": []}
     try:
         import torch
 

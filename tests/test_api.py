@@ -51,7 +51,8 @@ def test_forward_refuses_unknown_adapters_and_bad_lengths(exported):
 
 
 @pytest.mark.parametrize("kwargs, flag", [
-    ({"tensor_parallelism_size": 2}, "--tensor-parallelism-size"),
+    ({"pipeline_parallelism_size": 2}, r"--pipeline-parallelism-size \(--pipeline_parallelism_size\) above 1 needs "
+                                       r"--runtime trtllm or trtllm-engine \(pipeline parallelism is TensorRT-LLM only"),
     ({"opt_num_tokens": 64}, "--opt-num-tokens"),
     ({"fp8_quantized": True}, "--export-fp8-quantized"),
     ({"paged_kv_cache": False}, "--no-paged-kv-cache"),

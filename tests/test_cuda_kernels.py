@@ -139,9 +139,13 @@ def test_every_family_with_the_kernels_swapped_in_equals_transformers(name, tmp_
     torch.testing.assert_close(got[13:], ref[13:], atol=2e-4, rtol=1e-4)
 
 
-def test_padded_steps_give_the_exact_steps_tokens(tmp_path):
+@pytest.mark.parametrize("world", [1, 2])
+def test_padded_steps_give_the_exact_steps_tokens(tmp_path, world):
     """The layouts the CUDA graphs replay (steps padded to a token bucket, padding tokens and sequences that
-    belong to no request), run eagerly with the kernels: the same greedy text as transformers."""
+    belong to no request), run eagerly with the kernels: the same greedy text as transformers. Split over two
+    ranks, the kernels run on each rank's heads and the workers follow rank 0's padded layouts."""
+    if DEVICE == "cuda" and torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tritonize.runtime.engine import Engine
@@ -155,7 +159,7 @@ def test_padded_steps_give_the_exact_steps_tokens(tmp_path):
     hf.save_pretrained(tmp_path)
     prompts = [[1, 17, 42, 99, 7], [1, 250, 3], [1] + list(range(60, 90)), [1, 5, 5, 5, 8, 200, 31, 64, 2, 9, 11]]
     with Engine(tmp_path, device=DEVICE, dtype="float32", max_batch_size=4, max_seq_len=64, max_num_tokens=24,
-                block_size=4, kernels=True, cuda_graphs=False) as eng:
+                block_size=4, kernels=True, cuda_graphs=False, tensor_parallel_size=world) as eng:
         assert eng.kernels
         eng.runner.buckets, eng.runner.token_buckets = batch_buckets(4), token_buckets(24)
         got = eng.generate(prompts, 6, end_ids=[], timeout=120)

@@ -125,8 +125,8 @@ def test_a_new_version_is_built_beside_the_old(source, tmp_path):
 
 
 @pytest.mark.parametrize("args, refused", [
-    (["--tensor_parallelism_size", "2"], "--tensor-parallelism-size (--tensor_parallelism_size) above 1 needs"),
-    (["--pipeline-parallelism-size", "2"], "--pipeline-parallelism-size (--pipeline_parallelism_size) above 1"),
+    (["--pipeline-parallelism-size", "2"], "--pipeline-parallelism-size (--pipeline_parallelism_size) above 1 needs "
+                                           "--runtime trtllm or trtllm-engine (pipeline parallelism is TensorRT-LLM only"),
     (["--opt_num_tokens", "128"], "--opt-num-tokens (--opt_num_tokens) needs --runtime trtllm-engine"),
     (["--task_ids", "3"], "--task-ids gives 1 id(s) for 0 --ptuning-nemo-checkpoint"),
     (["--ptuning_nemo_checkpoint", "p.nemo", "--task_ids", "a"], "--task-ids 'a' is not a number"),
@@ -180,7 +180,7 @@ def test_deploy_serves_adapters_and_a_changed_adapter_is_a_mismatch(source, tmp_
                     "--dry-run")
     assert first.exit_code == 0, first.output
     # the exported model's shapes, for an adapter and a table that fit it
-    spec = RepoSpec(name="model", max_input_len=32, max_output_len=16, max_batch_size=2)
+    spec = RepoSpec.from_options({"name": "model", "max_input_len": 32, "max_output_len": 16, "max_batch_size": 2})
     carry_out(plan_deploy(repo, spec, source=source.path))
     config = json.loads((repo / "model_engine" / "1" / "weights" / "config.json").read_text())
     base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))

@@ -2,8 +2,9 @@
 
 Code written against ``TensorRTLLM(model_dir).export(...)``, ``.forward(...)`` and
 ``DeployPyTriton(model=..., triton_model_name=...).deploy() / serve() / run() / stop()`` ports by
-changing the two class names. The engine is tritonize's torch runtime; what only TensorRT-LLM can
-honour (parallelism, FP8, TensorRT build switches) is refused by name.
+changing the two class names. The engine is tritonize's torch runtime, split over GPUs with
+``tensor_parallelism_size``; what only TensorRT-LLM can honour (pipeline parallelism, FP8, TensorRT
+build switches) is refused by name.
 
 Adapters follow NeMo's API: LoRA checkpoints in ``Exporter(model_dir, lora_ckpt_list=[...])``, p-tuning
 tables through ``add_prompt_table(task_name, path)``, and ``forward(lora_uids=..., task_ids=...)`` per
@@ -100,6 +101,7 @@ class Exporter:
         self.max_input_len = max_input_len
         self.max_output_len = max_output_len
         self.max_num_tokens = max_num_tokens
+        self.tensor_parallel_size = 1  # export(tensor_parallelism_size=N): the engine's ranks, and the repository's
         self.model_type: str | None = None
         self.source: Path | None = None
         self.export_dtype: str | None = None
@@ -237,6 +239,7 @@ class Exporter:
         self.model_type = model_type
         self.max_input_len, self.max_output_len, self.max_batch_size = max_input_len, max_output_len, max_batch_size
         self.max_num_tokens = max_num_tokens
+        self.tensor_parallel_size = int(tensor_parallelism_size)
         self.export_dtype = dtype
         if dtype is not None:
             self.dtype = dtype
@@ -260,7 +263,8 @@ class Exporter:
                               max_seq_len=self.max_input_len + self.max_output_len,
                               max_num_tokens=self.max_num_tokens or max(self.max_input_len, self.max_batch_size),
                               adapters_dir=adapters if adapters.is_dir() else None,
-                              max_prompt_embedding_table_size=self.adapters.max_prompt_embedding_table_size)
+                              max_prompt_embedding_table_size=self.adapters.max_prompt_embedding_table_size,
+                              tensor_parallel_size=self.tensor_parallel_size)
 
     # -- generation ----------------------------------------------------------------------------
     def forward(self, input_texts: Sequence[str], max_output_token: int = 64, top_k: int = 1, top_p: float = 0.0,
@@ -432,6 +436,7 @@ class Deployment:
             max_input_len=m.max_input_len if m else 256, max_output_len=m.max_output_len if m else 256,
             max_num_tokens=(m.max_num_tokens or 0) if m else 0,
             device=self.device or (m.device if m else "auto"), dtype=self.dtype or (m.dtype if m else "auto"),
+            tensor_parallel_size=m.tensor_parallel_size if m else 1,
             **(m.adapters.spec_fields() if m else {}),
         )
 

@@ -26,10 +26,13 @@ Examples:
 
 \b
 A repository whose tritonize.json records the same request is served without exporting again; one
-made with other options is an error naming the option (--force rebuilds). Options that only the
-TensorRT-LLM runtimes honour (parallelism, FP8, TensorRT build switches) are refused by name on the
-torch runtime; --runtime trtllm takes parallelism and the FP8 KV cache, --runtime trtllm-engine exports
-a TRT-LLM checkpoint for the TP x PP given, builds it with trtllm-build and serves it on TP x PP GPUs:
+made with other options is an error naming the option (--force rebuilds). The torch runtime splits a
+model over GPUs with --tensor-parallelism-size (one process per GPU, started by the engine model):
+  tritonize deploy --nemo-checkpoint ./llama-70b.nemo --tensor-parallelism-size 4
+Options that only the TensorRT-LLM runtimes honour (pipeline parallelism, FP8, TensorRT build switches)
+are refused by name on the torch runtime; --runtime trtllm takes parallelism and the FP8 KV cache,
+--runtime trtllm-engine exports a TRT-LLM checkpoint for the TP x PP given, builds it with trtllm-build
+and serves it on TP x PP GPUs:
   tritonize deploy --nemo-checkpoint ./llama.nemo --runtime trtllm-engine --tensor-parallelism-size 2
 """
 

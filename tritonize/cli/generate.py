@@ -59,9 +59,10 @@ from .options import FP8_SWITCH, generate_option
 @click.option("--force", is_flag=True,
               help="Replace this model version if --output holds it (or --output if it is not a tritonize repository).")
 @generate_option("tensor_parallel_size", type=click.IntRange(min=1), default=1, show_default=True,
-                 help="TensorRT-LLM runtimes: GPUs per pipeline stage (trtllm-engine: from the engine if left at 1).")
+                 help="GPUs the model is split over (per pipeline stage): attention heads, MLP and LM head split, one "
+                      "process per GPU (trtllm-engine: from the engine if left at 1).")
 @generate_option("pipeline_parallel_size", type=click.IntRange(min=1), default=1, show_default=True,
-                 help="TensorRT-LLM runtimes: pipeline stages.")
+                 help="TensorRT-LLM runtimes only: pipeline stages.")
 @generate_option("kv_cache_free_gpu_memory_fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
                  help="Share of the GPU memory free once the weights are loaded that the KV cache takes "
                       "(default 0.9, as TensorRT-LLM's).")
@@ -116,4 +117,7 @@ def generate(checkpoint: Path, output: Path, force: bool, **options: Any) -> Non
         click.echo(f"  LoRA:   lora_task_id {task} = {source}")
     for task, source in spec.ptuning:
         click.echo(f"  p-tuning: task_id {task} = {source}")
+    if spec.tensor_parallel_size > 1 and spec.runtime in ("torch", "auto"):
+        where = "processes on the CPU" if spec.device == "cpu" else "one process per GPU"
+        click.echo(f"  split:  tensor parallelism {spec.tensor_parallel_size} ({where}, started by {spec.name}_engine)")
     click.echo(f"  serve:  tritonize serve {out}")

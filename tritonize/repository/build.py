@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TritonizeError
+from ..runtime.tp import check_split
 from .checkpoint import inspect_checkpoint
 from .layout import REPOSITORY_MANIFEST
 from .options import refuse
 from .render import write_repository
-from .spec import RepoSpec, runtime_warning
+from .spec import RepoSpec, gpu_warning, runtime_warning
 from .trtllm_build import BuildOptions, build_options, resolve_trtllm_source, run_trtllm_build, stage_engine
 
 
@@ -38,9 +39,9 @@ def generate_repository(checkpoint: Path, output: Path, options: Mapping[str, An
     runtime = options.get("runtime") or "torch"
     refuse(options, runtime, nemo=False)
     spec = RepoSpec.from_options(options)
-    warning = runtime_warning(runtime)
-    if warning:
-        note(warning)
+    for warning in (runtime_warning(runtime), gpu_warning(spec)):
+        if warning:
+            note(warning)
     build = None
     if runtime == "trtllm-engine":
         build = build_options(spec, options, fp8_kv_cache_request=str(options.get("use_fp8_kv_cache") or "auto").lower())
@@ -74,6 +75,9 @@ def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: b
 def _write(checkpoint: Path, output: Path, spec: RepoSpec, *, force: bool, progress: bool,
            engine_dir: Path | None = None) -> Path:
     ckpt = inspect_checkpoint(checkpoint)
+    problem = check_split(ckpt.args, spec.tensor_parallel_size)
+    if problem:
+        raise TritonizeError(f"--tensor-parallelism-size {spec.tensor_parallel_size}: {problem}")
     context = spec.max_input_len + spec.max_output_len
     if ckpt.args.positions == "learned" and context > ckpt.args.max_position_embeddings:
         raise TritonizeError(

@@ -76,7 +76,8 @@ def _row(name: str, *, nemo: bool = True, **rest: Any) -> Option:
     return Option(name, flag, rest.pop("nemo_name", "--" + name) if nemo else None, **rest)
 
 
-_ONE_DEVICE = {"*": " (the torch runtime runs on one device)"}
+_PIPELINE = {"*": " (pipeline parallelism is TensorRT-LLM only: the torch runtime splits a model over GPUs with "
+                  "--tensor-parallelism-size)"}
 _BUILD_PROFILE = {"*": " (a TensorRT build profile)",
                   "trtllm": " (a TensorRT build profile; the trtllm runtime builds no engine)"}
 
@@ -111,11 +112,13 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     _row("ptuning_nemo_checkpoint", spec_field="ptuning", runtimes=PTUNING, why={"trtllm": _NO_PROMPT_TABLES}),
     _row("task_ids", spec_field="ptuning", runtimes=PTUNING, why={"trtllm": _NO_PROMPT_TABLES}),
     _row("max_prompt_embedding_table_size", runtimes=PTUNING, unset=(None, 0), why={"trtllm": _NO_PROMPT_TABLES}),
-    # TensorRT-LLM: parallelism, KV cache, launch
+    # parallelism: every runtime splits a model with tensor parallelism (the torch runtime with tp.py);
+    # pipeline stages are TensorRT-LLM's only
     _row("tensor_parallel_size", flag="--tensor-parallelism-size", nemo_name="--tensor_parallelism_size",
-         runtimes=TRTLLM, unset=(None, 1), used="above 1", why=_ONE_DEVICE, api="tensor_parallelism_size"),
+         unset=(None, 1), used="above 1", api="tensor_parallelism_size"),
     _row("pipeline_parallel_size", flag="--pipeline-parallelism-size", nemo_name="--pipeline_parallelism_size",
-         runtimes=TRTLLM, unset=(None, 1), used="above 1", why=_ONE_DEVICE, api="pipeline_parallelism_size"),
+         runtimes=TRTLLM, unset=(None, 1), used="above 1", why=_PIPELINE, api="pipeline_parallelism_size"),
+    # TensorRT-LLM: KV cache, launch
     # the KV cache: every runtime pages it and reuses cached prefixes
     _row("kv_cache_free_gpu_memory_fraction", unset=(None, 0.0)),
     _row("kv_cache_tokens", nemo=False, unset=(None, 0)),

@@ -50,6 +50,20 @@ def runtime_warning(runtime: str) -> str | None:
     return None
 
 
+def gpu_warning(spec: RepoSpec) -> str | None:
+    """A line for `generate` when this machine has GPUs, but fewer than the repository is split over (the
+    engine model checks the server's own count when it loads)."""
+    if spec.world_size < 2 or spec.device == "cpu":
+        return None
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < visible < spec.world_size:
+        return (f"warning: the repository is split over {spec.world_size} GPUs but this machine sees {visible}; "
+                f"the server needs {spec.world_size}")
+    return None
+
+
 def step_tokens(max_num_tokens: int, max_input_len: int, max_batch_size: int, device: str) -> int:
     """Tokens per scheduler step (a decode row takes one, prompt chunks the rest); 0 asks for the default."""
     if max_num_tokens:
@@ -82,9 +96,10 @@ class RepoSpec:
     prefix_cache: bool = True
     # a chat template file that replaces the checkpoint's (generate --chat-template); None: the checkpoint's
     chat_template: str | None = None
-    # TensorRT-LLM runtimes only (refused elsewhere):
+    # GPUs the model is split over: tensor parallelism (every runtime), pipeline stages (TensorRT-LLM only)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # TensorRT-LLM runtimes only (refused elsewhere):
     kv_cache_dtype: str = "auto"  # "fp8" on the trtllm runtime; an engine's is fixed at build time
     multi_gpu_mode: str = "leader"  # how tritonize serve launches world size > 1: leader | orchestrator
     # what else made the repository (deploy's export request), recorded in tritonize.json with the rest
@@ -165,6 +180,10 @@ class RepoSpec:
         if self.multi_gpu_mode not in MULTI_GPU_MODES:
             raise RenderError(f"--multi-gpu-mode {self.multi_gpu_mode!r} is not one of {', '.join(MULTI_GPU_MODES)}")
         self._check_runtime()
+        if self.tensor_parallel_size > 1 and self.instance_count > 1 and self.runtime not in TRTLLM_RUNTIMES:
+            raise RenderError(f"--instance-count {self.instance_count} with --tensor-parallelism-size "
+                              f"{self.tensor_parallel_size}: each engine instance would start its own ranks on the "
+                              "same GPUs; serve one instance")
         if self.device == "cpu" and self.dtype == "float16":
             raise RenderError("--dtype float16 is not supported on --device cpu: use float32 or bfloat16")
 

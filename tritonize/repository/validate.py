@@ -16,6 +16,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from tritonize.runtime.config import ModelArgs, UnsupportedModelError
+from tritonize.runtime.tp import check_split
 
 from .layout import REPOSITORY_MANIFEST, model_folders
 from .manifest import hash_tree
@@ -193,6 +194,11 @@ def _version_problems(repo: Path, name: str, version: str, entry: dict, configs:
         args = ModelArgs.from_hf_config(cfg)
     except (OSError, ValueError, KeyError, TypeError, UnsupportedModelError):
         args = None  # a missing or changed config.json is already reported by the hash check
+    tp = int(options.get("tensor_parallel_size") or 1)
+    problem = check_split(args, tp) if args is not None else None
+    if problem:
+        problems.append(Problem(f"{name}_engine/config.pbtxt", f"tensor parallelism {tp}: {problem}",
+                                "generate again with another --tensor-parallelism-size"))
     if args is not None and args.positions == "learned" and context > args.max_position_embeddings:
         problems.append(Problem(
             f"{name}_engine/config.pbtxt", f"max_input_len + max_output_len = {context} exceeds the "
@@ -225,6 +231,13 @@ def _limit_problems(name: str, options: dict, configs: dict[str, Config]) -> lis
                                   "max_output_len": options.get("max_output_len")},
         f"{name}_sync": {"ensemble_name": name},
     }
+    if options.get("runtime") in ("torch", "auto"):  # the torch runtime's ranks (tp.py); absent means 1
+        tp = int(options.get("tensor_parallel_size") or 1)
+        got = int(_params(present[engine]).get("tensor_parallel_size") or 1) if engine in present else tp
+        if got != tp:
+            problems.append(Problem(
+                f"{engine}/config.pbtxt", f"parameter tensor_parallel_size is {got} but {REPOSITORY_MANIFEST} says {tp}",
+                f"set it to \"{tp}\" (or remove it for 1) or {REGENERATE}"))
     for folder, values in expected.items():
         if folder not in present:
             continue

@@ -237,7 +237,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             attn = layer.attention
             attn.paged = None  # free the old cache before allocating the new one
-            attn.paged = self.paged_attention_cls(num_blocks, block_size, args.n_kv_heads, args.head_dim,
+            # the layer's own key/value heads: a tensor-parallel rank holds only its share (tp.py)
+            attn.paged = self.paged_attention_cls(num_blocks, block_size, attn.n_kv_heads, attn.head_dim,
                                                   attn.scale, attn.window, dtype, device)
         # The scale is applied as the model dtype would hold it, as transformers does for Gemma.
         self.embed_scale = float(torch.tensor(args.embedding_scale, dtype=dtype))

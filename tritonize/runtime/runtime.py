@@ -46,7 +46,8 @@ def create_engine(runtime: str, model_dir: str | Path, *, trtllm_options: dict[s
     """An engine for a resolved runtime; ``options`` are the arguments every engine takes.
 
     ``trtllm_options`` are the TensorRT-LLM ones; ``engine_dir`` and ``multi_gpu_mode``
-    among them only concern the trtllm-engine runtime and are dropped for the LLM API one.
+    among them only concern the trtllm-engine runtime and are dropped for the LLM API one. The torch
+    runtime takes ``tensor_parallel_size`` of them (its own tensor parallelism, tp.py).
     """
     trt = dict(trtllm_options or {})
     if runtime != "torch":
@@ -66,5 +67,8 @@ def create_engine(runtime: str, model_dir: str | Path, *, trtllm_options: dict[s
     if runtime == "torch":
         from .engine import Engine
 
-        return Engine(model_dir, **options)
+        if int(trt.get("pipeline_parallel_size") or 1) > 1:
+            raise ValueError("pipeline parallelism is TensorRT-LLM only: the torch runtime splits a model with "
+                             "tensor parallelism (--tensor-parallelism-size)")
+        return Engine(model_dir, tensor_parallel_size=int(trt.get("tensor_parallel_size") or 1), **options)
     raise ValueError(f"runtime {runtime!r} is not resolved: call resolve_runtime first")

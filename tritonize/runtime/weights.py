@@ -4,6 +4,11 @@ Each family's parameter names are mapped onto the runtime's, tensor by tensor fr
 safetensors, so peak host memory stays near one tensor beyond the model itself. The model is built
 on the meta device and the loaded tensors are assigned in place of its parameters, so nothing is
 initialised only to be overwritten.
+
+With a tensor-parallel ``Shard`` (tp.py) each rank reads only its piece: a tensor is sliced as soon as
+the family mapping names it, still a view of the memory-mapped file, and the runtime tensors fused from
+several checkpoint tensors (q/k/v, gate/up, a layer's experts) arrive as ``Concat`` / ``Stack``, which
+slice each part before joining them.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -95,7 +101,7 @@ def _load_bin(file: Path) -> dict[str, Tensor]:
 
 # --- per-family name maps: each yields (runtime name, tensor) -------------------------------------
 
-Tensors = Iterator[tuple[str, Tensor]]
+Tensors = Iterator[tuple[str, "Tensor | Concat | Stack"]]
 
 
 def _norm(ck: TensorFiles, ours: str, theirs: str, args: ModelArgs) -> Tensors:
@@ -111,10 +117,54 @@ def _linear(ck: TensorFiles, ours: str, theirs: str, bias: bool, transpose: bool
         yield f"{ours}.bias", ck.get(f"{theirs}.bias")
 
 
+class Concat:
+    """Checkpoint tensors joined along dim 0 into one runtime tensor, joined only when asked: a shard takes
+    its rows part by part, so the whole fused tensor is never built."""
+
+    def __init__(self, parts: list[Tensor]) -> None:
+        self.parts = parts
+        self.shape = torch.Size([sum(p.shape[0] for p in parts), *parts[0].shape[1:]])
+
+    def materialize(self) -> Tensor:
+        return torch.cat(self.parts)
+
+    def index_select(self, dim: int, index: Tensor) -> Tensor:
+        if dim != 0:
+            return torch.cat([p.index_select(dim, index) for p in self.parts])
+        pieces, start = [], 0
+        for part in self.parts:
+            stop = start + part.shape[0]
+            mine = index[(index >= start) & (index < stop)] - start
+            if len(mine):
+                pieces.append(part.index_select(0, mine))
+            start = stop
+        return torch.cat(pieces)
+
+
+class Stack:
+    """Per-expert tensors (or ``Concat``s) stacked along a new dim 0, stacked only when asked."""
+
+    def __init__(self, parts: list) -> None:
+        self.parts = parts
+        self.shape = torch.Size([len(parts), *parts[0].shape])
+
+    def materialize(self) -> Tensor:
+        return torch.stack([_whole(p) for p in self.parts])
+
+    def index_select(self, dim: int, index: Tensor) -> Tensor:
+        if dim == 0:
+            return torch.stack([_whole(self.parts[int(i)]) for i in index])
+        return torch.stack([p.index_select(dim - 1, index) for p in self.parts])
+
+
+def _whole(t: Tensor | Concat | Stack) -> Tensor:
+    return t if isinstance(t, Tensor) else t.materialize()
+
+
 def _fused(ck: TensorFiles, ours: str, theirs: list[str], bias: bool) -> Tensors:
-    yield f"{ours}.weight", torch.cat([ck.get(f"{t}.weight") for t in theirs])
+    yield f"{ours}.weight", Concat([ck.get(f"{t}.weight") for t in theirs])
     if bias:
-        yield f"{ours}.bias", torch.cat([ck.get(f"{t}.bias") for t in theirs])
+        yield f"{ours}.bias", Concat([ck.get(f"{t}.bias") for t in theirs])
 
 
 def _head(ck: TensorFiles, args: ModelArgs, embed: str, final_norm: str, lm_head: str) -> Tensors:
@@ -158,11 +208,10 @@ def _mixtral_experts(ck: TensorFiles, args: ModelArgs, ours: str, hf: str) -> Te
     moe = f"{hf}.block_sparse_moe"
     yield f"{ours}.gate.weight", ck.get(f"{moe}.gate.weight")
     experts = range(args.num_experts)
-    yield f"{ours}.w13", torch.stack([
-        torch.cat([ck.get(f"{moe}.experts.{e}.w1.weight"), ck.get(f"{moe}.experts.{e}.w3.weight")])
-        for e in experts
+    yield f"{ours}.w13", Stack([
+        Concat([ck.get(f"{moe}.experts.{e}.w1.weight"), ck.get(f"{moe}.experts.{e}.w3.weight")]) for e in experts
     ])
-    yield f"{ours}.w2", torch.stack([ck.get(f"{moe}.experts.{e}.w2.weight") for e in experts])
+    yield f"{ours}.w2", Stack([ck.get(f"{moe}.experts.{e}.w2.weight") for e in experts])
 
 
 def _split_interleaved_qkv(t: Tensor, n_heads: int, head_dim: int) -> Tensor:
@@ -267,11 +316,12 @@ _FAMILIES: dict[str, Callable[[TensorFiles, ModelArgs], Tensors]] = {
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | str | None = torch.float32) -> Transformer:
+               dtype: torch.dtype | str | None = torch.float32, shard: Any = None) -> Transformer:
     """Build the ``Transformer`` described by ``model_dir/config.json`` and load its weights.
 
-    ``dtype`` None or "auto" keeps the checkpoint's dtype. Caches are not allocated: call
-    ``setup_caches`` next.
+    ``dtype`` None or "auto" keeps the checkpoint's dtype. ``shard`` (tp.py) loads only one tensor-parallel
+    rank's piece, with the local shapes and head counts; ``tp.parallelize`` then adds the collectives.
+    Caches are not allocated: call ``setup_caches`` next.
     """
     model_dir = Path(model_dir)
     args = ModelArgs.from_hf_config(read_config(model_dir))
@@ -279,6 +329,9 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = Transformer(args)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if shard is not None:
+        shard.shard_modules(model)
+    local = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     state: dict[str, Tensor] = {}
     with ExitStack() as stack:
         ck = TensorFiles(model_dir, stack)
@@ -290,8 +343,11 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                     f"{model_dir}: {name} has shape {tuple(tensor.shape)} but config.json implies "
                     f"{expected[name]}; the weights do not belong to this config"
                 )
-            state[name] = tensor.to(device=device, dtype=dtype).contiguous()
-    missing = sorted(set(expected) - set(state))
+            piece = _whole(tensor) if shard is None else shard.select(name, tensor)
+            if name in local and tuple(piece.shape) != local[name]:
+                raise WeightsError(f"{model_dir}: {name} sharded to {tuple(piece.shape)}, expected {local[name]}")
+            state[name] = piece.to(device=device, dtype=dtype).contiguous()
+    missing = sorted(set(local) - set(state))
     if missing:
         raise WeightsError(f"{model_dir}: no weights for {', '.join(missing[:5])}")
     model.load_state_dict(state, strict=True, assign=True)

@@ -130,6 +130,9 @@ class TritonPythonModel:
                 "multi_gpu_mode": params.get("multi_gpu_mode") or "leader",
             },
         )
+        ranks = getattr(self.engine, "tp", None)
+        if ranks is not None:
+            pb_utils.Logger.log_info(f"tritonize: {ranks.describe()}")
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.engine.start()
         self.streams = {}
