@@ -24,11 +24,15 @@ from .options import FP8_SWITCH, generate_option
 @generate_option("max_batch_size", default=None, type=click.IntRange(min=1),
               help="Most requests in one step (default: 8 with --device cpu, else 256, at most --max-num-tokens). "
                    "Reserves no memory: the KV cache is paged.")
-@generate_option("max_input_len", default=256, show_default=True, type=int, help="Longest prompt, in tokens.")
-@generate_option("max_output_len", default=256, show_default=True, type=int, help="Most tokens generated per request.")
+@generate_option("max_input_len", default=None, type=int,
+                 help="Longest prompt, in tokens (default: from the checkpoint, see --max-output-len).")
+@generate_option("max_output_len", default=None, type=int,
+                 help="Most tokens generated per request. Not given, the two share the checkpoint's positions "
+                      "(max_position_embeddings, n_positions): half each, or what the other leaves.")
 @generate_option("max_num_tokens", default=0, show_default=True, type=int,
               help="Tokens per scheduler step, decodes and prompt chunks together (0: the larger of "
-                   "--max-input-len and --max-batch-size, at least 2048 on a GPU).")
+                   "--max-input-len and --max-batch-size, at least 2048 on a GPU; 8192 when the prompt limit "
+                   "taken from the checkpoint is longer).")
 @generate_option("runtime", default="torch", show_default=True, type=click.Choice(RUNTIMES), help="Engine runtime.")
 @generate_option("device", default="auto", show_default=True, type=click.Choice(DEVICES),
               help="auto: CUDA when the server has a GPU, else CPU.")
@@ -113,6 +117,8 @@ def generate(checkpoint: Path, output: Path, force: bool, **options: Any) -> Non
     click.echo(f"added version {spec.version} of {spec.name} to {out}" if result.added else f"wrote {out}")
     click.echo(f"  models: {spec.name} (ensemble), {spec.name}_preprocessing, {spec.name}_engine, "
                f"{spec.name}_postprocessing, {spec.name}_sync")
+    click.echo(f"  limits: prompt {spec.max_input_len} + output {spec.max_output_len} tokens, "
+               f"{spec.max_batch_size} requests per step")
     for task, source in spec.lora:
         click.echo(f"  LoRA:   lora_task_id {task} = {source}")
     for task, source in spec.ptuning:

@@ -18,6 +18,7 @@ from ..errors import TritonizeError
 from ..runtime.tp import check_split
 from .checkpoint import inspect_checkpoint
 from .layout import REPOSITORY_MANIFEST
+from .limits import derive_limits
 from .options import refuse
 from .render import write_repository
 from .spec import RepoSpec, gpu_warning, runtime_warning
@@ -34,10 +35,14 @@ class Generated:
 def generate_repository(checkpoint: Path, output: Path, options: Mapping[str, Any], *, force: bool,
                         note: Callable[[str], None] = print) -> Generated:
     """`tritonize generate`: the options (by name, ``repository.options``) checked against the runtime, the spec
-    built from them, the repository written. ``note`` gets a warning when this machine lacks what the
-    runtime needs (not an error: the repository is usually served elsewhere)."""
+    built from them, the repository written. ``note`` gets the limits taken from the checkpoint when
+    ``max_input_len`` / ``max_output_len`` are None (limits.py), and a warning when this machine lacks what
+    the runtime needs (not an error: the repository is usually served elsewhere)."""
     runtime = options.get("runtime") or "torch"
     refuse(options, runtime, nemo=False)
+    options, limits = derive_limits(checkpoint, options, runtime)
+    if limits:
+        note(limits)
     spec = RepoSpec.from_options(options)
     for warning in (runtime_warning(runtime), gpu_warning(spec)):
         if warning:

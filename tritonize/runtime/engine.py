@@ -222,7 +222,7 @@ class Engine(GenerationEngine):
                 return self
         if self.runner.shapes():
             with torch.inference_mode():
-                self.runner.capture_all()  # before serving, not on the first requests
+                self.runner.capture_all(progress=_CaptureLog())  # before serving, not on the first requests
         with self._cv:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="tritonize-engine", daemon=True)
@@ -609,6 +609,23 @@ class Engine(GenerationEngine):
             self._finish(seq, "error", message)
         with self._cv:
             self._live.clear()
+
+
+class _CaptureLog:
+    """Logs the CUDA-graph captures at start: the first, one every ``interval_s``, and the last."""
+
+    interval_s = 1.0
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, k: int, total: int) -> None:
+        now = time.monotonic()
+        if k == 1 or now - self.last >= self.interval_s:
+            self.last = now
+            log.info("CUDA graphs: capturing graph %d of %d", k, total)
+        if k == total:
+            log.info("CUDA graphs: captured %d in %.1f s", total, now - self.start)
 
 
 def _wall_ns(monotonic: float | None) -> int:

@@ -8,6 +8,8 @@ collectives (a GPU's profiling step, agreeing on the pool's size) happen in the 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,22 @@ log = logging.getLogger(__name__)
 __all__ = ["CPU_POOL_REQUESTS", "Loaded", "load_for_serving"]
 
 CPU_POOL_REQUESTS = 16  # the default CPU KV pool holds this many requests of max_seq_len
+CPU_POOL_MEMORY_SHARE = 0.25  # ... as long as they take at most this share of the memory available
+
+
+def _available_memory() -> int:
+    """Bytes of host memory available now (MemAvailable; the free pages where /proc/meminfo is missing)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40  # unknown: no cap
 
 
 @dataclass
@@ -43,7 +61,9 @@ def load_for_serving(*, model_dir: str, device: str, dtype: torch.dtype, max_bat
 
     device_ = torch.device(device)
     shard = tp.shard(model_dir) if tp is not None else None
-    model = load_model(model_dir, device=device_, dtype=dtype, shard=shard)
+    weights = WeightsProgress(device_)
+    model = load_model(model_dir, device=device_, dtype=dtype, shard=shard, progress=weights)
+    weights.done()
     with torch.no_grad():
         adapters = load_adapters(adapters_dir, model.args)
         adapters.install(model, max_batch_size, max_num_tokens,
@@ -57,6 +77,11 @@ def load_for_serving(*, model_dir: str, device: str, dtype: torch.dtype, max_bat
             from .kernels import use_triton_kernels
 
             use_kernels = use_triton_kernels(model)
+        if use_kernels:
+            log.info("kernels: Triton kernels, compiled at the profiling step and the graph captures "
+                     "(cache: %s)", os.environ.get("TRITON_CACHE_DIR") or "~/.triton/cache")
+        else:
+            log.info("kernels: PyTorch's own on %s, nothing to compile", device_)
         use_graphs = cuda_graphs
         if use_graphs and not use_kernels:
             log.warning("no Triton kernels here: CUDA graphs need them for attention; running eagerly")
@@ -67,6 +92,31 @@ def load_for_serving(*, model_dir: str, device: str, dtype: torch.dtype, max_bat
             num_blocks = tp.group.min_int(num_blocks)
         model.setup_caches(num_blocks=num_blocks, block_size=block_size, max_seq_len=max_seq_len)
     return Loaded(model, adapters, num_blocks, use_kernels, use_graphs)
+
+
+class WeightsProgress:
+    """Logs how far the weights are: when loading starts, every ``interval_s``, and when it is done."""
+
+    interval_s = 2.0
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.start = time.monotonic()
+        self.last = self.start
+        self.loaded = self.total = 0
+
+    def __call__(self, loaded: int, total: int) -> None:
+        if self.total == 0:
+            log.info("weights: loading %.2f GB onto %s", total / 1e9, self.device)
+        self.loaded, self.total = loaded, total
+        now = time.monotonic()
+        if now - self.last >= self.interval_s and loaded < total:
+            self.last = now
+            log.info("weights: %.2f / %.2f GB (%d%%)", loaded / 1e9, total / 1e9, 100 * loaded // max(total, 1))
+
+    def done(self) -> None:
+        took = time.monotonic() - self.start
+        log.info("weights: loaded %.2f / %.2f GB in %.1f s", self.loaded / 1e9, self.total / 1e9, took)
 
 
 @dataclass
@@ -84,20 +134,32 @@ class _PoolSizer:
         ``tokens`` sets the size directly. Otherwise on CUDA the pool takes ``fraction`` (default 0.9, as
         TensorRT-LLM's free_gpu_memory_fraction) of the memory that is free once the weights are loaded
         and the largest step's activations are set aside; on CPU it holds ``max_batch_size`` requests of
-        ``max_seq_len`` tokens, at most 16 of them (more requests share it: the pool is paged).
+        ``max_seq_len`` tokens, at most 16 of them (more requests share it: the pool is paged), and at most
+        a quarter of the memory available (but one request of ``max_seq_len`` in any case).
         """
         bs = self.block_size
         if tokens:
             return -(-tokens // bs) + 1
+        per_request = -(-self.max_seq_len // bs)
         if self.device.type != "cuda":
-            return min(self.max_batch_size, CPU_POOL_REQUESTS) * -(-self.max_seq_len // bs) + 1
+            blocks = min(self.max_batch_size, CPU_POOL_REQUESTS) * per_request
+            budget = int(CPU_POOL_MEMORY_SHARE * _available_memory()) // (self._bytes_per_token() * bs)
+            if budget < blocks:  # a long context (e.g. taken from the checkpoint) must not exhaust the host
+                capped = max(per_request, budget)
+                log.info("KV cache on the CPU: %d blocks instead of %d, a quarter of the available memory "
+                         "(--kv-cache-tokens sets it)", capped, blocks)
+                blocks = capped
+            return blocks + 1
         fraction = 0.9 if fraction is None else fraction
         if not 0 < fraction <= 1:
             raise ValueError(f"kv_cache_free_gpu_memory_fraction must be in (0, 1], got {fraction}")
-        args = self.model.args
-        attn = self.model.layers[0].attention  # this rank's key/value heads
-        per_token = 2 * args.n_layers * attn.n_kv_heads * attn.head_dim * self.model.tok_embeddings.weight.element_size()
+        per_token = self._bytes_per_token()
+        log.info("profiling the largest step (%d tokens)%s", self.max_num_tokens,
+                 ": compiling kernels" if getattr(self.model, "device_attention", False) else "")
+        started = time.monotonic()
         activations = self._profile_activations()
+        log.info("profiled in %.1f s: %.2f GB set aside for a step's activations", time.monotonic() - started,
+                 activations / 1e9)
         free, _total = torch.cuda.mem_get_info(self.device)
         usable = max(0, free - activations)
         blocks = int(fraction * usable) // (per_token * bs)
@@ -108,6 +170,11 @@ class _PoolSizer:
                 f"max_seq_len {self.max_seq_len}: lower max_seq_len or use a larger GPU"
             )
         return blocks + 1
+
+    def _bytes_per_token(self) -> int:
+        args = self.model.args
+        attn = self.model.layers[0].attention  # this rank's key/value heads
+        return 2 * args.n_layers * attn.n_kv_heads * attn.head_dim * self.model.tok_embeddings.weight.element_size()
 
     def _profile_activations(self) -> int:
         """Peak memory of the largest step (max_num_tokens tokens, max_batch_size rows of logits)."""

@@ -315,12 +315,21 @@ _FAMILIES: dict[str, Callable[[TensorFiles, ModelArgs], Tensors]] = {
 }
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | str | None = torch.float32, shard: Any = None) -> Transformer:
+               dtype: torch.dtype | str | None = torch.float32, shard: Any = None,
+               progress: Callable[[int, int], None] | None = None) -> Transformer:
     """Build the ``Transformer`` described by ``model_dir/config.json`` and load its weights.
 
     ``dtype`` None or "auto" keeps the checkpoint's dtype. ``shard`` (tp.py) loads only one tensor-parallel
     rank's piece, with the local shapes and head counts; ``tp.parallelize`` then adds the collectives.
+    ``progress(bytes loaded, bytes in all)`` is called after each tensor (bytes as loaded, in ``dtype``).
     Caches are not allocated: call ``setup_caches`` next.
     """
     model_dir = Path(model_dir)
@@ -332,6 +341,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     if shard is not None:
         shard.shard_modules(model)
     local = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    total = sum(_numel(shape) for shape in local.values()) * dtype.itemsize
+    done = 0
     state: dict[str, Tensor] = {}
     with ExitStack() as stack:
         ck = TensorFiles(model_dir, stack)
@@ -347,6 +358,9 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
             if name in local and tuple(piece.shape) != local[name]:
                 raise WeightsError(f"{model_dir}: {name} sharded to {tuple(piece.shape)}, expected {local[name]}")
             state[name] = piece.to(device=device, dtype=dtype).contiguous()
+            if progress is not None:
+                done += state[name].numel() * dtype.itemsize
+                progress(done, total)
     missing = sorted(set(local) - set(state))
     if missing:
         raise WeightsError(f"{model_dir}: no weights for {', '.join(missing[:5])}")

@@ -29,18 +29,24 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 if __name__.startswith("tritonize."):  # imported from the tritonize package (tests, the Python API)
+    from ..metrics import EngineMetrics
     from ..packed import Packed, pack
     from ..request import GenerationRequest, SamplingParams
     from ..runtime import create_engine, resolve_runtime
+    from ..stages import StageLog
     from ..tokenizer import response_ids
     from ..triton_args import model_args
+    from ..warm import use_warm_artifacts
 else:  # a repository's model.py, which Triton imports as "<version>.model": the runtime package is beside it
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tritonize_backend.metrics import EngineMetrics
     from tritonize_backend.packed import Packed, pack
     from tritonize_backend.request import GenerationRequest, SamplingParams
     from tritonize_backend.runtime import create_engine, resolve_runtime
+    from tritonize_backend.stages import StageLog
     from tritonize_backend.tokenizer import response_ids
     from tritonize_backend.triton_args import model_args
+    from tritonize_backend.warm import use_warm_artifacts
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.05
@@ -96,6 +102,7 @@ class _Stream:
 class TritonPythonModel:
     def initialize(self, args):
         _, params, here = model_args(args)
+        stages = StageLog(pb_utils.Logger, args)  # the start's stages, in Triton's log (stages.py)
         device = params["device"]
         if args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
@@ -107,6 +114,8 @@ class TritonPythonModel:
         requested = params.get("runtime", "torch")
         self.runtime = resolve_runtime(requested)
         pb_utils.Logger.log_info(f"tritonize: runtime {self.runtime} (asked for {requested})")
+        if self.runtime == "torch":
+            stages.info(use_warm_artifacts(here, device))
         fraction = params.get("kv_cache_free_gpu_memory_fraction", "")
         self.engine = create_engine(
             self.runtime,
@@ -135,17 +144,12 @@ class TritonPythonModel:
             pb_utils.Logger.log_info(f"tritonize: {ranks.describe()}")
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.engine.start()
+        stages.warm_up(self.engine)  # Triton reports the model ready once this returns
         self.streams = {}
         self.handles = {}  # handle -> engine key, for stop requests that name a stream by its handle
         self.next_handle = itertools.count(1)
         self.lock = threading.Lock()
-        self.batch_metric = pb_utils.MetricFamily(
-            name="tritonize_decode_steps_total",
-            description="decode steps of the engine, by the number of requests in the batch",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        self.batch_counters = {}
-        self.published = {}
+        self.metrics = EngineMetrics(pb_utils, args, self.engine)  # metrics.py; updated on the sender thread only
         # Every call into the stub (send, is_cancelled, metrics) happens on this one thread: the stub is
         # not safe to call from several threads at once, and the engine thread must not wait on it.
         self.outbox = queue.SimpleQueue()
@@ -273,6 +277,7 @@ class TritonPythonModel:
                     self._respond(key, out)
                 except Exception as e:  # noqa: BLE001 - one broken stream must not stop the others
                     pb_utils.Logger.log_error(f"tritonize: cannot send a response: {e}")
+            self._update_metrics(pending.values(), periodic=time.monotonic() - last_poll >= CANCEL_POLL_S)
             if time.monotonic() - last_poll >= CANCEL_POLL_S:
                 last_poll = time.monotonic()
                 self._poll_cancelled()
@@ -296,8 +301,6 @@ class TritonPythonModel:
         if out.error is not None:
             state.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(out.error)), flags=FINAL)
             return
-        if out.finished:
-            self._publish_batch_sizes()
         if out.finish_reason == "cancelled":
             state.sender.send(flags=FINAL)
             return
@@ -316,21 +319,20 @@ class TritonPythonModel:
         state.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if out.finished else 0)
 
     # -- metrics --------------------------------------------------------------------------------
-    def _publish_batch_sizes(self):
-        """Mirrors the engine's batch-size histogram into Triton's metrics endpoint.
+    def _update_metrics(self, outputs, periodic):
+        """Counts what was just sent and, every poll interval, reads the engine's gauges (metrics.py).
 
-        Called from the engine thread only: the Python backend's stub is not safe to call from
-        several threads at once, and the engine thread is the one that sends responses.
+        Called from the sender thread only: the Python backend's stub is not safe to call from several
+        threads at once, and the engine thread must not wait on it.
         """
-        for size, count in list(self.engine.stats.get("decode_batch_histogram", {}).items()):
-            new = count - self.published.get(size, 0)
-            if new > 0:
-                counter = self.batch_counters.get(size)
-                if counter is None:
-                    counter = self.batch_metric.Metric(labels={"batch_size": str(size)})
-                    self.batch_counters[size] = counter
-                counter.increment(new)
-                self.published[size] = count
+        try:
+            for out in outputs:
+                self.metrics.record(out)
+            self.metrics.flush()
+            if periodic:
+                self.metrics.refresh()
+        except Exception as e:  # noqa: BLE001 - metrics must never stop the responses
+            pb_utils.Logger.log_error(f"tritonize: cannot update the metrics: {e}")
 
     def finalize(self):
         self.engine.shutdown()
