@@ -20,6 +20,11 @@ The load goes to the decoupled ensemble over gRPC streaming (one request in flig
 as perf_analyzer's concurrency mode). Every request asks for exactly --output-len tokens
 (min_tokens = max_tokens). Without --tokenizer-dir the prompts are --input-len common words, which
 most tokenizers turn into roughly as many tokens; the JSON says whether the count is exact.
+
+\b
+Triton's metrics endpoint is read before and after each run: a second table gives the engine model's
+own figures for the same load (tritonize_* histograms and counters: output tokens/s, TTFT, ITL, queue
+time, prefix-cache hits, preemptions) beside the client's.
 """
 
 
@@ -51,13 +56,17 @@ def _parse_levels(text: str) -> list[int]:
               help="Send one short request per client of the highest concurrency before measuring.")
 @click.option("--perf-analyzer/--no-perf-analyzer", "use_pa", default=True, show_default=True,
               help="Use perf_analyzer ($PERF_ANALYZER or PATH) when it is installed.")
+@click.option("--metrics-url", default="", metavar="URL",
+              help="Triton's metrics endpoint, read before and after each run for the server's own view "
+                   "(default: http://HOST:8002/metrics on the -u host; 'none' to skip).")
 def bench(model: str, url: str, input_len: int, output_len: int, concurrency_text: str, duration: float,
-          output_dir: Path, tokenizer_dir: Path | None, warmup: bool, use_pa: bool) -> None:
+          output_dir: Path, tokenizer_dir: Path | None, warmup: bool, use_pa: bool, metrics_url: str = "") -> None:
     """Measure output tokens/s, requests/s, time to first token and inter-token latency of a served model."""
     levels = _parse_levels(concurrency_text)
     try:
         run_bench(model, url, levels, input_len=input_len, output_len=output_len, duration=duration,
-                  output_dir=output_dir, tokenizer_dir=tokenizer_dir, warmup=warmup, use_pa=use_pa, say=click.echo,
+                  output_dir=output_dir, tokenizer_dir=tokenizer_dir, warmup=warmup, use_pa=use_pa,
+                  metrics_url=None if metrics_url.lower() == "none" else metrics_url, say=click.echo,
                   note=lambda line: click.echo(line, err=True))
     except TritonizeError as e:
         raise click.ClickException(str(e)) from None

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import TritonizeError
-from ..repository.k8s import DEFAULT_IMAGE, DNS_LABEL, IMAGE, QUANTITY, k8s_manifests
+from ..repository.k8s import DEFAULT_IMAGE, DNS_LABEL, IMAGE, LABEL_KEY, LABEL_VALUE, QUANTITY, k8s_manifests
 
 _EPILOG = """\b
 Examples:
@@ -17,7 +17,9 @@ Examples:
   tritonize k8s ./repo --host-path /srv/models/llama --output ./k8s
 
 \b
-Files: deployment.yaml, service.yaml and, with a claim (the default), pvc.yaml and copy-pod.yaml.
+Files: deployment.yaml, service.yaml, servicemonitor.yaml (Prometheus Operator; --no-service-monitor
+leaves it out) and, with a claim (the default), pvc.yaml and copy-pod.yaml. Pods and Service carry
+prometheus.io/scrape annotations for the metrics port either way.
 Rollout: examples/kubernetes/README.md. The stock image has no torch: serve with an image built
 FROM it that adds the repository's Python requirements (the README shows the Dockerfile).
 """
@@ -51,11 +53,17 @@ def _check(value: str, pattern: re.Pattern[str], what: str, example: str) -> str
               show_default=True)
 @click.option("--cpu", default="2", show_default=True, help="CPU request per pod.")
 @click.option("--memory", default="16Gi", show_default=True, help="Memory request and limit per pod.")
+@click.option("--service-monitor/--no-service-monitor", default=True, show_default=True,
+              help="Write a Prometheus Operator ServiceMonitor for the metrics port.")
+@click.option("--monitor-label", "monitor_labels", multiple=True, metavar="KEY=VALUE",
+              help="Label of the ServiceMonitor, repeatable, e.g. release=prometheus (what kube-prometheus-stack "
+                   "selects ServiceMonitors by).")
 @click.option("--force", is_flag=True, help="Replace an existing --output directory.")
 def k8s(repo: Path, image: str, name: str | None, gpus: int | None, replicas: int, output: Path | None,
         host_path: str | None, claim: str | None, storage: str | None, access_mode: str, service_type: str,
-        cpu: str, memory: str, force: bool) -> None:
-    """Write Kubernetes manifests (Deployment, Service, volume) that serve REPO with tritonserver."""
+        cpu: str, memory: str, force: bool, service_monitor: bool = True,
+        monitor_labels: tuple[str, ...] = ()) -> None:
+    """Write Kubernetes manifests (Deployment, Service, volume, ServiceMonitor) that serve REPO with tritonserver."""
     if name is not None:
         _check(name, DNS_LABEL, "Kubernetes name (lower-case letters, digits, '-')", "llama-8b")
     if claim is not None:
@@ -64,12 +72,20 @@ def k8s(repo: Path, image: str, name: str | None, gpus: int | None, replicas: in
     for value, what in ((storage, "storage size"), (cpu, "CPU quantity"), (memory, "memory quantity")):
         if value is not None:
             _check(value, QUANTITY, what, "16Gi")
+    labels = []
+    for text in monitor_labels:
+        key, sep, value = text.partition("=")
+        if not sep or not LABEL_KEY.match(key) or not LABEL_VALUE.match(value):
+            raise click.BadParameter(f"{text!r} is not a Kubernetes label KEY=VALUE, e.g. release=prometheus",
+                                     param_hint="--monitor-label")
+        labels.append((key, value))
     if host_path is not None and not host_path.startswith("/"):
         raise click.BadParameter(f"{host_path!r} must be an absolute path on the node, e.g. /srv/models/<model>")
     try:
         result = k8s_manifests(repo, output, name=name, force=force, image=image, gpus=gpus, replicas=replicas,
                                host_path=host_path, claim=claim, storage=storage, access_mode=access_mode,
-                               service_type=service_type, cpu=cpu, memory=memory)
+                               service_type=service_type, cpu=cpu, memory=memory,
+                               service_monitor=service_monitor, monitor_labels=tuple(labels))
     except TritonizeError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {', '.join(result.files)} to {output or Path(f'k8s-{result.name}')} (model {result.model!r}, "

@@ -19,6 +19,7 @@ from .openai import openai
 from .query import query
 from .serve import serve
 from .validate import validate
+from .warmup import warmup
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -35,6 +36,7 @@ def cli() -> None:
       tritonize demo
       tritonize generate --checkpoint ./tiny-llama --output ./repo --model-name tiny
       tritonize serve ./repo
+      tritonize warmup ./repo                      # on the GPU the servers use: they start warm
       tritonize query -m tiny -p "What is the color of a banana?" --max-tokens 16 --stream
     """
 
@@ -45,6 +47,7 @@ cli.add_command(openai)
 cli.add_command(query)
 cli.add_command(demo)
 cli.add_command(validate)
+cli.add_command(warmup)
 cli.add_command(bench)
 cli.add_command(k8s)
 cli.add_command(deploy)

@@ -24,6 +24,9 @@ from .layout import REPOSITORY_MANIFEST, model_names
 TEMPLATES = Path(__file__).resolve().parent / "templates" / "k8s"
 DEFAULT_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# a label key (an optional DNS prefix and "/", then a name) and value, as Kubernetes accepts them
+LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
 IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
 
@@ -76,8 +79,10 @@ def render_manifests(repo: Path, *, name: str, image: str, gpus: int, replicas: 
                      host_path: str | None = None, claim: str | None = None, storage: str | None = None,
                      access_mode: str = "ReadWriteOnce", service_type: str = "ClusterIP", cpu: str = "2",
                      memory: str = "16Gi", shm_size: str = "1Gi", startup_minutes: int = 20,
-                     copy_image: str = "busybox:1.36") -> dict[str, str]:
-    """File name -> manifest text, in memory."""
+                     copy_image: str = "busybox:1.36", service_monitor: bool = True,
+                     monitor_labels: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
+    """File name -> manifest text, in memory. ``service_monitor``: a Prometheus Operator ServiceMonitor for
+    the metrics port (with ``monitor_labels`` added, e.g. the ``release`` label a Prometheus selects by)."""
     env = _environment()
     claim = claim or f"{name}-models"
     values = {
@@ -85,9 +90,10 @@ def render_manifests(repo: Path, *, name: str, image: str, gpus: int, replicas: 
         "claim": claim, "storage": storage or _storage_for(repo), "access_mode": access_mode,
         "service_type": service_type, "cpu": cpu, "memory": memory, "shm_size": shm_size,
         "startup_failures": max(1, startup_minutes * 6), "copy_image": copy_image,
-        "repo_name": repo.name, "version": __version__,
+        "repo_name": repo.name, "version": __version__, "monitor_labels": monitor_labels,
     }
     files = ["deployment.yaml", "service.yaml"] + ([] if host_path else ["pvc.yaml", "copy-pod.yaml"])
+    files += ["servicemonitor.yaml"] if service_monitor else []
     return {f: env.get_template(f"{f}.j2").render(**values) for f in files}
 
 

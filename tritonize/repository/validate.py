@@ -17,6 +17,7 @@ from tritonclient.grpc import model_config_pb2
 
 from tritonize.runtime.config import ModelArgs, UnsupportedModelError
 from tritonize.runtime.tp import check_split
+from tritonize.runtime.warm import WARM_DIR
 
 from .layout import REPOSITORY_MANIFEST, model_folders
 from .manifest import hash_tree
@@ -138,20 +139,22 @@ def _parse_all(repo: Path, report: Report) -> dict[str, Config]:
     return configs
 
 
-def _hash_problems(repo: Path, folder: Path, expected: dict[str, str], what: str) -> list[Problem]:
+def _hash_problems(repo: Path, folder: Path, expected: dict[str, str], what: str,
+                   remedy: str = REGENERATE) -> list[Problem]:
     rel = folder.relative_to(repo).as_posix()
     if not folder.is_dir():
-        return [Problem(f"{rel}/", f"the {what} folder is missing", f"restore it or {REGENERATE}")]
+        return [Problem(f"{rel}/", f"the {what} folder is missing", f"restore it or {remedy}")]
     actual = hash_tree(folder)
     problems = []
     for name, digest in sorted(expected.items()):
         if name not in actual:
-            problems.append(Problem(f"{rel}/{name}", f"{what} file is missing", f"restore it or {REGENERATE}"))
+            problems.append(Problem(f"{rel}/{name}", f"{what} file is missing", f"restore it or {remedy}"))
         elif actual[name] != digest:
+            source = "the checkpoint" if remedy == REGENERATE else "where it was made"
             problems.append(Problem(f"{rel}/{name}", f"sha256 differs from {REPOSITORY_MANIFEST} (changed or truncated)",
-                                    f"copy it again from the checkpoint or {REGENERATE}"))
+                                    f"copy it again from {source} or {remedy}"))
     for name in sorted(set(actual) - set(expected)):
-        problems.append(Problem(f"{rel}/{name}", f"not listed in {REPOSITORY_MANIFEST}", f"remove it or {REGENERATE}"))
+        problems.append(Problem(f"{rel}/{name}", f"not listed in {REPOSITORY_MANIFEST}", f"remove it or {remedy}"))
     return problems
 
 
@@ -181,6 +184,10 @@ def _version_problems(repo: Path, name: str, version: str, entry: dict, configs:
     adapters_dir = engine_dir.parent / "adapters"
     if "adapters" in hashes or adapters_dir.exists():
         problems += _hash_problems(repo, adapters_dir, hashes.get("adapters", {}), "adapters")
+    warm_dir = engine_dir.parent / WARM_DIR  # tritonize warmup's kernels (runtime/warm.py)
+    if "warm" in hashes or warm_dir.exists():
+        problems += _hash_problems(repo, warm_dir, hashes.get("warm", {}), "warm artifacts",
+                                   f"run `tritonize warmup {repo} -n {name} --model-version {version}` again")
     trtllm_dir = engine_dir.parent / "engine"
     if "trtllm_engine" in hashes or trtllm_dir.exists():
         problems += _hash_problems(repo, trtllm_dir, hashes.get("trtllm_engine", {}), "TensorRT-LLM engine")

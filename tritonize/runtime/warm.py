@@ -43,6 +43,7 @@ WARM_DIR = "warm"
 META = "warm.json"
 KERNELS = "kernels"
 SWITCH = "TRITONIZE_WARM_ARTIFACTS"
+WRITING = "writing"  # the value ``main`` sets: tritonize warmup is writing them
 MATCHED = ("device", "torch", "triton", "runtime")
 _SKIPPED = ("__pycache__", "triton", "CONTRACT.md")  # what a repository's copy of the runtime leaves out
 
@@ -117,6 +118,8 @@ def use_warm_artifacts(version_dir: str | Path, device: str) -> str:
     """Puts the version folder's warm kernels into Triton's cache when they were compiled for this machine;
     returns the line to log, whatever happened."""
     folder = Path(version_dir) / WARM_DIR
+    if os.environ.get(SWITCH) == WRITING:
+        return f"warm artifacts: compiling into an empty cache for `tritonize warmup` ({_triton_cache_dir()})"
     if os.environ.get(SWITCH, "").lower() in ("off", "0", "false", "no"):
         return f"warm artifacts: off ({SWITCH}={os.environ[SWITCH]}): compiling"
     if not (folder / META).is_file():
@@ -193,7 +196,7 @@ def main(argv: list[str]) -> int:
     kernels = out_dir / KERNELS
     kernels.mkdir(parents=True, exist_ok=True)
     os.environ["TRITON_CACHE_DIR"] = str(kernels)
-    os.environ[SWITCH] = "off"  # compile everything into the empty cache
+    os.environ[SWITCH] = WRITING  # compile everything into the empty cache
     sys.modules["triton_python_backend_utils"] = offline_backend_utils()
     spec = importlib.util.spec_from_file_location("model", version_dir / "model.py")
     module = importlib.util.module_from_spec(spec)

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import QueryError, TritonizeError
-from .benchreport import format_table, write_json, write_plot
+from .benchreport import format_server_table, format_table, write_json, write_plot
 from .loadgen import run_load, synthetic_prompts
+from .metrics import Snapshot, default_metrics_url, scrape, server_view
 from .perfanalyzer import genai_perf_command, perf_analyzer_binary, perf_analyzer_run
 
 _WORDS = ("the of and to in is was for on that with as by at from his her an which their be this "
@@ -65,13 +66,37 @@ def check_served(url: str, model: str, timeout: float = 10.0) -> None:
         client.close()
 
 
+def _snapshot(metrics_url: str | None) -> Snapshot | None:
+    if metrics_url is None:
+        return None
+    try:
+        return scrape(metrics_url)
+    except (OSError, ValueError):
+        return None
+
+
 def run_bench(model: str, url: str, levels: list[int], *, input_len: int, output_len: int, duration: float,
               output_dir: Path, tokenizer_dir: Path | None = None, warmup: bool = True, use_pa: bool = True,
-              say: Callable[[str], None] = print, note: Callable[[str], None] = print) -> dict:
+              metrics_url: str | None = "", say: Callable[[str], None] = print,
+              note: Callable[[str], None] = print) -> dict:
     """Measures ``model`` at each concurrency of ``levels``; writes bench.json and bench.png to ``output_dir``
-    and returns what bench.json holds. TritonizeError when the model is not served, or requests failed."""
+    and returns what bench.json holds. TritonizeError when the model is not served, or requests failed.
+
+    ``metrics_url`` ("": Triton's metrics port on the gRPC host; None: none) is read before and after each
+    run, and the engine model's own figures for it go beside the client's (``row["server"]``)."""
     url = url.split("://", 1)[-1].rstrip("/")
     check_served(url, model)
+    if metrics_url == "":
+        metrics_url = default_metrics_url(url)
+    if metrics_url is not None:
+        first = _snapshot(metrics_url)
+        if first is None:
+            note(f"note: cannot read {metrics_url}: only the client's view (pass --metrics-url)")
+            metrics_url = None
+        elif not first.has("tritonize_generation_tokens_total", model=f"{model}_engine"):
+            note(f"note: {metrics_url} has no tritonize_* series of {model}_engine (a repository from before they "
+                 "existed?): only the client's view")
+            metrics_url = None
     if tokenizer_dir is not None:
         try:
             prompts = synthetic_prompts(str(tokenizer_dir), input_len, count=64)
@@ -101,6 +126,7 @@ def run_bench(model: str, url: str, levels: list[int], *, input_len: int, output
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="tritonize-bench-") as work:
         for c in levels:
+            before, started = _snapshot(metrics_url), time.monotonic()
             if pa:
                 row = perf_analyzer_run(pa, url, model, prompts, output_len, c, Path(work), int(duration * 1000))
             else:
@@ -110,15 +136,21 @@ def run_bench(model: str, url: str, levels: list[int], *, input_len: int, output
                 first_error = next((r.error for r in load.records if r.error), None)
                 if first_error:
                     row["first_error"] = first_error.splitlines()[0]
+            after, took = _snapshot(metrics_url), time.monotonic() - started
+            if before is not None and after is not None:
+                row["server"] = server_view(before, after, f"{model}_engine", float(row.get("duration_s") or took))
             rows.append(row)
             if row.get("error") or row.get("first_error"):
                 note(f"concurrency {c}: {row.get('error') or row['first_error']}")
 
     say(format_table(rows))
+    if any(row.get("server") for row in rows):
+        say(f"server side ({metrics_url}, tritonize_* of {model}_engine):")
+        say(format_server_table(rows))
     result = {
         "model": model, "url": url, "tool": tool, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "input_len": input_len, "output_len": output_len, "prompt_tokens": prompt_tokens,
-        "duration_s": duration, "concurrency": levels, "runs": rows,
+        "duration_s": duration, "concurrency": levels, "runs": rows, "metrics_url": metrics_url,
         "genai_perf_commands": {str(c): shlex.join(cmd) for c, cmd in genai.items()},
     }
     json_path, png_path = output_dir / "bench.json", output_dir / "bench.png"

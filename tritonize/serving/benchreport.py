@@ -28,6 +28,21 @@ COLUMNS: list[tuple[str, str, str]] = [
 ]
 
 
+# The engine model's own view of the same load (Triton's metrics port, runtime/metrics.py), per concurrency.
+SERVER_COLUMNS: list[tuple[str, str, str]] = [
+    ("requests", "requests", "{:d}"),
+    ("output_tokens_per_s", "out tok/s", "{:.1f}"),
+    ("ttft_ms_p50", "TTFT p50", "{:.1f}"),
+    ("ttft_ms_p90", "TTFT p90", "{:.1f}"),
+    ("ttft_ms_p99", "TTFT p99", "{:.1f}"),
+    ("itl_ms_p50", "ITL p50", "{:.2f}"),
+    ("itl_ms_p99", "ITL p99", "{:.2f}"),
+    ("queue_ms_p50", "queue p50", "{:.1f}"),
+    ("prefix_hit_ratio", "prefix hit", "{:.0%}"),
+    ("preemptions", "preempt", "{:d}"),
+]
+
+
 def _cell(value: Any, fmt: str) -> str:
     if value is None:
         return "-"
@@ -46,6 +61,21 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body]
     lines.append("(TTFT: time to first token, ITL: inter-token latency, both in ms)")
+    return "\n".join(lines)
+
+
+def format_server_table(rows: list[dict[str, Any]]) -> str:
+    """The server's view of each run beside the client's: the same layout, from ``row["server"]``."""
+    columns = [("concurrency", "conc", "{:d}")] + SERVER_COLUMNS
+    header = [h for _, h, _ in columns]
+    body = [[_cell(row.get("concurrency"), "{:d}")] + [_cell((row.get("server") or {}).get(key), fmt)
+                                                      for key, _, fmt in SERVER_COLUMNS] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body]
+    lines.append("(the engine's histograms: TTFT and queue from its arrival at the engine, ITL per request; "
+                 "percentiles interpolated within buckets)")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shlex
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,12 +54,13 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise _Shutdown(signum)
 
 
-def describe(server: TritonServer, openai_url: str | None = None) -> str:
+def describe(server: TritonServer, openai_url: str | None = None, elapsed: float | None = None) -> str:
     """What a user needs once the server is ready: its endpoints, models and log."""
     models = model_names(server.repo)
     version = server.version
+    after = f" after {elapsed:.1f} s" if elapsed is not None else ""
     lines = [
-        f"tritonserver{' ' + version if version else ''} is ready (pid {server.pid}), serving {server.repo}",
+        f"tritonserver{' ' + version if version else ''} is ready{after} (pid {server.pid}), serving {server.repo}",
         f"  HTTP     {server.urls['http']}",
         f"  gRPC     {server.grpc_endpoint}",
         f"  metrics  {server.urls['metrics']}",
@@ -93,7 +95,9 @@ def serve_repository(repo: Path, options: ServeOptions = ServeOptions(), *, say:
                      note: Callable[[str], None] = print) -> None:
     """Runs tritonserver on ``repo`` until SIGINT / SIGTERM, then stops it; ServerError if it fails or dies.
 
-    ``say`` gets what a user reads on stdout (the ready description), ``note`` the progress lines.
+    ``say`` gets what a user reads on stdout (the ready description), ``note`` the progress lines: while the
+    server starts, each stage its models log (``startup_line``: weights, KV cache, CUDA graphs, warm-up) with
+    the seconds since the start. Ready means every model answered its warm-up.
     """
     server = _server(repo, options)
     launch = server.launch
@@ -105,14 +109,18 @@ def serve_repository(repo: Path, options: ServeOptions = ServeOptions(), *, say:
     front = None
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.start(timeout=options.startup_timeout)
+        started = time.monotonic()
+        note(f"starting tritonserver on {repo}")
+        server.start(timeout=options.startup_timeout,
+                     progress=lambda line: note(f"[{time.monotonic() - started:6.1f} s] {line}"))
+        elapsed = time.monotonic() - started
         if options.openai is not None:
             from .openai.runner import OpenAIFront
 
             # a tritonize repository says what it serves; any other is asked of the server
             described = repo if (Path(repo) / REPOSITORY_MANIFEST).is_file() else None
             front = OpenAIFront(server.grpc_endpoint, options.openai, repository=described).start()
-        say(describe(server, front.url if front is not None else None))
+        say(describe(server, front.url if front is not None else None, elapsed))
         while True:
             rc = server.wait(timeout=1.0)
             if rc is not None:

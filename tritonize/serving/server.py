@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -427,6 +427,21 @@ def server_error(log_text: str) -> str | None:
     return relevant[-1].strip() if relevant else None
 
 
+def startup_line(line: str) -> str | None:
+    """What a start-up log line says worth showing while waiting, or None: the stages tritonize's engine
+    model logs ("tritonize: <model>/<version>: <stage>", runtime/stages.py) and each model Triton loaded."""
+    parsed = _log_message(line)
+    if parsed is None:
+        return None
+    message = parsed[2]
+    if message.startswith("tritonize: "):
+        return message[len("tritonize: ") :]
+    loaded = re.match(r"successfully loaded '([^']+)'(?: version (\d+))?", message)
+    if loaded is not None:
+        return f"{loaded.group(1)}{'/' + loaded.group(2) if loaded.group(2) else ''}: loaded"
+    return None
+
+
 def loading_models(log_text: str) -> list[str]:
     """Models the log shows as started loading but neither loaded nor failed yet."""
     started = re.findall(r"loading: ([^:\s\"]+):\d+", log_text)
@@ -680,8 +695,10 @@ class TritonServer:
                 "pass the directory `generate` wrote"
             )
 
-    def start(self, timeout: float = 120.0) -> TritonServer:
-        """Launch tritonserver and wait until every model is ready; raise ServerError otherwise."""
+    def start(self, timeout: float = 120.0, progress: Callable[[str], None] | None = None) -> TritonServer:
+        """Launch tritonserver and wait until every model is ready; raise ServerError otherwise.
+
+        ``progress`` gets each start-up line of the log worth showing while waiting (``startup_line``)."""
         if self.is_running:
             raise ServerError(f"tritonserver (pid {self.pid}) is already running for {self.repo}")
         self._validate_repo()
@@ -731,18 +748,25 @@ class TritonServer:
             self._close_log()
             raise ServerError(f"cannot run {self.binary}: {exc.strerror}", log_path=self.log_path) from exc
         try:
-            self._wait_ready(timeout)
+            self._wait_ready(timeout, progress)
         except BaseException:
             self.stop(timeout=15)
             raise
         return self
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, timeout: float, progress: Callable[[str], None] | None = None) -> None:
         deadline = time.monotonic() + timeout
         expected = [_STARTED[name] for name in self._enabled_services()]
         reader = _LogFollower(self.log_path)
+        shown = 0
         while True:
             text = reader.read()
+            if progress is not None:
+                for line in text[shown:].splitlines():
+                    shown_line = startup_line(line)
+                    if shown_line is not None:
+                        progress(shown_line)
+                shown = len(text)
             problem = self._startup_failure(text)
             if problem is not None:
                 raise problem

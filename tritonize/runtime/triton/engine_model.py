@@ -113,7 +113,7 @@ class TritonPythonModel:
         adapters = {"adapters_dir": os.path.join(here, params["adapters_dir"])} if params.get("adapters_dir") else {}
         requested = params.get("runtime", "torch")
         self.runtime = resolve_runtime(requested)
-        pb_utils.Logger.log_info(f"tritonize: runtime {self.runtime} (asked for {requested})")
+        stages.info(f"runtime {self.runtime} (asked for {requested})")
         if self.runtime == "torch":
             stages.info(use_warm_artifacts(here, device))
         fraction = params.get("kv_cache_free_gpu_memory_fraction", "")
@@ -141,7 +141,7 @@ class TritonPythonModel:
         )
         ranks = getattr(self.engine, "tp", None)
         if ranks is not None:
-            pb_utils.Logger.log_info(f"tritonize: {ranks.describe()}")
+            stages.info(ranks.describe())
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.engine.start()
         stages.warm_up(self.engine)  # Triton reports the model ready once this returns
