@@ -58,7 +58,8 @@ def test_bench_reports_table_json_and_plot(server, repo, tmp_path):
     out = tmp_path / "results"
     args = ["bench", "-m", "benchy", "-u", server.grpc_endpoint, "--input-len", str(INPUT_LEN),
             "--output-len", str(OUTPUT_LEN), "--concurrency", "2,1", "--duration", "2", "--output-dir", str(out),
-            "--tokenizer-dir", str(repo / "benchy_preprocessing" / "1" / "tokenizer")]
+            "--tokenizer-dir", str(repo / "benchy_preprocessing" / "1" / "tokenizer"),
+            "--metrics-url", f"http://{server.host}:{server.metrics_port}/metrics"]
     result = CliRunner().invoke(cli, args, env={"PERF_ANALYZER": ""})
     assert result.exit_code == 0, result.output
     assert "genai-perf profile -m benchy --service-kind triton --backend tensorrtllm --streaming" in result.output
@@ -78,6 +79,14 @@ def test_bench_reports_table_json_and_plot(server, repo, tmp_path):
         assert row["ttft_ms_p99"] < row["duration_s"] * 1000
         line = [ln for ln in result.output.splitlines() if ln.split()[:1] == [str(row["concurrency"])]]
         assert line and line[0].split()[1] == str(row["requests"])
+        # the engine's own count of the same run, from the metrics port (warm-up requests excluded)
+        server_side = row["server"]
+        assert server_side["requests"] == row["requests"] and server_side["finished"] == {"length": row["requests"]}
+        assert server_side["generation_tokens"] == row["requests"] * OUTPUT_LEN
+        assert server_side["prompt_tokens"] == row["requests"] * INPUT_LEN
+        assert 0 < server_side["ttft_ms_p50"] <= server_side["ttft_ms_p99"]
+        assert len(line) == 2  # the client's row and the server's
+    assert "server side (http://" in result.output and "queue p50" in result.output
 
     genai = shlex.split(report["genai_perf_commands"]["2"])
     flags = dict(zip(genai, genai[1:]))

@@ -39,7 +39,7 @@ def test_manifests_with_a_claim(repo, tmp_path):
     result = CliRunner().invoke(cli, ["k8s", str(repo), "--output", str(out), "--gpus", "2"])
     assert result.exit_code == 0, result.output
     docs = _load(out)
-    assert set(docs) == {"Deployment", "Service", "PersistentVolumeClaim", "Pod"}
+    assert set(docs) == {"Deployment", "Service", "PersistentVolumeClaim", "Pod", "ServiceMonitor"}
 
     dep = docs["Deployment"]
     assert dep["apiVersion"] == "apps/v1" and dep["metadata"]["name"] == "tiny-llama-v1"
@@ -71,6 +71,27 @@ def test_manifests_with_a_claim(repo, tmp_path):
         "http": (8000, "http"), "grpc": (8001, "grpc"), "metrics": (8002, "metrics")}
     assert svc["metadata"]["annotations"]["prometheus.io/port"] == "8002"
 
+    monitor = docs["ServiceMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["metadata"]["name"] == "tiny-llama-v1"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics" and endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]}[endpoint["port"]] == 8002
+
+
+def test_service_monitor_labels_or_none(repo, tmp_path):
+    out = tmp_path / "k8s"
+    result = CliRunner().invoke(cli, ["k8s", str(repo), "--output", str(out), "--monitor-label", "release=prometheus",
+                                      "--monitor-label", "example.com/team=llm"])
+    assert result.exit_code == 0, result.output
+    labels = _load(out)["ServiceMonitor"]["metadata"]["labels"]
+    assert labels == {"app.kubernetes.io/name": "tiny-llama-v1", "release": "prometheus", "example.com/team": "llm"}
+    none = CliRunner().invoke(cli, ["k8s", str(repo), "--output", str(tmp_path / "k2"), "--no-service-monitor"])
+    assert none.exit_code == 0 and "ServiceMonitor" not in _load(tmp_path / "k2")
+    bad = CliRunner().invoke(cli, ["k8s", str(repo), "--output", str(tmp_path / "k3"), "--monitor-label", "x y=1"])
+    assert bad.exit_code != 0 and "is not a Kubernetes label KEY=VALUE" in bad.output
+    assert not (tmp_path / "k3").exists()
+
 
 def test_host_path_and_options(repo, tmp_path):
     out = tmp_path / "k8s"
@@ -78,7 +99,7 @@ def test_host_path_and_options(repo, tmp_path):
                                       "--name", "llm", "--replicas", "3", "--image", "registry.local/triton:1"])
     assert result.exit_code == 0, result.output
     docs = _load(out)
-    assert set(docs) == {"Deployment", "Service"}
+    assert set(docs) == {"Deployment", "Service", "ServiceMonitor"}
     dep = docs["Deployment"]
     assert dep["metadata"]["name"] == "llm" and dep["spec"]["replicas"] == 3
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}

@@ -66,6 +66,11 @@ def check_served(url: str, model: str, timeout: float = 10.0) -> None:
         client.close()
 
 
+# The engine model counts a response just after sending it (on its sender thread, which polls every 50 ms):
+# the last responses of a run are on the endpoint this long after the client has them.
+METRICS_SETTLE_S = 0.2
+
+
 def _snapshot(metrics_url: str | None) -> Snapshot | None:
     if metrics_url is None:
         return None
@@ -136,7 +141,10 @@ def run_bench(model: str, url: str, levels: list[int], *, input_len: int, output
                 first_error = next((r.error for r in load.records if r.error), None)
                 if first_error:
                     row["first_error"] = first_error.splitlines()[0]
-            after, took = _snapshot(metrics_url), time.monotonic() - started
+            took = time.monotonic() - started
+            if metrics_url is not None:
+                time.sleep(METRICS_SETTLE_S)
+            after = _snapshot(metrics_url)
             if before is not None and after is not None:
                 row["server"] = server_view(before, after, f"{model}_engine", float(row.get("duration_s") or took))
             rows.append(row)
