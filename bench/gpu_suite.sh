@@ -9,6 +9,9 @@
 #   bash bench/gpu_suite.sh adapters  # the LoRA / p-tuning tests under CUDA graphs, and mixed-LoRA decode
 #   bash bench/gpu_suite.sh openai    # the OpenAI front against gRPC streaming, same server, concurrency 1/64
 #                                     # (needs fastapi, uvicorn, httptools and openai in .whl/site too)
+#   bash bench/gpu_suite.sh start     # `tritonize serve` to a first answered request: cold (empty Triton kernel
+#                                     # cache), with warm artifacts (`tritonize warmup`), with the host's cache;
+#                                     # targets on one H100, 8B shape: cold <= 120 s, warm <= 40 s
 # Every figure is written under $OUT (default /tmp/bench-out) with the card's name and the date.
 set -uo pipefail
 phase=${1:-engine}
@@ -50,5 +53,12 @@ case $phase in
       --input-len 128 --output-len 128 --duration 15 --rounds 3 --workdir /tmp/ob --json "$out/openai.json" \
       2>&1 | tee "$out/openai.log"
     cp /tmp/ob/server.log "$out/server-openai.log" 2>/dev/null ;;
-  *) echo "usage: bash bench/gpu_suite.sh engine|baseline|adapters|openai" >&2; exit 2 ;;
+  start)
+    # the weights from the page cache, as a restarted replica reads them: read them once first
+    cat $model/*.safetensors > /dev/null
+    python3 bench/start_time.py --model $model --device cuda --dtype bfloat16 --workdir /tmp/st \
+      --json "$out/start.json" 2>&1 | tee "$out/start.log"
+    cp /tmp/st/cold.log "$out/server-start-cold.log" 2>/dev/null
+    cp /tmp/st/warm.log "$out/server-start-warm.log" 2>/dev/null ;;
+  *) echo "usage: bash bench/gpu_suite.sh engine|baseline|adapters|openai|start" >&2; exit 2 ;;
 esac

@@ -300,3 +300,18 @@ def test_warm_artifacts_are_recognised_on_a_second_start_and_a_mismatch_compiles
     changed = CliRunner().invoke(cli, ["validate", str(repo)])
     assert changed.exit_code == 1 and f"{ENGINE}/1/warm/warm.json: sha256 differs" in changed.output
     assert f"run `tritonize warmup {repo} -n {NAME} --model-version 1` again" in changed.output
+
+
+def test_the_grafana_dashboard_queries_series_the_server_exports(server):
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "examples" / "grafana" /
+                            "tritonize-dashboard.json").read_text())
+    grpc_generate(server.grpc_endpoint, NAME, "hello", GenerateOptions(max_tokens=3, min_tokens=3))
+    exported = set(_metrics(server).samples)
+    queried = set()
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            queried |= set(re.findall(r"\b(tritonize_[a-z_]+)\b", target["expr"]))
+    assert len(queried) >= 10
+    assert queried <= exported, queried - exported
+    model_var = next(v for v in dashboard["templating"]["list"] if v["name"] == "model")
+    assert re.search(r"label_values\((tritonize_[a-z_]+), model\)", model_var["definition"]).group(1) in exported

@@ -143,6 +143,27 @@ def test_warm_kernels_for_this_machine_are_copied_into_tritons_cache(tmp_path, m
     assert (cache / "ABCDEF0123" / "add_kernel.cubin").read_bytes() == b"compiled here"
 
 
+def test_group_files_that_name_absolute_paths_follow_the_kernels(tmp_path, monkeypatch):
+    """Some Triton versions keep absolute paths in a kernel's __grp__ file: they must name the copy."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    monkeypatch.delenv(warm.SWITCH, raising=False)
+    folder = _warm_folder(tmp_path / "v1")
+    kernel = folder / warm.KERNELS / "ABCDEF0123"
+    (kernel / "__grp__add_kernel.json").write_text(json.dumps(
+        {"child_paths": {"add_kernel.cubin": "/elsewhere/.warm-x/kernels/ABCDEF0123/add_kernel.cubin"}}))
+    (kernel / "__grp__other.json").write_text(json.dumps({"child_paths": ["add_kernel.cubin"]}))
+    warm.use_warm_artifacts(tmp_path / "v1", "cpu")
+    group = json.loads((cache / "ABCDEF0123" / "__grp__add_kernel.json").read_text())
+    assert group == {"child_paths": {"add_kernel.cubin": str(cache / "ABCDEF0123" / "add_kernel.cubin")}}
+    assert Path(group["child_paths"]["add_kernel.cubin"]).is_file()
+    assert json.loads((cache / "ABCDEF0123" / "__grp__other.json").read_text()) == {
+        "child_paths": ["add_kernel.cubin"]}
+    warm._relocate_groups(kernel, None)  # as tritonize warmup keeps them: names only
+    assert json.loads((kernel / "__grp__add_kernel.json").read_text()) == {
+        "child_paths": {"add_kernel.cubin": "add_kernel.cubin"}}
+
+
 def test_a_cache_that_cannot_be_written_gets_a_writable_copy_of_its_own(tmp_path, monkeypatch):
     cache = tmp_path / "not-a-folder"  # as a read-only mount does for any user, root included
     cache.write_text("")

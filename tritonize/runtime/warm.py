@@ -98,6 +98,30 @@ def _triton_cache_dir() -> Path:
     return Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache").expanduser()
 
 
+def _group_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("__grp__*"))
+
+
+def _relocate_groups(folder: Path, where: Path | None) -> None:
+    """Points the group files of one kernel's cache folder at ``where`` (None: bare file names).
+
+    Some Triton versions record a kernel's files in its ``__grp__`` file by absolute path (``child_paths``
+    a mapping) and treat a kernel whose paths are gone as not cached; others record names (a list), which
+    move with the folder as they are.
+    """
+    for group in _group_files(folder):
+        try:
+            data = json.loads(group.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        children = data.get("child_paths") if isinstance(data, dict) else None
+        if not isinstance(children, dict):
+            continue
+        data["child_paths"] = {name: Path(path).name if where is None else str(where / Path(path).name)
+                               for name, path in children.items()}
+        group.write_text(json.dumps(data), encoding="utf-8")
+
+
 def _copy_into(entries: list[Path], cache: Path) -> None:
     """Each kernel's folder into ``cache`` (skipped when there), under a temporary name first."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -108,6 +132,7 @@ def _copy_into(entries: list[Path], cache: Path) -> None:
         staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cache))
         try:
             shutil.copytree(entry, staging / entry.name)
+            _relocate_groups(staging / entry.name, target)
             with contextlib.suppress(OSError):  # another process put it there first
                 os.rename(staging / entry.name, target)
         finally:
@@ -208,6 +233,8 @@ def main(argv: list[str]) -> int:
     took = time.monotonic() - started
     device = str(getattr(model.engine, "device", "cpu"))
     model.finalize()
+    for entry in _kernel_entries(kernels):  # no path of this machine in what is kept
+        _relocate_groups(entry, None)
     meta = {**this_machine(device), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "load_s": round(took, 2), "kernels": len(_kernel_entries(kernels))}
     (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
