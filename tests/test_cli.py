@@ -91,8 +91,13 @@ def test_learned_positions_limit_is_checked(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
     tok.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=280))
     tok.save(str(model_dir / "tokenizer.json"))
-    result = _run("generate", "-c", str(model_dir), "-o", str(tmp_path / "repo"))
+    result = _run("generate", "-c", str(model_dir), "-o", str(tmp_path / "repo"), "--max-input-len", "48",
+                  "--max-output-len", "32")
     assert result.exit_code == 1 and "exceeds the 64 positions" in result.output
+    # not given, the limits come from those positions
+    result = _run("generate", "-c", str(model_dir), "-o", str(tmp_path / "repo"))
+    assert result.exit_code == 0, result.output
+    assert "limits: prompt 32 + output 32 tokens = the 64 positions of this GPT2LMHeadModel" in result.output
 
 
 def test_query_without_a_server_is_one_line(tmp_path):

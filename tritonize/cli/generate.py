@@ -117,8 +117,8 @@ def generate(checkpoint: Path, output: Path, force: bool, **options: Any) -> Non
     click.echo(f"added version {spec.version} of {spec.name} to {out}" if result.added else f"wrote {out}")
     click.echo(f"  models: {spec.name} (ensemble), {spec.name}_preprocessing, {spec.name}_engine, "
                f"{spec.name}_postprocessing, {spec.name}_sync")
-    click.echo(f"  limits: prompt {spec.max_input_len} + output {spec.max_output_len} tokens, "
-               f"{spec.max_batch_size} requests per step")
+    limits = result.limits or f"limits: prompt {spec.max_input_len} + output {spec.max_output_len} tokens"
+    click.echo(f"  {limits}; up to {spec.max_batch_size} requests per step")
     for task, source in spec.lora:
         click.echo(f"  LoRA:   lora_task_id {task} = {source}")
     for task, source in spec.ptuning:

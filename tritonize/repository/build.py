@@ -30,19 +30,18 @@ class Generated:
     repository: Path
     spec: RepoSpec  # what the model version was made with
     added: bool  # the repository was there: the model or version went in beside what it held
+    limits: str | None = None  # where the prompt / output limits came from, when the checkpoint gave them
 
 
 def generate_repository(checkpoint: Path, output: Path, options: Mapping[str, Any], *, force: bool,
                         note: Callable[[str], None] = print) -> Generated:
     """`tritonize generate`: the options (by name, ``repository.options``) checked against the runtime, the spec
-    built from them, the repository written. ``note`` gets the limits taken from the checkpoint when
-    ``max_input_len`` / ``max_output_len`` are None (limits.py), and a warning when this machine lacks what
-    the runtime needs (not an error: the repository is usually served elsewhere)."""
+    built from them, the repository written. Limits left None come from the checkpoint (limits.py; the result
+    says so). ``note`` gets a warning when this machine lacks what the runtime needs (not an error: the
+    repository is usually served elsewhere)."""
     runtime = options.get("runtime") or "torch"
     refuse(options, runtime, nemo=False)
     options, limits = derive_limits(checkpoint, options, runtime)
-    if limits:
-        note(limits)
     spec = RepoSpec.from_options(options)
     for warning in (runtime_warning(runtime), gpu_warning(spec)):
         if warning:
@@ -51,7 +50,7 @@ def generate_repository(checkpoint: Path, output: Path, options: Mapping[str, An
     if runtime == "trtllm-engine":
         build = build_options(spec, options, fp8_kv_cache_request=str(options.get("use_fp8_kv_cache") or "auto").lower())
     added = (Path(output) / REPOSITORY_MANIFEST).is_file()
-    return Generated(build_repository(checkpoint, output, spec, force=force, build=build), spec, added)
+    return Generated(build_repository(checkpoint, output, spec, force=force, build=build), spec, added, limits)
 
 
 def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: bool, progress: bool = True,

@@ -110,7 +110,6 @@ def serve_repository(repo: Path, options: ServeOptions = ServeOptions(), *, say:
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         started = time.monotonic()
-        note(f"starting tritonserver on {repo}")
         server.start(timeout=options.startup_timeout,
                      progress=lambda line: note(f"[{time.monotonic() - started:6.1f} s] {line}"))
         elapsed = time.monotonic() - started
