@@ -100,6 +100,21 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
 
 
+def sequence_seed(seed: int | None, index: int) -> int | None:
+    """The seed of sequence ``index`` of a request that asks for several (``num_return_sequences``).
+
+    Sequence 0 keeps the request's seed, so one sequence is the text the request gives alone; the others
+    get seeds derived from it (splitmix64 of seed + index), independent draws that the same request
+    reproduces. None stays None: the engine draws a fresh seed for each sequence.
+    """
+    if seed is None or index == 0:
+        return seed
+    z = (int(seed) + index * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
 @dataclass
 class SamplingRow:
     """What the sampler needs to know about one row of the batch at this step.
