@@ -53,7 +53,7 @@ def _broken(ckpt: Path, tmp_path: Path, how: str) -> Path:
 @pytest.mark.parametrize(
     ("how", "message"),
     [
-        ("no-config", "has no config.json"),
+        ("no-config", "is not a recognised checkpoint"),  # neither Hugging Face format nor any source export reads
         ("bad-json", "is not valid JSON"),
         ("unknown-arch", "unsupported architecture 'BertForMaskedLM'"),
         ("no-tokenizer", "no tokenizer in"),
@@ -95,10 +95,21 @@ def test_learned_positions_limit_is_checked(tmp_path):
     assert result.exit_code == 1 and "exceeds the 64 positions" in result.output
 
 
-def test_query_without_a_server_is_one_line(tmp_path):
-    result = _run("query", "-m", "tiny", "-p", "hi", "-u", "127.0.0.1:1", "--timeout", "5")
-    assert result.exit_code == 1
-    assert "Traceback" not in result.output and result.output.startswith("Error:")
+def test_query_without_a_server_is_one_clear_line_every_time(tmp_path):
+    from tritonize.serving.server import free_port
+
+    port = free_port()
+    for _ in range(6):  # gRPC used to answer some of these with "The stream is no longer in valid state"
+        result = _run("query", "-m", "tiny", "-p", "hi", "-u", f"127.0.0.1:{port}", "--timeout", "5")
+        assert result.exit_code == 1
+        assert result.output == (f"Error: cannot reach tritonserver's gRPC endpoint at 127.0.0.1:{port} (connection "
+                                 "refused): start it with `tritonize serve REPO`, or pass the right host:port with -u\n")
+    for stream in ("--no-stream", "--stream"):
+        result = _run("query", "-m", "tiny", "-p", "hi", "-u", f"http://127.0.0.1:{port}", stream)
+        assert result.exit_code == 1 and result.output.count("\n") == 1
+        assert result.output.startswith(f"Error: cannot reach tritonserver's HTTP endpoint at http://127.0.0.1:{port}")
+    unknown = _run("query", "-m", "tiny", "-p", "hi", "-u", "no-such-host.invalid:8001", "--timeout", "5")
+    assert unknown.exit_code == 1 and "(the host name does not resolve)" in unknown.output
 
 
 @pytest.mark.e2e

@@ -300,3 +300,18 @@ def test_the_sync_door_joins_a_batch_in_order(server, greedy):
     assert [t.decode() for t in texts] == [greedy(p) for p in PROMPTS]
     assert result.as_numpy("batch_index").reshape(-1).tolist() == [0, 1, 2]
     assert result.as_numpy("num_output_tokens").shape == (len(PROMPTS), 1)
+
+
+def test_query_prints_the_servers_message_alone_on_every_door(server):
+    from click.testing import CliRunner
+
+    from tritonize.cli.main import cli
+
+    for url in (server.grpc_endpoint, f"http://{server.http_endpoint}"):
+        for stream in ("--stream", "--no-stream"):
+            result = CliRunner().invoke(cli, ["query", "-m", "ensemble", "-p", "Hi", "-u", url, "--max-tokens", "99",
+                                              stream])
+            assert result.exit_code == 1
+            assert result.output == ("Error: in ensemble 'ensemble', max_tokens is 99, more than this model's "
+                                     "max_output_len of 24: ask for fewer, or regenerate the repository with a "
+                                     "larger --max-output-len\n"), (url, stream, result.output)
