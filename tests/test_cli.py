@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tritonize.cli.main import cli
+from tritonize.cli.main import COMMANDS, cli
 from tritonize.export.demo_model import write_demo_checkpoint
 
 
@@ -25,11 +25,22 @@ def _run(*args: str):
     return CliRunner().invoke(cli, list(args))
 
 
-@pytest.mark.parametrize("command", sorted(cli.commands))
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_has_help_with_an_example(command):
     result = _run(command, "--help")
     assert result.exit_code == 0, result.output
     assert "Example" in result.output, command
+    assert command in _run("--help").output
+
+
+def test_serve_and_query_do_not_load_torch():
+    """They start and exit in a fraction of a second: torch is for the commands that export or generate."""
+    code = ("import sys; from tritonize.cli.main import cli\n"
+            "for args in (['serve', '--help'], ['query', '--help']):\n"
+            "    try:\n        cli(args)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
 
 
 def _broken(ckpt: Path, tmp_path: Path, how: str) -> Path:

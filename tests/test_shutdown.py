@@ -52,7 +52,7 @@ class Served:
     def __init__(self, repo: Path, tmp_path: Path) -> None:
         self.repo = repo
         self.http, self.grpc, self.metrics = free_ports(3)
-        command = [sys.executable, "-m", "tritonize.cli.serve", str(repo), "--http-port", str(self.http),
+        command = [sys.executable, "-m", "tritonize.cli.main", "serve", str(repo), "--http-port", str(self.http),
                    "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
                    "--log-file", str(tmp_path / "server.log")]
         env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
