@@ -30,14 +30,21 @@ from pathlib import Path
 from typing import Any
 
 from .deploy import DeployError, carry_out, plan_deploy
-from .repository.options import LORA_OPTIONS, PTUNING_OPTIONS, from_api, lora_pairs, refuse, split_modules
+from .errors import OptionError
+from .repository.options import (
+    LORA_OPTIONS,
+    OPTIONS,
+    PTUNING_OPTIONS,
+    from_api,
+    lora_pairs,
+    split_modules,
+)
 from .repository.spec import RepoSpec
 
 
 def _nemo_export_options(kwargs: dict[str, Any], what: str) -> None:
     """Refuses by name what NeMo's TensorRTLLM.export was asked that the torch runtime cannot honour; the
     keywords are NeMo's (``repository.options`` maps them), and the ones without effect here are accepted."""
-    options: dict[str, Any] = {}
     for key, value in kwargs.items():
         if key in LORA_OPTIONS | PTUNING_OPTIONS:  # the deploy script's spellings, not TensorRTLLM's
             raise TypeError(f"{what}() got an unexpected keyword argument {key!r}: give LoRA checkpoints as "
@@ -48,9 +55,10 @@ def _nemo_export_options(kwargs: dict[str, Any], what: str) -> None:
         except KeyError:
             raise TypeError(f"{what}() got an unexpected keyword argument {key!r}") from None
         if option is not None:
-            name, value = option
-            options[name] = tuple(value) if isinstance(value, list) else value
-    refuse(options, "torch")
+            name, converted = option
+            row = OPTIONS[name]
+            if "torch" not in row.runtimes and not row.is_unset(converted):
+                raise OptionError(row.api_refusal(key, value))
 
 
 ADAPTERS_DIR = "adapters"

@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import DeployError
 from .export.api import EXPORT_MANIFEST, TRTLLM_DIR
-from .repository.build import build_repository
+from .repository.build import build_repository, stage_export
 from .repository.fp8 import detect_fp8_details, resolve_fp8_switch
 from .repository.options import describe, refuse
 from .repository.render import model_versions, read_manifest
@@ -31,8 +31,6 @@ from .repository.trtllm_build import (
     BuildOptions,
     build_options,
     is_trtllm_checkpoint,
-    link_tree,
-    shard_embedding,
 )
 from .serving.serve import ServeOptions, serve_repository
 
@@ -224,8 +222,6 @@ def carry_out(plan: DeployPlan, *, progress: bool = False) -> Path:
     """
     if plan.action != "build":
         return plan.repository
-    from .export import export_checkpoint
-
     plan.repository.parent.mkdir(parents=True, exist_ok=True)
     engine = plan.spec.runtime == "trtllm-engine"
     if _is_export(plan.source) and plan.model_type is None and plan.export_dtype is None and (
@@ -234,16 +230,9 @@ def carry_out(plan: DeployPlan, *, progress: bool = False) -> Path:
                                 build=plan.build)
     work = Path(tempfile.mkdtemp(prefix=f".{plan.repository.name}.deploy-", dir=plan.repository.parent))
     try:
-        exported = work / "export"
-        export_trtllm = engine and plan.trtllm_checkpoint is None
-        export_checkpoint(plan.source, exported, model_type=plan.model_type, dtype=plan.export_dtype,
-                          progress=progress, fmt="trtllm-checkpoint" if export_trtllm else "hf",
-                          tp_size=plan.spec.tensor_parallel_size if export_trtllm else 1,
-                          pp_size=plan.spec.pipeline_parallel_size if export_trtllm else 1)
-        if engine and plan.trtllm_checkpoint is not None:
-            link_tree(plan.trtllm_checkpoint, exported / TRTLLM_DIR)
-        if engine and plan.parallel_embedding:
-            shard_embedding(exported / TRTLLM_DIR)
+        exported = stage_export(plan.source, work, plan.spec, model_type=plan.model_type, dtype=plan.export_dtype,
+                                trtllm_checkpoint=plan.trtllm_checkpoint, parallel_embedding=plan.parallel_embedding,
+                                progress=progress)
         return build_repository(exported, plan.repository, plan.spec, force=plan.replace, progress=progress,
                                 build=plan.build)
     finally:

@@ -16,7 +16,8 @@ from .options import FP8_SWITCH, generate_option
 
 @click.command()
 @click.option("--checkpoint", "-c", required=True, type=click.Path(path_type=Path),
-              help="Hugging Face-format directory (config.json, *.safetensors, tokenizer), e.g. from `tritonize export`.")
+              help="Hugging Face-format directory (config.json, *.safetensors, tokenizer), or any source `tritonize "
+                   "export` reads (.nemo, NeMo 2, Megatron-Bridge, .qnemo / TRT-LLM checkpoint): exported on the way.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
               help="Model repository to write, or an existing one to add the model or version to.")
 @generate_option("name", "-n", default="model", show_default=True, help="Name of the ensemble clients call.")
@@ -84,7 +85,12 @@ from .options import FP8_SWITCH, generate_option
 @generate_option("build_workers", type=click.IntRange(min=1), default=1, show_default=True,
                  help="trtllm-engine build: ranks built in parallel (trtllm-build --workers).")
 def generate(checkpoint: Path, output: Path, force: bool, **options: Any) -> None:
-    """Write a Triton model repository for a Hugging Face-format CHECKPOINT.
+    """Write a Triton model repository for a checkpoint.
+
+    \b
+    A Hugging Face-format directory is read as it is; a .nemo, NeMo 2, Megatron-Bridge or .qnemo / TRT-LLM
+    checkpoint is exported first (as `tritonize export` does, into a temporary directory beside --output
+    that is removed afterwards).
 
     \b
     The repository holds NAME (the ensemble: text in, text out, decoupled for streaming),
@@ -99,6 +105,7 @@ def generate(checkpoint: Path, output: Path, force: bool, **options: Any) -> Non
     \b
     Example:
       tritonize generate --checkpoint ./tiny-llama --output ./repo --model-name tiny
+      tritonize generate --checkpoint ./llama31_8b.nemo --output ./repo --model-name llama
       tritonize generate --checkpoint ./tiny-llama-v2 --output ./repo --model-name tiny --model-version 2
       tritonserver --model-repository ./repo        # or: tritonize serve ./repo
       tritonize generate -c ./tiny-llama -o ./repo --lora-ckpt ./peft-a --lora-ckpt 7=./lora.nemo \\

@@ -3,10 +3,15 @@
 The one entry point that ``generate``, ``deploy``, ``demo`` and the Python API share. Everything that
 can be checked before a file is written is checked first (the checkpoint, the options against it), so
 a bad request fails with one line and leaves nothing behind.
+
+``generate`` takes every source ``export`` reads: what its runtime cannot read as it is (a .nemo, a NeMo 2
+or Megatron-Bridge directory, a .qnemo / TRT-LLM checkpoint) is exported first into a temporary directory
+beside the output (``stage_export``, which ``deploy`` uses too), removed once the repository is written.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -14,14 +19,24 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import TritonizeError
+from ..errors import CheckpointError, TritonizeError
+from ..export.api import TRTLLM_DIR
 from ..runtime.tp import check_split
 from .checkpoint import inspect_checkpoint
 from .layout import REPOSITORY_MANIFEST
 from .options import refuse
 from .render import write_repository
 from .spec import RepoSpec, gpu_warning, runtime_warning
-from .trtllm_build import BuildOptions, build_options, resolve_trtllm_source, run_trtllm_build, stage_engine
+from .trtllm_build import (
+    BuildOptions,
+    build_options,
+    is_trtllm_checkpoint,
+    link_tree,
+    resolve_trtllm_source,
+    run_trtllm_build,
+    shard_embedding,
+    stage_engine,
+)
 
 
 @dataclass(frozen=True)
@@ -32,10 +47,11 @@ class Generated:
 
 
 def generate_repository(checkpoint: Path, output: Path, options: Mapping[str, Any], *, force: bool,
-                        note: Callable[[str], None] = print) -> Generated:
+                        note: Callable[[str], None] = print, progress: bool = True) -> Generated:
     """`tritonize generate`: the options (by name, ``repository.options``) checked against the runtime, the spec
     built from them, the repository written. ``note`` gets a warning when this machine lacks what the
-    runtime needs (not an error: the repository is usually served elsewhere)."""
+    runtime needs (not an error: the repository is usually served elsewhere), and what is exported on the
+    way when ``checkpoint`` is a source the runtime does not read as it is (``source_to_export``)."""
     runtime = options.get("runtime") or "torch"
     refuse(options, runtime, nemo=False)
     spec = RepoSpec.from_options(options)
@@ -46,7 +62,80 @@ def generate_repository(checkpoint: Path, output: Path, options: Mapping[str, An
     if runtime == "trtllm-engine":
         build = build_options(spec, options, fp8_kv_cache_request=str(options.get("use_fp8_kv_cache") or "auto").lower())
     added = (Path(output) / REPOSITORY_MANIFEST).is_file()
-    return Generated(build_repository(checkpoint, output, spec, force=force, build=build), spec, added)
+    checkpoint = Path(checkpoint).expanduser()
+    kind = source_to_export(checkpoint, runtime)
+    if kind is None:
+        return Generated(build_repository(checkpoint, output, spec, force=force, build=build, progress=progress),
+                         spec, added)
+    output = Path(output).expanduser().absolute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent))
+    try:
+        raw_trtllm = runtime == "trtllm-engine" and is_trtllm_checkpoint(checkpoint)
+        note(f"exporting {checkpoint} ({SOURCE_KINDS[kind]}) into {work} first; it is removed once the "
+             "repository is written")
+        exported = stage_export(checkpoint, work, spec, trtllm_checkpoint=checkpoint if raw_trtllm else None,
+                                progress=progress)
+        return Generated(build_repository(exported, output, spec, force=force, build=build, progress=progress),
+                         spec, added)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+SOURCE_KINDS = {"nemo1": "NeMo 1", "nemo2": "NeMo 2", "megatron-bridge": "Megatron-Bridge",
+                "trtllm": "TRT-LLM (.qnemo)", "hf": "Hugging Face", "archive": ".nemo / .qnemo"}
+
+
+def source_to_export(checkpoint: Path, runtime: str) -> str | None:
+    """The kind of source (``SOURCE_KINDS``) ``runtime`` reads only once it is exported, or None when it reads
+    ``checkpoint`` as it is: a Hugging Face-format directory (an export directory included), and for
+    trtllm-engine an export directory holding its TRT-LLM checkpoint. A directory that is no checkpoint at
+    all is a one-line error here, before anything is written."""
+    from ..export.sources import detect
+    from ..export.tree import DirTree
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass a Hugging Face-format directory, a .nemo or "
+                              ".qnemo file, or a NeMo 2, Megatron-Bridge or TRT-LLM checkpoint directory")
+    if path.is_file():
+        return "archive"
+    if runtime == "trtllm-engine":
+        try:
+            resolve_trtllm_source(path)
+            return None
+        except TritonizeError:
+            return detect(DirTree(path))
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if isinstance(config, dict) and ("architectures" in config or "model_type" in config) \
+            and "architecture" not in config:  # TRT-LLM's config.json names one "architecture"
+        return None  # Hugging Face format: read as it is (inspect_checkpoint says what is wrong with it)
+    return detect(DirTree(path))
+
+
+def stage_export(source: Path, work: Path, spec: RepoSpec, *, model_type: str | None = None,
+                 dtype: str | None = None, trtllm_checkpoint: Path | None = None, parallel_embedding: bool = False,
+                 progress: bool = False) -> Path:
+    """Exports ``source`` into ``work/export`` in the form ``spec``'s runtime reads: the Hugging Face-format
+    directory, and for trtllm-engine a TRT-LLM checkpoint for its parallelism in it (``trtllm_checkpoint``,
+    a TRT-LLM checkpoint to build as it is, is linked there instead)."""
+    from ..export import export_checkpoint
+
+    exported = work / "export"
+    engine = spec.runtime == "trtllm-engine"
+    export_trtllm = engine and trtllm_checkpoint is None
+    export_checkpoint(source, exported, model_type=model_type, dtype=dtype, progress=progress,
+                      fmt="trtllm-checkpoint" if export_trtllm else "hf",
+                      tp_size=spec.tensor_parallel_size if export_trtllm else 1,
+                      pp_size=spec.pipeline_parallel_size if export_trtllm else 1)
+    if engine and trtllm_checkpoint is not None:
+        link_tree(trtllm_checkpoint, exported / TRTLLM_DIR)
+    if engine and parallel_embedding:
+        shard_embedding(exported / TRTLLM_DIR)
+    return exported
 
 
 def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: bool, progress: bool = True,

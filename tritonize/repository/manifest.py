@@ -83,3 +83,26 @@ def build_manifest(spec: RepoSpec, ckpt: Checkpoint, repo: Path, *, progress: bo
             }
         },
     }
+
+
+# The modules the model files of a repository import, by what they serve, with the pip argument that
+# installs each (numpy: Triton 2.51's Python backend mis-reads text tensors under numpy 2).
+_INSTALL = {"numpy": "'numpy<2'", "torch": "torch", "safetensors": "safetensors", "tokenizers": "tokenizers",
+            "sentencepiece": "sentencepiece"}
+TRTLLM_INSTALL = "--extra-index-url https://pypi.nvidia.com tensorrt_llm"
+
+
+def required_modules(manifest: dict | None) -> dict[str, str]:
+    """Module -> pip argument for every module the Python models of a repository import (``manifest`` is its
+    tritonize.json; None, a repository tritonize did not write: numpy, which every Python model needs)."""
+    needed = {"numpy": _INSTALL["numpy"]}
+    for entry in (manifest or {}).get("models", {}).values():
+        versions = entry.get("versions") if isinstance(entry.get("versions"), dict) else {"": entry}
+        for version in versions.values():
+            runtime = (version.get("options") or {}).get("runtime", "torch")
+            tokenizer = (version.get("checkpoint") or {}).get("tokenizer")
+            needed["sentencepiece" if tokenizer == "sentencepiece" else "tokenizers"] = ""
+            if runtime in ("trtllm", "trtllm-engine"):
+                needed["tensorrt_llm"] = TRTLLM_INSTALL
+            needed.update({"torch": "", "safetensors": ""})
+    return {module: spec or _INSTALL[module] for module, spec in needed.items()}

@@ -63,6 +63,13 @@ class Option:
         """The runtimes to name in a refusal ("auto" goes without saying)."""
         return " or ".join(r for r in RUNTIMES if r in self.runtimes and r != "auto")
 
+    def api_refusal(self, keyword: str, value: Any) -> str:
+        """The refusal of a used value passed to the Python API, whose engine is the torch runtime: named by the
+        keyword the caller used, with no command-line flag in it."""
+        why = self.why.get("torch", self.why.get("*", "")).strip()
+        return (f"{keyword}={value!r} is not available in the Python API, whose engine is the torch runtime"
+                f"{' ' + why if why else ''}: leave {keyword} at its default")
+
     def refusal(self, runtime: str, *, nemo: bool) -> str:
         """The one-line refusal of a used value on ``runtime``; ``nemo`` adds NeMo's spelling."""
         spelled = f"{self.flag} ({self.nemo})" if nemo and self.nemo else self.generate or self.flag
@@ -76,8 +83,8 @@ def _row(name: str, *, nemo: bool = True, **rest: Any) -> Option:
     return Option(name, flag, rest.pop("nemo_name", "--" + name) if nemo else None, **rest)
 
 
-_PIPELINE = {"*": " (pipeline parallelism is TensorRT-LLM only: the torch runtime splits a model over GPUs with "
-                  "--tensor-parallelism-size)"}
+_PIPELINE = {"*": " (pipeline parallelism is TensorRT-LLM only: the torch runtime splits a model over GPUs by "
+                  "tensor parallelism)"}
 _BUILD_PROFILE = {"*": " (a TensorRT build profile)",
                   "trtllm": " (a TensorRT build profile; the trtllm runtime builds no engine)"}
 

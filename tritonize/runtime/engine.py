@@ -580,7 +580,7 @@ class Engine(GenerationEngine):
             error=error,
             num_input_tokens=len(seq.prompt),
             num_output_tokens=len(seq.output),
-            metrics=_metrics(seq) if finished else None,
+            metrics=_metrics(seq) if finished or req.return_perf_metrics else None,
         )
         if not self._deliver(req, out) and not finished:
             # The receiver is gone (e.g. the client disconnected): stop spending compute on it.
