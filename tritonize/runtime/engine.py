@@ -47,6 +47,7 @@ __all__ = ["Engine", "resolve_device", "resolve_dtype"]
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_DTYPES = ("auto", "fp8", "model")  # auto: FP8 when the checkpoint declares an FP8 KV cache
 _STATS_HISTORY = 100_000
 CPU_POOL_REQUESTS = 16  # the default CPU KV pool holds this many requests of max_seq_len
 
@@ -111,6 +112,8 @@ class Engine(GenerationEngine):
         block_size: int = 16,
         prefix_cache: bool = True,
         kernels: bool | None = None,
+        kv_cache_dtype: str = "auto",
+        fp8_matmul: bool | None = None,
     ) -> None:
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
@@ -121,7 +124,10 @@ class Engine(GenerationEngine):
                 f"max_num_tokens ({max_num_tokens}) must be at least max_batch_size ({max_batch_size}): each decode "
                 "row uses one token of the per-step budget"
             )
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {kv_cache_dtype!r}")
         from .adapters import load_adapters
+        from .quantize import FP8, fp8_matmul_supported, use_fp8_matmul
         from .weights import load_model
 
         self.model_dir = Path(model_dir)
@@ -136,6 +142,18 @@ class Engine(GenerationEngine):
         self.model = load_model(self.model_dir, device=self.device, dtype=self.dtype)
         self.vocab_size = self._vocab_size()
         on_cuda = self.device.type == "cuda"
+        scheme = self.model.quant_scheme
+        fp8_kv = kv_cache_dtype == "fp8" or (kv_cache_dtype == "auto" and scheme is not None and scheme.kv_cache)
+        if fp8_kv and on_cuda and not fp8_matmul_supported(self.device):
+            raise ValueError("an FP8 KV cache needs a GPU with FP8 support (compute capability 8.9 or later) here; "
+                             "serve with --use-fp8-kv-cache false")
+        self.model.kv_cache_dtype = FP8 if fp8_kv else None
+        self.kv_cache_dtype = "fp8" if fp8_kv else str(self.dtype).removeprefix("torch.")
+        self.fp8_linears = 0  # FP8 linears running on FP8 tensor cores (the rest, if any, run weight-only)
+        if fp8_matmul is None:
+            fp8_matmul = fp8_matmul_supported(self.device)
+        if fp8_matmul:
+            self.fp8_linears = use_fp8_matmul(self.model)
         use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         if use_graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs device cuda")
@@ -167,9 +185,15 @@ class Engine(GenerationEngine):
         self.kv_cache_bytes = sum(b.numel() * b.element_size() for name, b in self.model.named_buffers()
                                   if name.endswith(("k_cache", "v_cache")))
         self.kv_cache_tokens = kv_tokens
-        log.info("KV cache: %d tokens in %d blocks of %d (%.2f GB); %d requests of %d tokens fit at once%s",
-                 kv_tokens, num_blocks - 1, block_size, self.kv_cache_bytes / 1e9, kv_tokens // max_seq_len,
-                 max_seq_len, "; prefix reuse on" if prefix_cache else "")
+        log.info("KV cache: %d tokens in %d blocks of %d (%.2f GB, %s); %d requests of %d tokens fit at once%s",
+                 kv_tokens, num_blocks - 1, block_size, self.kv_cache_bytes / 1e9, self.kv_cache_dtype,
+                 kv_tokens // max_seq_len, max_seq_len, "; prefix reuse on" if prefix_cache else "")
+        if fp8_kv:
+            found = self.model.kv_scales_found
+            log.info("FP8 KV cache scales: %s", f"the checkpoint's, {found} of {self.model.args.n_layers} layers "
+                     "(1.0 for the rest)" if found else "1.0 (the checkpoint has none)")
+        if scheme is not None:
+            log.info("quantization: %s; %d FP8 linears on FP8 tensor cores", scheme.describe(), self.fp8_linears)
 
         self._cv = threading.Condition()
         self._incoming: deque[GenerationRequest] = deque()
@@ -219,7 +243,7 @@ class Engine(GenerationEngine):
         if not 0 < fraction <= 1:
             raise ValueError(f"kv_cache_free_gpu_memory_fraction must be in (0, 1], got {fraction}")
         args = self.model.args
-        per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * self.model.tok_embeddings.weight.element_size()
+        per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * self._kv_element_size()
         activations = self._profile_activations()
         free, _total = torch.cuda.mem_get_info(self.device)
         usable = max(0, free - activations)
@@ -231,6 +255,11 @@ class Engine(GenerationEngine):
                 f"max_seq_len {self.max_seq_len}: lower max_seq_len or use a larger GPU"
             )
         return blocks + 1
+
+    def _kv_element_size(self) -> int:
+        """Bytes per cached key or value element: 1 for an FP8 cache (twice the tokens of bfloat16 per byte)."""
+        dtype = self.model.kv_cache_dtype or self.model.tok_embeddings.weight.dtype
+        return torch.empty((), dtype=dtype).element_size()
 
     def _profile_activations(self) -> int:
         """Peak memory of the largest step (max_num_tokens tokens, max_batch_size rows of logits)."""
