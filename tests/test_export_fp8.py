@@ -45,7 +45,8 @@ def _dtypes(directory):
 
 
 def _greedy(model_dir, prompts=PROMPTS, n=10, **engine):
-    return Engine(model_dir, device="cpu", max_batch_size=8, max_seq_len=64, **engine).generate(prompts, max_new_tokens=n)
+    engine = Engine(model_dir, device="cpu", max_batch_size=8, max_seq_len=64, **engine)
+    return engine.generate(prompts, max_new_tokens=n, end_ids=[])
 
 
 def _transformers_greedy(model_dir, prompts=PROMPTS, n=10):
@@ -94,7 +95,7 @@ def test_qnemo_fp8_is_kept_byte_for_byte(tp, tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "deq" / "config.json").read_text())
     prompts = [[5, 17, 42, 99, 3], [250, 7, 1]]
     engine = Engine(tmp_path / "out", device="cpu", max_batch_size=4, max_seq_len=32, kv_cache_dtype="model")
-    assert engine.generate(prompts, max_new_tokens=8) == _transformers_greedy(tmp_path / "deq", prompts, 8)
+    assert engine.generate(prompts, max_new_tokens=8, end_ids=[]) == _transformers_greedy(tmp_path / "deq", prompts, 8)
     assert Engine(tmp_path / "out", device="cpu", max_batch_size=2, max_seq_len=32).kv_cache_dtype == "fp8"
 
 
@@ -161,7 +162,7 @@ def test_quantization_fp8_with_the_lm_head_and_from_the_cli(float_ckpt, tmp_path
     engine = Engine(tmp_path / "out", device="cpu", max_batch_size=2, max_seq_len=32)
     assert type(engine.model.output).__name__ == "FP8Linear"
     twin = dequantize_dir(tmp_path / "out", tmp_path / "twin")
-    assert engine.generate(PROMPTS[:2], max_new_tokens=6) == _transformers_greedy(twin, PROMPTS[:2], 6)
+    assert engine.generate(PROMPTS[:2], max_new_tokens=6, end_ids=[]) == _transformers_greedy(twin, PROMPTS[:2], 6)
     bad = CliRunner().invoke(cli, ["export", str(float_ckpt), "-o", str(tmp_path / "x"), "--fp8-lm-head"])
     assert bad.exit_code != 0 and "--fp8-lm-head goes with --quantization fp8" in bad.output
     bad = CliRunner().invoke(cli, ["export", str(float_ckpt), "-o", str(tmp_path / "x"), "--quantization", "fp8",

@@ -193,7 +193,7 @@ def test_fp8_checkpoint_greedy_equals_transformers_on_the_dequantized_twin(layou
     assert all(m.weight.dtype == FP8 for m in linears)
     assert (linears[0].block is not None) == (layout == "fp8-block")
     assert (linears[0].input_scale is not None) == (layout in ("fp8-tensor-static", "modelopt"))
-    got = engine.generate(PROMPTS, max_new_tokens=12)
+    got = engine.generate(PROMPTS, max_new_tokens=12, end_ids=[])
     assert got == _transformers_greedy(twin, PROMPTS, 12)
 
 
@@ -244,10 +244,10 @@ def test_fp8_kv_cache_agrees_with_the_float_cache(float_ckpt, capsys):
     at each of the 16 positions of the float32 engine's greedy text, the FP8-cache model reads the same
     history from its FP8 cache and must choose the same next token."""
     common = dict(device="cpu", max_batch_size=8, max_seq_len=64)
-    base = Engine(float_ckpt, **common).generate(PROMPTS, max_new_tokens=16)
-    bf16 = Engine(float_ckpt, dtype="bfloat16", **common).generate(PROMPTS, max_new_tokens=16)
+    base = Engine(float_ckpt, **common).generate(PROMPTS, max_new_tokens=16, end_ids=[])
+    bf16 = Engine(float_ckpt, dtype="bfloat16", **common).generate(PROMPTS, max_new_tokens=16, end_ids=[])
     engine = Engine(float_ckpt, kv_cache_dtype="fp8", **common)
-    fp8 = engine.generate(PROMPTS, max_new_tokens=16)
+    fp8 = engine.generate(PROMPTS, max_new_tokens=16, end_ids=[])
     assert engine.kv_cache_dtype == "fp8" and engine.model.layers[0].attention.paged.k_cache.dtype == FP8
     assert all(len(x) == 16 and all(0 <= t < 32000 for t in x) for x in fp8)
     total = 16 * len(PROMPTS)

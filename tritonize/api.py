@@ -3,7 +3,9 @@
 Code written against ``TensorRTLLM(model_dir).export(...)``, ``.forward(...)`` and
 ``DeployPyTriton(model=..., triton_model_name=...).deploy() / serve() / run() / stop()`` ports by
 changing the two class names. The engine is tritonize's torch runtime; what only TensorRT-LLM can
-honour (parallelism, FP8, TensorRT build switches) is refused by name.
+honour (parallelism, TensorRT build switches) is refused by name. NeMo's ``fp8_quantized`` and
+``fp8_kvcache`` are honoured: FP8 weights (an FP8 source kept, a float one quantized per channel; False
+dequantizes) and an FP8 KV cache (None: as the checkpoint says).
 
 Adapters follow NeMo's API: LoRA checkpoints in ``Exporter(model_dir, lora_ckpt_list=[...])``, p-tuning
 tables through ``add_prompt_table(task_name, path)``, and ``forward(lora_uids=..., task_ids=...)`` per
@@ -33,9 +35,10 @@ from .repository.options import LORA_OPTIONS, PTUNING_OPTIONS, from_api, lora_pa
 from .repository.spec import RepoSpec
 
 
-def _nemo_export_options(kwargs: dict[str, Any], what: str) -> None:
+def _nemo_export_options(kwargs: dict[str, Any], what: str) -> dict[str, Any]:
     """Refuses by name what NeMo's TensorRTLLM.export was asked that the torch runtime cannot honour; the
-    keywords are NeMo's (``repository.options`` maps them), and the ones without effect here are accepted."""
+    keywords are NeMo's (``repository.options`` maps them), and the ones without effect here are accepted.
+    Returns the options by tritonize's names."""
     options: dict[str, Any] = {}
     for key, value in kwargs.items():
         if key in LORA_OPTIONS | PTUNING_OPTIONS:  # the deploy script's spellings, not TensorRTLLM's
@@ -50,6 +53,7 @@ def _nemo_export_options(kwargs: dict[str, Any], what: str) -> None:
             name, value = option
             options[name] = tuple(value) if isinstance(value, list) else value
     refuse(options, "torch")
+    return options
 
 
 ADAPTERS_DIR = "adapters"
@@ -103,6 +107,7 @@ class Exporter:
         self.model_type: str | None = None
         self.source: Path | None = None
         self.export_dtype: str | None = None
+        self.kv_cache_dtype = "auto"  # the torch engine's: fp8_kvcache True "fp8", False "model", None "auto"
         self._engine = None
         self._tokenizer = None
         self._end_ids: list[int] = []
@@ -223,8 +228,10 @@ class Exporter:
         (TensorRT-LLM names, e.g. attn_qkv) restricts which modules an adapter may touch.
         """
         del use_lora_plugin
-        _nemo_export_options({"tensor_parallelism_size": tensor_parallelism_size,
-                              "pipeline_parallelism_size": pipeline_parallelism_size, **nemo_options}, "export")
+        options = _nemo_export_options({"tensor_parallelism_size": tensor_parallelism_size,
+                                        "pipeline_parallelism_size": pipeline_parallelism_size, **nemo_options}, "export")
+        fp8_weights = str(options.get("export_fp8_quantized", "auto")).lower()
+        fp8_kv = str(options.get("use_fp8_kv_cache", "auto")).lower()
         from .export import export_checkpoint
 
         wanted = _Adapters(lora_ckpt_list=self.lora_ckpt_list, max_lora_rank=int(max_lora_rank or 0),
@@ -232,7 +239,10 @@ class Exporter:
                            max_prompt_embedding_table_size=int(max_prompt_embedding_table_size or 0))
         self.close()
         export_checkpoint(Path(nemo_checkpoint_path), self.model_dir, model_type=model_type, dtype=dtype,
-                          force=delete_existing_files, progress=False)
+                          force=delete_existing_files, progress=False,
+                          quantization="fp8" if fp8_weights == "true" else None,
+                          keep_fp8=False if fp8_weights == "false" else None)
+        self.kv_cache_dtype = {"true": "fp8", "false": "model"}.get(fp8_kv, "auto")
         self.source = Path(nemo_checkpoint_path).expanduser().resolve()
         self.model_type = model_type
         self.max_input_len, self.max_output_len, self.max_batch_size = max_input_len, max_output_len, max_batch_size
@@ -260,7 +270,8 @@ class Exporter:
                               max_seq_len=self.max_input_len + self.max_output_len,
                               max_num_tokens=self.max_num_tokens or max(self.max_input_len, self.max_batch_size),
                               adapters_dir=adapters if adapters.is_dir() else None,
-                              max_prompt_embedding_table_size=self.adapters.max_prompt_embedding_table_size)
+                              max_prompt_embedding_table_size=self.adapters.max_prompt_embedding_table_size,
+                              kv_cache_dtype=self.kv_cache_dtype)
 
     # -- generation ----------------------------------------------------------------------------
     def forward(self, input_texts: Sequence[str], max_output_token: int = 64, top_k: int = 1, top_p: float = 0.0,
@@ -432,6 +443,7 @@ class Deployment:
             max_input_len=m.max_input_len if m else 256, max_output_len=m.max_output_len if m else 256,
             max_num_tokens=(m.max_num_tokens or 0) if m else 0,
             device=self.device or (m.device if m else "auto"), dtype=self.dtype or (m.dtype if m else "auto"),
+            kv_cache_dtype=m.kv_cache_dtype if m else "auto",
             **(m.adapters.spec_fields() if m else {}),
         )
 

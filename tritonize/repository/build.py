@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import TritonizeError
-from .checkpoint import inspect_checkpoint
+from ..errors import CheckpointError, ExportError, TritonizeError
+from .checkpoint import Checkpoint, inspect_checkpoint
 from .layout import REPOSITORY_MANIFEST
 from .options import refuse
 from .render import write_repository
@@ -28,6 +28,7 @@ class Generated:
     repository: Path
     spec: RepoSpec  # what the model version was made with
     added: bool  # the repository was there: the model or version went in beside what it held
+    quantization: dict | None = None  # what tritonize.json records about FP8 (weights, origin, KV cache)
 
 
 def generate_repository(checkpoint: Path, output: Path, options: Mapping[str, Any], *, force: bool,
@@ -45,7 +46,15 @@ def generate_repository(checkpoint: Path, output: Path, options: Mapping[str, An
     if runtime == "trtllm-engine":
         build = build_options(spec, options, fp8_kv_cache_request=str(options.get("use_fp8_kv_cache") or "auto").lower())
     added = (Path(output) / REPOSITORY_MANIFEST).is_file()
-    return Generated(build_repository(checkpoint, output, spec, force=force, build=build), spec, added)
+    repo = build_repository(checkpoint, output, spec, force=force, build=build)
+    return Generated(repo, spec, added, _recorded_quantization(repo, spec))
+
+
+def _recorded_quantization(repo: Path, spec: RepoSpec) -> dict | None:
+    from .render import model_versions, read_manifest
+
+    entry = (read_manifest(repo) or {}).get("models", {}).get(spec.name)
+    return model_versions(entry).get(str(spec.version), {}).get("quantization") if entry else None
 
 
 def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: bool, progress: bool = True,
@@ -80,4 +89,43 @@ def _write(checkpoint: Path, output: Path, spec: RepoSpec, *, force: bool, progr
             f"--max-input-len + --max-output-len = {context} exceeds the {ckpt.args.max_position_embeddings} "
             f"positions this {ckpt.architecture} has learned: lower them"
         )
-    return write_repository(spec, ckpt, output, force=force, progress=progress, engine_dir=engine_dir)
+    if spec.runtime == "torch" and ckpt.quantization_error:
+        raise CheckpointError(f"{ckpt.path}: {ckpt.quantization_error}")
+    conversion = fp8_conversion(ckpt, spec)
+    if conversion is None:
+        return write_repository(spec, ckpt, output, force=force, progress=progress, engine_dir=engine_dir)
+    output = Path(output).expanduser().absolute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.fp8-", dir=output.parent))
+    try:
+        converted = convert_checkpoint(ckpt, spec, work / "weights", progress=progress)
+        return write_repository(spec, converted, output, force=force, progress=progress, engine_dir=engine_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def fp8_conversion(ckpt: Checkpoint, spec: RepoSpec) -> str | None:
+    """What generate does to the checkpoint's weights for ``spec.quantization`` (None: serve them as they are)."""
+    if spec.quantization == "fp8" and (not ckpt.fp8_weights or spec.fp8_lm_head):
+        return "quantized to FP8 per channel at generate time"
+    if spec.quantization == "none" and ckpt.fp8_weights:
+        return "FP8 dequantized at generate time"
+    return None
+
+
+def convert_checkpoint(ckpt: Checkpoint, spec: RepoSpec, out: Path, *, progress: bool) -> Checkpoint:
+    """The weights of ``ckpt`` quantized to FP8 (``--quantization fp8``) or dequantized (``none``) into ``out``
+    by the exporter; the tokenizer and the end ids stay the checkpoint's own."""
+    from ..export.api import export_checkpoint
+
+    conversion = fp8_conversion(ckpt, spec)
+    try:
+        if spec.quantization == "fp8":
+            export_checkpoint(ckpt.path, out, quantization="fp8", fp8_lm_head=spec.fp8_lm_head, progress=progress)
+        else:
+            export_checkpoint(ckpt.path, out, keep_fp8=False, progress=progress)
+    except ExportError as e:
+        raise CheckpointError(f"--quantization {spec.quantization}: {e}") from None
+    converted = inspect_checkpoint(out)
+    return replace(converted, tokenizer_files=ckpt.tokenizer_files, tokenizer_kind=ckpt.tokenizer_kind,
+                   end_ids=ckpt.end_ids, pad_id=ckpt.pad_id, converted_from=ckpt.path, conversion=conversion)

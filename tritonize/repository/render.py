@@ -94,6 +94,8 @@ def render_models(spec: RepoSpec, ckpt: Checkpoint, adapters: PreparedAdapters |
     }
     if spec.kv_cache_free_gpu_memory_fraction:
         engine_params["kv_cache_free_gpu_memory_fraction"] = spec.kv_cache_free_gpu_memory_fraction
+    if spec.runtime in ("torch", "auto") and spec.kv_cache_dtype != "auto":
+        engine_params["kv_cache_dtype"] = spec.kv_cache_dtype  # "auto" (the checkpoint's) goes without saying
     if adapters:
         engine_params["adapters_dir"] = ADAPTERS_DIR
     engine_params.update(trtllm_engine_params(spec))
@@ -171,7 +173,7 @@ def _stage(spec: RepoSpec, ckpt: Checkpoint, rendered: list[RenderedModel], tmp:
             shutil.copy2(f, tok_dir / f.name)
     weights_dir = tmp / f"{spec.name}_engine" / str(spec.version) / "weights"
     weights_dir.mkdir()
-    for f in [ckpt.path / "config.json", *ckpt.tokenizer_files]:
+    for f in [ckpt.path / "config.json", *ckpt.tokenizer_files, *ckpt.extra_files]:
         shutil.copy2(f, weights_dir / f.name)
     for f in tqdm(ckpt.weight_files, desc="weights", unit="file", disable=not progress):
         _link_or_copy(f, weights_dir / f.name)
