@@ -3,6 +3,7 @@
 # Needs the Triton kit (.devkit, from shared/tools/devkit.sh) and tritonclient's Python files in .whl/site.
 #   bash bench/gpu_suite.sh serve     # generated repository on tritonserver, concurrency 1/16/64
 #   bash bench/gpu_suite.sh runtime   # the runtime alone vs roofline, and transformers generate
+#   bash bench/gpu_suite.sh fp8       # FP8 on the GPU: its tests on CUDA, then FP8 vs bf16 (bench/fp8_bench.py)
 set -uo pipefail
 phase=${1:-serve}
 out=${OUT:-/tmp/bench-out}; mkdir -p "$out"
@@ -36,4 +37,12 @@ if [ "$phase" = adapters ]; then
     "tests/test_engine.py::test_cuda_graph_decode_matches_eager_and_transformers" 2>&1 | tail -15 | tee "$out/adapters-tests.log"
   PYTHONPATH=$PWD/.whl/gpu:$PWD/.whl/site:$PWD $py bench/lora_decode.py --model $model --device cuda --dtype bfloat16 \
     --batch ${LORA_BATCH:-1,16,64} --adapters 4 --rank 16 ${LORA_FLAGS:-} --json "$out/lora.json" 2>&1 | tee "$out/lora.log"
+fi
+# fp8: the FP8 tests on CUDA (FP8 GEMMs, the FP8 KV cache in the Triton kernels), then FP8 against bf16 in one run.
+if [ "$phase" = fp8 ]; then
+  py=/opt/torch/.venv/bin/python3; [ -x $py ] || py=python3
+  PYTHONPATH=$PWD/.whl/gpu:$PWD/.whl/site:$PWD $py -m pytest -q -p no:cacheprovider tests/test_fp8_runtime.py \
+    tests/test_cuda_kernels.py 2>&1 | tail -15 | tee "$out/fp8-tests.log"
+  PYTHONPATH=$PWD/.whl/gpu:$PWD/.whl/site:$PWD $py bench/fp8_bench.py --model $model --out "$out/fp8" 2>&1 \
+    | tee "$out/fp8.log"
 fi

@@ -281,3 +281,28 @@ def test_auto_follows_the_checkpoint(fp8_ckpts):
     assert Engine(fp8_ckpts["fp8-block"][0], **common).kv_cache_dtype == "float32"
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         Engine(fp8_ckpts["fp8-block"][0], kv_cache_dtype="int8", **common)
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_the_gpu_fp8_gemms_run_in_cuda_graphs(fp8_ckpts):
+    """FP8 weights and an FP8 KV cache on CUDA: decode steps replayed from CUDA graphs give the eager steps' tokens;
+    on FP8 tensor cores (compute capability 8.9+) every linear runs torch._scaled_mm."""
+    from tritonize.runtime.quantize import fp8_matmul_supported
+
+    fp8_dir = fp8_ckpts["compressed-tensors"][0]
+    common = dict(device="cuda", dtype="bfloat16", max_batch_size=4, max_seq_len=64, kv_cache_dtype="fp8")
+    graphs = Engine(fp8_dir, **common)
+    eager = Engine(fp8_dir, cuda_graphs=False, **common)
+    assert graphs.runner.buckets and graphs.kernels
+    assert graphs.fp8_linears == (8 if fp8_matmul_supported(graphs.device) else 0)
+    want = eager.generate(PROMPTS[:4], max_new_tokens=12, end_ids=[])
+    assert graphs.start().generate(PROMPTS[:4], max_new_tokens=12, end_ids=[]) == want
+    if fp8_matmul_supported(graphs.device):  # the FP8 GEMM of an 8B-sized layer against its weight-only result
+        torch.manual_seed(0)
+        module = FP8Linear.from_linear(torch.nn.Linear(4096, 1024, device="cuda", dtype=torch.bfloat16))
+        x = torch.randn(7, 4096, device="cuda", dtype=torch.bfloat16)
+        reference = module(x)
+        use_fp8_matmul(module)
+        got = module(x)
+        assert F.cosine_similarity(got.float().flatten(), reference.float().flatten(), dim=0) > 0.998
