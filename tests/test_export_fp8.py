@@ -182,6 +182,20 @@ def test_quantization_fp8_of_a_nemo2_checkpoint(tmp_path):
     assert _greedy(tmp_path / "out") == _transformers_greedy(twin)
 
 
+def test_quantization_fp8_of_a_mixtral_quantizes_its_attention(tmp_path):
+    """Mixture-of-experts layers keep their experts in their dtype; attention runs in FP8."""
+    from fixtures import tiny_model
+
+    tiny_model("mixtral").save_pretrained(tmp_path / "mixtral")
+    result = export_checkpoint(tmp_path / "mixtral", tmp_path / "out", progress=False, quantization="fp8")
+    assert result.manifest["output"]["quantization"]["quantized_linears"] == 2 * 4
+    dtypes = _dtypes(tmp_path / "out")
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == "F8_E4M3"
+    assert dtypes["model.layers.0.block_sparse_moe.experts.0.w1.weight"] == "F32"
+    twin = dequantize_dir(tmp_path / "out", tmp_path / "twin")
+    assert _greedy(tmp_path / "out", n=6) == _transformers_greedy(twin, n=6)
+
+
 def test_quantization_fp8_refuses_what_the_runtime_cannot_serve(bpe_dir, tmp_path):
     from fixtures import tiny_model
 

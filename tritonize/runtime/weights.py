@@ -415,7 +415,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                 if tensor.input_scale is not None:
                     state[f"{prefix}.input_scale"] = tensor.input_scale.to(device=device, dtype=torch.float32)
                 continue
-            if tensor.dtype == FP8:
+            if tensor.dtype in (FP8, torch.float8_e5m2):
                 raise WeightsError(f"{model_dir}: {name} is stored in FP8, which the torch runtime does not support "
                                    "for this tensor (FP8 is read for the linear layers of dense models); export the "
                                    "checkpoint dequantized (tritonize export --no-keep-fp8)")
