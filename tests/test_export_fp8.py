@@ -206,3 +206,24 @@ def test_quantization_fp8_refuses_what_the_runtime_cannot_serve(bpe_dir, tmp_pat
     with pytest.raises(ExportError, match="serves FP8 weights of .*not GPT2LMHeadModel"):
         export_checkpoint(tmp_path / "gpt", tmp_path / "out", progress=False, quantization="fp8")
     assert not (tmp_path / "out").exists()
+
+
+def test_fp8_parts_follow_row_rearrangements_or_say_they_cannot():
+    """Row segments of FP8 weights keep their bytes and scales; block grids only in whole blocks; column pieces only
+    with one scale between them."""
+    from tritonize.export.lazy import Cat1, Const, Quantized, Rows, fp8_parts
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 32).clamp(-448, 448).to(FP8)
+    per_row = Quantized(Const(w), Const(torch.rand(64) + 0.5), torch.float32)
+    rows = Rows([(per_row, 8, 16), (per_row, 40, 8)])
+    parts = fp8_parts(rows)
+    assert torch.equal(parts.weight.full().view(torch.uint8), torch.cat([w[8:24], w[40:48]]).view(torch.uint8))
+    assert torch.equal(parts.scale.full(), torch.cat([per_row.scale.full()[8:24], per_row.scale.full()[40:48]]))
+    assert torch.equal(rows.full(), torch.cat([per_row.full()[8:24], per_row.full()[40:48]]))  # read: dequantized
+    block = Quantized(Const(w), Const(torch.rand(4, 2) + 0.5), torch.float32, block=(16, 16))
+    assert fp8_parts(Rows([(block, 16, 32)])).scale.full().shape == (2, 2)
+    assert fp8_parts(Rows([(block, 8, 16)])) is None  # starts inside a block
+    one = Quantized(Const(w), Const(torch.tensor(0.5)), torch.float32)
+    assert fp8_parts(Cat1([one, Quantized(Const(w), Const(torch.tensor(0.5)), torch.float32)])) is not None
+    assert fp8_parts(Cat1([one, Quantized(Const(w), Const(torch.tensor(0.25)), torch.float32)])) is None

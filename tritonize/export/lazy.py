@@ -364,16 +364,15 @@ def fp8_parts(t: Lazy) -> Fp8Parts | None:
     if isinstance(t, Rows):
         segments = []
         inputs = []
-        for base, start, length in t.segments:
+        for k, (base, start, length) in enumerate(t.segments):
             parts = fp8_parts(base)
             if parts is None:
                 return None
-            if parts.block is not None:
-                if start % parts.block[0] or (length % parts.block[0] and start + length != base.nrows):
+            if parts.block is not None:  # whole blocks only (a partial one last, at the end of its tensor)
+                last = k == len(t.segments) - 1
+                if start % parts.block[0] or (length % parts.block[0] and not (last and start + length == base.nrows)):
                     return None
-                segments.append((parts, start, length))
-            else:
-                segments.append((parts, start, length))
+            segments.append((parts, start, length))
             inputs.append(parts.input_scale)
         blocks = {p.block for p, _, _ in segments}
         if len(blocks) != 1:
