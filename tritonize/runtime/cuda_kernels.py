@@ -47,9 +47,9 @@ def _fp8_round(x):
 
 @triton.jit
 def _to_cache(x, scale, FP8_CACHE: tl.constexpr):
-    """What the cache stores for float32 ``x``: ``x / scale`` rounded to FP8, or ``x`` itself."""
+    """What the cache stores for float32 ``x``: ``x / scale`` (IEEE division, as PyTorch's) rounded to FP8, or ``x``."""
     if FP8_CACHE:
-        return _fp8_round(x / scale)
+        return _fp8_round(tl.math.div_rn(x, scale))
     return x
 
 
@@ -259,6 +259,7 @@ def _rotary_cache_kernel(q_out_ptr, qkv_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache
         dst = v_cache_ptr + slot * stride_cache + (head - H - HKV) * D
         tl.store(dst + d, _to_cache(v, v_scale, FP8_CACHE).to(dst.dtype.element_ty), mask=d < D)
         return
+    # (q_dst and k_dst: Triton wants a name assigned in both branches of a runtime `if` to keep one type)
     if ROPE:
         i = tl.arange(0, HALF_P)
         m = i < HALF
@@ -271,26 +272,26 @@ def _rotary_cache_kernel(q_out_ptr, qkv_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache
         r = 2 * HALF + d  # partial rotary: the rest of the head passes through
         rest = tl.load(src + r, mask=r < D, other=0.0)
         if head < H:
-            dst = q_out_ptr + tok * (H * D) + head * D
-            tl.store(dst + i, y1.to(dst.dtype.element_ty), mask=m)
-            tl.store(dst + HALF + i, y2.to(dst.dtype.element_ty), mask=m)
+            q_dst = q_out_ptr + tok * (H * D) + head * D
+            tl.store(q_dst + i, y1.to(q_dst.dtype.element_ty), mask=m)
+            tl.store(q_dst + HALF + i, y2.to(q_dst.dtype.element_ty), mask=m)
             if 2 * HALF < D:
-                tl.store(dst + r, rest, mask=r < D)
+                tl.store(q_dst + r, rest, mask=r < D)
         else:
-            dst = k_cache_ptr + slot * stride_cache + (head - H) * D
-            tl.store(dst + i, _to_cache(y1, k_scale, FP8_CACHE).to(dst.dtype.element_ty), mask=m)
-            tl.store(dst + HALF + i, _to_cache(y2, k_scale, FP8_CACHE).to(dst.dtype.element_ty), mask=m)
+            k_dst = k_cache_ptr + slot * stride_cache + (head - H) * D
+            tl.store(k_dst + i, _to_cache(y1, k_scale, FP8_CACHE).to(k_dst.dtype.element_ty), mask=m)
+            tl.store(k_dst + HALF + i, _to_cache(y2, k_scale, FP8_CACHE).to(k_dst.dtype.element_ty), mask=m)
             if 2 * HALF < D:
-                tl.store(dst + r, _to_cache(rest.to(tl.float32), k_scale, FP8_CACHE).to(dst.dtype.element_ty),
+                tl.store(k_dst + r, _to_cache(rest.to(tl.float32), k_scale, FP8_CACHE).to(k_dst.dtype.element_ty),
                          mask=r < D)
     else:
         x = tl.load(src + d, mask=d < D)
         if head < H:
-            dst = q_out_ptr + tok * (H * D) + head * D
-            tl.store(dst + d, x, mask=d < D)
+            q_dst = q_out_ptr + tok * (H * D) + head * D
+            tl.store(q_dst + d, x, mask=d < D)
         else:
-            dst = k_cache_ptr + slot * stride_cache + (head - H) * D
-            tl.store(dst + d, _to_cache(x.to(tl.float32), k_scale, FP8_CACHE).to(dst.dtype.element_ty), mask=d < D)
+            k_dst = k_cache_ptr + slot * stride_cache + (head - H) * D
+            tl.store(k_dst + d, _to_cache(x.to(tl.float32), k_scale, FP8_CACHE).to(k_dst.dtype.element_ty), mask=d < D)
 
 
 def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
@@ -322,8 +323,9 @@ def _per_token_fp8_kernel(out_ptr, scale_ptr, x_ptr, static_ptr, n_cols, STATIC:
     if STATIC:
         scale = tl.load(static_ptr).to(tl.float32)
     else:
-        scale = tl.maximum(tl.max(tl.abs(x), 0) / 448.0, 1e-12)
-    tl.store(out_ptr + row * n_cols + cols, _fp8_round(x / scale).to(out_ptr.dtype.element_ty), mask=ok)
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), 448.0), 1e-12)
+    q = _fp8_round(tl.math.div_rn(x, scale))  # IEEE divisions: the bytes quantize.per_token_fp8 gives
+    tl.store(out_ptr + row * n_cols + cols, q.to(out_ptr.dtype.element_ty), mask=ok)
     tl.store(scale_ptr + row, scale)
 
 
