@@ -80,6 +80,12 @@ def test_export_honours_nemos_fp8_switches(exported, tmp_path):
         exporter.close()
 
 
+def test_export_refuses_fp8_switches_that_disagree(tmp_path):
+    with pytest.raises(DeployError, match="fp8_quantized=True and quantization='none' disagree"):
+        Exporter(tmp_path / "out").export(tmp_path / "missing.nemo", fp8_quantized=True, quantization="none")
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_rejects_unknown_keywords(tmp_path):
     with pytest.raises(TypeError, match="'no_such_option'"):
         Exporter(tmp_path / "out").export(tmp_path / "missing.nemo", no_such_option=1)

@@ -149,6 +149,47 @@ def test_lora_wraps_an_fp8_linear():
     assert torch.allclose(wrapped(x), want, atol=1e-5)
 
 
+def test_lora_on_an_fp8_checkpoint_equals_peft_on_the_dequantized_twin(fp8_ckpts, tmp_path):
+    """The engine wraps FP8 linears with LoRA (attention and MLP): greedy tokens of mixed requests, with and
+    without the adapter, equal peft + transformers on the dequantized twin."""
+    from fixtures.adapter_dirs import write_lora_from_peft
+    from fixtures.adapters import write_peft_lora
+
+    from tritonize.runtime.request import GenerationRequest, SamplingParams, submit_and_wait
+
+    fp8_dir, twin = fp8_ckpts["compressed-tensors"]
+    base = transformers.LlamaForCausalLM.from_pretrained(twin, dtype=torch.float32).eval()
+    peft_model = write_peft_lora(base, tmp_path / "peft", target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                                 r=4, seed=3)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    write_lora_from_peft(peft_model, tmp_path / "adapters" / "lora" / "1")
+    engine = Engine(fp8_dir, device="cpu", max_batch_size=4, max_seq_len=64, kv_cache_dtype="model",
+                    adapters_dir=tmp_path / "adapters").start()
+    assert isinstance(engine.model.layers[0].attention.wqkv.base, FP8Linear)
+    jobs = [(PROMPTS[0], 1), (PROMPTS[1], None), (PROMPTS[2], 1)]
+    outs = submit_and_wait(engine, [GenerationRequest(request_id=f"r{i}", prompt_ids=ids, max_new_tokens=10,
+                                                      sampling=SamplingParams(), end_ids=[], lora_task_id=task)
+                                    for i, (ids, task) in enumerate(jobs)], timeout=120)
+    engine.shutdown()
+
+    def greedy(ids):
+        out = peft_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=10, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+        return out[0, len(ids):].tolist()
+
+    with torch.no_grad():
+        for (ids, task), out in zip(jobs, outs, strict=True):
+            if task:
+                assert out.token_ids == greedy(ids)
+            else:
+                with peft_model.disable_adapter():
+                    assert out.token_ids == greedy(ids)
+        with peft_model.disable_adapter():
+            assert outs[0].token_ids != greedy(PROMPTS[0]), "the adapter changes nothing: the test would prove nothing"
+
+
 # ---------------------------------------------------------------------------------------------- schemes
 @pytest.mark.parametrize("config, hf_quant, expected", [
     ({"quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}}, None,

@@ -231,6 +231,9 @@ class Exporter:
         options = _nemo_export_options({"tensor_parallelism_size": tensor_parallelism_size,
                                         "pipeline_parallelism_size": pipeline_parallelism_size, **nemo_options}, "export")
         fp8_weights = str(options.get("export_fp8_quantized", "auto")).lower()
+        quantization = options.get("quantization") or {"true": "fp8", "false": "none"}.get(fp8_weights, "auto")
+        if fp8_weights in ("true", "false") and quantization != {"true": "fp8", "false": "none"}[fp8_weights]:
+            raise DeployError(f"fp8_quantized={fp8_weights.title()} and quantization={quantization!r} disagree")
         fp8_kv = str(options.get("use_fp8_kv_cache", "auto")).lower()
         from .export import export_checkpoint
 
@@ -240,8 +243,9 @@ class Exporter:
         self.close()
         export_checkpoint(Path(nemo_checkpoint_path), self.model_dir, model_type=model_type, dtype=dtype,
                           force=delete_existing_files, progress=False,
-                          quantization="fp8" if fp8_weights == "true" else None,
-                          keep_fp8=False if fp8_weights == "false" else None)
+                          quantization="fp8" if quantization == "fp8" else None,
+                          keep_fp8=False if quantization == "none" else None,
+                          fp8_lm_head=bool(options.get("fp8_lm_head")))
         self.kv_cache_dtype = {"true": "fp8", "false": "model"}.get(fp8_kv, "auto")
         self.source = Path(nemo_checkpoint_path).expanduser().resolve()
         self.model_type = model_type
