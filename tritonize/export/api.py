@@ -211,7 +211,7 @@ def export_checkpoint(
         if loaded.tokenizer is not None:
             loaded.tokenizer.write(stage)
 
-        total = sum(_nbytes(t, out_dtype) for _n, t in tensors)
+        total = sum(_nbytes(t, t.dtype if n in keep_dtype else out_dtype) for n, t in tensors)
         bar = _Progress(total * (2 if fmt == "trtllm-checkpoint" else 1), progress, f"export {source.name}")
         try:
             written = write_safetensors(stage, tensors, dtype=out_dtype, max_shard_bytes=max_shard_bytes, progress=bar,
