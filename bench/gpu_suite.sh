@@ -9,6 +9,7 @@
 #   bash bench/gpu_suite.sh adapters  # the LoRA / p-tuning tests under CUDA graphs, and mixed-LoRA decode
 #   bash bench/gpu_suite.sh openai    # the OpenAI front against gRPC streaming, same server, concurrency 1/64
 #                                     # (needs fastapi, uvicorn, httptools and openai in .whl/site too)
+#   bash bench/gpu_suite.sh fp8       # FP8 on the GPU: its tests on CUDA, then FP8 vs bf16 (bench/fp8_bench.py)
 # Every figure is written under $OUT (default /tmp/bench-out) with the card's name and the date.
 set -uo pipefail
 phase=${1:-engine}
@@ -50,5 +51,9 @@ case $phase in
       --input-len 128 --output-len 128 --duration 15 --rounds 3 --workdir /tmp/ob --json "$out/openai.json" \
       2>&1 | tee "$out/openai.log"
     cp /tmp/ob/server.log "$out/server-openai.log" 2>/dev/null ;;
-  *) echo "usage: bash bench/gpu_suite.sh engine|baseline|adapters|openai" >&2; exit 2 ;;
+  fp8)
+    python3 -m pytest -q -p no:cacheprovider tests/test_fp8_runtime.py tests/test_cuda_kernels.py 2>&1 | tail -15 \
+      | tee "$out/fp8-tests.log"
+    python3 bench/fp8_bench.py --model $model --out "$out/fp8" 2>&1 | tee "$out/fp8.log" ;;
+  *) echo "usage: bash bench/gpu_suite.sh engine|baseline|adapters|openai|fp8" >&2; exit 2 ;;
 esac

@@ -146,6 +146,37 @@ def trtllm_choices(spec: RepoSpec, options: Mapping[str, Any], source: Path | No
          "fp8_weights": w_on, "fp8_kv_cache": kv_on}, sort_keys=True)}), choices
 
 
+def fp8_choices(spec: RepoSpec, options: Mapping[str, Any], source: Path | None) -> tuple[RepoSpec, list[str]]:
+    """The torch runtime's FP8: ``--export-fp8-quantized`` (NeMo's switch) is ``--quantization`` fp8 / none, and
+    what "auto" comes to for the source is said. The TensorRT-LLM runtimes: ``trtllm_choices``."""
+    if spec.runtime != "torch":
+        return spec, []
+    value = str(options.get("export_fp8_quantized") or "auto").lower()
+    wanted = {"true": "fp8", "false": "none"}.get(value)
+    if wanted is not None:
+        if spec.quantization not in ("auto", wanted):
+            raise DeployError(f"--export-fp8-quantized {value} and --quantization {spec.quantization} disagree: "
+                              "give one of them")
+        spec = replace(spec, quantization=wanted)
+    found = detect_fp8_details(source) if source is not None else None
+    notes = []
+    if spec.quantization == "fp8":
+        how = "kept as they are" if found and found.weights else "quantized to FP8 per channel at export"
+        notes.append(f"FP8 weights: on ({how})")
+    elif spec.quantization == "none" and found and found.weights:
+        notes.append(f"FP8 weights: off (the FP8 checkpoint {found.source} is dequantized at export)")
+    elif found and found.weights:
+        notes.append(f"FP8 weights: on (detected from {found.source}; served as FP8)")
+    if spec.kv_cache_dtype != "auto":
+        on = "on" if spec.kv_cache_dtype == "fp8" else "off"
+        notes.append(f"FP8 KV cache: {on} (--use-fp8-kv-cache {options.get('use_fp8_kv_cache')})")
+    elif found and found.kv_cache:
+        notes.append(f"FP8 KV cache: on (detected from {found.source})")
+    else:
+        notes.append("FP8 KV cache: off (auto: the checkpoint declares none)")
+    return spec, notes
+
+
 def adapter_notes(spec: RepoSpec, options: Mapping[str, Any]) -> list[str]:
     """What deploy says about the adapters of a request (generate converts and checks them)."""
     notes = []
@@ -263,6 +294,9 @@ def deploy(options: Mapping[str, Any], *, force: bool = False, dry_run: bool = F
             repository = temporary / "repo"
         spec = RepoSpec.from_options(options)
         for line in adapter_notes(spec, options):
+            note(line)
+        spec, fp8_notes = fp8_choices(spec, options, source)
+        for line in fp8_notes:
             note(line)
         spec, choices = trtllm_choices(spec, options, source)
         plan = plan_deploy(repository, spec, source=source, model_type=options.get("model_type"),

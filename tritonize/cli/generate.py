@@ -9,7 +9,7 @@ import click
 
 from ..errors import TritonizeError
 from ..repository.build import generate_repository
-from ..repository.spec import DEVICES, DTYPES
+from ..repository.spec import DEVICES, DTYPES, QUANTIZATIONS
 from ..runtime.choices import MULTI_GPU_MODES, RUNTIMES
 from .options import FP8_SWITCH, generate_option
 
@@ -72,8 +72,14 @@ from .options import FP8_SWITCH, generate_option
                       "room for 16 requests of the longest length).")
 @generate_option("prefix_cache", default=True, show_default=True,
                  help="Reuse the keys and values of prompt prefixes seen before (whole blocks of 16 tokens).")
+@generate_option("quantization", type=click.Choice(QUANTIZATIONS), default="auto", show_default=True,
+                 help="torch: FP8 weights. auto: the checkpoint's as they are (FP8 checkpoints run in FP8); fp8: "
+                      "the linear layers quantized to FP8 with one scale per output channel, into the repository's "
+                      "weights (embedding, norms and LM head stay); none: an FP8 checkpoint dequantized.")
+@generate_option("fp8_lm_head", is_flag=True, help="With --quantization fp8: the LM head too (not when tied).")
 @generate_option("use_fp8_kv_cache", type=FP8_SWITCH, default="auto", show_default=True,
-                 help="trtllm: FP8 KV cache (auto: as the checkpoint says). trtllm-engine: fixed by the checkpoint.")
+                 help="FP8 KV cache, twice the tokens per byte (auto: as the checkpoint says). torch and trtllm; "
+                      "trtllm-engine: fixed by the checkpoint.")
 @generate_option("multi_gpu_mode", type=click.Choice(MULTI_GPU_MODES), default="leader", show_default=True,
                  help="trtllm-engine over several GPUs: one tritonserver per MPI rank (leader) or one that spawns "
                       "its workers (orchestrator).")
@@ -110,6 +116,7 @@ def generate(checkpoint: Path, output: Path, force: bool, **options: Any) -> Non
       tritonserver --model-repository ./repo        # or: tritonize serve ./repo
       tritonize generate -c ./tiny-llama -o ./repo --lora-ckpt ./peft-a --lora-ckpt 7=./lora.nemo \\
           --ptuning-nemo-checkpoint ./ptuning.nemo --task-ids 3
+      tritonize generate -c ./llama-bf16 -o ./repo --quantization fp8 --use-fp8-kv-cache true
     """
     try:
         result = generate_repository(checkpoint, output, options, force=force,
@@ -127,4 +134,7 @@ def generate(checkpoint: Path, output: Path, force: bool, **options: Any) -> Non
     if spec.tensor_parallel_size > 1 and spec.runtime in ("torch", "auto"):
         where = "processes on the CPU" if spec.device == "cpu" else "one process per GPU"
         click.echo(f"  split:  tensor parallelism {spec.tensor_parallel_size} ({where}, started by {spec.name}_engine)")
+    quant = result.quantization
+    if quant:
+        click.echo(f"  FP8:    weights {quant['weights']} ({quant['origin']}), KV cache {quant['kv_cache']}")
     click.echo(f"  serve:  tritonize serve {out}")

@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, TritonizeError
+from ..errors import CheckpointError, ExportError, TritonizeError
 from ..export.api import TRTLLM_DIR
 from ..runtime.tp import check_split
-from .checkpoint import inspect_checkpoint
+from .checkpoint import Checkpoint, inspect_checkpoint
 from .layout import REPOSITORY_MANIFEST
 from .options import refuse
 from .render import write_repository
@@ -44,6 +44,7 @@ class Generated:
     repository: Path
     spec: RepoSpec  # what the model version was made with
     added: bool  # the repository was there: the model or version went in beside what it held
+    quantization: dict | None = None  # what tritonize.json records about FP8 (weights, origin, KV cache)
 
 
 def generate_repository(checkpoint: Path, output: Path, options: Mapping[str, Any], *, force: bool,
@@ -65,8 +66,8 @@ def generate_repository(checkpoint: Path, output: Path, options: Mapping[str, An
     checkpoint = Path(checkpoint).expanduser()
     kind = source_to_export(checkpoint, runtime)
     if kind is None:
-        return Generated(build_repository(checkpoint, output, spec, force=force, build=build, progress=progress),
-                         spec, added)
+        repo = build_repository(checkpoint, output, spec, force=force, build=build, progress=progress)
+        return Generated(repo, spec, added, _recorded_quantization(repo, spec))
     output = Path(output).expanduser().absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent))
@@ -76,8 +77,8 @@ def generate_repository(checkpoint: Path, output: Path, options: Mapping[str, An
              "repository is written")
         exported = stage_export(checkpoint, work, spec, trtllm_checkpoint=checkpoint if raw_trtllm else None,
                                 progress=progress)
-        return Generated(build_repository(exported, output, spec, force=force, build=build, progress=progress),
-                         spec, added)
+        repo = build_repository(exported, output, spec, force=force, build=build, progress=progress)
+        return Generated(repo, spec, added, _recorded_quantization(repo, spec))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -116,6 +117,17 @@ def source_to_export(checkpoint: Path, runtime: str) -> str | None:
     return detect(DirTree(path))
 
 
+def export_fp8_arguments(spec: RepoSpec) -> dict[str, Any]:
+    """What an export on the way to a repository does with FP8: the torch runtime keeps an FP8 source's weights
+    (or quantizes / dequantizes them, as ``spec.quantization`` says); the TensorRT-LLM runtimes get the
+    dequantized HF export."""
+    if spec.runtime != "torch":
+        return {"keep_fp8": False}
+    if spec.quantization == "fp8":
+        return {"quantization": "fp8", "fp8_lm_head": spec.fp8_lm_head}
+    return {"keep_fp8": False} if spec.quantization == "none" else {}
+
+
 def stage_export(source: Path, work: Path, spec: RepoSpec, *, model_type: str | None = None,
                  dtype: str | None = None, trtllm_checkpoint: Path | None = None, parallel_embedding: bool = False,
                  progress: bool = False) -> Path:
@@ -130,12 +142,20 @@ def stage_export(source: Path, work: Path, spec: RepoSpec, *, model_type: str | 
     export_checkpoint(source, exported, model_type=model_type, dtype=dtype, progress=progress,
                       fmt="trtllm-checkpoint" if export_trtllm else "hf",
                       tp_size=spec.tensor_parallel_size if export_trtllm else 1,
-                      pp_size=spec.pipeline_parallel_size if export_trtllm else 1)
+                      pp_size=spec.pipeline_parallel_size if export_trtllm else 1,
+                      **export_fp8_arguments(spec))
     if engine and trtllm_checkpoint is not None:
         link_tree(trtllm_checkpoint, exported / TRTLLM_DIR)
     if engine and parallel_embedding:
         shard_embedding(exported / TRTLLM_DIR)
     return exported
+
+
+def _recorded_quantization(repo: Path, spec: RepoSpec) -> dict | None:
+    from .render import model_versions, read_manifest
+
+    entry = (read_manifest(repo) or {}).get("models", {}).get(spec.name)
+    return model_versions(entry).get(str(spec.version), {}).get("quantization") if entry else None
 
 
 def build_repository(checkpoint: Path, output: Path, spec: RepoSpec, *, force: bool, progress: bool = True,
@@ -173,4 +193,49 @@ def _write(checkpoint: Path, output: Path, spec: RepoSpec, *, force: bool, progr
             f"--max-input-len + --max-output-len = {context} exceeds the {ckpt.args.max_position_embeddings} "
             f"positions this {ckpt.architecture} has learned: lower them"
         )
-    return write_repository(spec, ckpt, output, force=force, progress=progress, engine_dir=engine_dir)
+    if spec.runtime == "torch" and ckpt.quantization_error:
+        raise CheckpointError(f"{ckpt.path}: {ckpt.quantization_error}")
+    fp8_weights = spec.quantization == "fp8" or (ckpt.fp8_weights and spec.quantization != "none")
+    if spec.runtime in ("torch", "auto") and spec.tensor_parallel_size > 1 and fp8_weights:
+        raise TritonizeError(f"--tensor-parallelism-size {spec.tensor_parallel_size} with FP8 weights: the torch "
+                             "runtime does not split FP8 weights over GPUs yet; serve them on one GPU, or dequantize "
+                             "them with --quantization none")
+    conversion = fp8_conversion(ckpt, spec)
+    if conversion is None:
+        return write_repository(spec, ckpt, output, force=force, progress=progress, engine_dir=engine_dir)
+    output = Path(output).expanduser().absolute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.fp8-", dir=output.parent))
+    try:
+        converted = convert_checkpoint(ckpt, spec, work / "weights", progress=progress)
+        return write_repository(spec, converted, output, force=force, progress=progress, engine_dir=engine_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def fp8_conversion(ckpt: Checkpoint, spec: RepoSpec) -> str | None:
+    """What generate does to the checkpoint's weights for ``spec.quantization`` (None: serve them as they are)."""
+    if spec.quantization == "fp8" and (not ckpt.fp8_weights or spec.fp8_lm_head):
+        return "quantized to FP8 per channel at generate time"
+    if spec.quantization == "none" and ckpt.fp8_weights:
+        return "FP8 dequantized at generate time"
+    return None
+
+
+def convert_checkpoint(ckpt: Checkpoint, spec: RepoSpec, out: Path, *, progress: bool) -> Checkpoint:
+    """The weights of ``ckpt`` quantized to FP8 (``--quantization fp8``) or dequantized (``none``) into ``out``
+    by the exporter; the tokenizer and the end ids stay the checkpoint's own."""
+    from ..export.api import export_checkpoint
+
+    conversion = fp8_conversion(ckpt, spec)
+    try:
+        if spec.quantization == "fp8":
+            export_checkpoint(ckpt.path, out, quantization="fp8", fp8_lm_head=spec.fp8_lm_head, progress=progress)
+        else:
+            export_checkpoint(ckpt.path, out, keep_fp8=False, progress=progress)
+    except ExportError as e:
+        raise CheckpointError(f"--quantization {spec.quantization}: {e}") from None
+    converted = inspect_checkpoint(out)
+    return replace(converted, tokenizer_files=ckpt.tokenizer_files, tokenizer_kind=ckpt.tokenizer_kind,
+                   end_ids=ckpt.end_ids, pad_id=ckpt.pad_id, chat_template=ckpt.chat_template,
+                   converted_from=ckpt.path, conversion=conversion)
