@@ -36,16 +36,9 @@ CASES = [  # heads, kv heads, head dim, block size, query lengths, cached contex
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", CASES)
-def test_paged_attention_matches_the_reference(case, dtype):
-    if dtype is torch.bfloat16 and DEVICE == "cpu":
-        pytest.skip("the interpreter checks float32")
-    heads, n_kv, dim, bs, q_lens, contexts, window = case
-    torch.manual_seed(0)
-    ref = PagedAttention(64, bs, n_kv, dim, dim**-0.5, window, dtype, DEVICE)
-    ref.k_cache.normal_()
-    ref.v_cache.normal_()
+def _step(q_lens, contexts, bs, heads, n_kv, dim, dtype):
+    """A step of sequences with ``q_lens`` new tokens after ``contexts`` cached ones, in shuffled blocks of 64:
+    its queries, keys and values, and its metadata."""
     free = list(range(1, 64))
     random.Random(1).shuffle(free)
     table = torch.zeros(len(q_lens), 20, dtype=torch.int64)
@@ -61,6 +54,20 @@ def test_paged_attention_matches_the_reference(case, dtype):
     dev = {"device": DEVICE}
     meta = AttentionMetadata(torch.tensor(slots, **dev), table.to(DEVICE), torch.tensor(lens, **dev),
                              torch.tensor(starts, **dev), torch.arange(n, **dev), max(q_lens), lens, starts)
+    return q, k, v, meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_paged_attention_matches_the_reference(case, dtype):
+    if dtype is torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("the interpreter checks float32")
+    heads, n_kv, dim, bs, q_lens, contexts, window = case
+    torch.manual_seed(0)
+    ref = PagedAttention(64, bs, n_kv, dim, dim**-0.5, window, dtype, DEVICE)
+    ref.k_cache.normal_()
+    ref.v_cache.normal_()
+    q, k, v, meta = _step(q_lens, contexts, bs, heads, n_kv, dim, dtype)
     want = ref(q, k, v, meta)
     got = paged_attention(q, ref.k_cache, ref.v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                           meta.max_query_len, dim**-0.5, window)
@@ -185,21 +192,7 @@ def test_paged_attention_over_an_fp8_cache_matches_the_reference(case, scales):
                          k_scale=k_scale, v_scale=v_scale)
     ref.k_cache.copy_((torch.randn(ref.k_cache.shape, device=DEVICE) / k_scale).clamp(-448, 448).to(torch.float8_e4m3fn))
     ref.v_cache.copy_((torch.randn(ref.v_cache.shape, device=DEVICE) / v_scale).clamp(-448, 448).to(torch.float8_e4m3fn))
-    free = list(range(1, 64))
-    random.Random(1).shuffle(free)
-    table = torch.zeros(len(q_lens), 20, dtype=torch.int64)
-    lens, starts, slots = [], [0], []
-    for s, (q, c) in enumerate(zip(q_lens, contexts, strict=True)):
-        blocks = [free.pop() for _ in range(-(-(q + c) // bs))]
-        table[s, : len(blocks)] = torch.tensor(blocks)
-        slots += [blocks[p // bs] * bs + p % bs for p in range(c, c + q)]
-        lens.append(q + c)
-        starts.append(starts[-1] + q)
-    n = starts[-1]
-    q, k, v = (torch.randn(n, h, dim, device=DEVICE) for h in (heads, n_kv, n_kv))
-    dev = {"device": DEVICE}
-    meta = AttentionMetadata(torch.tensor(slots, **dev), table.to(DEVICE), torch.tensor(lens, **dev),
-                             torch.tensor(starts, **dev), torch.arange(n, **dev), max(q_lens), lens, starts)
+    q, k, v, meta = _step(q_lens, contexts, bs, heads, n_kv, dim, torch.float32)
     want = ref(q, k, v, meta)  # writes this step's keys and values into the FP8 cache, then attends
     got = paged_attention(q, ref.k_cache, ref.v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                           meta.max_query_len, dim**-0.5, window, k_scale=k_scale, v_scale=v_scale)
