@@ -9,6 +9,7 @@
 #   bash bench/gpu_suite.sh adapters  # the LoRA / p-tuning tests under CUDA graphs, and mixed-LoRA decode
 #   bash bench/gpu_suite.sh openai    # the OpenAI front against gRPC streaming, same server, concurrency 1/64
 #                                     # (needs fastapi, uvicorn, httptools and openai in .whl/site too)
+#   bash bench/gpu_suite.sh fp8       # FP8 on the GPU: its tests on CUDA, then FP8 vs bf16 (bench/fp8_bench.py)
 #   bash bench/gpu_suite.sh start     # `tritonize serve` to a first answered request: cold (empty Triton kernel
 #                                     # cache), with warm artifacts (`tritonize warmup`), with the host's cache;
 #                                     # targets on one H100, 8B shape: cold <= 120 s, warm <= 40 s
@@ -60,5 +61,9 @@ case $phase in
       --json "$out/start.json" 2>&1 | tee "$out/start.log"
     cp /tmp/st/cold.log "$out/server-start-cold.log" 2>/dev/null
     cp /tmp/st/warm.log "$out/server-start-warm.log" 2>/dev/null ;;
-  *) echo "usage: bash bench/gpu_suite.sh engine|baseline|adapters|openai|start" >&2; exit 2 ;;
+  fp8)
+    python3 -m pytest -q -p no:cacheprovider tests/test_fp8_runtime.py tests/test_cuda_kernels.py 2>&1 | tail -15 \
+      | tee "$out/fp8-tests.log"
+    python3 bench/fp8_bench.py --model $model --out "$out/fp8" 2>&1 | tee "$out/fp8.log" ;;
+  *) echo "usage: bash bench/gpu_suite.sh engine|baseline|adapters|openai|fp8|start" >&2; exit 2 ;;
 esac

@@ -491,7 +491,8 @@ def test_generate_trtllm_options_reach_the_engine_parameters(hf, tmp_path):
     (["--runtime", "trtllm", "--no-paged-kv-cache"],
      "--no-paged-kv-cache needs --runtime trtllm-engine (TensorRT-LLM's LLM API always pages its KV cache)"),
     (["--opt-num-tokens", "8"], "--opt-num-tokens needs --runtime trtllm-engine (a TensorRT build profile)"),
-    (["--use-fp8-kv-cache", "true"], "--use-fp8-kv-cache needs --runtime trtllm or trtllm-engine"),
+    (["--runtime", "trtllm", "--quantization", "fp8"], "--quantization needs --runtime torch"),
+    (["--fp8-lm-head"], "--fp8-lm-head goes with --quantization fp8"),
     (["--runtime", "trtllm", "--ptuning-nemo-checkpoint", "t.npy"],
      "--ptuning-nemo-checkpoint needs --runtime torch or trtllm-engine"),
 ])
@@ -522,7 +523,8 @@ def test_deploy_refuses_by_name_per_runtime(runtime, options, refused):
                        "disable_remove_input_padding": True, "use_parallel_embedding": True,
                        "use_lora_plugin": "float16", "ptuning_nemo_checkpoint": ("p",)}),
     ("torch", {"lora_ckpt": ("l",), "ptuning_nemo_checkpoint": ("p",), "task_ids": ("0",), "use_lora_plugin": "auto",
-               "tensor_parallel_size": 4}),
+               "tensor_parallel_size": 4, "use_fp8_kv_cache": "true", "export_fp8_quantized": "true",
+               "quantization": "fp8", "fp8_lm_head": True}),
 ])
 def test_deploy_accepts_what_each_runtime_honours(runtime, options):
     assert set(options) <= honoured(runtime)

@@ -130,6 +130,8 @@ def render_models(spec: RepoSpec, ckpt: Checkpoint, adapters: PreparedAdapters |
     }
     if spec.kv_cache_free_gpu_memory_fraction:
         engine_params["kv_cache_free_gpu_memory_fraction"] = spec.kv_cache_free_gpu_memory_fraction
+    if spec.runtime in ("torch", "auto") and spec.kv_cache_dtype != "auto":
+        engine_params["kv_cache_dtype"] = spec.kv_cache_dtype  # "auto" (the checkpoint's) goes without saying
     if adapters:
         engine_params["adapters_dir"] = ADAPTERS_DIR
     engine_params.update(trtllm_engine_params(spec))
@@ -227,6 +229,8 @@ def _stage(spec: RepoSpec, ckpt: Checkpoint, rendered: list[RenderedModel], tmp:
     weights_dir.mkdir()
     shutil.copy2(ckpt.path / "config.json", weights_dir / "config.json")
     _copy_tokenizer(ckpt, tok_config, weights_dir)
+    for f in ckpt.extra_files:  # hf_quant_config.json: read with the weights
+        shutil.copy2(f, weights_dir / f.name)
     for f in tqdm(ckpt.weight_files, desc="weights", unit="file", disable=not progress):
         _link_or_copy(f, weights_dir / f.name)
     if adapters:

@@ -48,6 +48,7 @@ __all__ = ["Engine", "resolve_device", "resolve_dtype"]
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_DTYPES = ("auto", "fp8", "model")  # auto: FP8 when the checkpoint declares an FP8 KV cache
 _STATS_HISTORY = 100_000
 
 
@@ -112,11 +113,15 @@ class Engine(GenerationEngine):
         prefix_cache: bool = True,
         kernels: bool | None = None,
         tensor_parallel_size: int = 1,
+        kv_cache_dtype: str = "auto",
+        fp8_matmul: bool | None = None,
     ) -> None:
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {kv_cache_dtype!r}")
         if max_num_tokens is None:
             max_num_tokens = max(512, 2 * max_batch_size)
         if max_num_tokens < max_batch_size:
@@ -145,7 +150,7 @@ class Engine(GenerationEngine):
                        adapters_dir=None if adapters_dir is None else str(adapters_dir),
                        max_prompt_embedding_table_size=max_prompt_embedding_table_size,
                        kv_cache_tokens=kv_cache_tokens, kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
-                       block_size=block_size)
+                       block_size=block_size, kv_cache_dtype=kv_cache_dtype, fp8_matmul=fp8_matmul)
         self.tp = None
         self.tensor_parallel_size = tensor_parallel_size
         if tensor_parallel_size > 1:
@@ -163,6 +168,8 @@ class Engine(GenerationEngine):
             raise
         self.model, self.adapters, num_blocks = loaded.model, loaded.adapters, loaded.num_blocks
         self.kernels = loaded.kernels
+        self.kv_cache_dtype = loaded.kv_cache_dtype
+        self.fp8_linears = loaded.fp8_linears  # FP8 linears on FP8 tensor cores (the rest, if any, weight-only)
         self.vocab_size = self._vocab_size()
         self.sampler = Sampler(self.vocab_size, max_batch_size, self.device)
         self.pool = BlockPool(num_blocks, block_size, prefix_caching=prefix_cache)
@@ -178,9 +185,16 @@ class Engine(GenerationEngine):
                                   if name.endswith(("k_cache", "v_cache")))
         self.kv_cache_tokens = kv_tokens
         per_rank = f" on each of {tensor_parallel_size} ranks" if self.tp is not None else ""
-        log.info("KV cache: %d tokens in %d blocks of %d (%.2f GB%s); %d requests of %d tokens fit at once%s",
-                 kv_tokens, num_blocks - 1, block_size, self.kv_cache_bytes / 1e9, per_rank, kv_tokens // max_seq_len,
-                 max_seq_len, "; prefix reuse on" if prefix_cache else "")
+        log.info("KV cache: %d tokens in %d blocks of %d (%.2f GB, %s%s); %d requests of %d tokens fit at once%s",
+                 kv_tokens, num_blocks - 1, block_size, self.kv_cache_bytes / 1e9, self.kv_cache_dtype, per_rank,
+                 kv_tokens // max_seq_len, max_seq_len, "; prefix reuse on" if prefix_cache else "")
+        if self.kv_cache_dtype == "fp8":
+            found = self.model.kv_scales_found
+            log.info("FP8 KV cache scales: %s", f"the checkpoint's, {found} of {self.model.args.n_layers} layers "
+                     "(1.0 for the rest)" if found else "1.0 (the checkpoint has none)")
+        if self.model.quant_scheme is not None:
+            log.info("quantization: %s; %d FP8 linears on FP8 tensor cores", self.model.quant_scheme.describe(),
+                     self.fp8_linears)
 
         self._incoming: deque[GenerationRequest] = deque()
         self._live: set[str] = set()
@@ -580,7 +594,7 @@ class Engine(GenerationEngine):
             error=error,
             num_input_tokens=len(seq.prompt),
             num_output_tokens=len(seq.output),
-            metrics=_metrics(seq) if finished else None,
+            metrics=_metrics(seq) if finished or req.return_perf_metrics else None,
         )
         if not self._deliver(req, out) and not finished:
             # The receiver is gone (e.g. the client disconnected): stop spending compute on it.

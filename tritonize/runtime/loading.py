@@ -47,16 +47,22 @@ class Loaded:
     num_blocks: int
     kernels: bool
     graphs: bool
+    kv_cache_dtype: str  # "fp8", or the model's dtype
+    fp8_linears: int  # FP8 linears running on FP8 tensor cores
 
 
 def load_for_serving(*, model_dir: str, device: str, dtype: torch.dtype, max_batch_size: int, max_seq_len: int,
                      max_num_tokens: int, cuda_graphs: bool, kernels: bool, adapters_dir: str | None,
                      max_prompt_embedding_table_size: int, kv_cache_tokens: int | None,
-                     kv_cache_free_gpu_memory_fraction: float | None, block_size: int, tp: Any = None) -> Loaded:
+                     kv_cache_free_gpu_memory_fraction: float | None, block_size: int, kv_cache_dtype: str = "auto",
+                     fp8_matmul: bool | None = None, tp: Any = None) -> Loaded:
     """What ``Engine`` and every tensor-parallel worker (tp.py) load, the same way: the steps that run
     collectives (a GPU's profiling step, the pool's size) happen in the same order on every rank. ``tp`` is
-    this rank's ``tp_ranks.Leader`` or worker (None: one device)."""
+    this rank's ``tp_ranks.Leader`` or worker (None: one device). ``kv_cache_dtype`` "fp8" stores keys and
+    values in FP8, "auto" does when the checkpoint declares an FP8 KV cache; ``fp8_matmul`` None runs FP8
+    linears on FP8 tensor cores where the GPU has them (quantize.py)."""
     from .adapters import load_adapters
+    from .quantize import FP8, fp8_matmul_supported, use_fp8_matmul
     from .weights import load_model
 
     device_ = torch.device(device)
@@ -64,6 +70,15 @@ def load_for_serving(*, model_dir: str, device: str, dtype: torch.dtype, max_bat
     weights = WeightsProgress(device_)
     model = load_model(model_dir, device=device_, dtype=dtype, shard=shard, progress=weights)
     weights.done()
+    scheme = model.quant_scheme
+    fp8_kv = kv_cache_dtype == "fp8" or (kv_cache_dtype == "auto" and scheme is not None and scheme.kv_cache)
+    if fp8_kv and device_.type == "cuda" and not fp8_matmul_supported(device_):
+        raise ValueError("an FP8 KV cache needs a GPU with FP8 support (compute capability 8.9 or later) here; "
+                         "serve with --use-fp8-kv-cache false")
+    model.kv_cache_dtype = FP8 if fp8_kv else None
+    fp8_linears = 0
+    if fp8_matmul_supported(device_) if fp8_matmul is None else fp8_matmul:
+        fp8_linears = use_fp8_matmul(model)
     with torch.no_grad():
         adapters = load_adapters(adapters_dir, model.args)
         adapters.install(model, max_batch_size, max_num_tokens,
@@ -91,7 +106,8 @@ def load_for_serving(*, model_dir: str, device: str, dtype: torch.dtype, max_bat
         if tp is not None and device_.type == "cuda":  # every rank's pool holds the same blocks: the smallest
             num_blocks = tp.group.min_int(num_blocks)
         model.setup_caches(num_blocks=num_blocks, block_size=block_size, max_seq_len=max_seq_len)
-    return Loaded(model, adapters, num_blocks, use_kernels, use_graphs)
+    kv_name = "fp8" if fp8_kv else str(dtype).removeprefix("torch.")
+    return Loaded(model, adapters, num_blocks, use_kernels, use_graphs, kv_name, fp8_linears)
 
 
 class WeightsProgress:
@@ -174,7 +190,12 @@ class _PoolSizer:
     def _bytes_per_token(self) -> int:
         args = self.model.args
         attn = self.model.layers[0].attention  # this rank's key/value heads
-        return 2 * args.n_layers * attn.n_kv_heads * attn.head_dim * self.model.tok_embeddings.weight.element_size()
+        return 2 * args.n_layers * attn.n_kv_heads * attn.head_dim * self._kv_element_size()
+
+    def _kv_element_size(self) -> int:
+        """Bytes per cached key or value element: 1 for an FP8 cache (twice the tokens of bfloat16 per byte)."""
+        dtype = self.model.kv_cache_dtype or self.model.tok_embeddings.weight.dtype
+        return torch.empty((), dtype=dtype).element_size()
 
     def _profile_activations(self) -> int:
         """Peak memory of the largest step (max_num_tokens tokens, max_batch_size rows of logits)."""
