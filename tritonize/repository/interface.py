@@ -57,11 +57,16 @@ TEXT_INPUTS: tuple[Tensor, ...] = (
     _opt("add_special_tokens", "TYPE_BOOL"),
 )
 
+# Structured output, tensorrtllm_backend's names: the guide's type (json, json_schema, regex, ebnf_grammar,
+# structural_tag) and the schema, pattern or grammar. Preprocessing checks them, the engine enforces them.
+GUIDED_INPUTS: tuple[Tensor, ...] = (
+    _opt("guided_decoding_guide_type", "TYPE_STRING"),
+    _opt("guided_decoding_guide", "TYPE_STRING"),
+)
+
 # What Triton's OpenAI frontend sends to TensorRT-LLM models and tritonize does not serve yet: declared, so
 # that Triton accepts the request, and refused by name in preprocessing when a request carries them.
 REFUSED_INPUTS: tuple[Tensor, ...] = (
-    _opt("guided_decoding_guide_type", "TYPE_STRING"),
-    _opt("guided_decoding_guide", "TYPE_STRING"),
     _opt("lora_weights", "TYPE_FP16", (-1, -1)),
     _opt("lora_config", "TYPE_INT32", (-1, 3)),
 )
@@ -72,7 +77,7 @@ ADAPTER_INPUTS: tuple[Tensor, ...] = (
     _opt("task_id", "TYPE_UINT64"),
 )
 
-ENSEMBLE_INPUTS: tuple[Tensor, ...] = TEXT_INPUTS + ADAPTER_INPUTS + SAMPLING_INPUTS + REFUSED_INPUTS
+ENSEMBLE_INPUTS: tuple[Tensor, ...] = TEXT_INPUTS + ADAPTER_INPUTS + SAMPLING_INPUTS + GUIDED_INPUTS + REFUSED_INPUTS
 
 # The first five are tensorrtllm_backend's. The last two are tritonize's own (clients that name the outputs
 # they want never see them): ``finish_reason`` is empty until the final response, which carries why the
@@ -93,7 +98,8 @@ ENSEMBLE_OUTPUTS: tuple[Tensor, ...] = (
 # task_id selects a p-tuning task, whose virtual tokens preprocessing puts before the prompt (as many as the
 # rows of prompt_embedding_table when a request sends its own table)
 PRE_INPUTS: tuple[Tensor, ...] = TEXT_INPUTS + (_opt("task_id", "TYPE_UINT64"),
-                                                 _opt("prompt_embedding_table", "TYPE_FP16", (-1, -1))) + REFUSED_INPUTS
+                                                 _opt("prompt_embedding_table", "TYPE_FP16", (-1, -1))) + GUIDED_INPUTS \
+    + REFUSED_INPUTS
 PRE_OUTPUTS: tuple[Tensor, ...] = (
     Tensor("input_ids", "TYPE_INT32", (-1,)),
     Tensor("input_lengths", "TYPE_INT32"),
@@ -105,9 +111,10 @@ PRE_OUTPUTS: tuple[Tensor, ...] = (
 )
 
 # --- engine: token ids in, token ids out (decoupled) --------------------------------------------------
-# what preprocessing produced, plus the client's adapter and sampling inputs passed straight through
-# plus ``stop`` (tensorrtllm_backend's meaning): cancel the running request whose id this request carries
-ENGINE_INPUTS: tuple[Tensor, ...] = PRE_OUTPUTS + ADAPTER_INPUTS + SAMPLING_INPUTS + (_opt("stop", "TYPE_BOOL"),)
+# what preprocessing produced, plus the client's adapter, sampling and guided decoding inputs passed straight
+# through, plus ``stop`` (tensorrtllm_backend's meaning): cancel the running request whose id this request carries
+ENGINE_INPUTS: tuple[Tensor, ...] = PRE_OUTPUTS + ADAPTER_INPUTS + SAMPLING_INPUTS + GUIDED_INPUTS \
+    + (_opt("stop", "TYPE_BOOL"),)
 # one int32 tensor per response (runtime/packed.py): the new ids, the ids before them, log-probs, counts,
 # the stream's handle (what postprocessing names in ``stop`` when Triton reports the ensemble request
 # cancelled) and, on the last response, the request's metrics
@@ -132,7 +139,7 @@ def ensemble_steps(name: str) -> list[Step]:
     pre_in = {t.name: t.name for t in PRE_INPUTS}
     pre_out = {t.name: f"_{t.name}" for t in PRE_OUTPUTS}
     engine_in = {t.name: f"_{t.name}" for t in PRE_OUTPUTS}
-    engine_in.update({t.name: t.name for t in ADAPTER_INPUTS + SAMPLING_INPUTS})
+    engine_in.update({t.name: t.name for t in ADAPTER_INPUTS + SAMPLING_INPUTS + GUIDED_INPUTS})
     engine_out = {t.name: f"_engine_{t.name}" for t in ENGINE_OUTPUTS}
     post_in = {t.name: f"_engine_{t.name}" for t in POST_INPUTS}
     post_out = {t.name: t.name for t in POST_OUTPUTS}

@@ -10,6 +10,10 @@ The step does not wait for the device. A decode row's input is the token the pre
 it, which the host may not have read yet: the runner marks such tokens as pending and the forward takes
 them from ``last_sampled`` (one device row per batch slot) instead. ``launch`` returns an ``InFlight``
 whose ``result()`` waits for the tokens, so the engine can plan and launch the next step first.
+
+A step with rows guided by a grammar is launched with ``sample=False``: the forward is queued and an
+``Unsampled`` step comes back; ``sample(step, allowed)`` chooses its tokens once the host knows the
+guided rows' masks, which depend on the previous step's tokens.
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ import numpy as np
 import torch
 
 from .attention import AttentionMetadata
-from .sampling import Sampler, SamplingRow
+from .sampling import Sampler, SamplingRow, TokenMask
 from .scheduler import StepPlan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InFlight", "ModelRunner", "batch_buckets", "token_buckets"]
+__all__ = ["InFlight", "ModelRunner", "Unsampled", "batch_buckets", "token_buckets"]
 
 _REGIONS = ("ids", "pos", "slot_mapping", "pending", "adapter")  # one int64 per token
 _SEQ_REGIONS = ("seq_lens", "logits_indices", "sample_slots")  # one per sequence
@@ -112,6 +116,16 @@ class InFlight:
         if self.event is not None:
             self.event.synchronize()
         return self.tokens.tolist(), (None if self.log_probs is None else self.log_probs.tolist())
+
+
+@dataclass
+class Unsampled:
+    """A launched forward whose tokens are not chosen yet: ``ModelRunner.sample`` chooses them."""
+
+    plan: StepPlan
+    rows: Sequence[SamplingRow]
+    logits: torch.Tensor  # device [R, vocab], valid until the next launch
+    sample_slots: torch.Tensor  # device [R]
 
 
 class ModelRunner:
@@ -221,11 +235,12 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- running a step
     def launch(self, plan: StepPlan, rows: Sequence[SamplingRow], virtual_offset: Callable[[object], int],
-               slot_adapter: np.ndarray | None) -> InFlight:
+               slot_adapter: np.ndarray | None, *, sample: bool = True) -> InFlight | Unsampled:
+        """Queue the step; ``sample=False`` queues its forward only (see ``sample``)."""
         self._turn ^= 1
         self.host = self._hosts[self._turn]
         self.host_np = self.host.numpy()
-        return self._launch(plan, rows, virtual_offset, slot_adapter)
+        return self._launch(plan, rows, virtual_offset, slot_adapter, sample)
 
     def _shape(self, plan: StepPlan) -> _Shape | None:
         """The captured shape this plan replays, or None (eager)."""
@@ -240,7 +255,7 @@ class ModelRunner:
         return None if shape in self.failed else shape
 
     def _launch(self, plan: StepPlan, rows: Sequence[SamplingRow], virtual_offset: Callable[[object], int],
-                slot_adapter: np.ndarray | None) -> InFlight:
+                slot_adapter: np.ndarray | None, sample: bool = True) -> InFlight | Unsampled:
         n_seqs = len(plan.chunks)
         shape = self._shape(plan)
         graph = None
@@ -276,9 +291,15 @@ class ModelRunner:
             sample_slots = v["sample_slots"][:r]
         if r == 0:
             return InFlight(plan, torch.zeros(0, dtype=torch.int64), None, None)
-        result = self.sampler.sample(logits, rows)
-        self.last_sampled.index_copy_(0, sample_slots, result.tokens)
-        return self._to_host(plan, result.tokens, result.log_probs)
+        step = Unsampled(plan, rows, logits, sample_slots)
+        return self.sample(step) if sample else step
+
+    def sample(self, step: Unsampled, allowed: TokenMask | None = None) -> InFlight:
+        """Choose the tokens of a launched forward (``allowed``: the masks of its guided rows), before the
+        next launch."""
+        result = self.sampler.sample(step.logits, step.rows, allowed)
+        self.last_sampled.index_copy_(0, step.sample_slots, result.tokens)
+        return self._to_host(step.plan, result.tokens, result.log_probs)
 
     def _to_host(self, plan: StepPlan, tokens: torch.Tensor, log_probs: torch.Tensor | None) -> InFlight:
         if self.device.type != "cuda":

@@ -13,7 +13,9 @@ tensorrtllm_backend and clients moving over expect the same numbers:
    prompt + output tokens (TensorRT-LLM counts the prompt; OpenAI counts only the output);
 4. bans (``-inf``): the last token of every bad sequence whose prefix ends the sequence so far, and,
    while fewer than ``min_tokens`` tokens were generated, the end ids and the last token of every
-   stop sequence whose prefix ends the sequence so far;
+   stop sequence whose prefix ends the sequence so far; and for a row guided by a grammar
+   (structured output, grammar.py), every token its grammar does not allow next (``allowed``: a
+   bitmask per guided row, applied on the device; the other rows are not touched);
 5. log-probabilities: ``log_softmax`` of these processed logits, gathered at the chosen token. That is
    TensorRT-LLM's default (un-normalized) ``output_log_probs``: the distribution after temperature,
    penalties and bans, but before top-k / top-p truncation (OpenAI's convention). With none of 1-4 in
@@ -190,6 +192,27 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return logits.masked_fill(drop, float("-inf"))
 
 
+@dataclass
+class TokenMask:
+    """The tokens guided rows may choose: ``bitmask[i]`` ([rows, ceil(vocab / 32)] int32, bit ``t`` of word
+    ``t // 32`` set = token ``t`` allowed) is the mask of batch row ``rows[i]``."""
+
+    rows: Sequence[int]
+    bitmask: torch.Tensor
+
+
+def apply_token_mask(x: torch.Tensor, mask: TokenMask) -> torch.Tensor:
+    """``x`` [B, V] with -inf where a guided row's bit is clear; unguided rows are left as they are."""
+    vocab = x.shape[-1]
+    bitmask = mask.bitmask[: len(mask.rows)]
+    if x.device.type == "cuda":
+        bitmask = bitmask.pin_memory().to(x.device, non_blocking=True)
+    index = to_device(list(mask.rows), torch.int64, x.device)
+    bits = torch.arange(32, dtype=torch.int32, device=x.device)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).to(torch.bool).reshape(len(mask.rows), -1)[:, :vocab]
+    return x.index_copy(0, index, x.index_select(0, index).masked_fill(~allowed, float("-inf")))
+
+
 def _tail_matches(history: Sequence[int], prefix: Sequence[int]) -> bool:
     n = len(prefix)
     if n == 0:
@@ -246,7 +269,8 @@ class Sampler:
         toks = tokens.index_select(0, index).to(self.device)
         self._counts.index_put_((slots, toks), torch.ones_like(toks, dtype=torch.int32), accumulate=True)
 
-    def process(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    def process(self, logits: torch.Tensor, rows: Sequence[SamplingRow], allowed: TokenMask | None = None
+                ) -> torch.Tensor:
         """Steps 1-4 of the module docstring: the float32 logits the choice and the log-probs use."""
         x = logits.to(torch.float32)
         temps = [r.params.temperature if r.params.temperature else 1.0 for r in rows]
@@ -261,6 +285,8 @@ class Sampler:
             b_idx = to_device([b for b, _ in bans], torch.int64, x.device)
             t_idx = to_device([t for _, t in bans], torch.int64, x.device)
             x[b_idx, t_idx] = float("-inf")
+        if allowed is not None and len(allowed.rows):
+            x = apply_token_mask(x, allowed)
         return x
 
     def _apply_penalties(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -277,11 +303,13 @@ class Sampler:
         x = torch.where(seen, torch.where(x < 0, x * rep, x / rep), x)
         return x - pres * seen - freq * counts.to(torch.float32)
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
-        """Choose one token for each row of ``logits`` [B, V] (B == len(rows)); nothing waits on the device."""
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow], allowed: TokenMask | None = None
+               ) -> SampleResult:
+        """Choose one token for each row of ``logits`` [B, V] (B == len(rows)); nothing waits on the device.
+        ``allowed``: the token masks of guided rows (structured output)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [rows, vocab] with {len(rows)} rows, got {tuple(logits.shape)}")
-        x = self.process(logits, rows)
+        x = self.process(logits, rows, allowed)
         tokens = torch.argmax(x, dim=-1)
         sampled = [b for b, r in enumerate(rows) if not r.params.greedy]
         if sampled:

@@ -29,6 +29,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 if __name__.startswith("tritonize."):  # imported from the tritonize package (tests, the Python API)
+    from ..grammar import GuideError, make_guide
     from ..packed import Packed, pack
     from ..request import GenerationRequest, SamplingParams
     from ..runtime import create_engine, resolve_runtime
@@ -36,6 +37,7 @@ if __name__.startswith("tritonize."):  # imported from the tritonize package (te
     from ..triton_args import model_args
 else:  # a repository's model.py, which Triton imports as "<version>.model": the runtime package is beside it
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tritonize_backend.grammar import GuideError, make_guide
     from tritonize_backend.packed import Packed, pack
     from tritonize_backend.request import GenerationRequest, SamplingParams
     from tritonize_backend.runtime import create_engine, resolve_runtime
@@ -74,6 +76,10 @@ def _words_list(request, name):
         sequences.append(flat[start:end])
         start = end
     return [s for s in sequences if s]
+
+
+def _bytes(value):
+    return value if isinstance(value, bytes) else str(value).encode("utf-8")
 
 
 def _int_or_none(text):
@@ -200,6 +206,11 @@ class TritonPythonModel:
             frequency_penalty=_scalar(request, "frequency_penalty", float, 0.0),
             min_tokens=min_tokens,
         )
+        try:
+            guide = make_guide(_scalar(request, "guided_decoding_guide_type", _bytes),
+                               _scalar(request, "guided_decoding_guide", _bytes))
+        except GuideError as e:
+            raise ValueError(str(e)) from None
         stream = _scalar(request, "stream", bool, False)
         exclude = _scalar(request, "exclude_input_in_output", bool, False)
         handle = next(self.next_handle)
@@ -224,6 +235,7 @@ class TritonPythonModel:
                 lora_task_id=_scalar(request, "lora_task_id", int),
                 task_id=_scalar(request, "task_id", int),
                 prompt_table=table,
+                guide=guide,
             )
         )
 

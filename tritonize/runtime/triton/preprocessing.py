@@ -6,6 +6,9 @@ request rather than a failure inside a running batch.
 A request with a ``task_id`` of a p-tuning task gets that task's virtual tokens before its prompt, as
 ids ``vocab_size + j`` (TensorRT-LLM's convention); the engine replaces their embeddings with the
 task's table. A request that sends its own ``prompt_embedding_table`` ([1, n, hidden]) gets n of them.
+
+A guide (``guided_decoding_guide_type`` / ``guided_decoding_guide``) is checked here (its type, its text,
+a schema that is JSON) and goes to the engine model straight from the ensemble's inputs.
 """
 
 import json
@@ -16,11 +19,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 if __name__.startswith("tritonize."):  # imported from the tritonize package (tests, the Python API)
+    from ..grammar import GuideError, make_guide
     from ..prompt import virtual_tokens
     from ..tokenizer import Tokenizer
     from ..triton_args import model_args
 else:  # a repository's model.py, which Triton imports as "<version>.model": the runtime package is beside it
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tritonize_backend.grammar import GuideError, make_guide
     from tritonize_backend.prompt import virtual_tokens
     from tritonize_backend.tokenizer import Tokenizer
     from tritonize_backend.triton_args import model_args
@@ -47,8 +52,6 @@ def _words(request, name):
 
 # Inputs Triton's OpenAI frontend may send that this repository does not serve yet: refused by name.
 REFUSED = {
-    "guided_decoding_guide_type": "guided decoding (structured output) is not served by this repository yet",
-    "guided_decoding_guide": "guided decoding (structured output) is not served by this repository yet",
     "lora_weights": "this repository serves the LoRA adapters it was generated with: send lora_task_id alone",
     "lora_config": "this repository serves the LoRA adapters it was generated with: send lora_task_id alone",
 }
@@ -90,6 +93,10 @@ class TritonPythonModel:
         for name, why in REFUSED.items():
             if pb_utils.get_input_tensor_by_name(request, name) is not None:
                 raise ValueError(f"{name} is not supported: {why}")
+        try:
+            make_guide(_scalar(request, "guided_decoding_guide_type"), _scalar(request, "guided_decoding_guide"))
+        except GuideError as e:
+            raise ValueError(str(e)) from None
         texts = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)
         if texts.size != 1:
             raise ValueError(f"text_input holds {texts.size} prompts: send one prompt per request")
