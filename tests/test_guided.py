@@ -29,7 +29,7 @@ from tritonize.runtime.grammar import (
     tokenizer_vocabulary,
 )
 from tritonize.runtime.request import GenerationRequest, StepOutput, submit_and_wait
-from tritonize.runtime.sampling import Sampler, SamplingParams, SamplingRow, TokenMask
+from tritonize.runtime.sampling import Sampler, SamplingParams, SamplingRow, TokenMask, apply_token_mask
 from tritonize.runtime.tokenizer import Tokenizer
 
 xgrammar = pytest.importorskip("xgrammar")
@@ -171,12 +171,26 @@ def test_the_mask_touches_guided_rows_only():
     clear_bit(bitmask, 0, 33)
     rows = [SamplingRow(params=SamplingParams(), seed=0, slot=i, step=0, history=()) for i in range(3)]
     sampler = Sampler(70, 3, "cpu")
-    x = sampler.process(logits, rows, TokenMask([1], bitmask))
+    x = sampler.process(logits.clone(), rows, TokenMask([1], bitmask))
     assert torch.equal(x[0], logits[0]) and torch.equal(x[2], logits[2])
     assert torch.isfinite(x[1]).nonzero().flatten().tolist() == [5, 64]
-    assert sampler.sample(logits, rows, TokenMask([1], bitmask)).tokens[1].item() == max((5, 64), key=lambda t: logits[1, t])
+    assert torch.equal(x[1, [5, 64]], logits[1, [5, 64]])
+    chosen = sampler.sample(logits.clone(), rows, TokenMask([1], bitmask)).tokens.tolist()
+    assert chosen == [int(logits[0].argmax()), max((5, 64), key=lambda t: logits[1, t]), int(logits[2].argmax())]
     bitmask[0, 0] = -1  # bit 31 of an int32 word too
-    assert 31 in torch.isfinite(sampler.process(logits, rows, TokenMask([1], bitmask))[1]).nonzero().flatten().tolist()
+    x = sampler.process(logits.clone(), rows, TokenMask([1], bitmask))
+    assert torch.isfinite(x[1]).nonzero().flatten().tolist() == list(range(32)) + [64]
+
+
+def test_the_device_mask_and_the_libraries_cpu_kernel_agree():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 1000, generator=g)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 32), dtype=torch.int32, generator=g)
+    mask = TokenMask([4, 0, 2], bitmask)
+    kernel = TokenMask([4, 0, 2], bitmask, lambda x, b: xgrammar.apply_token_bitmask_inplace(x, b, backend="cpu"))
+    torch_path, library = apply_token_mask(logits.clone(), mask), apply_token_mask(logits.clone(), kernel)
+    assert torch.equal(torch_path, library)
+    assert torch.equal(torch_path[[1, 3, 5]], logits[[1, 3, 5]]) and torch.isinf(torch_path[4]).sum() > 100
 
 
 # --- the engine --------------------------------------------------------------------------------------------

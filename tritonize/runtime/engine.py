@@ -569,7 +569,8 @@ class Engine(GenerationEngine):
                     guide.fill(bitmask, len(guided))
                     guided.append(row)
                 row += 1
-            inflight = self.runner.sample(step, TokenMask(guided, bitmask) if guided else None)
+            kernel = self._grammar.cpu_kernel if self.device.type == "cpu" else None
+            inflight = self.runner.sample(step, TokenMask(guided, bitmask, kernel) if guided else None)
         except Exception as exc:  # a bug: fail this step's requests, keep serving
             log.exception("guided step failed")
             for chunk in step.plan.chunks:

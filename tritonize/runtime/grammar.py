@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -256,6 +257,14 @@ class GrammarCompiler:
     def xgrammar(self) -> Any:
         return self._xgr
 
+    @property
+    def cpu_kernel(self) -> Any:
+        """xgrammar's compiled in-place mask for CPU logits (``kernel(logits, bitmask)``); None before the
+        library is loaded."""
+        if self._xgr is None:
+            return None
+        return lambda logits, bitmask: self._xgr.apply_token_bitmask_inplace(logits, bitmask, backend="cpu")
+
     def _library(self) -> tuple[Any, Any]:
         with self._init_lock:
             if self._compiler is None:
@@ -353,6 +362,7 @@ class GuideState:
 
 
 def clear_bit(bitmask: torch.Tensor, row: int, token: int) -> None:
-    """Disallow ``token`` in row ``row`` of an int32 bitmask."""
+    """Disallow ``token`` in row ``row`` of an int32 bitmask on the CPU (through numpy: one scalar write)."""
     keep = ~(1 << (token % 32)) & 0xFFFFFFFF
-    bitmask[row, token // 32] &= keep - (1 << 32) if keep >= 1 << 31 else keep
+    words = bitmask.numpy()
+    words[row, token // 32] &= np.int32(keep - (1 << 32) if keep >= 1 << 31 else keep)

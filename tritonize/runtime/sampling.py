@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -194,23 +194,32 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 
 @dataclass
 class TokenMask:
-    """The tokens guided rows may choose: ``bitmask[i]`` ([rows, ceil(vocab / 32)] int32, bit ``t`` of word
-    ``t // 32`` set = token ``t`` allowed) is the mask of batch row ``rows[i]``."""
+    """The tokens guided rows may choose: ``bitmask[i]`` ([rows, ceil(vocab / 32)] int32 on the CPU, bit ``t``
+    of word ``t // 32`` set = token ``t`` allowed) is the mask of batch row ``rows[i]``. ``cpu_kernel``: a
+    compiled ``kernel(logits, bitmask)`` that masks in place (the grammar library's), used for CPU logits."""
 
     rows: Sequence[int]
     bitmask: torch.Tensor
+    cpu_kernel: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
 
 def apply_token_mask(x: torch.Tensor, mask: TokenMask) -> torch.Tensor:
-    """``x`` [B, V] with -inf where a guided row's bit is clear; unguided rows are left as they are."""
+    """-inf, in place, where a guided row's bit is clear; unguided rows are not touched (nor read)."""
     vocab = x.shape[-1]
-    bitmask = mask.bitmask[: len(mask.rows)]
+    rows = len(mask.rows)
+    bitmask = mask.bitmask[:rows]
     if x.device.type == "cuda":
         bitmask = bitmask.pin_memory().to(x.device, non_blocking=True)
     index = to_device(list(mask.rows), torch.int64, x.device)
+    if mask.cpu_kernel is not None and x.device.type == "cpu":
+        rows_x = x.index_select(0, index)
+        mask.cpu_kernel(rows_x, bitmask)
+        x.index_put_((index,), rows_x)
+        return x
     bits = torch.arange(32, dtype=torch.int32, device=x.device)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).to(torch.bool).reshape(len(mask.rows), -1)[:, :vocab]
-    return x.index_copy(0, index, x.index_select(0, index).masked_fill(~allowed, float("-inf")))
+    allowed = ((bitmask[:, :, None] >> bits) & 1).to(torch.bool).reshape(rows, -1)[:, :vocab]
+    x.index_put_((index,), x.index_select(0, index).masked_fill_(~allowed, float("-inf")))
+    return x
 
 
 def _tail_matches(history: Sequence[int], prefix: Sequence[int]) -> bool:
@@ -271,7 +280,8 @@ class Sampler:
 
     def process(self, logits: torch.Tensor, rows: Sequence[SamplingRow], allowed: TokenMask | None = None
                 ) -> torch.Tensor:
-        """Steps 1-4 of the module docstring: the float32 logits the choice and the log-probs use."""
+        """Steps 1-4 of the module docstring: the float32 logits the choice and the log-probs use. The rows of
+        ``allowed`` (guided rows) are masked in place: on float32 logits, their rows of ``logits`` too."""
         x = logits.to(torch.float32)
         temps = [r.params.temperature if r.params.temperature else 1.0 for r in rows]
         if any(t != 1.0 for t in temps):
@@ -285,7 +295,7 @@ class Sampler:
             b_idx = to_device([b for b, _ in bans], torch.int64, x.device)
             t_idx = to_device([t for _, t in bans], torch.int64, x.device)
             x[b_idx, t_idx] = float("-inf")
-        if allowed is not None and len(allowed.rows):
+        if allowed is not None and len(allowed.rows):  # in place: only the guided rows are written (and read)
             x = apply_token_mask(x, allowed)
         return x
 
