@@ -9,6 +9,10 @@
 #   bash bench/gpu_suite.sh adapters  # the LoRA / p-tuning tests under CUDA graphs, and mixed-LoRA decode
 #   bash bench/gpu_suite.sh openai    # the OpenAI front against gRPC streaming, same server, concurrency 1/64
 #                                     # (needs fastapi, uvicorn, httptools and openai in .whl/site too)
+#   bash bench/gpu_suite.sh guided    # structured output: 64 streams, 16 guided by a JSON schema, against the
+#                                     # same load unguided, on the engine (and with the engine waiting for every
+#                                     # step instead); the guided tests under CUDA graphs first
+#                                     # (needs xgrammar, apache-tvm-ffi, jsonschema and lark in .whl/site too)
 # Every figure is written under $OUT (default /tmp/bench-out) with the card's name and the date.
 set -uo pipefail
 phase=${1:-engine}
@@ -50,5 +54,10 @@ case $phase in
       --input-len 128 --output-len 128 --duration 15 --rounds 3 --workdir /tmp/ob --json "$out/openai.json" \
       2>&1 | tee "$out/openai.log"
     cp /tmp/ob/server.log "$out/server-openai.log" 2>/dev/null ;;
-  *) echo "usage: bash bench/gpu_suite.sh engine|baseline|adapters|openai" >&2; exit 2 ;;
+  guided)
+    python3 -m pytest -q -p no:cacheprovider tests/test_guided.py 2>&1 | tail -3 | tee "$out/guided-tests.log"
+    python3 bench/guided.py --model $model --device cuda --dtype bfloat16 --streams 64 --guided 16 \
+      --input-len 128 --output-len 128 --duration 15 --rounds 3 --sync-guided --json "$out/guided.json" 2>&1 \
+      | grep -vE "^\s*$|_warn_once|UserWarning" | tee "$out/guided.log" ;;
+  *) echo "usage: bash bench/gpu_suite.sh engine|baseline|adapters|openai|guided" >&2; exit 2 ;;
 esac

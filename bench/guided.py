@@ -170,6 +170,9 @@ def main() -> None:
     dev = engine.device
     median = {name: statistics.median(r["tok_s"] for r in rounds if r["load"] == name) for name in order}
     per_cpu = {name: statistics.median(r["tok_per_cpu_s"] for r in rounds if r["load"] == name) for name in order}
+    plain = [r for r in rounds if r["load"] == "plain"]
+    paired = [statistics.median(r["tok_s"] / plain[r["round"]]["tok_s"] for r in rounds if r["load"] == name)
+              for name in ("guided", "guided-sync") if name in order]  # each round against its plain neighbour
     try:
         from importlib.metadata import version
 
@@ -185,6 +188,7 @@ def main() -> None:
         "ratio": median["guided"] / median["plain"],
         "ratio_sync": median["guided-sync"] / median["plain"] if args.sync_guided else None,
         "median_tok_per_cpu_s": per_cpu, "cpu_ratio": per_cpu["guided"] / per_cpu["plain"],
+        "paired_ratio": paired[0], "paired_ratio_sync": paired[1] if len(paired) > 1 else None,
         "rounds": rounds, "command": " ".join(sys.argv),
     }
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}), flush=True)

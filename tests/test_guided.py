@@ -338,6 +338,25 @@ def test_end_ids_are_allowed_exactly_where_the_grammar_may_end(tiny):
         check(Guide("json_schema", json.dumps(SCHEMAS["nested"])), tok.decode(out.token_ids))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_guided_steps_on_cuda_graphs_match_the_cpu(tiny):
+    """On a GPU (CUDA graphs, Triton kernels, masks copied to the device): guided answers parse and are the
+    CPU engine's, unguided neighbours too (float32 both)."""
+    path, _, tok = tiny
+    guides = [Guide("json_schema", json.dumps(s)) for s in SCHEMAS.values()] + [Guide("regex", REGEX)]
+    items = [(p, g) for p in PROMPTS[:2] for g in guides] + [("Hello world", None), ("1, 2, 3,", None)]
+    answers = {}
+    for device in ("cpu", "cuda"):
+        with Engine(path, device=device, dtype="float32", max_batch_size=16, max_seq_len=256) as eng:
+            answers[device] = [text for _, text in ask(eng, tok, items)]
+            if device == "cuda":
+                assert eng.runner.graphs and eng.stats["time_s"]["guide"] > 0
+    for (_, guide), text in zip(items, answers["cuda"]):
+        if guide is not None:
+            check(guide, text)
+    assert answers["cuda"] == answers["cpu"]
+
+
 def test_without_the_grammar_library_a_guided_request_is_one_line_naming_it(tiny, monkeypatch):
     import sys
 
