@@ -225,6 +225,15 @@ def test_json_objects(tiny, engine):
     assert any(json.loads(text) for _, text in answers)  # not only {}
 
 
+def test_a_structural_tag_guide(tiny, engine):
+    """xgrammar's structural tag: a tagged section whose content follows a regex."""
+    _, _, tok = tiny
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<answer>",
+                                                "content": {"type": "regex", "pattern": "[0-9]{2,4}"}, "end": "</answer>"}}
+    for out, text in ask(engine, tok, [(p, Guide("structural_tag", json.dumps(tag))) for p in PROMPTS[:3]]):
+        assert re.fullmatch(r"<answer>[0-9]{2,4}</answer>", text) and out.finish_reason == "stop", text
+
+
 def test_sampled_guided_answers_parse_and_seeds_reproduce(tiny, engine):
     _, _, tok = tiny
     guide = Guide("json_schema", json.dumps(SCHEMAS["orders"]))
@@ -263,6 +272,8 @@ def test_preempted_guided_requests_resume_their_grammar(tiny):
     prompts = [" ".join(["word"] * 16) + f" {i}" for i in range(4)]
     with Engine(path, device="cpu", max_batch_size=4, max_seq_len=96, max_num_tokens=96, block_size=4,
                 kv_cache_tokens=96) as eng:
+        for guide in guides:  # compiled beforehand, so that the four are admitted together
+            eng._grammar_compiler().compile(guide).result(TIMEOUT)
         crowded = ask(eng, tok, list(zip(prompts, guides)), max_new=60)
         assert eng.pool.stats.preemptions > 0
         alone = [ask(eng, tok, [(p, g)], max_new=60)[0] for p, g in zip(prompts, guides)]

@@ -280,7 +280,8 @@ class GrammarCompiler:
                     raise
                 except Exception as e:  # noqa: BLE001 - the library's own errors
                     raise GuideError(f"cannot read this model's vocabulary for guided decoding: {_one_line(e)}") from None
-                self._compiler = xgr.GrammarCompiler(info, max_threads=self.threads)
+                # the cache is ours (bounded, by guide); the library's own would grow with every new guide
+                self._compiler = xgr.GrammarCompiler(info, max_threads=self.threads, cache_enabled=False)
                 self._xgr = xgr
             return self._xgr, self._compiler
 
