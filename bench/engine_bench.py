@@ -13,6 +13,7 @@ Measured in one run on one device, so the figures compare with each other and wi
 - transformers ``generate`` (eager, greedy, same weights) at ``--hf-batch`` sizes, end-to-end tok/s.
 
     python bench/engine_bench.py --model /tmp/llama8b --batches 1,16,64,256 --hf-batch 1,8,32 --json out.json
+    python bench/engine_bench.py --model /tmp/llama8b --batches 1,64 --quantization fp8 --kv-cache-dtype fp8 ...
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import parser  # noqa: E402 - bench/common.py, beside this script
+from common import checkpoint_for, parser  # noqa: E402 - bench/common.py, beside this script
 
 from tritonize.runtime.engine import Engine  # noqa: E402
 from tritonize.runtime.request import GenerationRequest, SamplingParams  # noqa: E402
@@ -184,16 +185,19 @@ def main() -> None:
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",") if b]
     max_seq_len = max(args.input_len + args.output_len, args.prefix_len + 64)
+    model = checkpoint_for(args)
     t = time.perf_counter()
-    engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch_size=max(batches),
-                    max_seq_len=max_seq_len, max_num_tokens=args.max_num_tokens).start()
+    engine = Engine(model, device=args.device, dtype=args.dtype, max_batch_size=max(batches),
+                    max_seq_len=max_seq_len, max_num_tokens=args.max_num_tokens,
+                    kv_cache_dtype=args.kv_cache_dtype).start()
     load_s = time.perf_counter() - t
     dev = engine.device
     bw = copy_bandwidth(dev)
-    weights = sum(p.stat().st_size for p in args.model.glob("*.safetensors"))
+    weights = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     result = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "model": str(args.model),
+        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "model": str(model),
+        "quantization": args.quantization, "kv_cache_dtype": engine.kv_cache_dtype, "fp8_linears": engine.fp8_linears,
         "load_s": load_s, "kv_cache_tokens": engine.kv_cache_tokens, "kernels": engine.kernels,
         "cuda_graphs": [(g.tokens, g.seqs, g.prompt) for g in engine.runner.shapes()], "copy_bandwidth_GBs": bw / 1e9, "weight_GB": weights / 1e9,
         "roofline_tok_s": bw / weights if dev.type == "cuda" else None,

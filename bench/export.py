@@ -11,7 +11,7 @@ reports its own peak RSS; a plain copy of the same weight files is the baseline.
     python bench/export.py --markdown out.md    # also write the result table
     python bench/export.py --convert float16    # add a run that converts every weight
 
-Targets (issue 3): peak RSS under 25% of the checkpoint size, export time under 3x the copy.
+Targets: peak RSS under 25% of the checkpoint size, export time under 3x the copy.
 """
 
 from __future__ import annotations

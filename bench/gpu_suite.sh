@@ -9,6 +9,7 @@
 #   bash bench/gpu_suite.sh adapters  # the LoRA / p-tuning tests under CUDA graphs, and mixed-LoRA decode
 #   bash bench/gpu_suite.sh openai    # the OpenAI front against gRPC streaming, same server, concurrency 1/64
 #                                     # (needs fastapi, uvicorn, httptools and openai in .whl/site too)
+#   bash bench/gpu_suite.sh fp8       # FP8 on the GPU: its tests on CUDA, then FP8 vs bf16 (bench/fp8_bench.py)
 #   bash bench/gpu_suite.sh guided    # structured output: 64 streams, 16 guided by a JSON schema, against the
 #                                     # same load unguided, on the engine (and with the engine waiting for every
 #                                     # step instead); the guided tests under CUDA graphs first
@@ -59,5 +60,9 @@ case $phase in
     python3 bench/guided.py --model $model --device cuda --dtype bfloat16 --streams 64 --guided 16 \
       --input-len 128 --output-len 128 --duration 15 --rounds 3 --sync-guided --json "$out/guided.json" 2>&1 \
       | grep -vE "^\s*$|_warn_once|UserWarning" | tee "$out/guided.log" ;;
-  *) echo "usage: bash bench/gpu_suite.sh engine|baseline|adapters|openai|guided" >&2; exit 2 ;;
+  fp8)
+    python3 -m pytest -q -p no:cacheprovider tests/test_fp8_runtime.py tests/test_cuda_kernels.py 2>&1 | tail -15 \
+      | tee "$out/fp8-tests.log"
+    python3 bench/fp8_bench.py --model $model --out "$out/fp8" 2>&1 | tee "$out/fp8.log" ;;
+  *) echo "usage: bash bench/gpu_suite.sh engine|baseline|adapters|openai|fp8|guided" >&2; exit 2 ;;
 esac

@@ -23,6 +23,8 @@ SHAPES = {
     "llama3-8b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336, vocab=128256),
     # same layer shapes, fewer layers: a cheaper stand-in for tests of the benchmark scripts
     "llama3-8b-2l": dict(hidden=4096, layers=2, heads=32, kv_heads=8, ffn=14336, vocab=128256),
+    # Llama-3.1-70B: 80 layers, hidden 8192, 64 heads, 8 kv heads, ffn 28672, vocab 128256 (141 GB in bf16)
+    "llama3-70b": dict(hidden=8192, layers=80, heads=64, kv_heads=8, ffn=28672, vocab=128256),
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=32000),
 }
 
@@ -37,33 +39,32 @@ def write_model(out: Path, shape: dict, *, dtype: torch.dtype, tokenizer: Path |
     def rand(*dims: int) -> torch.Tensor:
         return (torch.randn(*dims, generator=g, device=device, dtype=torch.float32) * 0.02).to(dtype).cpu()
 
-    shards: list[dict[str, torch.Tensor]] = [
-        {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": torch.ones(h, dtype=dtype),
-         "lm_head.weight": rand(vocab, h)}
-    ]
-    for i in range(shape["layers"]):
-        p = f"model.layers.{i}."
-        shards.append({
-            p + "input_layernorm.weight": torch.ones(h, dtype=dtype),
-            p + "post_attention_layernorm.weight": torch.ones(h, dtype=dtype),
-            p + "self_attn.q_proj.weight": rand(shape["heads"] * hd, h),
-            p + "self_attn.k_proj.weight": rand(shape["kv_heads"] * hd, h),
-            p + "self_attn.v_proj.weight": rand(shape["kv_heads"] * hd, h),
-            p + "self_attn.o_proj.weight": rand(h, shape["heads"] * hd),
-            p + "mlp.gate_proj.weight": rand(ffn, h),
-            p + "mlp.up_proj.weight": rand(ffn, h),
-            p + "mlp.down_proj.weight": rand(h, ffn),
-        })
+    def shards():  # one file per layer, made as it is written: a 70B model never sits in memory whole
+        yield {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": torch.ones(h, dtype=dtype),
+               "lm_head.weight": rand(vocab, h)}
+        for i in range(shape["layers"]):
+            p = f"model.layers.{i}."
+            yield {
+                p + "input_layernorm.weight": torch.ones(h, dtype=dtype),
+                p + "post_attention_layernorm.weight": torch.ones(h, dtype=dtype),
+                p + "self_attn.q_proj.weight": rand(shape["heads"] * hd, h),
+                p + "self_attn.k_proj.weight": rand(shape["kv_heads"] * hd, h),
+                p + "self_attn.v_proj.weight": rand(shape["kv_heads"] * hd, h),
+                p + "self_attn.o_proj.weight": rand(h, shape["heads"] * hd),
+                p + "mlp.gate_proj.weight": rand(ffn, h),
+                p + "mlp.up_proj.weight": rand(ffn, h),
+                p + "mlp.down_proj.weight": rand(h, ffn),
+            }
+
     index: dict[str, str] = {}
     total = 0
-    n = len(shards)
-    for k, tensors in enumerate(shards):
+    n = shape["layers"] + 1
+    for k, tensors in enumerate(shards()):
         name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         for key, t in tensors.items():
             index[key] = name
             total += t.numel() * t.element_size()
-        shards[k] = {}
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1))
     config = {

@@ -10,6 +10,7 @@ With --sequential it also serves the same requests one at a time (concurrency 1)
 throughput is reported as a ratio to sequential serving in the same run.
 
     python bench/serve_load.py --model /tmp/llama8b --device cuda --concurrency 1,16,64 --json out.json
+    python bench/serve_load.py --model /tmp/llama8b --device cuda --quantization fp8 --kv-cache-dtype fp8 ...
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import parser
+from common import checkpoint_for, parser
 
 from tritonize.repository.build import build_repository
 from tritonize.repository.spec import RepoSpec
@@ -56,17 +57,21 @@ def main() -> None:
     ap.add_argument("--no-perf-analyzer", action="store_true")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--tensor-parallelism-size", type=int, default=1, help="GPUs the torch runtime splits the model over")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tritonize-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     spec = RepoSpec(name="llm", max_batch_size=max(levels), max_input_len=max(args.input_len, args.prefix_len + 64) + 16,
                     max_output_len=args.output_len, device=args.device, dtype=args.dtype,
-                    max_num_tokens=max(2048, 2 * max(levels)))
+                    max_num_tokens=max(2048, 2 * max(levels)), tensor_parallel_size=args.tensor_parallelism_size,
+                    kv_cache_dtype=args.kv_cache_dtype)
+    model = checkpoint_for(args)
     t = time.perf_counter()
-    repo = build_repository(args.model, workdir / "repo", spec, force=True, progress=False)
-    result: dict = {"model": str(args.model), "input_len": args.input_len, "output_len": args.output_len,
-                    "generate_s": time.perf_counter() - t, "runs": []}
+    repo = build_repository(model, workdir / "repo", spec, force=True, progress=False)
+    result: dict = {"model": str(model), "input_len": args.input_len, "output_len": args.output_len,
+                    "tensor_parallel_size": args.tensor_parallelism_size, "quantization": args.quantization,
+                    "kv_cache_dtype": args.kv_cache_dtype, "generate_s": time.perf_counter() - t, "runs": []}
     try:
         import torch
 

@@ -50,15 +50,43 @@ def test_forward_refuses_unknown_adapters_and_bad_lengths(exported):
         exporter.forward(PROMPTS, max_output_token=99)
 
 
-@pytest.mark.parametrize("kwargs, flag", [
-    ({"tensor_parallelism_size": 2}, "--tensor-parallelism-size"),
-    ({"opt_num_tokens": 64}, "--opt-num-tokens"),
-    ({"fp8_quantized": True}, "--export-fp8-quantized"),
-    ({"paged_kv_cache": False}, "--no-paged-kv-cache"),
+@pytest.mark.parametrize("kwargs", [
+    {"pipeline_parallelism_size": 2}, {"opt_num_tokens": 64}, {"paged_kv_cache": False},
+    {"use_parallel_embedding": True},
 ])
-def test_export_refuses_trtllm_only_options_by_name(tmp_path, kwargs, flag):
-    with pytest.raises(DeployError, match=flag):
+def test_export_refuses_trtllm_only_options_by_their_keyword(tmp_path, kwargs):
+    """Named as the caller wrote it (keyword=value), with no command-line flag in the message."""
+    [(keyword, value)] = kwargs.items()
+    with pytest.raises(DeployError) as refused:
         Exporter(tmp_path / "out").export(tmp_path / "missing.nemo", **kwargs)
+    message = str(refused.value)
+    assert message.startswith(f"{keyword}={value!r} is not available in the Python API"), message
+    assert "--" not in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_honours_nemos_fp8_switches(exported, tmp_path):
+    """fp8_quantized=True: the export's linears in FP8 (per channel); fp8_kvcache=True: the engine's KV cache in FP8."""
+    from tritonize.runtime.quantize import FP8Linear
+
+    _, source, _ = exported
+    exporter = Exporter(tmp_path / "fp8")
+    exporter.export(nemo_checkpoint_path=source.path, model_type="llama", dtype="float32", fp8_quantized=True,
+                    fp8_kvcache=True, **LIMITS)
+    try:
+        config = json.loads((exporter.model_dir / "config.json").read_text())
+        assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
+        model = exporter._engine.model
+        assert isinstance(model.layers[0].attention.wqkv, FP8Linear) and exporter._engine.kv_cache_dtype == "fp8"
+        texts = exporter.forward(PROMPTS[:2], max_output_token=MAX_TOKENS)
+        assert all(isinstance(t, str) and t for t in texts)
+    finally:
+        exporter.close()
+
+
+def test_export_refuses_fp8_switches_that_disagree(tmp_path):
+    with pytest.raises(DeployError, match="fp8_quantized=True and quantization='none' disagree"):
+        Exporter(tmp_path / "out").export(tmp_path / "missing.nemo", fp8_quantized=True, quantization="none")
     assert not (tmp_path / "out").exists()
 
 

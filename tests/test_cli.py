@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tritonize.cli.main import cli
+from tritonize.cli.main import COMMANDS, cli
 from tritonize.export.demo_model import write_demo_checkpoint
 
 
@@ -25,11 +25,22 @@ def _run(*args: str):
     return CliRunner().invoke(cli, list(args))
 
 
-@pytest.mark.parametrize("command", sorted(cli.commands))
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_has_help_with_an_example(command):
     result = _run(command, "--help")
     assert result.exit_code == 0, result.output
     assert "Example" in result.output, command
+    assert command in _run("--help").output
+
+
+def test_serve_and_query_do_not_load_torch():
+    """They start and exit in a fraction of a second: torch is for the commands that export or generate."""
+    code = ("import sys; from tritonize.cli.main import cli\n"
+            "for args in (['serve', '--help'], ['query', '--help']):\n"
+            "    try:\n        cli(args)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
 
 
 def _broken(ckpt: Path, tmp_path: Path, how: str) -> Path:
@@ -53,7 +64,7 @@ def _broken(ckpt: Path, tmp_path: Path, how: str) -> Path:
 @pytest.mark.parametrize(
     ("how", "message"),
     [
-        ("no-config", "has no config.json"),
+        ("no-config", "is not a recognised checkpoint"),  # neither Hugging Face format nor any source export reads
         ("bad-json", "is not valid JSON"),
         ("unknown-arch", "unsupported architecture 'BertForMaskedLM'"),
         ("no-tokenizer", "no tokenizer in"),
@@ -95,10 +106,21 @@ def test_learned_positions_limit_is_checked(tmp_path):
     assert result.exit_code == 1 and "exceeds the 64 positions" in result.output
 
 
-def test_query_without_a_server_is_one_line(tmp_path):
-    result = _run("query", "-m", "tiny", "-p", "hi", "-u", "127.0.0.1:1", "--timeout", "5")
-    assert result.exit_code == 1
-    assert "Traceback" not in result.output and result.output.startswith("Error:")
+def test_query_without_a_server_is_one_clear_line_every_time(tmp_path):
+    from tritonize.serving.server import free_port
+
+    port = free_port()
+    for _ in range(6):  # gRPC used to answer some of these with "The stream is no longer in valid state"
+        result = _run("query", "-m", "tiny", "-p", "hi", "-u", f"127.0.0.1:{port}", "--timeout", "5")
+        assert result.exit_code == 1
+        assert result.output == (f"Error: cannot reach tritonserver's gRPC endpoint at 127.0.0.1:{port} (connection "
+                                 "refused): start it with `tritonize serve REPO`, or pass the right host:port with -u\n")
+    for stream in ("--no-stream", "--stream"):
+        result = _run("query", "-m", "tiny", "-p", "hi", "-u", f"http://127.0.0.1:{port}", stream)
+        assert result.exit_code == 1 and result.output.count("\n") == 1
+        assert result.output.startswith(f"Error: cannot reach tritonserver's HTTP endpoint at http://127.0.0.1:{port}")
+    unknown = _run("query", "-m", "tiny", "-p", "hi", "-u", "no-such-host.invalid:8001", "--timeout", "5")
+    assert unknown.exit_code == 1 and "(the host name does not resolve)" in unknown.output
 
 
 @pytest.mark.e2e

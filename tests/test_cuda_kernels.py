@@ -36,16 +36,9 @@ CASES = [  # heads, kv heads, head dim, block size, query lengths, cached contex
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", CASES)
-def test_paged_attention_matches_the_reference(case, dtype):
-    if dtype is torch.bfloat16 and DEVICE == "cpu":
-        pytest.skip("the interpreter checks float32")
-    heads, n_kv, dim, bs, q_lens, contexts, window = case
-    torch.manual_seed(0)
-    ref = PagedAttention(64, bs, n_kv, dim, dim**-0.5, window, dtype, DEVICE)
-    ref.k_cache.normal_()
-    ref.v_cache.normal_()
+def _step(q_lens, contexts, bs, heads, n_kv, dim, dtype):
+    """A step of sequences with ``q_lens`` new tokens after ``contexts`` cached ones, in shuffled blocks of 64:
+    its queries, keys and values, and its metadata."""
     free = list(range(1, 64))
     random.Random(1).shuffle(free)
     table = torch.zeros(len(q_lens), 20, dtype=torch.int64)
@@ -61,6 +54,20 @@ def test_paged_attention_matches_the_reference(case, dtype):
     dev = {"device": DEVICE}
     meta = AttentionMetadata(torch.tensor(slots, **dev), table.to(DEVICE), torch.tensor(lens, **dev),
                              torch.tensor(starts, **dev), torch.arange(n, **dev), max(q_lens), lens, starts)
+    return q, k, v, meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_paged_attention_matches_the_reference(case, dtype):
+    if dtype is torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("the interpreter checks float32")
+    heads, n_kv, dim, bs, q_lens, contexts, window = case
+    torch.manual_seed(0)
+    ref = PagedAttention(64, bs, n_kv, dim, dim**-0.5, window, dtype, DEVICE)
+    ref.k_cache.normal_()
+    ref.v_cache.normal_()
+    q, k, v, meta = _step(q_lens, contexts, bs, heads, n_kv, dim, dtype)
     want = ref(q, k, v, meta)
     got = paged_attention(q, ref.k_cache, ref.v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                           meta.max_query_len, dim**-0.5, window)
@@ -139,9 +146,13 @@ def test_every_family_with_the_kernels_swapped_in_equals_transformers(name, tmp_
     torch.testing.assert_close(got[13:], ref[13:], atol=2e-4, rtol=1e-4)
 
 
-def test_padded_steps_give_the_exact_steps_tokens(tmp_path):
+@pytest.mark.parametrize("world", [1, 2])
+def test_padded_steps_give_the_exact_steps_tokens(tmp_path, world):
     """The layouts the CUDA graphs replay (steps padded to a token bucket, padding tokens and sequences that
-    belong to no request), run eagerly with the kernels: the same greedy text as transformers."""
+    belong to no request), run eagerly with the kernels: the same greedy text as transformers. Split over two
+    ranks, the kernels run on each rank's heads and the workers follow rank 0's padded layouts."""
+    if DEVICE == "cuda" and torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tritonize.runtime.engine import Engine
@@ -155,7 +166,7 @@ def test_padded_steps_give_the_exact_steps_tokens(tmp_path):
     hf.save_pretrained(tmp_path)
     prompts = [[1, 17, 42, 99, 7], [1, 250, 3], [1] + list(range(60, 90)), [1, 5, 5, 5, 8, 200, 31, 64, 2, 9, 11]]
     with Engine(tmp_path, device=DEVICE, dtype="float32", max_batch_size=4, max_seq_len=64, max_num_tokens=24,
-                block_size=4, kernels=True, cuda_graphs=False) as eng:
+                block_size=4, kernels=True, cuda_graphs=False, tensor_parallel_size=world) as eng:
         assert eng.kernels
         eng.runner.buckets, eng.runner.token_buckets = batch_buckets(4), token_buckets(24)
         got = eng.generate(prompts, 6, end_ids=[], timeout=120)
@@ -164,3 +175,94 @@ def test_padded_steps_give_the_exact_steps_tokens(tmp_path):
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
                               pad_token_id=0)[0, len(prompt):].tolist()
         assert out == ref
+
+
+# ---------------------------------------------------------------------------------------------- FP8
+FP8_CASES = [CASES[1], CASES[2], CASES[4], CASES[6]]  # mixed chunks, multi-query, sliding window, Llama-3-8B's heads
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.03, 0.2)])
+@pytest.mark.parametrize("case", FP8_CASES)
+def test_paged_attention_over_an_fp8_cache_matches_the_reference(case, scales):
+    """An FP8 cache holding k / k_scale and v / v_scale: the kernel reads it as attention.PagedAttention does."""
+    heads, n_kv, dim, bs, q_lens, contexts, window = case
+    k_scale, v_scale = scales
+    torch.manual_seed(0)
+    ref = PagedAttention(64, bs, n_kv, dim, dim**-0.5, window, torch.float32, DEVICE, torch.float8_e4m3fn,
+                         k_scale=k_scale, v_scale=v_scale)
+    ref.k_cache.copy_((torch.randn(ref.k_cache.shape, device=DEVICE) / k_scale).clamp(-448, 448).to(torch.float8_e4m3fn))
+    ref.v_cache.copy_((torch.randn(ref.v_cache.shape, device=DEVICE) / v_scale).clamp(-448, 448).to(torch.float8_e4m3fn))
+    q, k, v, meta = _step(q_lens, contexts, bs, heads, n_kv, dim, torch.float32)
+    want = ref(q, k, v, meta)  # writes this step's keys and values into the FP8 cache, then attends
+    got = paged_attention(q, ref.k_cache, ref.v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                          meta.max_query_len, dim**-0.5, window, k_scale=k_scale, v_scale=v_scale)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("heads, n_kv, dim, rot", [(4, 2, 16, 16), (4, 1, 24, 8), (6, 6, 32, 0)])
+def test_rotary_and_cache_write_the_same_fp8_bytes_as_the_reference(heads, n_kv, dim, rot):
+    """Into an FP8 cache the kernel writes exactly the bytes PagedAttention.write does for the rotated keys
+    and the values (both round to nearest even and saturate at 448), sign of zero aside."""
+    from tritonize.runtime.cuda_kernels import rotary_and_cache
+    from tritonize.runtime.model import apply_rotary
+
+    torch.manual_seed(0)
+    n, k_scale, v_scale = 7, 0.004, 0.5
+    qkv = torch.randn(n, (heads + 2 * n_kv) * dim, device=DEVICE)
+    qkv[0, :] *= 1000  # saturates
+    qkv[1, :] *= 2e-5  # subnormal FP8 values
+    slots = torch.tensor([9, 3, 14, 0, 5, 11, 2], device=DEVICE)
+    ref = PagedAttention(4, 4, n_kv, dim, 1.0, None, torch.float32, DEVICE, torch.float8_e4m3fn,
+                         k_scale=k_scale, v_scale=v_scale)
+    k_cache, v_cache = torch.zeros_like(ref.k_cache), torch.zeros_like(ref.v_cache)
+    q, k, v = qkv.split([heads * dim, n_kv * dim, n_kv * dim], dim=-1)
+    q, k, v = q.view(n, heads, dim), k.view(n, n_kv, dim), v.view(n, n_kv, dim)
+    rope = None
+    if rot:
+        angles = torch.randn(n, rot // 2, device=DEVICE)
+        cos = torch.cat([angles.cos(), angles.cos()], -1)[:, None]
+        sin = torch.cat([angles.sin(), angles.sin()], -1)[:, None]
+        rope = (cos, sin)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    meta = AttentionMetadata(slots, torch.zeros(1, 1, dtype=torch.int64, device=DEVICE), torch.ones(1, device=DEVICE),
+                             torch.zeros(2, device=DEVICE), torch.zeros(1, device=DEVICE), 1, [], [])
+    ref.write(k, v, meta)
+    got_q = rotary_and_cache(qkv, *(rope or (None, None)), slots, k_cache, v_cache, heads, n_kv, dim, k_scale, v_scale)
+    torch.testing.assert_close(got_q, q, atol=1e-5, rtol=1e-5)
+    stored = k_cache.float().abs()
+    assert stored.max() == 448.0 and ((stored > 0) & (stored < 2**-6)).any()
+    assert torch.equal(k_cache.float(), ref.k_cache.float())
+    assert torch.equal(v_cache.float(), ref.v_cache.float())
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_per_token_fp8_kernel_matches_the_reference(static):
+    from tritonize.runtime.cuda_kernels import per_token_fp8 as kernel
+    from tritonize.runtime.quantize import per_token_fp8
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 300, device=DEVICE) * torch.tensor([1e-4, 1.0, 30.0, 1e3, 0.5], device=DEVICE)[:, None]
+    static_scale = torch.tensor(0.01, device=DEVICE) if static else None
+    got_q, got_s = kernel(x, static_scale)
+    want_q, want_s = per_token_fp8(x, static_scale)
+    torch.testing.assert_close(got_s, want_s, rtol=1e-6, atol=0)
+    assert torch.equal(got_q.float(), want_q.float())
+
+
+@pytest.mark.parametrize("layout", ["compressed-tensors", "fp8-block"])
+def test_an_fp8_checkpoint_with_an_fp8_cache_runs_the_same_with_the_kernels(layout, tmp_path):
+    """The engine on an FP8 checkpoint with an FP8 KV cache (the checkpoint's scales, or 1.0): the Triton kernels
+    (attention, rotary + FP8 cache write, norms, SiLU) give the tokens of the PyTorch modules."""
+    from tests.fixtures.fp8 import write_fp8_checkpoint
+    from tritonize.export.demo_model import write_demo_checkpoint
+    from tritonize.runtime.engine import Engine
+
+    src = write_demo_checkpoint(tmp_path / "float", hidden=64, layers=2, seed=5)
+    fp8_dir, _ = write_fp8_checkpoint(src, tmp_path, layout)
+    prompts = [[1, 415, 3607, 302, 264, 9631], [1, 5713, 3714], [1, 330, 28705, 28740]]
+    common = dict(device=DEVICE, dtype="float32", max_batch_size=4, max_seq_len=48, kv_cache_dtype="fp8",
+                  cuda_graphs=False)
+    with_kernels = Engine(fp8_dir, kernels=True, **common)
+    assert with_kernels.kernels and with_kernels.model.layers[0].attention.paged.k_cache.dtype == torch.float8_e4m3fn
+    plain = Engine(fp8_dir, kernels=False, **common)
+    assert with_kernels.generate(prompts, max_new_tokens=8) == plain.generate(prompts, max_new_tokens=8)

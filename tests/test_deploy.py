@@ -17,6 +17,7 @@ from click.testing import CliRunner, Result
 from deploy_source import LIMITS, MAX_TOKENS, PROMPTS, nemo2_llama
 
 from tritonize.cli.main import cli
+from tritonize.deploy import DeployError
 from tritonize.serving.client import GenerateOptions, grpc_generate
 from tritonize.serving.server import find_stub_processes, free_ports
 
@@ -125,8 +126,8 @@ def test_a_new_version_is_built_beside_the_old(source, tmp_path):
 
 
 @pytest.mark.parametrize("args, refused", [
-    (["--tensor_parallelism_size", "2"], "--tensor-parallelism-size (--tensor_parallelism_size) above 1 needs"),
-    (["--pipeline-parallelism-size", "2"], "--pipeline-parallelism-size (--pipeline_parallelism_size) above 1"),
+    (["--pipeline-parallelism-size", "2"], "--pipeline-parallelism-size (--pipeline_parallelism_size) above 1 needs "
+                                           "--runtime trtllm or trtllm-engine (pipeline parallelism is TensorRT-LLM only"),
     (["--opt_num_tokens", "128"], "--opt-num-tokens (--opt_num_tokens) needs --runtime trtllm-engine"),
     (["--task_ids", "3"], "--task-ids gives 1 id(s) for 0 --ptuning-nemo-checkpoint"),
     (["--ptuning_nemo_checkpoint", "p.nemo", "--task_ids", "a"], "--task-ids 'a' is not a number"),
@@ -135,8 +136,9 @@ def test_a_new_version_is_built_beside_the_old(source, tmp_path):
     (["--no_paged_kv_cache"], "--no-paged-kv-cache (--no_paged_kv_cache)"),
     (["--disable_remove_input_padding"], "--disable-remove-input-padding"),
     (["--use_parallel_embedding"], "--use-parallel-embedding (--use_parallel_embedding)"),
-    (["--export_fp8_quantized", "true"], "--export-fp8-quantized (--export_fp8_quantized)"),
-    (["--use_fp8_kv_cache", "true"], "--use-fp8-kv-cache (--use_fp8_kv_cache)"),
+    (["--runtime", "trtllm", "--quantization", "fp8"], "--quantization needs --runtime torch"),
+    (["--export_fp8_quantized", "true", "--quantization", "none"],
+     "--export-fp8-quantized true and --quantization none disagree"),
 ])
 def test_options_the_torch_runtime_cannot_honour_are_refused_by_name(source, tmp_path, args, refused):
     out = _deploy("--nemo_checkpoint", str(source.path), "--triton_model_repository", str(tmp_path / "r"), *args)
@@ -150,6 +152,32 @@ def test_fp8_auto_and_false_are_accepted(source, tmp_path):
     out = _deploy("--nemo_checkpoint", str(source.path), "--triton_model_repository", str(tmp_path / "r"),
                   "--export_fp8_quantized", "false", "--use_fp8_kv_cache", "auto", "--dry-run")
     assert out.exit_code == 0, out.output
+
+
+def test_the_torch_runtime_takes_nemos_fp8_switches(source, tmp_path):
+    """--export_fp8_quantized true is --quantization fp8 (a float source is quantized at export), --use_fp8_kv_cache
+    true an FP8 KV cache; both are recorded, so a second deploy without them is a different request."""
+    repo = tmp_path / "r"
+    out = _deploy("--nemo_checkpoint", str(source.path), "--triton_model_repository", str(repo),
+                  "--export_fp8_quantized", "true", "--use_fp8_kv_cache", "true", "--dry-run")
+    assert out.exit_code == 0, out.output
+    assert "FP8 weights: on (quantized to FP8 per channel at export)" in out.output
+    assert "FP8 KV cache: on (--use-fp8-kv-cache true)" in out.output
+    from tritonize.deploy import carry_out, fp8_choices, plan_deploy
+    from tritonize.repository.spec import RepoSpec
+
+    options = {"name": "m", "device": "cpu", "max_input_len": 48, "max_output_len": 16, "use_fp8_kv_cache": "true",
+               "export_fp8_quantized": "true", "runtime": "torch"}
+    spec, _ = fp8_choices(RepoSpec.from_options(options), options, source.path)
+    assert (spec.quantization, spec.kv_cache_dtype) == ("fp8", "fp8")
+    carry_out(plan_deploy(repo, spec, source=source.path))
+    manifest = json.loads((repo / "tritonize.json").read_text())["models"]["m"]
+    assert manifest["options"]["quantization"] == "fp8" and manifest["options"]["kv_cache_dtype"] == "fp8"
+    assert manifest["quantization"]["weights"] == "fp8" and manifest["quantization"]["kv_cache"] == "fp8"
+    plain_options = {**options, "use_fp8_kv_cache": "auto", "export_fp8_quantized": "auto"}
+    plain, _ = fp8_choices(RepoSpec.from_options(plain_options), plain_options, source.path)
+    with pytest.raises(DeployError, match="made differently: (--quantization|--use-fp8-kv-cache) is 'auto'"):
+        plan_deploy(repo, plain, source=source.path)
 
 
 def test_missing_inputs_are_one_line_errors(tmp_path):
@@ -180,7 +208,7 @@ def test_deploy_serves_adapters_and_a_changed_adapter_is_a_mismatch(source, tmp_
                     "--dry-run")
     assert first.exit_code == 0, first.output
     # the exported model's shapes, for an adapter and a table that fit it
-    spec = RepoSpec(name="model", max_input_len=32, max_output_len=16, max_batch_size=2)
+    spec = RepoSpec.from_options({"name": "model", "max_input_len": 32, "max_output_len": 16, "max_batch_size": 2})
     carry_out(plan_deploy(repo, spec, source=source.path))
     config = json.loads((repo / "model_engine" / "1" / "weights" / "config.json").read_text())
     base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))

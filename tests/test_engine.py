@@ -121,11 +121,11 @@ def test_seed_reproducible_whatever_the_batch(engine):
     alone = gen(engine, [PROMPTS[0]], 10, sampling=params, end_ids=[])[0]
     crowd = [Collector() for _ in range(3)]
     for i, c in enumerate(crowd):
-        engine.submit(request(f"crowd-{i}", PROMPTS[i + 1], 10, c, sampling=SamplingParams(temperature=1.2)))
+        engine.submit(request(f"crowd-{i}", PROMPTS[i + 1], 10, c, sampling=SamplingParams(temperature=1.2, top_p=1.0)))
     mine = Collector()
     engine.submit(request("seeded", PROMPTS[0], 10, mine, sampling=params))
     assert mine.tokens == alone
-    other_seed = gen(engine, [PROMPTS[0]], 10, sampling=SamplingParams(temperature=1.0, seed=99), end_ids=[])
+    other_seed = gen(engine, [PROMPTS[0]], 10, sampling=SamplingParams(temperature=1.0, top_p=0.95, seed=99), end_ids=[])
     assert other_seed[0] != alone
 
 
@@ -325,7 +325,7 @@ def test_cuda_graph_decode_matches_transformers(tiny):
         assert eng.stats["decode_steps"] > 0 and eng.stats["mixed_steps"] > 0
         for prompt, got in zip(PROMPTS, outputs, strict=True):
             assert got == hf_greedy(model, prompt, 12)
-        seeded = SamplingParams(temperature=1.0, seed=7)
+        seeded = SamplingParams(temperature=1.0, top_p=1.0, seed=7)
         alone = gen(eng, [PROMPTS[2]], 8, sampling=seeded, end_ids=[])[0]
         assert gen(eng, PROMPTS, 8, sampling=seeded, end_ids=[])[2] == alone
 
@@ -349,7 +349,7 @@ def test_a_shared_prefix_is_reused_and_gives_the_text_it_gives_alone(tiny):
 def test_a_pool_too_small_for_the_load_preempts_and_loses_nothing(tiny):
     _, model = tiny
     prompts = [[1] + list(range(20 + 7 * i, 40 + 7 * i)) for i in range(4)]  # 21 tokens each
-    seeded = SamplingParams(temperature=1.0, seed=3)
+    seeded = SamplingParams(temperature=1.0, top_p=1.0, seed=3)
     with Engine(tiny[0], device="cpu", max_batch_size=4, max_seq_len=64, max_num_tokens=64, block_size=4,
                 kv_cache_tokens=64) as eng:  # room for two of the four at a time
         greedy_out = gen(eng, prompts, 14, end_ids=[])

@@ -34,3 +34,37 @@ def test_each_door_answers_the_same(server):
     assert sorted(answers) == ["HTTP /infer  ", "HTTP generate", "gRPC stream  "]
     texts = {ast.literal_eval(text) for text in answers.values()}
     assert len(texts) == 1 and texts.pop()
+
+
+API_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "python_api.py"
+
+
+def test_the_python_api_example_runs_and_both_answers_are_transformers_greedy_text(tmp_path):
+    """examples/python_api.py as a user runs it: export, in-process forward, deploy, serve, ask, stop."""
+    import sentencepiece as spm
+    import torch
+    import transformers
+
+    from tritonize.serving.server import find_stub_processes, free_ports
+
+    http, grpc, metrics = free_ports(3)
+    prompt = "The capital of France is"
+    proc = subprocess.run([sys.executable, str(API_EXAMPLE), "--prompt", prompt, "--max-tokens", "8",
+                           "--work", str(tmp_path), "--http-port", str(http), "--grpc-port", str(grpc),
+                           "--metrics-port", str(metrics)], capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr
+    answers = dict(line.split(": ", 1) for line in proc.stdout.splitlines())
+    assert sorted(answers) == ["in-process", "served    "]
+
+    ckpt = tmp_path / "ckpt"
+    model = transformers.LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    sp = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
+    ids = [sp.bos_id(), *sp.encode(prompt)]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=2)
+    new = out[0, len(ids):].tolist()
+    new = new[: new.index(2)] if 2 in new else new
+    expected = sp.decode(ids + new)[len(sp.decode(ids)):]
+    assert expected
+    assert {ast.literal_eval(text) for text in answers.values()} == {expected}
+    assert not find_stub_processes(str(tmp_path / "repo")), "the example left the server's processes behind"

@@ -41,11 +41,11 @@ def test_trtllm_checkpoint_tp2_pp2(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "mixtral", "gemma", "falcon", "gptnext"])
 def test_qnemo_fp8_dequantized(family, bpe_dir, tmp_path):
-    """FP8 weights with per-tensor scales come out in the checkpoint dtype, equal to fp8 * scale."""
+    """--no-keep-fp8: FP8 weights with per-tensor scales come out in the checkpoint dtype, equal to fp8 * scale."""
     model = bpe_model(family)
     src = write_qnemo(model, bpe_dir, tmp_path / "m.qnemo", tar=True, tp_size=2 if family not in MQA_FAMILIES else 1,
                       dtype="bfloat16", fp8=True)
-    result = export_checkpoint(src, tmp_path / "out", progress=False, verify=True)
+    result = export_checkpoint(src, tmp_path / "out", progress=False, verify=True, keep_fp8=False)
     assert result.dtype == "bfloat16" and result.tokenizer == "huggingface"
     assert result.verify["passed"]
     got, want = logits(tmp_path / "out"), logits(model)
@@ -58,7 +58,7 @@ def test_qnemo_dequantization_is_exact(tmp_path):
     """A float32 .qnemo: each exported weight equals fp8 * weights_scaling_factor of the source."""
     model = bpe_model("llama")
     fp8 = write_qnemo(model, gpt2_bpe_tokenizer_dir(tmp_path / "bpe"), tmp_path / "q", dtype="float32", fp8=True)
-    export_checkpoint(fp8, tmp_path / "out", progress=False)
+    export_checkpoint(fp8, tmp_path / "out", progress=False, keep_fp8=False)
     rank0 = load_file(str(fp8 / "rank0.safetensors"))
     w = rank0["transformer.layers.1.mlp.proj.weight"]
     assert w.dtype == torch.float8_e4m3fn

@@ -2,7 +2,8 @@
 
 The expectations were rendered by tritonize from the cases in golden/cases.py (first at commit 5f414ff,
 to show that moving the code changed no repository; again when the engine's response became one packed
-tensor and the KV cache options arrived, which changed the engine's outputs and parameters on purpose);
+tensor and the KV cache options arrived, which changed the engine's outputs and parameters on purpose, and
+when the FP8 options added two fields to tritonize.json);
 the same cases are rendered here by the code under test and written down the same way.
 """
 

@@ -14,6 +14,8 @@ from tritonize.runtime.packed import METRICS, Packed, pack, unpack
            num_input_tokens=7, num_output_tokens=3, cum_log_prob=-4.75, handle=123456,
            metrics={k: (i + 1) * 1_700_000_000_000_000_000 // 10 for i, k in enumerate(METRICS)}),
     Packed(delta=[], final=True, finish_reason="cancelled", handle=2**31 - 1),
+    Packed(delta=[4, 4], batch_index=3, sequence_index=2, batched=True, sequences=True, perf=True,
+           metrics={k: 0 for k in METRICS}),
 ])
 def test_round_trip(packed):
     array = pack(packed)

@@ -135,9 +135,11 @@ def stream_error(url: str, model: str, inputs: list) -> str:
          r"unexpected shape for input 'text_input' .* Expected \[-1,1\], got \[1,2\]"),
         (lambda: [_text(b"hello"), _max_tokens(4), _tensor("temprature", np.array([[0.5]], np.float32), "FP32")],
          "unexpected inference input 'temprature'"),
-        (lambda: [_text(b"hello")], r"missing required input\(s\) \['max_tokens'\]"),
+        (lambda: [_text(b"hello")], "max_tokens is required and missing"),
+        (lambda: [_max_tokens(4), _tensor("stream", np.array([[True]]), "BOOL")], "text_input is required and missing"),
     ],
-    ids=["invalid-utf8", "negative-max-tokens", "fp32-max-tokens", "shape-1x2", "unknown-input", "no-max-tokens"],
+    ids=["invalid-utf8", "negative-max-tokens", "fp32-max-tokens", "shape-1x2", "unknown-input", "no-max-tokens",
+         "no-text-input"],
 )
 def test_bad_requests_get_a_clear_error_and_the_server_stays_up(triton_server, wide_repo, inputs, message):
     server = triton_server(wide_repo)

@@ -59,29 +59,55 @@ def test_every_config_parses_and_is_complete(repo):
     assert configs["tiny_engine"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
 
 
+# tensorrtllm_backend's ensemble (all_models/inflight_batcher_llm/ensemble/config.pbtxt at c1e1963): every
+# input and output it declares, with its type and dims (logits in its default FP32).
+REFERENCE_INPUTS = {
+    "text_input": (DT.TYPE_STRING, [1]), "decoder_text_input": (DT.TYPE_STRING, [1]),
+    "max_tokens": (DT.TYPE_INT32, [1]), "num_return_sequences": (DT.TYPE_INT32, [1]),
+    "bad_words": (DT.TYPE_STRING, [-1]), "stop_words": (DT.TYPE_STRING, [-1]),
+    "exclude_input_in_output": (DT.TYPE_BOOL, [1]), "end_id": (DT.TYPE_INT32, [1]), "pad_id": (DT.TYPE_INT32, [1]),
+    "top_k": (DT.TYPE_INT32, [1]), "top_p": (DT.TYPE_FP32, [1]), "temperature": (DT.TYPE_FP32, [1]),
+    "length_penalty": (DT.TYPE_FP32, [1]), "repetition_penalty": (DT.TYPE_FP32, [1]),
+    "min_length": (DT.TYPE_INT32, [1]), "presence_penalty": (DT.TYPE_FP32, [1]),
+    "frequency_penalty": (DT.TYPE_FP32, [1]), "random_seed": (DT.TYPE_UINT64, [1]),
+    "return_log_probs": (DT.TYPE_BOOL, [1]), "return_context_logits": (DT.TYPE_BOOL, [1]),
+    "return_generation_logits": (DT.TYPE_BOOL, [1]), "return_perf_metrics": (DT.TYPE_BOOL, [1]),
+    "beam_width": (DT.TYPE_INT32, [1]), "stream": (DT.TYPE_BOOL, [1]),
+    "prompt_embedding_table": (DT.TYPE_FP16, [-1, -1]), "prompt_table_extra_id": (DT.TYPE_UINT64, [1]),
+    "prompt_vocab_size": (DT.TYPE_INT32, [1]), "embedding_bias_words": (DT.TYPE_STRING, [-1]),
+    "embedding_bias_weights": (DT.TYPE_FP32, [-1]), "lora_task_id": (DT.TYPE_UINT64, [1]),
+    "lora_weights": (DT.TYPE_FP16, [-1, -1]), "lora_config": (DT.TYPE_INT32, [-1, 3]),
+    "guided_decoding_guide_type": (DT.TYPE_STRING, [1]), "guided_decoding_guide": (DT.TYPE_STRING, [1]),
+}
+REFERENCE_OUTPUTS = {
+    "text_output": (DT.TYPE_STRING, [-1]), "cum_log_probs": (DT.TYPE_FP32, [-1]),
+    "output_log_probs": (DT.TYPE_FP32, [-1, -1]), "context_logits": (DT.TYPE_FP32, [-1, -1]),
+    "generation_logits": (DT.TYPE_FP32, [-1, -1, -1]), "batch_index": (DT.TYPE_INT32, [1]),
+    "sequence_index": (DT.TYPE_INT32, [1]), "kv_cache_alloc_new_blocks": (DT.TYPE_INT32, [1]),
+    "kv_cache_reused_blocks": (DT.TYPE_INT32, [1]), "kv_cache_alloc_total_blocks": (DT.TYPE_INT32, [1]),
+    "arrival_time_ns": (DT.TYPE_INT64, [1]), "first_scheduled_time_ns": (DT.TYPE_INT64, [1]),
+    "first_token_time_ns": (DT.TYPE_INT64, [1]), "last_token_time_ns": (DT.TYPE_INT64, [1]),
+    "acceptance_rate": (DT.TYPE_FP32, [1]), "total_accepted_draft_tokens": (DT.TYPE_INT32, [1]),
+    "total_draft_tokens": (DT.TYPE_INT32, [1]),
+}
+
+
 def test_wire_interface_matches_tensorrtllm_backend(repo):
     ens = _configs(repo)["tiny"]
+    assert ens.max_batch_size > 0
     inputs = {t.name: t for t in ens.input}
-    assert inputs["text_input"].data_type == DT.TYPE_STRING and not inputs["text_input"].optional
-    assert inputs["max_tokens"].data_type == DT.TYPE_INT32 and not inputs["max_tokens"].optional
-    expected = {
-        "stream": DT.TYPE_BOOL, "exclude_input_in_output": DT.TYPE_BOOL, "end_id": DT.TYPE_INT32,
-        "pad_id": DT.TYPE_INT32, "top_k": DT.TYPE_INT32, "top_p": DT.TYPE_FP32, "temperature": DT.TYPE_FP32,
-        "repetition_penalty": DT.TYPE_FP32, "presence_penalty": DT.TYPE_FP32, "frequency_penalty": DT.TYPE_FP32,
-        "length_penalty": DT.TYPE_FP32, "min_tokens": DT.TYPE_INT32, "min_length": DT.TYPE_INT32,
-        "seed": DT.TYPE_UINT64, "random_seed": DT.TYPE_UINT64, "stop_words": DT.TYPE_STRING,
-        "bad_words": DT.TYPE_STRING, "beam_width": DT.TYPE_INT32, "return_log_probs": DT.TYPE_BOOL,
-        "return_num_input_tokens": DT.TYPE_BOOL, "return_num_output_tokens": DT.TYPE_BOOL,
-        "prompt_embedding_table": DT.TYPE_FP16, "prompt_vocab_size": DT.TYPE_INT32, "lora_task_id": DT.TYPE_UINT64,
-    }
-    for name, dtype in expected.items():
-        assert inputs[name].data_type == dtype, name
+    for name, (dtype, dims) in REFERENCE_INPUTS.items():
+        assert (inputs[name].data_type, list(inputs[name].dims)) == (dtype, dims), name
+        # text_input and max_tokens too: a request without one reaches preprocessing, which names it
         assert inputs[name].optional, name
-    assert list(inputs["stop_words"].dims) == [-1] and list(inputs["max_tokens"].dims) == [1]
-    outputs = {t.name: t for t in ens.output}
-    assert outputs["text_output"].data_type == DT.TYPE_STRING
-    assert list(outputs["output_log_probs"].dims) == [-1, -1]
-    assert {"cum_log_probs", "num_input_tokens", "num_output_tokens"} <= set(outputs)
+    ours = {"min_tokens": DT.TYPE_INT32, "seed": DT.TYPE_UINT64, "return_num_input_tokens": DT.TYPE_BOOL,
+            "return_num_output_tokens": DT.TYPE_BOOL, "task_id": DT.TYPE_UINT64, "add_special_tokens": DT.TYPE_BOOL}
+    assert {name: inputs[name].data_type for name in set(inputs) - set(REFERENCE_INPUTS)} == ours
+    outputs = {t.name: (t.data_type, list(t.dims)) for t in ens.output}
+    for name, expected in REFERENCE_OUTPUTS.items():
+        assert outputs[name] == expected, name
+    assert set(outputs) - set(REFERENCE_OUTPUTS) == {"num_input_tokens", "num_output_tokens", "finish_reason",
+                                                     "output_tokens"}
 
 
 def test_ensemble_steps_are_wired(repo):

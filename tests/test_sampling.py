@@ -51,9 +51,15 @@ def started_sampler(rows, prompts) -> Sampler:
         (SamplingParams(temperature=0.0, top_p=0.9), True),
         (SamplingParams(top_k=0, top_p=0.0), True),
         (SamplingParams(seed=3), True),
-        (SamplingParams(temperature=1.0), False),
+        # TensorRT-LLM's rule: unset top_k and top_p are greedy, whatever the temperature
+        (SamplingParams(temperature=1.0), True),
+        (SamplingParams(temperature=0.7, seed=3), True),
+        (SamplingParams(temperature=1.0, top_k=0), True),
+        (SamplingParams(temperature=1.0, top_p=0.0), True),
         (SamplingParams(top_k=5), False),
         (SamplingParams(top_p=0.5), False),
+        (SamplingParams(temperature=1.0, top_p=1.0), False),
+        (SamplingParams(temperature=0.8, top_k=40), False),
     ],
 )
 def test_greedy_rule(params, greedy):
@@ -187,7 +193,7 @@ def test_samples_follow_the_processed_distribution():
     """Empirical frequencies over many counter steps match softmax(logits / T), restricted to top-k."""
     logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0] + [-8.0] * (V - 6))
     n = 6000
-    for params, support in [(SamplingParams(temperature=0.8, seed=11), V), (SamplingParams(top_k=3, seed=5), 3)]:
+    for params, support in [(SamplingParams(temperature=0.8, top_p=1.0, seed=11), V), (SamplingParams(top_k=3, seed=5), 3)]:
         rows = [SamplingRow(params=params, seed=params.seed, slot=0, step=s, history=[1]) for s in range(n)]
         tokens = Sampler(V, 1, "cpu").sample(logits.expand(n, V), rows).tokens.tolist()
         scaled = logits / (params.temperature or 1.0)
@@ -203,7 +209,7 @@ def test_samples_follow_the_processed_distribution():
 def test_seeded_draws_do_not_depend_on_the_batch():
     torch.manual_seed(7)
     logits = torch.randn(5, V)
-    params = SamplingParams(temperature=1.0, seed=42)
+    params = SamplingParams(temperature=1.0, top_p=1.0, seed=42)
     alone = Sampler(V, 1, "cpu").sample(logits[2:3], [SamplingRow(params, 42, 0, 3, [1])]).tokens
     others = [SamplingRow(SamplingParams(temperature=1.3, top_p=0.9), 100 + i, i, i, [2]) for i in range(5)]
     others[2] = SamplingRow(params, 42, 2, 3, [1])

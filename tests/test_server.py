@@ -177,7 +177,7 @@ def test_no_binary_anywhere_is_one_clear_error(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-S", "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 3, result.stderr
     assert result.stdout.strip() == (
-        "no tritonserver found: install it with `pip install nvidia-pytriton==0.7.0` (tritonize[server]), "
+        "no tritonserver found: install it with `pip install nvidia-pytriton==0.7.0` (tritonize's [server] extra), "
         "put it on PATH, or pass --tritonserver PATH"
     )
 

@@ -17,7 +17,7 @@ from tritonize.export.demo_model import write_demo_checkpoint
 from tritonize.repository.checkpoint import inspect_checkpoint
 from tritonize.repository.render import MODEL_FILES, RUNTIME_SRC, parse_config, write_repository
 from tritonize.repository.spec import RepoSpec
-from tritonize.runtime.packed import Packed, pack
+from tritonize.runtime.packed import METRICS, Packed, pack
 from tritonize.runtime.prompt import virtual_tokens
 from tritonize.runtime.tokenizer import Tokenizer, response_ids
 
@@ -127,8 +127,56 @@ def test_postprocessing_streams_text_that_concatenates_to_the_whole(monkeypatch,
         [response] = model.execute([triton_stub.Request(packed=pack(Packed(
             delta=delta, prefix=prefix, final=final, num_input_tokens=len(prompt), num_output_tokens=i + 1,
             log_probs=[-0.5], cum_log_prob=-0.5 * (i + 1))))])
-        pieces.append(response.output("text_output")[0][0].decode())
+        pieces.append(response.output("text_output")[0].decode())
         assert response.output("num_output_tokens").tolist() == [[i + 1]]
         assert response.output("output_log_probs").tolist() == [[[-0.5]]]
     whole, head = tok.decode(prompt + answer), tok.decode(prompt)
     assert "".join(pieces) == whole[len(head):]
+
+
+def test_preprocessing_lays_out_one_row_per_prompt(monkeypatch, repo):
+    model = _load(monkeypatch, repo, "m_preprocessing", "preprocessing")
+    [response] = model.execute([triton_stub.Request(
+        text_input=np.array([[b"Hello world"], [b"Hi"]], dtype=np.object_),
+        max_tokens=np.array([[4], [2]], np.int32),
+        stop_words=np.array([[b"world", b""], [b"", b""]], dtype=np.object_))])
+    tok = Tokenizer(repo / "m_preprocessing" / "1" / "tokenizer")
+    long, short = tok.encode("Hello world"), tok.encode("Hi")
+    ids = response.output("input_ids")
+    assert ids.shape == (2, len(long))
+    assert ids[0].tolist() == long and ids[1, : len(short)].tolist() == short
+    assert response.output("input_lengths").tolist() == [[len(long)], [len(short)]]
+    assert response.output("request_output_len").tolist() == [[4], [2]]
+    stops = response.output("stop_words_list")
+    world = tok.encode("world", add_special_tokens=False)
+    assert stops.shape[:2] == (2, 2) and stops[0, 0, : len(world)].tolist() == world
+    assert set(stops[1, 1].tolist()) == {-1}  # the second prompt has no stop word
+
+
+@pytest.mark.parametrize("missing", ["text_input", "max_tokens"])
+def test_preprocessing_names_a_missing_required_input(monkeypatch, repo, missing):
+    model = _load(monkeypatch, repo, "m_preprocessing", "preprocessing")
+    inputs = {"text_input": _text("Hi"), "max_tokens": np.array([[4]], np.int32), "stream": np.array([[True]])}
+    del inputs[missing]
+    [response] = model.execute([triton_stub.Request(**inputs)])
+    assert response.has_error() and f"{missing} is required and missing" in response.error().message()
+    assert response.error().code() == triton_stub.TritonError.INVALID_ARG  # HTTP 400, the client's error
+
+
+def test_postprocessing_outputs_as_tensorrtllm_backend_sends_them(monkeypatch, repo):
+    model = _load(monkeypatch, repo, "m_postprocessing", "postprocessing")
+    tok = Tokenizer(repo / "m_postprocessing" / "1" / "tokenizer")
+    ids = tok.encode("Hello", add_special_tokens=False)
+    metrics = {k: i + 1 for i, k in enumerate(METRICS)}
+    plain, batched = model.execute([
+        triton_stub.Request(packed=pack(Packed(delta=ids, final=True))),
+        triton_stub.Request(packed=pack(Packed(delta=ids, final=True, batch_index=2, batched=True, sequence_index=1,
+                                               sequences=True, perf=True, metrics=metrics))),
+    ])
+    assert plain.output("text_output").shape == (1,) and plain.output("text_output")[0].decode() == "Hello"
+    assert not {"batch_index", "sequence_index", "arrival_time_ns"} & set(plain._tensors)
+    assert batched.output("batch_index").tolist() == [[2]] and batched.output("sequence_index").tolist() == [[1]]
+    assert batched.output("arrival_time_ns").dtype == np.int64
+    assert batched.output("arrival_time_ns").tolist() == [[metrics["arrival_time_ns"]]]
+    assert batched.output("kv_cache_reused_blocks").tolist() == [[metrics["kv_cache_reused_blocks"]]]
+    assert batched.output("total_draft_tokens").tolist() == [[0]]

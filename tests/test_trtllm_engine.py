@@ -486,11 +486,13 @@ def test_generate_trtllm_options_reach_the_engine_parameters(hf, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tensor-parallelism-size", "2"], "--tensor-parallelism-size above 1 needs --runtime trtllm or trtllm-engine"),
+    (["--pipeline-parallelism-size", "2"], "--pipeline-parallelism-size above 1 needs --runtime trtllm or trtllm-engine "
+                                           "(pipeline parallelism is TensorRT-LLM only"),
     (["--runtime", "trtllm", "--no-paged-kv-cache"],
      "--no-paged-kv-cache needs --runtime trtllm-engine (TensorRT-LLM's LLM API always pages its KV cache)"),
     (["--opt-num-tokens", "8"], "--opt-num-tokens needs --runtime trtllm-engine (a TensorRT build profile)"),
-    (["--use-fp8-kv-cache", "true"], "--use-fp8-kv-cache needs --runtime trtllm or trtllm-engine"),
+    (["--runtime", "trtllm", "--quantization", "fp8"], "--quantization needs --runtime torch"),
+    (["--fp8-lm-head"], "--fp8-lm-head goes with --quantization fp8"),
     (["--runtime", "trtllm", "--ptuning-nemo-checkpoint", "t.npy"],
      "--ptuning-nemo-checkpoint needs --runtime torch or trtllm-engine"),
 ])
@@ -501,7 +503,8 @@ def test_generate_refuses_options_the_runtime_cannot_honour(hf, tmp_path, args, 
 
 
 @pytest.mark.parametrize("runtime, options, refused", [
-    ("torch", {"tensor_parallel_size": 2}, "--tensor-parallelism-size (--tensor_parallelism_size) above 1 needs --runtime trtllm or trtllm-engine"),
+    ("torch", {"pipeline_parallel_size": 2}, "--pipeline-parallelism-size (--pipeline_parallelism_size) above 1 needs "
+                                             "--runtime trtllm or trtllm-engine (pipeline parallelism is TensorRT-LLM only"),
     ("trtllm", {"no_paged_kv_cache": True}, "--no-paged-kv-cache (--no_paged_kv_cache) needs --runtime trtllm-engine"),
     ("trtllm", {"opt_num_tokens": 64}, "--opt-num-tokens (--opt_num_tokens) needs --runtime trtllm-engine"),
     ("trtllm", {"export_fp8_quantized": "true"}, "--export-fp8-quantized (--export_fp8_quantized) needs --runtime"),
@@ -519,7 +522,9 @@ def test_deploy_refuses_by_name_per_runtime(runtime, options, refused):
     ("trtllm-engine", {"tensor_parallel_size": 2, "opt_num_tokens": 64, "no_paged_kv_cache": True,
                        "disable_remove_input_padding": True, "use_parallel_embedding": True,
                        "use_lora_plugin": "float16", "ptuning_nemo_checkpoint": ("p",)}),
-    ("torch", {"lora_ckpt": ("l",), "ptuning_nemo_checkpoint": ("p",), "task_ids": ("0",), "use_lora_plugin": "auto"}),
+    ("torch", {"lora_ckpt": ("l",), "ptuning_nemo_checkpoint": ("p",), "task_ids": ("0",), "use_lora_plugin": "auto",
+               "tensor_parallel_size": 4, "use_fp8_kv_cache": "true", "export_fp8_quantized": "true",
+               "quantization": "fp8", "fp8_lm_head": True}),
 ])
 def test_deploy_accepts_what_each_runtime_honours(runtime, options):
     assert set(options) <= honoured(runtime)

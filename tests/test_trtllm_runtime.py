@@ -56,6 +56,16 @@ def test_every_sampling_input_reaches_its_field():
     assert all(type(got[k]) is float for k in ("temperature", "top_p", "repetition_penalty"))
 
 
+@pytest.mark.parametrize("sampling", [
+    SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=0), SamplingParams(top_p=0.0, seed=3),
+])
+def test_a_temperature_alone_stays_greedy(sampling):
+    """The wire rule is the executor's (no top_k, no top_p: greedy); the LLM API would sample on a
+    temperature alone, so none of the three is sent."""
+    got = to_trtllm_sampling(sampling, 4)
+    assert not {"temperature", "top_k", "top_p"} & set(got)
+
+
 @pytest.mark.parametrize(("sampling", "field", "value"), [
     (SamplingParams(temperature=0.0), "temperature", 0.0),  # greedy, said explicitly
     (SamplingParams(top_k=1), "top_k", 1),

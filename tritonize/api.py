@@ -2,8 +2,11 @@
 
 Code written against ``TensorRTLLM(model_dir).export(...)``, ``.forward(...)`` and
 ``DeployPyTriton(model=..., triton_model_name=...).deploy() / serve() / run() / stop()`` ports by
-changing the two class names. The engine is tritonize's torch runtime; what only TensorRT-LLM can
-honour (parallelism, FP8, TensorRT build switches) is refused by name.
+changing the two class names. The engine is tritonize's torch runtime, split over GPUs with
+``tensor_parallelism_size``; what only TensorRT-LLM can honour (pipeline parallelism, TensorRT build
+switches) is refused by name. NeMo's ``fp8_quantized`` and ``fp8_kvcache`` are honoured: FP8 weights (an FP8
+source kept, a float one quantized per channel; False dequantizes) and an FP8 KV cache (None: as the
+checkpoint says).
 
 Adapters follow NeMo's API: LoRA checkpoints in ``Exporter(model_dir, lora_ckpt_list=[...])``, p-tuning
 tables through ``add_prompt_table(task_name, path)``, and ``forward(lora_uids=..., task_ids=...)`` per
@@ -29,13 +32,22 @@ from pathlib import Path
 from typing import Any
 
 from .deploy import DeployError, carry_out, plan_deploy
-from .repository.options import LORA_OPTIONS, PTUNING_OPTIONS, from_api, lora_pairs, refuse, split_modules
+from .errors import OptionError
+from .repository.options import (
+    LORA_OPTIONS,
+    OPTIONS,
+    PTUNING_OPTIONS,
+    from_api,
+    lora_pairs,
+    split_modules,
+)
 from .repository.spec import RepoSpec
 
 
-def _nemo_export_options(kwargs: dict[str, Any], what: str) -> None:
+def _nemo_export_options(kwargs: dict[str, Any], what: str) -> dict[str, Any]:
     """Refuses by name what NeMo's TensorRTLLM.export was asked that the torch runtime cannot honour; the
-    keywords are NeMo's (``repository.options`` maps them), and the ones without effect here are accepted."""
+    keywords are NeMo's (``repository.options`` maps them), and the ones without effect here are accepted.
+    Returns the options by tritonize's names."""
     options: dict[str, Any] = {}
     for key, value in kwargs.items():
         if key in LORA_OPTIONS | PTUNING_OPTIONS:  # the deploy script's spellings, not TensorRTLLM's
@@ -47,9 +59,12 @@ def _nemo_export_options(kwargs: dict[str, Any], what: str) -> None:
         except KeyError:
             raise TypeError(f"{what}() got an unexpected keyword argument {key!r}") from None
         if option is not None:
-            name, value = option
-            options[name] = tuple(value) if isinstance(value, list) else value
-    refuse(options, "torch")
+            name, converted = option
+            row = OPTIONS[name]
+            if "torch" not in row.runtimes and not row.is_unset(converted):
+                raise OptionError(row.api_refusal(key, value))
+            options[name] = tuple(converted) if isinstance(converted, list) else converted
+    return options
 
 
 ADAPTERS_DIR = "adapters"
@@ -100,9 +115,11 @@ class Exporter:
         self.max_input_len = max_input_len
         self.max_output_len = max_output_len
         self.max_num_tokens = max_num_tokens
+        self.tensor_parallel_size = 1  # export(tensor_parallelism_size=N): the engine's ranks, and the repository's
         self.model_type: str | None = None
         self.source: Path | None = None
         self.export_dtype: str | None = None
+        self.kv_cache_dtype = "auto"  # the torch engine's: fp8_kvcache True "fp8", False "model", None "auto"
         self._engine = None
         self._tokenizer = None
         self._end_ids: list[int] = []
@@ -223,8 +240,13 @@ class Exporter:
         (TensorRT-LLM names, e.g. attn_qkv) restricts which modules an adapter may touch.
         """
         del use_lora_plugin
-        _nemo_export_options({"tensor_parallelism_size": tensor_parallelism_size,
-                              "pipeline_parallelism_size": pipeline_parallelism_size, **nemo_options}, "export")
+        options = _nemo_export_options({"tensor_parallelism_size": tensor_parallelism_size,
+                                        "pipeline_parallelism_size": pipeline_parallelism_size, **nemo_options}, "export")
+        fp8_weights = str(options.get("export_fp8_quantized", "auto")).lower()
+        quantization = options.get("quantization") or {"true": "fp8", "false": "none"}.get(fp8_weights, "auto")
+        if fp8_weights in ("true", "false") and quantization != {"true": "fp8", "false": "none"}[fp8_weights]:
+            raise DeployError(f"fp8_quantized={fp8_weights.title()} and quantization={quantization!r} disagree")
+        fp8_kv = str(options.get("use_fp8_kv_cache", "auto")).lower()
         from .export import export_checkpoint
 
         wanted = _Adapters(lora_ckpt_list=self.lora_ckpt_list, max_lora_rank=int(max_lora_rank or 0),
@@ -232,11 +254,16 @@ class Exporter:
                            max_prompt_embedding_table_size=int(max_prompt_embedding_table_size or 0))
         self.close()
         export_checkpoint(Path(nemo_checkpoint_path), self.model_dir, model_type=model_type, dtype=dtype,
-                          force=delete_existing_files, progress=False)
+                          force=delete_existing_files, progress=False,
+                          quantization="fp8" if quantization == "fp8" else None,
+                          keep_fp8=False if quantization == "none" else None,
+                          fp8_lm_head=bool(options.get("fp8_lm_head")))
+        self.kv_cache_dtype = {"true": "fp8", "false": "model"}.get(fp8_kv, "auto")
         self.source = Path(nemo_checkpoint_path).expanduser().resolve()
         self.model_type = model_type
         self.max_input_len, self.max_output_len, self.max_batch_size = max_input_len, max_output_len, max_batch_size
         self.max_num_tokens = max_num_tokens
+        self.tensor_parallel_size = int(tensor_parallelism_size)
         self.export_dtype = dtype
         if dtype is not None:
             self.dtype = dtype
@@ -260,7 +287,8 @@ class Exporter:
                               max_seq_len=self.max_input_len + self.max_output_len,
                               max_num_tokens=self.max_num_tokens or max(self.max_input_len, self.max_batch_size),
                               adapters_dir=adapters if adapters.is_dir() else None,
-                              max_prompt_embedding_table_size=self.adapters.max_prompt_embedding_table_size)
+                              max_prompt_embedding_table_size=self.adapters.max_prompt_embedding_table_size,
+                              tensor_parallel_size=self.tensor_parallel_size, kv_cache_dtype=self.kv_cache_dtype)
 
     # -- generation ----------------------------------------------------------------------------
     def forward(self, input_texts: Sequence[str], max_output_token: int = 64, top_k: int = 1, top_p: float = 0.0,
@@ -432,6 +460,8 @@ class Deployment:
             max_input_len=m.max_input_len if m else 256, max_output_len=m.max_output_len if m else 256,
             max_num_tokens=(m.max_num_tokens or 0) if m else 0,
             device=self.device or (m.device if m else "auto"), dtype=self.dtype or (m.dtype if m else "auto"),
+            tensor_parallel_size=m.tensor_parallel_size if m else 1,
+            kv_cache_dtype=m.kv_cache_dtype if m else "auto",
             **(m.adapters.spec_fields() if m else {}),
         )
 

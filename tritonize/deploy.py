@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import DeployError
 from .export.api import EXPORT_MANIFEST, TRTLLM_DIR
-from .repository.build import build_repository
+from .repository.build import build_repository, stage_export
 from .repository.fp8 import detect_fp8_details, resolve_fp8_switch
 from .repository.options import describe, refuse
 from .repository.render import model_versions, read_manifest
@@ -31,8 +31,6 @@ from .repository.trtllm_build import (
     BuildOptions,
     build_options,
     is_trtllm_checkpoint,
-    link_tree,
-    shard_embedding,
 )
 from .serving.serve import ServeOptions, serve_repository
 
@@ -148,6 +146,37 @@ def trtllm_choices(spec: RepoSpec, options: Mapping[str, Any], source: Path | No
          "fp8_weights": w_on, "fp8_kv_cache": kv_on}, sort_keys=True)}), choices
 
 
+def fp8_choices(spec: RepoSpec, options: Mapping[str, Any], source: Path | None) -> tuple[RepoSpec, list[str]]:
+    """The torch runtime's FP8: ``--export-fp8-quantized`` (NeMo's switch) is ``--quantization`` fp8 / none, and
+    what "auto" comes to for the source is said. The TensorRT-LLM runtimes: ``trtllm_choices``."""
+    if spec.runtime != "torch":
+        return spec, []
+    value = str(options.get("export_fp8_quantized") or "auto").lower()
+    wanted = {"true": "fp8", "false": "none"}.get(value)
+    if wanted is not None:
+        if spec.quantization not in ("auto", wanted):
+            raise DeployError(f"--export-fp8-quantized {value} and --quantization {spec.quantization} disagree: "
+                              "give one of them")
+        spec = replace(spec, quantization=wanted)
+    found = detect_fp8_details(source) if source is not None else None
+    notes = []
+    if spec.quantization == "fp8":
+        how = "kept as they are" if found and found.weights else "quantized to FP8 per channel at export"
+        notes.append(f"FP8 weights: on ({how})")
+    elif spec.quantization == "none" and found and found.weights:
+        notes.append(f"FP8 weights: off (the FP8 checkpoint {found.source} is dequantized at export)")
+    elif found and found.weights:
+        notes.append(f"FP8 weights: on (detected from {found.source}; served as FP8)")
+    if spec.kv_cache_dtype != "auto":
+        on = "on" if spec.kv_cache_dtype == "fp8" else "off"
+        notes.append(f"FP8 KV cache: {on} (--use-fp8-kv-cache {options.get('use_fp8_kv_cache')})")
+    elif found and found.kv_cache:
+        notes.append(f"FP8 KV cache: on (detected from {found.source})")
+    else:
+        notes.append("FP8 KV cache: off (auto: the checkpoint declares none)")
+    return spec, notes
+
+
 def adapter_notes(spec: RepoSpec, options: Mapping[str, Any]) -> list[str]:
     """What deploy says about the adapters of a request (generate converts and checks them)."""
     notes = []
@@ -224,8 +253,6 @@ def carry_out(plan: DeployPlan, *, progress: bool = False) -> Path:
     """
     if plan.action != "build":
         return plan.repository
-    from .export import export_checkpoint
-
     plan.repository.parent.mkdir(parents=True, exist_ok=True)
     engine = plan.spec.runtime == "trtllm-engine"
     if _is_export(plan.source) and plan.model_type is None and plan.export_dtype is None and (
@@ -234,16 +261,9 @@ def carry_out(plan: DeployPlan, *, progress: bool = False) -> Path:
                                 build=plan.build)
     work = Path(tempfile.mkdtemp(prefix=f".{plan.repository.name}.deploy-", dir=plan.repository.parent))
     try:
-        exported = work / "export"
-        export_trtllm = engine and plan.trtllm_checkpoint is None
-        export_checkpoint(plan.source, exported, model_type=plan.model_type, dtype=plan.export_dtype,
-                          progress=progress, fmt="trtllm-checkpoint" if export_trtllm else "hf",
-                          tp_size=plan.spec.tensor_parallel_size if export_trtllm else 1,
-                          pp_size=plan.spec.pipeline_parallel_size if export_trtllm else 1)
-        if engine and plan.trtllm_checkpoint is not None:
-            link_tree(plan.trtllm_checkpoint, exported / TRTLLM_DIR)
-        if engine and plan.parallel_embedding:
-            shard_embedding(exported / TRTLLM_DIR)
+        exported = stage_export(plan.source, work, plan.spec, model_type=plan.model_type, dtype=plan.export_dtype,
+                                trtllm_checkpoint=plan.trtllm_checkpoint, parallel_embedding=plan.parallel_embedding,
+                                progress=progress)
         return build_repository(exported, plan.repository, plan.spec, force=plan.replace, progress=progress,
                                 build=plan.build)
     finally:
@@ -274,6 +294,9 @@ def deploy(options: Mapping[str, Any], *, force: bool = False, dry_run: bool = F
             repository = temporary / "repo"
         spec = RepoSpec.from_options(options)
         for line in adapter_notes(spec, options):
+            note(line)
+        spec, fp8_notes = fp8_choices(spec, options, source)
+        for line in fp8_notes:
             note(line)
         spec, choices = trtllm_choices(spec, options, source)
         plan = plan_deploy(repository, spec, source=source, model_type=options.get("model_type"),

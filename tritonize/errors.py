@@ -11,8 +11,9 @@ from pathlib import Path
 from .runtime.errors import AdapterError, EngineError, OneLineError, TritonizeError
 
 __all__ = [
-    "AdapterError", "CheckpointError", "DeployError", "EngineError", "ExportError", "LaunchError", "OptionError", "QueryError",
-    "RenderError", "ServerError", "TritonizeError", "TrtllmBuildError", "UnsafePickleError",
+    "AdapterError", "CheckpointError", "DeployError", "EngineError", "ExportError", "LaunchError", "OptionError",
+    "PythonEnvironmentError", "QueryError", "RenderError", "ServerError", "TritonizeError", "TrtllmBuildError",
+    "UnsafePickleError",
 ]
 
 
@@ -60,6 +61,16 @@ class ServerError(TritonizeError, RuntimeError):
         super().__init__(message)
         self.detail = detail
         self.log_path = log_path
+
+
+class PythonEnvironmentError(ServerError):
+    """The Python that the server's Python models would run on cannot run them (numpy 2, a missing package):
+    found before the server starts. ``python`` is that interpreter, ``problem`` and ``fix`` the two halves of
+    the message."""
+
+    def __init__(self, python: str, problem: str, fix: str) -> None:
+        super().__init__(f"{problem}: {fix}")
+        self.python, self.problem, self.fix = python, problem, fix
 
 
 class QueryError(TritonizeError):

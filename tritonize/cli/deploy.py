@@ -14,7 +14,7 @@ import click
 from ..deploy import deploy as run_deploy
 from ..errors import TritonizeError
 from ..export.canonical import MODEL_TYPES
-from ..repository.spec import DEVICES
+from ..repository.spec import DEVICES, QUANTIZATIONS
 from ..runtime.choices import MULTI_GPU_MODES, RUNTIMES
 from .options import FP8_SWITCH, deploy_option
 
@@ -26,10 +26,14 @@ Examples:
 
 \b
 A repository whose tritonize.json records the same request is served without exporting again; one
-made with other options is an error naming the option (--force rebuilds). Options that only the
-TensorRT-LLM runtimes honour (parallelism, FP8, TensorRT build switches) are refused by name on the
-torch runtime; --runtime trtllm takes parallelism and the FP8 KV cache, --runtime trtllm-engine exports
-a TRT-LLM checkpoint for the TP x PP given, builds it with trtllm-build and serves it on TP x PP GPUs:
+made with other options is an error naming the option (--force rebuilds). The torch runtime splits a
+model over GPUs with --tensor-parallelism-size (one process per GPU, started by the engine model), and
+serves FP8 weights and an FP8 KV cache itself:
+  tritonize deploy --nemo-checkpoint ./llama-70b.nemo --tensor-parallelism-size 4
+Options that only the TensorRT-LLM runtimes honour (pipeline parallelism, TensorRT build switches) are
+refused by name on the torch runtime; --runtime trtllm takes parallelism and the FP8 KV cache,
+--runtime trtllm-engine exports a TRT-LLM checkpoint for the TP x PP given, builds it with trtllm-build
+and serves it on TP x PP GPUs:
   tritonize deploy --nemo-checkpoint ./llama.nemo --runtime trtllm-engine --tensor-parallelism-size 2
 """
 
@@ -80,8 +84,14 @@ a TRT-LLM checkpoint for the TP x PP given, builds it with trtllm-build and serv
 @deploy_option("no_paged_kv_cache", is_flag=True)
 @deploy_option("disable_remove_input_padding", is_flag=True)
 @deploy_option("use_parallel_embedding", is_flag=True)
-@deploy_option("export_fp8_quantized", type=FP8_SWITCH, default="auto", show_default=True)
-@deploy_option("use_fp8_kv_cache", type=FP8_SWITCH, default="auto", show_default=True)
+@deploy_option("export_fp8_quantized", type=FP8_SWITCH, default="auto", show_default=True,
+               help="FP8 weights (auto: as the checkpoint). torch: true is --quantization fp8, false is none.")
+@deploy_option("use_fp8_kv_cache", type=FP8_SWITCH, default="auto", show_default=True,
+               help="FP8 KV cache (auto: as the checkpoint says).")
+@deploy_option("quantization", type=click.Choice(QUANTIZATIONS), default="auto", show_default=True,
+               help="torch: FP8 weights as the checkpoint has them (auto), quantized per channel (fp8), or dequantized "
+                    "(none).")
+@deploy_option("fp8_lm_head", is_flag=True, help="With --quantization fp8: the LM head too.")
 @click.option("--tritonserver", type=click.Path(path_type=Path), default=None, help="tritonserver binary to run.")
 @click.option("--startup-timeout", type=click.FloatRange(min=1), default=600, show_default=True)
 @click.option("--force", is_flag=True, help="Rebuild the model version even if the repository holds it.")

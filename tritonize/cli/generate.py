@@ -9,14 +9,15 @@ import click
 
 from ..errors import TritonizeError
 from ..repository.build import generate_repository
-from ..repository.spec import DEVICES, DTYPES
+from ..repository.spec import DEVICES, DTYPES, QUANTIZATIONS
 from ..runtime.choices import MULTI_GPU_MODES, RUNTIMES
 from .options import FP8_SWITCH, generate_option
 
 
 @click.command()
 @click.option("--checkpoint", "-c", required=True, type=click.Path(path_type=Path),
-              help="Hugging Face-format directory (config.json, *.safetensors, tokenizer), e.g. from `tritonize export`.")
+              help="Hugging Face-format directory (config.json, *.safetensors, tokenizer), or any source `tritonize "
+                   "export` reads (.nemo, NeMo 2, Megatron-Bridge, .qnemo / TRT-LLM checkpoint): exported on the way.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
               help="Model repository to write, or an existing one to add the model or version to.")
 @generate_option("name", "-n", default="model", show_default=True, help="Name of the ensemble clients call.")
@@ -59,9 +60,10 @@ from .options import FP8_SWITCH, generate_option
 @click.option("--force", is_flag=True,
               help="Replace this model version if --output holds it (or --output if it is not a tritonize repository).")
 @generate_option("tensor_parallel_size", type=click.IntRange(min=1), default=1, show_default=True,
-                 help="TensorRT-LLM runtimes: GPUs per pipeline stage (trtllm-engine: from the engine if left at 1).")
+                 help="GPUs the model is split over (per pipeline stage): attention heads, MLP and LM head split, one "
+                      "process per GPU (trtllm-engine: from the engine if left at 1).")
 @generate_option("pipeline_parallel_size", type=click.IntRange(min=1), default=1, show_default=True,
-                 help="TensorRT-LLM runtimes: pipeline stages.")
+                 help="TensorRT-LLM runtimes only: pipeline stages.")
 @generate_option("kv_cache_free_gpu_memory_fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
                  help="Share of the GPU memory free once the weights are loaded that the KV cache takes "
                       "(default 0.9, as TensorRT-LLM's).")
@@ -70,8 +72,14 @@ from .options import FP8_SWITCH, generate_option
                       "room for 16 requests of the longest length).")
 @generate_option("prefix_cache", default=True, show_default=True,
                  help="Reuse the keys and values of prompt prefixes seen before (whole blocks of 16 tokens).")
+@generate_option("quantization", type=click.Choice(QUANTIZATIONS), default="auto", show_default=True,
+                 help="torch: FP8 weights. auto: the checkpoint's as they are (FP8 checkpoints run in FP8); fp8: "
+                      "the linear layers quantized to FP8 with one scale per output channel, into the repository's "
+                      "weights (embedding, norms and LM head stay); none: an FP8 checkpoint dequantized.")
+@generate_option("fp8_lm_head", is_flag=True, help="With --quantization fp8: the LM head too (not when tied).")
 @generate_option("use_fp8_kv_cache", type=FP8_SWITCH, default="auto", show_default=True,
-                 help="trtllm: FP8 KV cache (auto: as the checkpoint says). trtllm-engine: fixed by the checkpoint.")
+                 help="FP8 KV cache, twice the tokens per byte (auto: as the checkpoint says). torch and trtllm; "
+                      "trtllm-engine: fixed by the checkpoint.")
 @generate_option("multi_gpu_mode", type=click.Choice(MULTI_GPU_MODES), default="leader", show_default=True,
                  help="trtllm-engine over several GPUs: one tritonserver per MPI rank (leader) or one that spawns "
                       "its workers (orchestrator).")
@@ -83,7 +91,12 @@ from .options import FP8_SWITCH, generate_option
 @generate_option("build_workers", type=click.IntRange(min=1), default=1, show_default=True,
                  help="trtllm-engine build: ranks built in parallel (trtllm-build --workers).")
 def generate(checkpoint: Path, output: Path, force: bool, **options: Any) -> None:
-    """Write a Triton model repository for a Hugging Face-format CHECKPOINT.
+    """Write a Triton model repository for a checkpoint.
+
+    \b
+    A Hugging Face-format directory is read as it is; a .nemo, NeMo 2, Megatron-Bridge or .qnemo / TRT-LLM
+    checkpoint is exported first (as `tritonize export` does, into a temporary directory beside --output
+    that is removed afterwards).
 
     \b
     The repository holds NAME (the ensemble: text in, text out, decoupled for streaming),
@@ -98,10 +111,12 @@ def generate(checkpoint: Path, output: Path, force: bool, **options: Any) -> Non
     \b
     Example:
       tritonize generate --checkpoint ./tiny-llama --output ./repo --model-name tiny
+      tritonize generate --checkpoint ./llama31_8b.nemo --output ./repo --model-name llama
       tritonize generate --checkpoint ./tiny-llama-v2 --output ./repo --model-name tiny --model-version 2
       tritonserver --model-repository ./repo        # or: tritonize serve ./repo
       tritonize generate -c ./tiny-llama -o ./repo --lora-ckpt ./peft-a --lora-ckpt 7=./lora.nemo \\
           --ptuning-nemo-checkpoint ./ptuning.nemo --task-ids 3
+      tritonize generate -c ./llama-bf16 -o ./repo --quantization fp8 --use-fp8-kv-cache true
     """
     try:
         result = generate_repository(checkpoint, output, options, force=force,
@@ -116,4 +131,10 @@ def generate(checkpoint: Path, output: Path, force: bool, **options: Any) -> Non
         click.echo(f"  LoRA:   lora_task_id {task} = {source}")
     for task, source in spec.ptuning:
         click.echo(f"  p-tuning: task_id {task} = {source}")
+    if spec.tensor_parallel_size > 1 and spec.runtime in ("torch", "auto"):
+        where = "processes on the CPU" if spec.device == "cpu" else "one process per GPU"
+        click.echo(f"  split:  tensor parallelism {spec.tensor_parallel_size} ({where}, started by {spec.name}_engine)")
+    quant = result.quantization
+    if quant:
+        click.echo(f"  FP8:    weights {quant['weights']} ({quant['origin']}), KV cache {quant['kv_cache']}")
     click.echo(f"  serve:  tritonize serve {out}")

@@ -34,8 +34,9 @@ def _check(value: str, pattern: re.Pattern[str], what: str, example: str) -> str
 @click.option("--image", default=DEFAULT_IMAGE, show_default=True,
               help="Triton image; it needs torch, numpy<2, tokenizers, sentencepiece and safetensors.")
 @click.option("--name", default=None, help="Name of the Deployment and Service (default: from the model name).")
-@click.option("--gpus", type=click.IntRange(0), default=1, show_default=True,
-              help="nvidia.com/gpu per pod; 0 for a CPU repository.")
+@click.option("--gpus", type=click.IntRange(0), default=None,
+              help="nvidia.com/gpu per pod (default: what the repository needs: one per tensor-parallel rank, "
+                   "0 for a --device cpu repository).")
 @click.option("--replicas", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for the manifests (default: ./k8s-NAME).")
@@ -51,7 +52,7 @@ def _check(value: str, pattern: re.Pattern[str], what: str, example: str) -> str
 @click.option("--cpu", default="2", show_default=True, help="CPU request per pod.")
 @click.option("--memory", default="16Gi", show_default=True, help="Memory request and limit per pod.")
 @click.option("--force", is_flag=True, help="Replace an existing --output directory.")
-def k8s(repo: Path, image: str, name: str | None, gpus: int, replicas: int, output: Path | None,
+def k8s(repo: Path, image: str, name: str | None, gpus: int | None, replicas: int, output: Path | None,
         host_path: str | None, claim: str | None, storage: str | None, access_mode: str, service_type: str,
         cpu: str, memory: str, force: bool) -> None:
     """Write Kubernetes manifests (Deployment, Service, volume) that serve REPO with tritonserver."""

@@ -6,22 +6,29 @@ and turns tritonize's own errors into one-line messages with a non-zero exit.
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
 from ..version import __version__
-from .bench import bench
-from .demo import demo
-from .deploy import deploy
-from .export import export
-from .generate import generate
-from .k8s import k8s
-from .openai import openai
-from .query import query
-from .serve import serve
-from .validate import validate
+
+# Each command's module is imported when the command runs (or help lists it): `tritonize serve` and
+# `tritonize query` then start and exit without loading torch, which the export and generate paths need.
+# Command name -> its module in this package (each module defines the command under the same name).
+COMMANDS = ("generate", "serve", "openai", "query", "demo", "validate", "bench", "k8s", "deploy", "export")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        return getattr(importlib.import_module(f".{name}", __package__), name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="tritonize")
 def cli() -> None:
     """Turn an LLM checkpoint into a Triton Inference Server model repository.
@@ -37,19 +44,6 @@ def cli() -> None:
       tritonize serve ./repo
       tritonize query -m tiny -p "What is the color of a banana?" --max-tokens 16 --stream
     """
-
-
-cli.add_command(generate)
-cli.add_command(serve)
-cli.add_command(openai)
-cli.add_command(query)
-cli.add_command(demo)
-cli.add_command(validate)
-cli.add_command(bench)
-cli.add_command(k8s)
-cli.add_command(deploy)
-
-cli.add_command(export)
 
 
 def main() -> None:

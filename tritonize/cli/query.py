@@ -17,7 +17,7 @@ from ..serving.client import GenerateOptions, QueryError, grpc_generate, http_ge
               show_default=True, type=int, help="Tokens to generate at most.")
 @click.option("--top-k", "-topk", "--top_k", "top_k", type=int, default=None, help="Sample from the k likeliest.")
 @click.option("--top-p", "-topp", "--top_p", "top_p", type=float, default=None, help="Nucleus sampling mass.")
-@click.option("--temperature", "-t", type=float, default=None, help="Sampling temperature (0: greedy).")
+@click.option("--temperature", "-t", type=float, default=None, help="Sampling temperature; sampling needs --top-k above 1 or --top-p (else greedy).")
 @click.option("--seed", type=int, default=None, help="Random seed: the same seed gives the same text.")
 @click.option("--stop-words", "-swl", "--stop_words_list", "stop_words", multiple=True,
               help="Stop when this text is generated (repeatable).")

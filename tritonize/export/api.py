@@ -21,6 +21,7 @@ import torch
 
 from ..errors import ExportError
 from ..version import __version__
+from . import fp8 as fp8_mod
 from . import hf_config, hf_layout, sources
 from . import verify as verify_mod
 from .canonical import MODEL_TYPES
@@ -32,6 +33,7 @@ from .weight_files import read_safetensors
 from .writer import DEFAULT_SHARD_BYTES, write_safetensors
 
 FORMATS = ("hf", "trtllm-checkpoint")
+QUANTIZATIONS = ("fp8",)
 EXPORT_MANIFEST = "export_manifest.json"
 TRTLLM_DIR = "trtllm_checkpoint"
 
@@ -148,6 +150,9 @@ def export_checkpoint(
     progress: bool = True,
     tokenizer: Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    keep_fp8: bool | None = None,
+    quantization: str | None = None,
+    fp8_lm_head: bool = False,
 ) -> ExportResult:
     """Exports ``source`` (.nemo, NeMo 2 dir, .qnemo / TRT-LLM checkpoint, HF dir) to ``output``.
 
@@ -156,11 +161,22 @@ def export_checkpoint(
     ``fmt="trtllm-checkpoint"``, a TRT-LLM checkpoint for ``tp_size`` x ``pp_size`` ranks in
     ``output/trtllm_checkpoint``. Raises :class:`ExportError` with a one-line message on any
     problem; nothing is left behind then.
+
+    FP8 (``fp8.py``): an FP8 source's linears stay FP8 with their scales (``keep_fp8`` None: where the torch
+    runtime serves them, else dequantized with a note in the manifest; True: or fail; False: always
+    dequantized). ``quantization="fp8"`` quantizes a float source's decoder linears per output channel (and
+    the LM head with ``fp8_lm_head``); the embedding and norms stay in ``dtype``.
     """
     started = time.monotonic()
     source = Path(source).expanduser().resolve()
     output = Path(output).expanduser().resolve()
     _check_args(source, output, model_type, fmt, tp_size, pp_size, force)
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ExportError(f"unknown quantization {quantization!r}; use {', '.join(QUANTIZATIONS)} (or none)")
+    if quantization and keep_fp8 is False:
+        raise ExportError("--quantization fp8 writes FP8 weights: drop --no-keep-fp8")
+    if fp8_lm_head and not quantization:
+        raise ExportError("--fp8-lm-head goes with --quantization fp8")
     out_dtype = parse_dtype(dtype) if dtype else None
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent))
@@ -180,17 +196,26 @@ def export_checkpoint(
                 out_dtype = loaded.model.embed.dtype if loaded.model.embed.dtype.is_floating_point else torch.float32
         spec.dtype = dtype_name(out_dtype)
         hf_cfg = _hf_config(loaded)
+        fp8_info = _fp8_plan(loaded, keep_fp8, quantization, fp8_lm_head)
         tensors = hf_layout.to_hf(loaded.model)
+        keep_dtype: set[str] = set()
+        if fp8_info.get("weights") == "fp8":
+            out = fp8_mod.fp8_tensors(tensors, loaded.model, kv_cache=True)
+            tensors, keep_dtype = out.tensors, out.keep_dtype
+            hf_cfg["quantization_config"] = out.quantization_config
+            fp8_info.update(strategy=out.strategy, activations="static" if out.static_activations else "dynamic",
+                            kv_cache_scales=out.kv_scales, fp8_linears=out.fp8_linears)
 
         (stage / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         (stage / "generation_config.json").write_text(json.dumps(_generation_config(loaded), indent=2) + "\n")
         if loaded.tokenizer is not None:
             loaded.tokenizer.write(stage)
 
-        total = sum(_nbytes(t, out_dtype) for _n, t in tensors)
+        total = sum(_nbytes(t, t.dtype if n in keep_dtype else out_dtype) for n, t in tensors)
         bar = _Progress(total * (2 if fmt == "trtllm-checkpoint" else 1), progress, f"export {source.name}")
         try:
-            written = write_safetensors(stage, tensors, dtype=out_dtype, max_shard_bytes=max_shard_bytes, progress=bar)
+            written = write_safetensors(stage, tensors, dtype=out_dtype, max_shard_bytes=max_shard_bytes, progress=bar,
+                                        keep_dtype=keep_dtype)
             trt_dir = None
             trt_files: dict[str, str] = {}
             if fmt == "trtllm-checkpoint":
@@ -201,15 +226,15 @@ def export_checkpoint(
 
         verify_result = None
         if verify:
-            verify_result = verify_mod.verify(loaded, tree, stage, spec.dtype)
+            verify_result = verify_mod.verify(loaded, tree, stage, spec.dtype,
+                                              quantized=fp8_info.get("origin") == "quantized by this export")
             if not verify_result["passed"]:
-                raise ExportError(
-                    f"verification failed: largest logit difference {verify_result['max_abs_logit_diff']:.3g} "
-                    f"exceeds {verify_result['tolerance']:.3g}; the export does not reproduce the source"
-                )
+                raise ExportError(f"verification failed: {verify_result['failure']}; the export does not reproduce "
+                                  "the source")
 
         manifest = _manifest(loaded, source, spec, written.files, stage, fmt, tp_size, pp_size, trt_files,
                              verify_result, _num_parameters(tensors))
+        manifest["output"]["quantization"] = fp8_info or None
         (stage / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         FILES.close()
         tree.close()
@@ -244,6 +269,31 @@ def export_checkpoint(
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _fp8_plan(loaded: sources.Loaded, keep_fp8: bool | None, quantization: str | None,
+              fp8_lm_head: bool) -> dict[str, Any]:
+    """Decides (and applies, for ``quantization``) what the export writes in FP8; what the manifest records."""
+    model = loaded.model
+    source_fp8 = fp8_mod.is_fp8(model)
+    reason = fp8_mod.not_keepable(model) if source_fp8 else None
+    if quantization == "fp8":
+        if reason:
+            raise ExportError(f"--quantization fp8: {reason}")
+        count = fp8_mod.quantize(model, lm_head=fp8_lm_head)
+        origin = "quantized by this export" if count else "the source's"
+        if count and source_fp8:
+            origin = "the source's, and the float linears quantized by this export"
+        return {"weights": "fp8", "origin": origin, "quantized_linears": count, "lm_head": fp8_lm_head}
+    if not source_fp8:
+        return {}
+    if keep_fp8 is False:
+        return {"weights": "dequantized", "origin": "the source's FP8, dequantized (--no-keep-fp8)"}
+    if reason is None:
+        return {"weights": "fp8", "origin": "the source's"}
+    if keep_fp8:
+        raise ExportError(f"--keep-fp8: {reason}; export with --no-keep-fp8 to dequantize")
+    return {"weights": "dequantized", "origin": f"the source's FP8, dequantized: {reason}"}
+
+
 def _nbytes(t: Any, dtype: torch.dtype) -> int:
     n = 1
     for s in t.shape:
@@ -259,7 +309,7 @@ def _write_trtllm(stage: Path, trt_dir: Path, dtype: torch.dtype, tp: int, pp: i
     tensors: dict[str, Any] = {}
     for name in sorted(n for n in hf_tree.list("") if n.endswith(".safetensors")):
         tensors.update(read_safetensors(hf_tree, name))
-    model = hf_layout.from_hf(spec, lambda n: Region(tensors[n]), set(tensors))
+    model = hf_layout.from_hf(spec, lambda n: Region(tensors[n]), set(tensors), fp8_block=fp8_mod.hf_fp8_block(cfg))
     written = write_trtllm_checkpoint(model, trt_dir, dtype=dtype, tp=tp, pp=pp, progress=bar)
     return {f"{TRTLLM_DIR}/{k}": v for k, v in written.files.items()}
 

@@ -8,6 +8,9 @@ with separate q/k/v; any fusing or transposing is the writer's business.
 Norm weights keep the convention they were stored in: ``offset`` says the layer computes
 ``(weight + offset) * x_hat``. A writer converts only when its format's convention differs, so a
 bfloat16 weight is never rounded through ``w + 1 - 1``.
+
+FP8 weights are ``lazy.Quantized``: read as their dequantized values by any writer, kept as FP8 bytes and
+scales by the one that asks (``fp8.py``).
 """
 
 from __future__ import annotations
@@ -101,6 +104,9 @@ class Layer:
     down: Linear | None = None
     router: Lazy | None = None
     experts: list[Expert] = field(default_factory=list)
+    # FP8 KV cache scales (what an FP8 cache stores is k / k_scale, v / v_scale): scalars, when the source has them
+    k_scale: Lazy | None = None
+    v_scale: Lazy | None = None
 
 
 @dataclass

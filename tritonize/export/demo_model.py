@@ -22,7 +22,7 @@ def mistral_tokenizer_model() -> Path:
     spec = importlib.util.find_spec("mistral_common")
     if spec is None or not spec.submodule_search_locations:
         raise TritonizeError(
-            "the demo needs the tokenizer shipped in mistral-common: pip install 'tritonize[demo]'"
+            "the demo needs the tokenizer shipped in mistral-common: pip install mistral-common"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "tokenizer.model.v1"
     if not path.is_file():

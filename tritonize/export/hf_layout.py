@@ -17,7 +17,8 @@ import torch
 
 from ..errors import ExportError
 from .canonical import Expert, Layer, Linear, Model, ModelSpec, Norm
-from .lazy import Lazy, Rows, Transpose, Zeros, add_offset, cat0, rows_of
+from .lazy import Lazy, Quantized, Rows, Transpose, Zeros, add_offset, cat0, rows_of
+from .stored import parse_dtype
 
 #: norm convention of each architecture: the layer computes (weight + offset) * x_hat
 NORM_OFFSET = {"GemmaForCausalLM": 1.0, "NemotronForCausalLM": 1.0}
@@ -175,11 +176,24 @@ def to_hf(model: Model) -> list[tuple[str, Lazy]]:
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 
-def from_hf(spec: ModelSpec, get: Callable[[str], Lazy], names: set[str]) -> Model:
-    """Reads an HF checkpoint of ``spec.arch`` into a canonical model; every tensor must be used."""
+#: where FP8 checkpoints keep a layer's KV cache scales: (key, value) names under ``model.layers.N.``
+KV_SCALE_NAMES = (("self_attn.k_scale", "self_attn.v_scale"), ("self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale"),
+                  ("self_attn.kv_scale", "self_attn.kv_scale"),
+                  ("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"))
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def from_hf(spec: ModelSpec, get: Callable[[str], Lazy], names: set[str],
+            fp8_block: tuple[int, int] | None = None) -> Model:
+    """Reads an HF checkpoint of ``spec.arch`` into a canonical model; every tensor must be used.
+
+    An FP8 weight (``<linear>.weight`` in float8_e4m3fn) is read with its ``weight_scale`` (or
+    ``weight_scale_inv``; block-wise with ``fp8_block``) and static ``input_scale`` (or ``activation_scale``)
+    as a ``lazy.Quantized`` in ``spec.dtype``; KV cache scales (``KV_SCALE_NAMES``) onto each layer."""
     a = spec.arch
     used: set[str] = set()
     dt_holder: list[torch.dtype] = []
+    out_dtype = _dtype_or(spec.dtype, torch.bfloat16)
 
     def take(name: str, required: bool = True) -> Lazy | None:
         if name not in names:
@@ -188,6 +202,16 @@ def from_hf(spec: ModelSpec, get: Callable[[str], Lazy], names: set[str]) -> Mod
             return None
         used.add(name)
         t = get(name)
+        if t.dtype in _FP8_DTYPES and name.endswith(".weight"):
+            prefix = name.removesuffix(".weight")
+            scale = next((n for n in (f"{prefix}.weight_scale", f"{prefix}.weight_scale_inv") if n in names), None)
+            if scale is None:
+                raise ExportError(f"{name} is FP8 but the checkpoint has no {prefix}.weight_scale")
+            if t.dtype != torch.float8_e4m3fn:
+                raise ExportError(f"{name} is {t.dtype}; FP8 weights are read in float8_e4m3fn")
+            inp = next((n for n in (f"{prefix}.input_scale", f"{prefix}.activation_scale") if n in names), None)
+            used.update(n for n in (scale, inp) if n)
+            t = Quantized(t, get(scale), out_dtype, fp8_block, get(inp) if inp else None)
         dt_holder.append(t.dtype)
         return t
 
@@ -215,6 +239,10 @@ def from_hf(spec: ModelSpec, get: Callable[[str], Lazy], names: set[str]) -> Mod
             p = f"model.layers.{i}."
             q, k, v, o = (lin(p + f"self_attn.{r}_proj", True) for r in "qkvo")
             layer = Layer(norm(p + "input_layernorm"), q, k, v, o, norm(p + "post_attention_layernorm"))
+            for k_name, v_name in KV_SCALE_NAMES:
+                if p + k_name in names and p + v_name in names:
+                    layer.k_scale, layer.v_scale = take(p + k_name), take(p + v_name)
+                    break
             if a == "MixtralForCausalLM":
                 layer.router, layer.experts = _mixtral_experts(spec, p, take, names)
             elif a == "Starcoder2ForCausalLM":
@@ -267,6 +295,13 @@ def from_hf(spec: ModelSpec, get: Callable[[str], Lazy], names: set[str]) -> Mod
             f"{' ...' if len(leftover) > 4 else ''}); refusing to drop them silently"
         )
     return Model(spec, embed, final, layers, lm_head=lm_head, pos_embed=pos_embed)
+
+
+def _dtype_or(name: str | None, default: torch.dtype) -> torch.dtype:
+    try:
+        return parse_dtype(name) if name else default
+    except ExportError:
+        return default
 
 
 def _split_rows(t: Lazy, sizes: tuple[int, ...]) -> tuple[Lazy, ...]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -238,3 +239,173 @@ class Cols(Lazy):
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.base.rows(start, stop)[:, self.start : self.start + self.length]
+
+
+# --------------------------------------------------------------------------------------------------
+# FP8 weights: read as their dequantized values by default, kept as FP8 + scales by writers that can
+# --------------------------------------------------------------------------------------------------
+
+
+class Quantized(Lazy):
+    """An FP8 weight with its scale, read as ``fp8 * scale`` in ``dtype`` (so every writer that knows nothing of
+    FP8 gets the dequantized weight). ``scale``: a scalar (per tensor), ``[rows]`` (per output row) or a block
+    grid ``[ceil(rows / b0), ceil(cols / b1)]`` with ``block``; ``input_scale``: the static activation scale
+    (a scalar lazy) or None. ``fp8_parts`` takes the FP8 bytes and scales back out, through row rearrangements."""
+
+    def __init__(self, base: Lazy, scale: Lazy, dtype: torch.dtype, block: tuple[int, int] | None = None,
+                 input_scale: Lazy | None = None):
+        self.base, self.scale, self.block, self.input_scale = base, scale, block, input_scale
+        self.shape, self.dtype = base.shape, dtype
+        n = math.prod(scale.shape) if scale.shape else 1
+        if block is None and n not in (1, base.nrows):
+            raise ExportError(f"FP8 scale with {n} values does not fit a {list(base.shape)} weight")
+        if block is not None and len(base.shape) != 2:
+            raise ExportError(f"block-scaled FP8 weight of shape {list(base.shape)} is not 2-D")
+        self._scale: torch.Tensor | None = None
+
+    def scales(self) -> torch.Tensor:
+        if self._scale is None:
+            self._scale = self.scale.full().float()
+        return self._scale
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        w = self.base.rows(start, stop).float()
+        s = self.scales()
+        if self.block is not None:
+            b0, b1 = self.block
+            grid = s.repeat_interleave(b0, dim=0)[start:stop].repeat_interleave(b1, dim=1)[:, : w.shape[1]]
+            return (w * grid).to(self.dtype)
+        if s.numel() == 1:
+            return (w * s.reshape(())).to(self.dtype)
+        return (w * s.reshape(-1)[start:stop].reshape(-1, *([1] * (w.dim() - 1)))).to(self.dtype)
+
+
+class QuantizedRows(Lazy):
+    """Per-row FP8 of a float lazy tensor (``runtime.quantize.quantize_per_channel``, row block by row block):
+    ``weight`` gives the FP8 rows, ``scale`` their float32 scales."""
+
+    def __init__(self, base: Lazy):
+        from ..runtime.quantize import FP8
+
+        if len(base.shape) != 2:
+            raise ExportError(f"only 2-D weights are quantized per row, not {list(base.shape)}")
+        self.base = base
+        self.shape, self.dtype = base.shape, FP8
+        self.scale = _RowScales(base)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        from ..runtime.quantize import quantize_per_channel
+
+        return quantize_per_channel(self.base.rows(start, stop))[0]
+
+
+class _RowScales(Lazy):
+    def __init__(self, base: Lazy):
+        self.base = base
+        self.shape, self.dtype = (base.shape[0],), torch.float32
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        from ..runtime.quantize import quantize_per_channel
+
+        return quantize_per_channel(self.base.rows(start, stop))[1]
+
+
+def quantize_rows(weight: Lazy) -> Quantized:
+    """``weight`` quantized to FP8 per output row, as a Quantized lazy (read back as its dequantized value)."""
+    q = QuantizedRows(weight)
+    return Quantized(q, q.scale, weight.dtype)
+
+
+@dataclass
+class Fp8Parts:
+    """What a writer keeps of an FP8 weight: its FP8 bytes, its scale (a scalar, ``[rows]``, or a block grid)
+    and its static input scale (None: dynamic activations)."""
+
+    weight: Lazy
+    scale: Lazy
+    block: tuple[int, int] | None
+    input_scale: Lazy | None
+
+
+class Broadcast(Lazy):
+    """A scalar lazy as ``[rows]`` (a per-tensor scale where per-row ones are needed)."""
+
+    def __init__(self, scalar: Lazy, rows: int):
+        self.scalar, self.shape, self.dtype = scalar, (rows,), torch.float32
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.scalar.full().float().reshape(1).expand(stop - start).clone()
+
+
+class _MaxOf(Lazy):
+    """The largest of several scalar lazies (the static input scale of rows gathered from several linears)."""
+
+    def __init__(self, parts: Sequence[Lazy]):
+        self.parts, self.shape, self.dtype = list(parts), (), torch.float32
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return torch.stack([p.full().float().reshape(()) for p in self.parts]).max()
+
+
+def is_scalar(t: Lazy) -> bool:
+    """One value (shape ``[]`` or ``[1]``): a per-tensor scale."""
+    return math.prod(t.shape) == 1
+
+
+def _per_row(parts: Fp8Parts, rows: int) -> Lazy:
+    return Broadcast(parts.scale, rows) if is_scalar(parts.scale) else parts.scale
+
+
+def fp8_parts(t: Lazy) -> Fp8Parts | None:
+    """The FP8 bytes and scales behind ``t``, through the row rearrangements the readers build (row segments of
+    fused tensors, one expert of a stack); None when ``t`` is not (all) FP8 or its scales cannot follow."""
+    if isinstance(t, Quantized):
+        return Fp8Parts(t.base, t.scale, t.block, t.input_scale)
+    if isinstance(t, Rows):
+        segments = []
+        inputs = []
+        for k, (base, start, length) in enumerate(t.segments):
+            parts = fp8_parts(base)
+            if parts is None:
+                return None
+            if parts.block is not None:  # whole blocks only (a partial one last, at the end of its tensor)
+                last = k == len(t.segments) - 1
+                if start % parts.block[0] or (length % parts.block[0] and not (last and start + length == base.nrows)):
+                    return None
+            segments.append((parts, start, length))
+            inputs.append(parts.input_scale)
+        blocks = {p.block for p, _, _ in segments}
+        if len(blocks) != 1:
+            return None
+        block = blocks.pop()
+        weight = Rows([(p.weight, s, n) for p, s, n in segments])
+        if block is not None:
+            scale = Rows([(p.scale, s // block[0], -(-n // block[0])) for p, s, n in segments])
+        elif len({id(p.scale) for p, _, _ in segments}) == 1 and is_scalar(segments[0][0].scale):
+            scale = segments[0][0].scale  # one per-tensor scale for all the rows
+        else:
+            scale = Rows([(_per_row(p, p.weight.nrows), s, n) for p, s, n in segments])
+        input_scale = None if any(i is None for i in inputs) else (inputs[0] if len(inputs) == 1 else _MaxOf(inputs))
+        return Fp8Parts(weight, scale, block, input_scale)
+    if isinstance(t, Unstack):
+        parts = fp8_parts(t.base)
+        if parts is None or parts.block is not None:
+            return None
+        if is_scalar(parts.scale):
+            scale = parts.scale
+        elif len(parts.scale.shape) == 2:  # [experts, rows]
+            scale = Unstack(parts.scale, t.index)
+        else:
+            return None
+        return Fp8Parts(Unstack(parts.weight, t.index), scale, None, parts.input_scale)
+    if isinstance(t, Cat1):
+        parts = [fp8_parts(p) for p in t.parts]
+        if any(p is None or p.block is not None for p in parts):
+            return None
+        values = [p.scale.full().float().reshape(-1) for p in parts]  # small: a scalar or one value per row each
+        if not all(v.shape == values[0].shape and torch.equal(v, values[0]) for v in values):
+            return None  # column pieces with different scales: no single scale per row fits
+        inputs = [p.input_scale for p in parts]
+        input_scale = None if any(i is None for i in inputs) else _MaxOf(inputs)
+        return Fp8Parts(Cat1([p.weight for p in parts]), parts[0].scale, None, input_scale)
+    return None

@@ -22,6 +22,7 @@ import yaml
 from ..errors import ExportError
 from . import bridge, dcp, hf_config, hf_layout, megatron, nemo_config, tokenizer_files, trtllm_read
 from .canonical import Model
+from .fp8 import hf_fp8_block
 from .lazy import Region
 from .nemo_config import MegatronConfig
 from .stored import StoredTensor
@@ -251,7 +252,8 @@ def load_hf(tree: Tree, model_type: str | None, user_tok: TokenizerFiles | None)
     cfg = _json(tree, "config.json")
     spec = hf_config.spec_from_hf_config(cfg, model_type)
     tensors = hf_tensors(tree)
-    model = hf_layout.from_hf(spec, lambda n: Region(tensors[n]), set(tensors))
+    quant = _json(tree, "hf_quant_config.json") if tree.is_file("hf_quant_config.json") else None
+    model = hf_layout.from_hf(spec, lambda n: Region(tensors[n]), set(tensors), fp8_block=hf_fp8_block(cfg, quant))
     tok = user_tok
     if tok is None and any(tree.is_file(n) for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         tok = tokenizer_files.huggingface(tree, what)
@@ -263,7 +265,11 @@ def load_hf(tree: Tree, model_type: str | None, user_tok: TokenizerFiles | None)
         raise ExportError(f"{what}: the embedding has {model.embed.shape[0]} rows, config.json says "
                           f"vocab_size {spec.vocab_size}")
     _apply_special_ids(model, None, gen)
-    return Loaded("hf", model, tok, gen, cfg, {"hf_architecture": spec.arch})
+    facts = {"hf_architecture": spec.arch}
+    qc = cfg.get("quantization_config") or ((quant or {}).get("quantization") if quant else None)
+    if isinstance(qc, dict):
+        facts["quantization"] = qc.get("quant_method") or qc.get("quant_algo") or "modelopt"
+    return Loaded("hf", model, tok, gen, cfg, facts)
 
 
 def load_bridge(tree: Tree, model_type: str | None, user_tok: TokenizerFiles | None) -> Loaded:

@@ -11,8 +11,10 @@ Layout (TensorRT-LLM docs/source/architecture/checkpoint.md, models/*/convert.py
 - GatedMLP: ``mlp.fc`` is the activated half (HF ``gate_proj``), ``mlp.gate`` the other
   (``up_proj``); MoE ``mlp.fc`` is ``[E, 2I/tp, H]`` = cat(w3, w1), ``mlp.proj`` ``[E, H, I/tp]``;
 - norms are plain gains (Gemma's ``1 + w`` folded in);
-- FP8 weights come with ``weights_scaling_factor`` (per tensor or per output channel) and are
-  dequantized here to the checkpoint's ``dtype``; activation / KV-cache scales are dropped.
+- FP8 weights come with ``weights_scaling_factor`` (per tensor or per output channel; the real weight is
+  ``fp8 * scale``) and, for static activations (``FP8``), ``activation_scaling_factor``; they are read as
+  ``lazy.Quantized`` (dequantized to the checkpoint's ``dtype`` unless a writer keeps them FP8), and each
+  layer's ``attention.kv_cache_scaling_factor`` as its KV cache scale (the same for keys and values).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from ..errors import ExportError
 from .canonical import MODEL_TYPES, Expert, Layer, Linear, Model, ModelSpec, Norm
 from .hf_config import choose_arch
-from .lazy import Cat1, Lazy, Region, Rows, Unstack, cat0, rows_of
+from .lazy import Cat1, Lazy, Quantized, Region, Rows, Unstack, cat0, rows_of
 from .stored import StoredTensor, parse_dtype
 from .tree import Tree
 from .weight_files import read_safetensors
@@ -126,7 +128,12 @@ class _Ranks:
             if scale_name not in self.files[r]:
                 raise ExportError(f"{self.what}: FP8 tensor {name} has no weights_scaling_factor")
             self.used.add((r, scale_name))
-            t = _Dequant(t, Region(self.files[r][scale_name]).full(), self.dtype)
+            act_name = name.rsplit(".", 1)[0] + ".activation_scaling_factor"
+            act = None
+            if act_name in self.files[r]:
+                self.used.add((r, act_name))
+                act = Region(self.files[r][act_name])
+            t = Quantized(t, Region(self.files[r][scale_name]), self.dtype, input_scale=act)
         return t
 
     def cols(self, pp_rank: int, name: str) -> Lazy:
@@ -156,21 +163,6 @@ class _Ranks:
                 if (r, n) not in self.used and not n.endswith(_IGNORED) and not n.endswith("weights_scaling_factor"):
                     out.append(f"rank{r}:{n}")
         return out
-
-
-class _Dequant(Lazy):
-    """``weight * scale`` (per tensor, or per output row) in the checkpoint's dtype."""
-
-    def __init__(self, base: Lazy, scale: torch.Tensor, dtype: torch.dtype):
-        self.base, self.scale = base, scale.float().reshape(-1)
-        self.shape, self.dtype = base.shape, dtype
-        if self.scale.numel() not in (1, base.nrows):
-            raise ExportError(f"FP8 scale with {self.scale.numel()} values does not fit a {list(base.shape)} weight")
-
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        w = self.base.rows(start, stop).float()
-        s = self.scale if self.scale.numel() == 1 else self.scale[start:stop]
-        return (w * s.reshape(-1, *([1] * (w.dim() - 1)))).to(self.dtype)
 
 
 def _qkv(ranks: _Ranks, p: int, name: str, spec: ModelSpec) -> tuple[Lazy, Lazy, Lazy]:
@@ -285,6 +277,8 @@ def read_trtllm(tree: Tree, model_type: str | None, what: str) -> Model:
             else:
                 mlp_norm = norm(p, pre + "post_layernorm", required=not spec.parallel_attn)
             layer = Layer(attn_norm, Linear(q, qb), Linear(k, kb), Linear(v, vb), o, mlp_norm)
+            kv_scale = ranks.replicated(p, pre + "attention.kv_cache_scaling_factor", required=False)
+            layer.k_scale = layer.v_scale = kv_scale
             if num_experts:
                 layer.router = ranks.replicated(p, pre + "mlp.router.weight")
                 layer.experts = _experts(ranks, p, pre, spec)

@@ -1,10 +1,12 @@
 """``--verify``: the exported model against the source, logits side by side.
 
-The export is run by transformers (tritonize's own runtime when transformers is not installed).
-The source side is transformers on the original directory for a Hugging Face source, and the
+The export is run by transformers (tritonize's own runtime when transformers is not installed, or when
+the export holds FP8 weights, which transformers reads only through extra packages). The source side is
+transformers on the original directory for a Hugging Face source (the runtime for an FP8 one), and the
 independent reference forward of :mod:`.reference` on the source's own tensors for NeMo and
 single-rank TRT-LLM sources. The result is the largest absolute logit difference over a few
-prompts, judged against a tolerance that follows the export dtype.
+prompts, judged against a tolerance that follows the export dtype; an export that quantized a float
+source to FP8 is judged by the cosine similarity of its logits to the source's instead (>= 0.99).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .weight_files import read_safetensors
 
 #: largest logit difference allowed, relative to the largest reference logit (at least 1.0)
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
+FP8_COSINE = 0.99  # an export quantized to FP8 here: smallest cosine similarity of its logits to the source's
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Hello")
 
@@ -44,7 +47,19 @@ def prompt_ids(loaded: Loaded, out_dir: Path, count: int = 3) -> list[list[int]]
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (7, 5, 9)[:count]]
 
 
+def _quantized(out_dir: Path) -> bool:
+    import json
+
+    try:
+        config = json.loads((out_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config.get("quantization_config"), dict) or (out_dir / "hf_quant_config.json").is_file()
+
+
 def _export_logits(out_dir: Path, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    if _quantized(out_dir):
+        return _runtime_logits(out_dir, prompts)
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
@@ -84,6 +99,8 @@ def _semantics(spec: ModelSpec) -> reference.Semantics:
 
 def source_logits(loaded: Loaded, tree: Tree, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     if loaded.kind == "hf":
+        if isinstance(tree, DirTree) and _quantized(tree.root):
+            return _runtime_logits(tree.root, prompts)
         return _hf_source_logits(tree, prompts)
     if loaded.megatron_tensors is not None:  # NeMo 1, NeMo 2, Megatron-Bridge
         return [reference.megatron_logits(loaded.megatron_tensors, loaded.megatron, p, loaded.model.spec.vocab_size)
@@ -96,20 +113,29 @@ def source_logits(loaded: Loaded, tree: Tree, prompts: Sequence[Sequence[int]]) 
     return [reference.trtllm_logits(ranks, tp, pp, sem, moe, p) for p in prompts]
 
 
-def verify(loaded: Loaded, tree: Tree, out_dir: Path, dtype: str) -> dict[str, Any]:
+def verify(loaded: Loaded, tree: Tree, out_dir: Path, dtype: str, quantized: bool = False) -> dict[str, Any]:
+    """``quantized``: the export quantized a float source to FP8, so it is judged by cosine similarity."""
     prompts = prompt_ids(loaded, out_dir)
     want = source_logits(loaded, tree, prompts)
     got = _export_logits(out_dir, prompts)
     diff = max(float((a - b).abs().max()) for a, b in zip(got, want, strict=False))
     scale = max(1.0, max(float(b.abs().max()) for b in want))
     tol = TOLERANCE.get(dtype, 5e-2) * scale
+    cosine = min(float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+                 for a, b in zip(got, want, strict=False))
     argmax_agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(got, want, strict=False))
     positions = sum(len(p) for p in prompts)
+    passed = cosine >= FP8_COSINE if quantized else diff <= tol
+    failure = (f"logits' cosine similarity {cosine:.4f} is below {FP8_COSINE}" if quantized else
+               f"largest logit difference {diff:.3g} exceeds {tol:.3g}")
     return {
         "max_abs_logit_diff": diff,
         "max_abs_logit": scale,
         "tolerance": tol,
-        "passed": diff <= tol,
+        "cosine_similarity": cosine,
+        "criterion": f"cosine similarity >= {FP8_COSINE} (quantized to FP8)" if quantized else "tolerance",
+        "passed": passed,
+        "failure": None if passed else failure,
         "prompts": [list(p) for p in prompts],
         "argmax_agreement": f"{argmax_agree}/{positions}",
         "reference": "transformers on the source" if loaded.kind == "hf" else "reference forward on source tensors",

@@ -44,12 +44,12 @@ def _nbytes(t: Lazy, dtype: torch.dtype) -> int:
     return math.prod(t.shape) * dtype.itemsize
 
 
-def plan_shards(tensors: list[tuple[str, Lazy]], dtype_of: Callable[[Lazy], torch.dtype],
+def plan_shards(tensors: list[tuple[str, Lazy]], dtype_of: Callable[[str, Lazy], torch.dtype],
                 max_shard_bytes: int) -> list[list[tuple[str, Lazy]]]:
     shards: list[list[tuple[str, Lazy]]] = [[]]
     size = 0
     for name, t in tensors:
-        n = _nbytes(t, dtype_of(t))
+        n = _nbytes(t, dtype_of(name, t))
         if shards[-1] and size + n > max_shard_bytes:
             shards.append([])
             size = 0
@@ -58,11 +58,11 @@ def plan_shards(tensors: list[tuple[str, Lazy]], dtype_of: Callable[[Lazy], torc
     return shards
 
 
-def _header(entries: list[tuple[str, Lazy]], dtype_of: Callable[[Lazy], torch.dtype]) -> bytes:
+def _header(entries: list[tuple[str, Lazy]], dtype_of: Callable[[str, Lazy], torch.dtype]) -> bytes:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     pos = 0
     for name, t in entries:
-        dt = dtype_of(t)
+        dt = dtype_of(name, t)
         if dt not in SAFETENSORS_NAMES:
             raise ExportError(f"cannot write {name}: dtype {dt} has no safetensors name")
         n = _nbytes(t, dt)
@@ -184,11 +184,15 @@ def write_safetensors(
     prefix: str = "model",
     progress: Callable[[int], None] | None = None,
     index: bool = True,
+    keep_dtype: set[str] | frozenset[str] = frozenset(),
 ) -> WrittenFiles:
     """Writes ``prefix-0000i-of-0000n.safetensors`` (+ ``prefix.safetensors.index.json``), or a single
-    ``prefix.safetensors`` with ``index=False``; floating-point tensors are cast to ``dtype``."""
+    ``prefix.safetensors`` with ``index=False``; floating-point tensors are cast to ``dtype``, except those
+    named in ``keep_dtype`` (FP8 weights and their float32 scales)."""
 
-    def dtype_of(t: Lazy) -> torch.dtype:
+    def dtype_of(name: str, t: Lazy) -> torch.dtype:
+        if name in keep_dtype:
+            return t.dtype
         return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
 
     names = [n for n, _ in tensors]
@@ -211,9 +215,9 @@ def write_safetensors(
                 hasher.add(path, 0, len(head))
                 pos = len(head)
                 for name, t in entries:
-                    expected = _nbytes(t, dtype_of(t))
+                    expected = _nbytes(t, dtype_of(name, t))
                     written = 0
-                    for block in stream_tensor(name, t, dtype_of(t), block_bytes):
+                    for block in stream_tensor(name, t, dtype_of(name, t), block_bytes):
                         if isinstance(block, list):
                             n = 0
                             for src, offset, length in block:

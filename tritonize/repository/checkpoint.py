@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tritonize.runtime.config import ModelArgs, UnsupportedModelError
+from tritonize.runtime.quantize import QuantScheme, read_quantization
 from tritonize.runtime.tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError
 
 from ..errors import CheckpointError
@@ -35,6 +36,19 @@ class Checkpoint:
     dtype: str | None = None
     # what the checkpoint declares (a string, or transformers' list of named templates); None: no chat
     chat_template: Any = None
+    quantization: QuantScheme | None = None  # the FP8 it declares (runtime.quantize.read_quantization)
+    quantization_error: str | None = None  # a quantization the torch runtime cannot run (int4, ...), as a message
+    extra_files: list[Path] = field(default_factory=list)  # hf_quant_config.json: read with the weights
+    converted_from: Path | None = None  # the checkpoint this one was made from at generate time (FP8 conversion)
+    conversion: str | None = None  # what was done to it ("quantized to FP8 per channel", "dequantized")
+
+    @property
+    def fp8_weights(self) -> bool:
+        return self.quantization is not None and self.quantization.weights
+
+    @property
+    def fp8_kv_cache(self) -> bool:
+        return self.quantization is not None and self.quantization.kv_cache
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -117,6 +131,13 @@ def inspect_checkpoint(path: str | Path) -> Checkpoint:
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {args.vocab_size}: "
             "the tokenizer does not belong to this model"
         )
+    quant_extra = root / "hf_quant_config.json"
+    quantization, quantization_error = None, None
+    try:
+        quantization = read_quantization(
+            config, _read_json(quant_extra, "ModelOpt quantization config") if quant_extra.is_file() else None)
+    except UnsupportedModelError as e:
+        quantization_error = str(e)
     return Checkpoint(
         path=root,
         config=config,
@@ -130,4 +151,7 @@ def inspect_checkpoint(path: str | Path) -> Checkpoint:
         pad_id=pad_id,
         dtype=config.get("torch_dtype") or config.get("dtype"),
         chat_template=chat_template,
+        quantization=quantization,
+        quantization_error=quantization_error,
+        extra_files=[quant_extra] if quant_extra.is_file() else [],
     )

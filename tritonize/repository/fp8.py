@@ -1,8 +1,8 @@
 """Is a checkpoint FP8? Read from the config files the quantizers write, so "auto" needs no flag.
 
 Two layouts say so: a Hugging Face config.json with a ``quantization_config`` (``quant_method``
-"fp8", or ModelOpt's "modelopt" with ``quant_algo`` FP8 and optionally ``kv_cache_quant_algo`` FP8 /
-``kv_cache_scheme``), and a TRT-LLM checkpoint (.qnemo, ``tritonize export --format
+"fp8", "compressed-tensors" with 8-bit float weights, or ModelOpt's "modelopt" with ``quant_algo`` FP8 and
+optionally ``kv_cache_quant_algo`` FP8 / ``kv_cache_scheme``), and a TRT-LLM checkpoint (.qnemo, ``tritonize export --format
 trtllm-checkpoint``, ``hf_quant_config.json``) whose ``quantization`` table holds ``quant_algo`` /
 ``kv_cache_quant_algo``. An export directory is judged by its TRT-LLM checkpoint when it has one.
 """
@@ -46,6 +46,10 @@ def _from_hf(qc: dict[str, Any]) -> tuple[bool, bool]:
     weights, kv = _from_quantization(qc)
     if method == "fp8":
         weights = True
+    groups = qc.get("config_groups")
+    if method == "compressed-tensors" and isinstance(groups, dict):
+        weights = weights or any(isinstance(g, dict) and (g.get("weights") or {}).get("type") == "float"
+                                 and (g.get("weights") or {}).get("num_bits") == 8 for g in groups.values())
     nested = qc.get("quantization")
     if isinstance(nested, dict):
         w, k = _from_quantization(nested)

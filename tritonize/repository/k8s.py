@@ -117,17 +117,32 @@ class K8sResult:
     notes: list[str] = field(default_factory=list)
 
 
-def k8s_manifests(repo: Path, output: Path | None, *, name: str | None, force: bool, gpus: int,
+def repository_gpus(options: dict) -> int:
+    """GPUs a pod needs for a repository's generate options: one per rank (tensor x pipeline parallelism);
+    none for a --device cpu one."""
+    if options.get("device") == "cpu":
+        return 0
+    return int(options.get("tensor_parallel_size") or 1) * int(options.get("pipeline_parallel_size") or 1)
+
+
+def k8s_manifests(repo: Path, output: Path | None, *, name: str | None, force: bool, gpus: int | None,
                   **values: object) -> K8sResult:
     """Writes the manifests for ``repo`` to ``output`` (default ./k8s-NAME); ``values`` as render_manifests.
 
-    ``name`` None is the ensemble's name made a DNS label. The values the user typed are checked by
-    the command (``DNS_LABEL``, ``IMAGE``, ``QUANTITY``); this checks them against the repository.
+    ``name`` None is the ensemble's name made a DNS label; ``gpus`` None what the repository needs. The
+    values the user typed are checked by the command (``DNS_LABEL``, ``IMAGE``, ``QUANTITY``); this checks
+    them against the repository.
     """
     model, options = _repository_model(repo)
+    needed = repository_gpus(options)
+    if gpus is None:
+        gpus = needed
     if options.get("device") == "cuda" and gpus == 0:
         raise RenderError(f"{repo} was generated with --device cuda: give it --gpus 1 or more, "
                           "or regenerate it with --device cpu")
+    if needed > 1 and 0 < gpus < needed:
+        raise RenderError(f"{repo} is split over {needed} GPUs (tensor x pipeline parallelism): give it --gpus "
+                          f"{needed} or more, or regenerate it with a smaller --tensor-parallelism-size")
     name = name or k8s_name(model)
     output = output or Path(f"k8s-{name}")
     files = render_manifests(repo, name=name, gpus=gpus, **values)

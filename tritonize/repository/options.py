@@ -23,6 +23,7 @@ from ..runtime.choices import RUNTIMES
 ALL = frozenset(RUNTIMES)
 TRTLLM = frozenset({"trtllm", "trtllm-engine"})
 ENGINE = frozenset({"trtllm-engine"})
+TORCH = frozenset({"torch"})
 PTUNING = frozenset({"torch", "auto", "trtllm-engine"})  # TensorRT-LLM's LLM API takes no prompt tables
 # "auto" and "false" both leave FP8 off where it is not detected
 FP8_OFF = ("auto", "false", "0", "no", None, False)
@@ -63,6 +64,13 @@ class Option:
         """The runtimes to name in a refusal ("auto" goes without saying)."""
         return " or ".join(r for r in RUNTIMES if r in self.runtimes and r != "auto")
 
+    def api_refusal(self, keyword: str, value: Any) -> str:
+        """The refusal of a used value passed to the Python API, whose engine is the torch runtime: named by the
+        keyword the caller used, with no command-line flag in it."""
+        why = self.why.get("torch", self.why.get("*", "")).strip()
+        return (f"{keyword}={value!r} is not available in the Python API, whose engine is the torch runtime"
+                f"{' ' + why if why else ''}: leave {keyword} at its default")
+
     def refusal(self, runtime: str, *, nemo: bool) -> str:
         """The one-line refusal of a used value on ``runtime``; ``nemo`` adds NeMo's spelling."""
         spelled = f"{self.flag} ({self.nemo})" if nemo and self.nemo else self.generate or self.flag
@@ -76,7 +84,8 @@ def _row(name: str, *, nemo: bool = True, **rest: Any) -> Option:
     return Option(name, flag, rest.pop("nemo_name", "--" + name) if nemo else None, **rest)
 
 
-_ONE_DEVICE = {"*": " (the torch runtime runs on one device)"}
+_PIPELINE = {"*": " (pipeline parallelism is TensorRT-LLM only: the torch runtime splits a model over GPUs by "
+                  "tensor parallelism)"}
 _BUILD_PROFILE = {"*": " (a TensorRT build profile)",
                   "trtllm": " (a TensorRT build profile; the trtllm runtime builds no engine)"}
 
@@ -111,17 +120,18 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     _row("ptuning_nemo_checkpoint", spec_field="ptuning", runtimes=PTUNING, why={"trtllm": _NO_PROMPT_TABLES}),
     _row("task_ids", spec_field="ptuning", runtimes=PTUNING, why={"trtllm": _NO_PROMPT_TABLES}),
     _row("max_prompt_embedding_table_size", runtimes=PTUNING, unset=(None, 0), why={"trtllm": _NO_PROMPT_TABLES}),
-    # TensorRT-LLM: parallelism, KV cache, launch
+    # parallelism: every runtime splits a model with tensor parallelism (the torch runtime with tp.py);
+    # pipeline stages are TensorRT-LLM's only
     _row("tensor_parallel_size", flag="--tensor-parallelism-size", nemo_name="--tensor_parallelism_size",
-         runtimes=TRTLLM, unset=(None, 1), used="above 1", why=_ONE_DEVICE, api="tensor_parallelism_size"),
+         unset=(None, 1), used="above 1", api="tensor_parallelism_size"),
     _row("pipeline_parallel_size", flag="--pipeline-parallelism-size", nemo_name="--pipeline_parallelism_size",
-         runtimes=TRTLLM, unset=(None, 1), used="above 1", why=_ONE_DEVICE, api="pipeline_parallelism_size"),
+         runtimes=TRTLLM, unset=(None, 1), used="above 1", why=_PIPELINE, api="pipeline_parallelism_size"),
+    # TensorRT-LLM: KV cache, launch
     # the KV cache: every runtime pages it and reuses cached prefixes
     _row("kv_cache_free_gpu_memory_fraction", unset=(None, 0.0)),
     _row("kv_cache_tokens", nemo=False, unset=(None, 0)),
     _row("prefix_cache", nemo=False, flag="--prefix-cache/--no-prefix-cache", unset=(None, True)),
-    _row("use_fp8_kv_cache", spec_field="kv_cache_dtype", runtimes=TRTLLM, unset=FP8_OFF, why={"*": " (FP8 KV cache)"},
-         api="fp8_kvcache", api_value=_fp8_value),
+    _row("use_fp8_kv_cache", spec_field="kv_cache_dtype", unset=FP8_OFF, api="fp8_kvcache", api_value=_fp8_value),
     _row("multi_gpu_mode"),
     # TensorRT-LLM engine builds (trtllm-build)
     _row("opt_num_tokens", runtimes=ENGINE, why=_BUILD_PROFILE, api="opt_num_tokens"),
@@ -133,10 +143,15 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     _row("use_parallel_embedding", runtimes=ENGINE, unset=(None, False), api="use_parallel_embedding",
          why={"*": " (tensor-parallel embedding)",
               "trtllm": " (a TRT-LLM checkpoint layout; trtllm loads the HF export)"}),
-    _row("export_fp8_quantized", runtimes=ENGINE, unset=FP8_OFF, api="fp8_quantized", api_value=_fp8_value,
-         why={"*": " (FP8 weights; the torch runtime runs them dequantized)",
+    _row("export_fp8_quantized", runtimes=TORCH | ENGINE, unset=FP8_OFF, api="fp8_quantized", api_value=_fp8_value,
+         why={"*": " (FP8 weights)",
               "trtllm": " with an FP8 TRT-LLM checkpoint (.qnemo) as source (the trtllm runtime serves the "
                         "Hugging Face export, dequantized)"}),
+    # FP8 weights of the torch runtime: the checkpoint's ("auto"), quantized at generate time ("fp8") or dequantized
+    _row("quantization", nemo=False, runtimes=TORCH, unset=(None, "auto"),
+         why={"*": " (its own FP8 linears; the TensorRT-LLM runtimes serve the checkpoint's quantization as it is)"}),
+    _row("fp8_lm_head", nemo=False, flag="--fp8-lm-head", runtimes=TORCH, unset=(None, False),
+         why={"*": " (its own FP8 linears)"}),
     _row("build_workers", nemo=False, runtimes=ENGINE, unset=(None, 1), why={"*": " (trtllm-build --workers)"}),
 )}
 

@@ -130,9 +130,13 @@ def render_models(spec: RepoSpec, ckpt: Checkpoint, adapters: PreparedAdapters |
     }
     if spec.kv_cache_free_gpu_memory_fraction:
         engine_params["kv_cache_free_gpu_memory_fraction"] = spec.kv_cache_free_gpu_memory_fraction
+    if spec.runtime in ("torch", "auto") and spec.kv_cache_dtype != "auto":
+        engine_params["kv_cache_dtype"] = spec.kv_cache_dtype  # "auto" (the checkpoint's) goes without saying
     if adapters:
         engine_params["adapters_dir"] = ADAPTERS_DIR
     engine_params.update(trtllm_engine_params(spec))
+    if spec.runtime in ("torch", "auto") and spec.tensor_parallel_size > 1:  # tp.py: ranks 1.. are its workers
+        engine_params["tensor_parallel_size"] = spec.tensor_parallel_size
     tokenizer_params = {
         "tokenizer_dir": "tokenizer",
         "max_input_len": spec.max_input_len,
@@ -144,13 +148,18 @@ def render_models(spec: RepoSpec, ckpt: Checkpoint, adapters: PreparedAdapters |
         **chat_params(ckpt, chat_template, adapters),
     }
     instance_kind = "KIND_GPU" if spec.device == "cuda" else "KIND_CPU"
+    # KIND_GPU puts an instance on every GPU; a model split over GPUs is one instance on the first, whose
+    # workers take the next ones
+    instance_gpus = [0] if instance_kind == "KIND_GPU" and spec.tensor_parallel_size > 1 \
+        and spec.runtime in ("torch", "auto") else []
     models = {
         spec.name: ("ensemble", {"ensemble_inputs": wire.ENSEMBLE_INPUTS, "ensemble_outputs": wire.ENSEMBLE_OUTPUTS,
                                  "steps": wire.ensemble_steps(spec.name)}),
         f"{spec.name}_preprocessing": ("preprocessing", {"inputs": wire.PRE_INPUTS, "outputs": wire.PRE_OUTPUTS,
                                                          "params": tokenizer_params}),
         f"{spec.name}_engine": ("engine", {"inputs": wire.ENGINE_INPUTS, "outputs": wire.ENGINE_OUTPUTS,
-                                           "params": engine_params, "instance_kind": instance_kind}),
+                                           "params": engine_params, "instance_kind": instance_kind,
+                                           "instance_gpus": instance_gpus}),
         f"{spec.name}_postprocessing": ("postprocessing", {"inputs": wire.POST_INPUTS, "outputs": wire.POST_OUTPUTS,
                                                            "params": {"tokenizer_dir": "tokenizer",
                                                                       "engine_name": f"{spec.name}_engine"}}),
@@ -220,6 +229,8 @@ def _stage(spec: RepoSpec, ckpt: Checkpoint, rendered: list[RenderedModel], tmp:
     weights_dir.mkdir()
     shutil.copy2(ckpt.path / "config.json", weights_dir / "config.json")
     _copy_tokenizer(ckpt, tok_config, weights_dir)
+    for f in ckpt.extra_files:  # hf_quant_config.json: read with the weights
+        shutil.copy2(f, weights_dir / f.name)
     for f in tqdm(ckpt.weight_files, desc="weights", unit="file", disable=not progress):
         _link_or_copy(f, weights_dir / f.name)
     if adapters:

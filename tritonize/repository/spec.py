@@ -29,6 +29,11 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 TRTLLM_RUNTIMES = ("trtllm", "trtllm-engine")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# FP8 weights of the torch runtime: the checkpoint's as they are, quantized per channel at generate time, or an
+# FP8 checkpoint dequantized at generate time
+QUANTIZATIONS = ("auto", "fp8", "none")
+# the KV cache: "auto" FP8 when the checkpoint declares it, "fp8", "model" the model's dtype (torch only)
+KV_CACHE_DTYPES = ("auto", "fp8", "model")
 
 
 def check_name(name: str, what: str = "model name") -> str:
@@ -47,6 +52,20 @@ def runtime_warning(runtime: str) -> str | None:
     if runtime in TRTLLM_RUNTIMES and importlib.util.find_spec("tensorrt_llm") is None:
         return (f"warning: tensorrt_llm is not installed here; the server needs it for --runtime {runtime} "
                 "(pip install --extra-index-url https://pypi.nvidia.com tensorrt_llm)")
+    return None
+
+
+def gpu_warning(spec: RepoSpec) -> str | None:
+    """A line for `generate` when this machine has GPUs, but fewer than the repository is split over (the
+    engine model checks the server's own count when it loads)."""
+    if spec.world_size < 2 or spec.device == "cpu":
+        return None
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < visible < spec.world_size:
+        return (f"warning: the repository is split over {spec.world_size} GPUs but this machine sees {visible}; "
+                f"the server needs {spec.world_size}")
     return None
 
 
@@ -82,10 +101,13 @@ class RepoSpec:
     prefix_cache: bool = True
     # a chat template file that replaces the checkpoint's (generate --chat-template); None: the checkpoint's
     chat_template: str | None = None
-    # TensorRT-LLM runtimes only (refused elsewhere):
+    # torch runtime only: FP8 weights (QUANTIZATIONS) and the LM head with them
+    quantization: str = "auto"
+    fp8_lm_head: bool = False
+    # GPUs the model is split over: tensor parallelism (every runtime), pipeline stages (TensorRT-LLM only)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    kv_cache_dtype: str = "auto"  # "fp8" on the trtllm runtime; an engine's is fixed at build time
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES; an engine's (trtllm-engine) is fixed at build time
     multi_gpu_mode: str = "leader"  # how tritonize serve launches world size > 1: leader | orchestrator
     # what else made the repository (deploy's export request), recorded in tritonize.json with the rest
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -103,8 +125,9 @@ class RepoSpec:
         """The spec of a generate / deploy request, its options by name (``repository.options``).
 
         Options of no spec field are left to whoever takes them (the export, the build, the server); None
-        means the default; the adapter options become (task id, source) pairs, and an FP8 KV cache asked
-        for on the trtllm runtime the KV cache dtype.
+        means the default; the adapter options become (task id, source) pairs, and ``use_fp8_kv_cache`` the
+        KV cache dtype (true: "fp8"; false: "model" on the torch runtime, which would otherwise follow an FP8
+        checkpoint, and "auto" on trtllm, whose "auto" is the checkpoint's as well).
         """
         names = {f.name for f in fields(cls)}
         values = {name: value for name, value in options.items() if name in names and value is not None}
@@ -119,8 +142,12 @@ class RepoSpec:
         values["lora_target_modules"] = split_modules(list(options.get("lora_target_modules") or ()))
         if values.get("chat_template"):  # recorded absolute, as adapter sources are
             values["chat_template"] = str(Path(values["chat_template"]).expanduser().resolve())
-        if values.get("runtime") == "trtllm" and str(options.get("use_fp8_kv_cache")).lower() == "true":
+        fp8_kv = str(options.get("use_fp8_kv_cache")).lower()
+        runtime = values.get("runtime") or "torch"
+        if runtime in ("trtllm", "torch", "auto") and fp8_kv == "true":
             values["kv_cache_dtype"] = "fp8"
+        elif runtime in ("torch", "auto") and fp8_kv == "false":
+            values["kv_cache_dtype"] = "model"
         return cls(**values)
 
     @property
@@ -160,11 +187,19 @@ class RepoSpec:
         if not 0.0 <= self.kv_cache_free_gpu_memory_fraction <= 1.0:
             raise RenderError("--kv-cache-free-gpu-memory-fraction must be in (0, 1], not "
                               f"{self.kv_cache_free_gpu_memory_fraction}")
-        if self.kv_cache_dtype not in ("auto", "fp8"):
-            raise RenderError(f"KV cache dtype {self.kv_cache_dtype!r} is not auto or fp8")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise RenderError(f"KV cache dtype {self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise RenderError(f"--quantization {self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+        if self.fp8_lm_head and self.quantization != "fp8":
+            raise RenderError("--fp8-lm-head goes with --quantization fp8")
         if self.multi_gpu_mode not in MULTI_GPU_MODES:
             raise RenderError(f"--multi-gpu-mode {self.multi_gpu_mode!r} is not one of {', '.join(MULTI_GPU_MODES)}")
         self._check_runtime()
+        if self.tensor_parallel_size > 1 and self.instance_count > 1 and self.runtime not in TRTLLM_RUNTIMES:
+            raise RenderError(f"--instance-count {self.instance_count} with --tensor-parallelism-size "
+                              f"{self.tensor_parallel_size}: each engine instance would start its own ranks on the "
+                              "same GPUs; serve one instance")
         if self.device == "cpu" and self.dtype == "float16":
             raise RenderError("--dtype float16 is not supported on --device cpu: use float32 or bfloat16")
 

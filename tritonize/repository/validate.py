@@ -16,6 +16,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from tritonize.runtime.config import ModelArgs, UnsupportedModelError
+from tritonize.runtime.quantize import read_quantization
+from tritonize.runtime.tp import check_split
 
 from .layout import REPOSITORY_MANIFEST, model_folders
 from .manifest import hash_tree
@@ -24,6 +26,9 @@ from .spec import step_tokens
 
 Config = model_config_pb2.ModelConfig
 REGENERATE = "run `tritonize generate` again"
+# safetensors dtypes the torch runtime reads: float weights, FP8 (E4M3) linears with float scales, integer tables
+RUNTIME_DTYPES = frozenset({"F32", "F16", "BF16", "F8_E4M3", "I64", "I32", "I16", "I8", "U8", "BOOL"})
+FP8_SCALES = (".weight_scale", ".weight_scale_inv")
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,56 @@ def _hash_problems(repo: Path, folder: Path, expected: dict[str, str], what: str
     return problems
 
 
+def _safetensors_dtypes(path: Path) -> dict[str, str] | None:
+    """Tensor name -> dtype from a safetensors file's header (None: not a readable safetensors file)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 100 << 20:
+                return None
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return None
+    return {k: v.get("dtype", "?") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+
+
+def _weight_dtype_problems(repo: Path, engine_dir: Path, entry: dict) -> list[Problem]:
+    """What the torch runtime would refuse in the weights: dtypes it does not read, FP8 weights without their
+    scales or without an FP8 quantization_config, and weights that are not what tritonize.json says."""
+    rel = engine_dir.relative_to(repo).as_posix()
+    dtypes: dict[str, str] = {}
+    problems: list[Problem] = []
+    for file in sorted(engine_dir.glob("*.safetensors")):
+        found = _safetensors_dtypes(file)
+        if found is None:
+            continue  # a truncated file is reported by the hash check
+        for name, dtype in found.items():
+            dtypes[name] = dtype
+            if dtype not in RUNTIME_DTYPES:
+                problems.append(Problem(f"{rel}/{file.name}", f"tensor {name} is {dtype}, which the torch runtime does "
+                                        "not read (FP8 weights are F8_E4M3)", f"re-export the checkpoint and {REGENERATE}"))
+    fp8 = sorted(n for n, d in dtypes.items() if d == "F8_E4M3")
+    for name in fp8:
+        prefix = name.removesuffix(".weight")
+        if not any(prefix + suffix in dtypes for suffix in FP8_SCALES):
+            problems.append(Problem(f"{rel}/", f"FP8 tensor {name} has no {prefix}.weight_scale",
+                                    f"re-export the checkpoint and {REGENERATE}"))
+    try:
+        config = json.loads((engine_dir / "config.json").read_text(encoding="utf-8"))
+        extra = engine_dir / "hf_quant_config.json"
+        scheme = read_quantization(config, json.loads(extra.read_text(encoding="utf-8")) if extra.is_file() else None)
+    except (OSError, ValueError):
+        return problems  # a missing or changed config.json is already reported, or the scheme below
+    if fp8 and not (scheme and scheme.weights):
+        problems.append(Problem(f"{rel}/config.json", f"the weights hold {len(fp8)} FP8 tensors but config.json declares "
+                                "no FP8 quantization_config", f"restore config.json or {REGENERATE}"))
+    recorded = (entry.get("quantization") or {}).get("weights")
+    if recorded == "fp8" and dtypes and not fp8:
+        problems.append(Problem(f"{rel}/", f"{REPOSITORY_MANIFEST} records FP8 weights but no tensor is F8_E4M3",
+                                f"restore the weights or {REGENERATE}"))
+    return problems
+
+
 def _params(config: Config) -> dict[str, str]:
     return {k: v.string_value for k, v in config.parameters.items()}
 
@@ -177,6 +232,8 @@ def _version_problems(repo: Path, name: str, version: str, entry: dict, configs:
                                     REGENERATE))
     engine_dir = repo / f"{name}_engine" / version / "weights"
     problems += _hash_problems(repo, engine_dir, hashes.get("engine", {}), "weights")
+    if options.get("runtime", "torch") in ("torch", "auto") and engine_dir.is_dir():
+        problems += _weight_dtype_problems(repo, engine_dir, entry)
     adapters_dir = engine_dir.parent / "adapters"
     if "adapters" in hashes or adapters_dir.exists():
         problems += _hash_problems(repo, adapters_dir, hashes.get("adapters", {}), "adapters")
@@ -193,6 +250,11 @@ def _version_problems(repo: Path, name: str, version: str, entry: dict, configs:
         args = ModelArgs.from_hf_config(cfg)
     except (OSError, ValueError, KeyError, TypeError, UnsupportedModelError):
         args = None  # a missing or changed config.json is already reported by the hash check
+    tp = int(options.get("tensor_parallel_size") or 1)
+    problem = check_split(args, tp) if args is not None else None
+    if problem:
+        problems.append(Problem(f"{name}_engine/config.pbtxt", f"tensor parallelism {tp}: {problem}",
+                                "generate again with another --tensor-parallelism-size"))
     if args is not None and args.positions == "learned" and context > args.max_position_embeddings:
         problems.append(Problem(
             f"{name}_engine/config.pbtxt", f"max_input_len + max_output_len = {context} exceeds the "
@@ -225,6 +287,19 @@ def _limit_problems(name: str, options: dict, configs: dict[str, Config]) -> lis
                                   "max_output_len": options.get("max_output_len")},
         f"{name}_sync": {"ensemble_name": name},
     }
+    if options.get("runtime") in ("torch", "auto"):  # the torch runtime's ranks (tp.py); absent means 1
+        tp = int(options.get("tensor_parallel_size") or 1)
+        got = int(_params(present[engine]).get("tensor_parallel_size") or 1) if engine in present else tp
+        if got != tp:
+            problems.append(Problem(
+                f"{engine}/config.pbtxt", f"parameter tensor_parallel_size is {got} but {REPOSITORY_MANIFEST} says {tp}",
+                f"set it to \"{tp}\" (or remove it for 1) or {REGENERATE}"))
+    if options.get("runtime", "torch") in ("torch", "auto") and engine in present:
+        kv = options.get("kv_cache_dtype") or "auto"
+        got = _params(present[engine]).get("kv_cache_dtype", "auto")
+        if got != kv:
+            problems.append(Problem(f"{engine}/config.pbtxt", f"parameter kv_cache_dtype is {got!r} but "
+                                    f"{REPOSITORY_MANIFEST} says {kv!r}", f"set it to \"{kv}\" or {REGENERATE}"))
     for folder, values in expected.items():
         if folder not in present:
             continue

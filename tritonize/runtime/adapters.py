@@ -131,12 +131,15 @@ class AdapterSet:
 
     # -- installing into model.py's Transformer --------------------------------------------------
     def install(self, model: torch.nn.Module, num_slots: int, max_num_tokens: int,
-                max_prompt_embedding_table_size: int = 0) -> None:
+                max_prompt_embedding_table_size: int = 0, shard=None) -> None:
         """Swaps the adapted linears and the prompt-table embedding into ``model``.
 
         ``max_prompt_embedding_table_size`` > 0 reserves that many prompt-table rows per batch slot for tables sent with a
         request, after the tasks' rows: the tensor never moves, so a captured step stays valid.
         ``token_adapter`` (``[max_num_tokens]``) is where the engine writes each token's adapter index.
+        ``shard`` (tp.py's ``Shard``) keeps a tensor-parallel rank's part of each adapter: the output rows of
+        its column-parallel linears, the input columns of its row-parallel ones (whose partial deltas the
+        all-reduce after them sums).
         """
         args: ModelArgs = model.args
         weight = model.tok_embeddings.weight
@@ -157,23 +160,25 @@ class AdapterSet:
             raise AdapterError(f"LoRA on the MLP of a mixture-of-experts model is not supported ({mlp_keys[0]}): "
                                "target the attention modules only (attn_q, attn_k, attn_v, attn_dense)")
         self.token_adapter = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
+        dims = _linear_dims(args)
         for i, layer in enumerate(model.layers):
             attn, ff = layer.attention, layer.feed_forward
             parts = {
                 "wqkv": (attn, _qkv_rows(args)),
-                "wo": (attn, {"o": (0, attn.wo.out_features)}),
+                "wo": (attn, {"o": (0, args.dim)}),
                 "w1": (ff, _mlp_in_rows(args)),
                 "w2": (ff, {"down": (0, args.dim)}),
             }
             for name, (owner, rows) in parts.items():
                 linear = getattr(owner, name, None)
-                stacked = self._stack(i, rows, linear)
+                stacked = self._stack(i, rows, linear, *dims[name])
                 if stacked is not None:
-                    a, b = stacked
+                    a, b = stacked if shard is None else shard.lora(name, *stacked)
                     setattr(owner, name, LoRALinear(linear, LoRA(a.to(device, dtype), b.to(device, dtype)),
                                                     self.token_adapter))
 
-    def _stack(self, layer: int, rows: dict[str, tuple[int, int]], linear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _stack(self, layer: int, rows: dict[str, tuple[int, int]], linear, out_features: int,
+               in_features: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A/B of one fused linear for every adapter: each module's A stacked along the rank axis and its B
         placed at the module's output rows (a block-diagonal B), padded to the largest total rank."""
         per_adapter = []
@@ -184,7 +189,7 @@ class AdapterSet:
                 if a is None:
                     continue
                 b = lora.tensors[f"layers.{layer}.{module}.B"]
-                full = torch.zeros(linear.out_features, b.shape[1], dtype=b.dtype)
+                full = torch.zeros(out_features, b.shape[1], dtype=b.dtype)
                 full[start:stop] = b
                 a_parts.append(a)
                 b_parts.append(full)
@@ -193,8 +198,8 @@ class AdapterSet:
             return None
         rank = max(sum(x.shape[0] for x in a) for a, _ in per_adapter)
         n = len(per_adapter)
-        a_all = torch.zeros(n, rank, linear.in_features)
-        b_all = torch.zeros(n, linear.out_features, rank)
+        a_all = torch.zeros(n, rank, in_features)
+        b_all = torch.zeros(n, out_features, rank)
         for index, (a_parts, b_parts) in enumerate(per_adapter):
             if a_parts:
                 a_cat, b_cat = torch.cat(a_parts), torch.cat(b_parts, dim=1)
@@ -206,6 +211,13 @@ class AdapterSet:
 def _qkv_rows(args: ModelArgs) -> dict[str, tuple[int, int]]:
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv), "qkv": (0, q + 2 * kv)}
+
+
+def _linear_dims(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """(out, in) of each adaptable linear of the whole model (a tensor-parallel rank holds a part of each)."""
+    q, kv, f = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.intermediate_size
+    return {"wqkv": (q + 2 * kv, args.dim), "wo": (args.dim, q),
+            "w1": (2 * f if args.mlp == "gated" else f, args.dim), "w2": (args.dim, f)}
 
 
 def _mlp_in_rows(args: ModelArgs) -> dict[str, tuple[int, int]]:

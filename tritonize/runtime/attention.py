@@ -3,7 +3,12 @@
 A step's tokens are packed one sequence after another (``query_start_loc``); each sequence reads its
 keys and values through its block table. This version gathers each sequence's blocks and runs SDPA with
 the causal mask of its positions: exact, simple and fast enough on a CPU, and the reference that the
-Triton kernel (``triton_kernels.paged_attention``, swapped in on CUDA) is tested against.
+Triton kernel (``cuda_kernels.paged_attention``, swapped in on CUDA) is tested against.
+
+An FP8 cache (``cache_dtype`` float8_e4m3fn) stores ``k / k_scale`` and ``v / v_scale`` rounded to FP8
+(saturating at 448) and multiplies them back when it reads them: half the bytes of a bfloat16 cache per
+token. The scales are per layer and static: the checkpoint's calibrated ``k_scale`` / ``v_scale`` when it
+has them, else 1.0 (as vLLM and TensorRT-LLM do without calibration).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .quantize import FP8, to_fp8
 
 __all__ = ["AttentionMetadata", "PagedAttention", "attend"]
 
@@ -57,19 +64,37 @@ class PagedAttention(nn.Module):
     attention of a packed step over it."""
 
     def __init__(self, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int, scale: float,
-                 window: int | None, dtype: torch.dtype, device: torch.device | str) -> None:
+                 window: int | None, dtype: torch.dtype, device: torch.device | str,
+                 cache_dtype: torch.dtype | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         super().__init__()
         shape = (num_blocks, block_size, n_kv_heads, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        cache_dtype = cache_dtype or dtype
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=cache_dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=cache_dtype, device=device), persistent=False)
         self.block_size = block_size
         self.scale = scale
         self.window = window or 0
+        self.fp8 = cache_dtype == FP8
+        self.k_scale, self.v_scale = (float(k_scale), float(v_scale)) if self.fp8 else (1.0, 1.0)
 
     def write(self, k: Tensor, v: Tensor, meta: AttentionMetadata) -> None:
         n_kv, d = k.shape[-2:]
+        if self.fp8:  # index_copy_ has no FP8 kernel on the CPU: copy the bytes
+            k_rows = self.k_cache.view(torch.uint8).view(-1, n_kv, d)
+            v_rows = self.v_cache.view(torch.uint8).view(-1, n_kv, d)
+            k_rows.index_copy_(0, meta.slot_mapping, to_fp8(k.float() / self.k_scale).view(torch.uint8))
+            v_rows.index_copy_(0, meta.slot_mapping, to_fp8(v.float() / self.v_scale).view(torch.uint8))
+            return
         self.k_cache.view(-1, n_kv, d).index_copy_(0, meta.slot_mapping, k)
         self.v_cache.view(-1, n_kv, d).index_copy_(0, meta.slot_mapping, v)
+
+    def read(self, blocks: Tensor, seq_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Keys and values of one sequence's first ``seq_len`` positions, in ``dtype``."""
+        keys = self.k_cache[blocks].flatten(0, 1)[:seq_len]
+        values = self.v_cache[blocks].flatten(0, 1)[:seq_len]
+        if self.fp8:
+            return (keys.float() * self.k_scale).to(dtype), (values.float() * self.v_scale).to(dtype)
+        return keys, values
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata) -> Tensor:
         """q ``[N, H, D]``, k/v ``[N, Hkv, D]`` of this step's tokens -> ``[N, H, D]``."""
@@ -83,8 +108,7 @@ class PagedAttention(nn.Module):
             if n_q == 0:
                 continue
             blocks = meta.block_tables[s, : -(-seq_len // bs)]
-            keys = self.k_cache[blocks].flatten(0, 1)[:seq_len]
-            values = self.v_cache[blocks].flatten(0, 1)[:seq_len]
+            keys, values = self.read(blocks, seq_len, q.dtype)
             k_pos = torch.arange(seq_len, device=q.device)
             q_pos = k_pos[seq_len - n_q :, None]
             mask = k_pos[None, :] <= q_pos

@@ -10,6 +10,14 @@ in vLLM's unified attention; each program takes a tile of one sequence's queries
 with the query heads that share that key/value head stacked as rows of the same tile, and walks the
 sequence's blocks through its block table with an online softmax. The grid depends only on the number
 of tokens and sequences, so a decode step keeps its shape and can be replayed from a CUDA graph.
+
+An FP8 KV cache (float8_e4m3fn) is written by ``rotary_and_cache`` as ``k / k_scale`` (``v / v_scale``) and
+read by ``paged_attention``, which folds ``k_scale`` into the softmax scale and ``v_scale`` into the output.
+Values are rounded to FP8 by ``_fp8_round`` in float32 arithmetic (nearest, ties to even, saturating at
+448, as PyTorch's cast of a clamped value) before the cast, which then only converts an exact FP8 value:
+the result is the same bytes on a GPU, in Triton's CPU interpreter (whose own float-to-FP8 cast rounds
+differently) and in the PyTorch reference. ``per_token_fp8`` quantizes the activations of an FP8 linear
+(quantize.ScaledMMLinear) in one kernel.
 """
 
 from __future__ import annotations
@@ -18,7 +26,31 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["paged_attention", "rms_norm", "rotary_and_cache", "silu_mul"]
+__all__ = ["paged_attention", "per_token_fp8", "rms_norm", "rotary_and_cache", "silu_mul"]
+
+FP8 = torch.float8_e4m3fn
+
+
+@triton.jit
+def _fp8_round(x):
+    """float32 ``x`` rounded to the nearest float8_e4m3fn value (ties to even), saturating at +-448; still float32."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    exp = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    # 3 mantissa bits: a step of 2^(e - 3) in binade e; below the smallest normal (2^-6) a fixed step of 2^-9
+    step_exp = tl.maximum(exp - 3, 127 - 9)
+    step = (step_exp << 23).to(tl.float32, bitcast=True)
+    inv_step = ((254 - step_exp) << 23).to(tl.float32, bitcast=True)
+    r = x * inv_step  # exact: a power of two
+    r = (r + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds to an integer, ties to even
+    return r * step
+
+
+@triton.jit
+def _to_cache(x, scale, FP8_CACHE: tl.constexpr):
+    """What the cache stores for float32 ``x``: ``x / scale`` (IEEE division, as PyTorch's) rounded to FP8, or ``x``."""
+    if FP8_CACHE:
+        return _fp8_round(tl.math.div_rn(x, scale))
+    return x
 
 
 @triton.jit
@@ -45,7 +77,7 @@ def _paged_attention_kernel(
     stride_bt,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    WINDOW: tl.constexpr, IEEE: tl.constexpr, FP8_CACHE: tl.constexpr, v_scale,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -86,6 +118,8 @@ def _paged_attention_kernel(
         kv_mask = j_ok[:, None] & d_ok[None, :]
         k = tl.load(k_cache_ptr + blk[:, None] * stride_k_blk + off[:, None] * stride_k_tok
                     + kv_head * stride_k_head + d[None, :], mask=kv_mask, other=0.0)
+        if FP8_CACHE:  # k_scale is folded into ``scale``
+            k = k.to(q.dtype)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -102,20 +136,26 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + blk[:, None] * stride_v_blk + off[:, None] * stride_v_tok
                     + kv_head * stride_v_head + d[None, :], mask=kv_mask, other=0.0)
+        if FP8_CACHE:
+            v = v.to(q.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if FP8_CACHE:
+        out = out * v_scale
     tl.store(out_ptr + (q_start + t)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int, scale: float,
-                    window: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
-    """q ``[N, H, D]`` packed by sequence; caches ``[blocks, block_size, Hkv, D]``; -> ``[N, H, D]``."""
+                    window: int = 0, out: torch.Tensor | None = None, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
+    """q ``[N, H, D]`` packed by sequence; caches ``[blocks, block_size, Hkv, D]`` (FP8 ones hold k / k_scale
+    and v / v_scale); -> ``[N, H, D]``."""
     n_tokens, n_heads, head_dim = q.shape
     num_blocks, block_size, n_kv, _ = k_cache.shape
     group = n_heads // n_kv
@@ -127,16 +167,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if out is None:
         out = torch.empty_like(q)
     grid = (n_tokens // block_q + num_seqs, n_kv)
+    fp8 = k_cache.dtype == FP8
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale, num_seqs,
+        scale * k_scale if fp8 else scale, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_P=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64 if head_dim <= 128 else 32,
-        WINDOW=int(window or 0), IEEE=q.dtype == torch.float32,
+        WINDOW=int(window or 0), IEEE=q.dtype == torch.float32, FP8_CACHE=fp8, v_scale=float(v_scale),
         num_warps=4, num_stages=2,
     )
     return out
@@ -204,23 +245,21 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rotary_cache_kernel(q_out_ptr, qkv_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
-                         stride_qkv, stride_cs, stride_cache,
+                         stride_qkv, stride_cs, stride_cache, k_scale, v_scale,
                          H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-                         HALF: tl.constexpr, HALF_P: tl.constexpr, ROPE: tl.constexpr):
+                         HALF: tl.constexpr, HALF_P: tl.constexpr, ROPE: tl.constexpr, FP8_CACHE: tl.constexpr):
     """One head of one token: rotate q and k (rotate-half, first 2 * HALF dims), write k and v to the cache."""
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     src = qkv_ptr + tok * stride_qkv + head * D
     slot = tl.load(slot_ptr + tok)
+    d = tl.arange(0, D_P)
     if head >= H + HKV:  # a value head: straight to the cache
-        d = tl.arange(0, D_P)
-        v = tl.load(src + d, mask=d < D)
-        tl.store(v_cache_ptr + slot * stride_cache + (head - H - HKV) * D + d, v, mask=d < D)
+        v = tl.load(src + d, mask=d < D).to(tl.float32)
+        dst = v_cache_ptr + slot * stride_cache + (head - H - HKV) * D
+        tl.store(dst + d, _to_cache(v, v_scale, FP8_CACHE).to(dst.dtype.element_ty), mask=d < D)
         return
-    if head < H:
-        dst = q_out_ptr + tok * (H * D) + head * D
-    else:
-        dst = k_cache_ptr + slot * stride_cache + (head - H) * D
+    # (q_dst and k_dst: Triton wants a name assigned in both branches of a runtime `if` to keep one type)
     if ROPE:
         i = tl.arange(0, HALF_P)
         m = i < HALF
@@ -228,30 +267,76 @@ def _rotary_cache_kernel(q_out_ptr, qkv_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache
         x2 = tl.load(src + HALF + i, mask=m, other=0.0).to(tl.float32)
         c = tl.load(cos_ptr + tok * stride_cs + i, mask=m, other=0.0).to(tl.float32)
         s = tl.load(sin_ptr + tok * stride_cs + i, mask=m, other=0.0).to(tl.float32)
-        tl.store(dst + i, (x1 * c - x2 * s).to(dst.dtype.element_ty), mask=m)
-        tl.store(dst + HALF + i, (x2 * c + x1 * s).to(dst.dtype.element_ty), mask=m)
-        if 2 * HALF < D:  # partial rotary: the rest of the head passes through
-            r = 2 * HALF + tl.arange(0, D_P)
-            tl.store(dst + r, tl.load(src + r, mask=r < D), mask=r < D)
+        y1 = x1 * c - x2 * s
+        y2 = x2 * c + x1 * s
+        r = 2 * HALF + d  # partial rotary: the rest of the head passes through
+        rest = tl.load(src + r, mask=r < D, other=0.0)
+        if head < H:
+            q_dst = q_out_ptr + tok * (H * D) + head * D
+            tl.store(q_dst + i, y1.to(q_dst.dtype.element_ty), mask=m)
+            tl.store(q_dst + HALF + i, y2.to(q_dst.dtype.element_ty), mask=m)
+            if 2 * HALF < D:
+                tl.store(q_dst + r, rest, mask=r < D)
+        else:
+            k_dst = k_cache_ptr + slot * stride_cache + (head - H) * D
+            tl.store(k_dst + i, _to_cache(y1, k_scale, FP8_CACHE).to(k_dst.dtype.element_ty), mask=m)
+            tl.store(k_dst + HALF + i, _to_cache(y2, k_scale, FP8_CACHE).to(k_dst.dtype.element_ty), mask=m)
+            if 2 * HALF < D:
+                tl.store(k_dst + r, _to_cache(rest.to(tl.float32), k_scale, FP8_CACHE).to(k_dst.dtype.element_ty),
+                         mask=r < D)
     else:
-        d = tl.arange(0, D_P)
-        tl.store(dst + d, tl.load(src + d, mask=d < D), mask=d < D)
+        x = tl.load(src + d, mask=d < D)
+        if head < H:
+            q_dst = q_out_ptr + tok * (H * D) + head * D
+            tl.store(q_dst + d, x, mask=d < D)
+        else:
+            k_dst = k_cache_ptr + slot * stride_cache + (head - H) * D
+            tl.store(k_dst + d, _to_cache(x.to(tl.float32), k_scale, FP8_CACHE).to(k_dst.dtype.element_ty), mask=d < D)
 
 
 def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                      slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
-                     n_kv: int, head_dim: int) -> torch.Tensor:
+                     n_kv: int, head_dim: int, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """From the fused projection ``qkv [N, (H + 2 Hkv) * D]``: rotated queries ``[N, H, D]`` returned, rotated
-    keys and the values written to the cache rows ``slot_mapping``. ``cos``/``sin``: each token's
-    ``[N, ..., rot_dim]`` rows as model.Transformer gathers them (None: no rotary embedding)."""
+    keys and the values written to the cache rows ``slot_mapping`` (an FP8 cache gets ``k / k_scale`` and
+    ``v / v_scale``). ``cos``/``sin``: each token's ``[N, ..., rot_dim]`` rows as model.Transformer gathers
+    them (None: no rotary embedding)."""
     n = qkv.shape[0]
     q = torch.empty(n, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     rope = cos is not None
     half = cos.shape[-1] // 2 if rope else 1
     _rotary_cache_kernel[(n, n_heads + 2 * n_kv)](
         q, qkv, cos if rope else qkv, sin if rope else qkv, slot_mapping, k_cache, v_cache,
-        qkv.stride(0), cos.stride(0) if rope else 0, n_kv * head_dim,
+        qkv.stride(0), cos.stride(0) if rope else 0, n_kv * head_dim, float(k_scale), float(v_scale),
         H=n_heads, HKV=n_kv, D=head_dim, D_P=triton.next_power_of_2(head_dim),
-        HALF=half, HALF_P=triton.next_power_of_2(half), ROPE=rope, num_warps=1,
+        HALF=half, HALF_P=triton.next_power_of_2(half), ROPE=rope, FP8_CACHE=k_cache.dtype == FP8, num_warps=1,
     )
     return q
+
+
+@triton.jit
+def _per_token_fp8_kernel(out_ptr, scale_ptr, x_ptr, static_ptr, n_cols, STATIC: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=ok, other=0.0).to(tl.float32)
+    if STATIC:
+        scale = tl.load(static_ptr).to(tl.float32)
+    else:
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), 448.0), 1e-12)
+    q = _fp8_round(tl.math.div_rn(x, scale))  # IEEE divisions: the bytes quantize.per_token_fp8 gives
+    tl.store(out_ptr + row * n_cols + cols, q.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(scale_ptr + row, scale)
+
+
+def per_token_fp8(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize.per_token_fp8 in one kernel: ``x [M, K]`` -> (float8 ``[M, K]``, float32 scales ``[M, 1]``)."""
+    x = x.contiguous()
+    m, k = x.shape
+    out = torch.empty(m, k, dtype=FP8, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(k)
+    _per_token_fp8_kernel[(m,)](out, scale, x, static_scale if static_scale is not None else scale, k,
+                                STATIC=static_scale is not None, BLOCK=block,
+                                num_warps=16 if block >= 8192 else (8 if block >= 2048 else 4))
+    return out, scale

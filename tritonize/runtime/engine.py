@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .kv_cache import BlockPool
+from .loading import load_for_serving
 from .request import GenerationEngine, GenerationRequest, RequestMetrics, StepOutput, no_output
 from .runner import InFlight, ModelRunner, Unsampled
 from .sampling import Sampler, SamplingRow, TokenMask
@@ -53,8 +54,8 @@ __all__ = ["Engine", "resolve_device", "resolve_dtype"]
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_DTYPES = ("auto", "fp8", "model")  # auto: FP8 when the checkpoint declares an FP8 KV cache
 _STATS_HISTORY = 100_000
-CPU_POOL_REQUESTS = 16  # the default CPU KV pool holds this many requests of max_seq_len
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -117,9 +118,16 @@ class Engine(GenerationEngine):
         block_size: int = 16,
         prefix_cache: bool = True,
         kernels: bool | None = None,
+        tensor_parallel_size: int = 1,
+        kv_cache_dtype: str = "auto",
+        fp8_matmul: bool | None = None,
     ) -> None:
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"need max_batch_size >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {kv_cache_dtype!r}")
         if max_num_tokens is None:
             max_num_tokens = max(512, 2 * max_batch_size)
         if max_num_tokens < max_batch_size:
@@ -127,9 +135,6 @@ class Engine(GenerationEngine):
                 f"max_num_tokens ({max_num_tokens}) must be at least max_batch_size ({max_batch_size}): each decode "
                 "row uses one token of the per-step budget"
             )
-        from .adapters import load_adapters
-        from .weights import load_model
-
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -138,46 +143,65 @@ class Engine(GenerationEngine):
         self.max_num_tokens = max_num_tokens
         self.block_size = block_size
         self.default_end_ids = default_end_ids(self.model_dir)
-
-        self.model = load_model(self.model_dir, device=self.device, dtype=self.dtype)
-        self.vocab_size = self._vocab_size()
         on_cuda = self.device.type == "cuda"
         use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         if use_graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs device cuda")
-        use_kernels = on_cuda if kernels is None else kernels
-        with torch.no_grad():
-            self.adapters = load_adapters(adapters_dir, self.model.args)
-            self.adapters.install(self.model, max_batch_size, max_num_tokens,
-                                 max_prompt_embedding_table_size=max_prompt_embedding_table_size)
-            if use_kernels:
-                from .kernels import use_triton_kernels
 
-                use_kernels = use_triton_kernels(self.model)
-            if use_graphs and not use_kernels:
-                log.warning("no Triton kernels here: CUDA graphs need them for attention; running eagerly")
-                use_graphs = False
-            num_blocks = self._pool_blocks(kv_cache_tokens, kv_cache_free_gpu_memory_fraction)
-            self.model.setup_caches(num_blocks=num_blocks, block_size=block_size, max_seq_len=max_seq_len)
-        self.kernels = use_kernels
+        self._cv = threading.Condition()
+        self._fatal: str | None = None  # set when a tensor-parallel rank is lost: every request fails with it
+        options = dict(model_dir=str(self.model_dir), device=str(self.device), dtype=self.dtype,
+                       max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,
+                       cuda_graphs=use_graphs, kernels=on_cuda if kernels is None else kernels,
+                       adapters_dir=None if adapters_dir is None else str(adapters_dir),
+                       max_prompt_embedding_table_size=max_prompt_embedding_table_size,
+                       kv_cache_tokens=kv_cache_tokens, kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
+                       block_size=block_size, kv_cache_dtype=kv_cache_dtype, fp8_matmul=fp8_matmul)
+        self.tp = None
+        self.tensor_parallel_size = tensor_parallel_size
+        if tensor_parallel_size > 1:
+            from .tp_ranks import Leader
+
+            self.tp = Leader.start(tensor_parallel_size, self.device, options, on_failure=self._fail_fatal)
+        try:
+            loaded = load_for_serving(**options, tp=self.tp)
+            if self.tp is not None:
+                self.tp.wait_ready()
+        except BaseException as exc:
+            if self.tp is not None:
+                self.tp.close()
+                self.tp.raise_startup_failure(exc)
+            raise
+        self.model, self.adapters, num_blocks = loaded.model, loaded.adapters, loaded.num_blocks
+        self.kernels = loaded.kernels
+        self.kv_cache_dtype = loaded.kv_cache_dtype
+        self.fp8_linears = loaded.fp8_linears  # FP8 linears on FP8 tensor cores (the rest, if any, weight-only)
+        self.vocab_size = self._vocab_size()
         self.sampler = Sampler(self.vocab_size, max_batch_size, self.device)
         self.pool = BlockPool(num_blocks, block_size, prefix_caching=prefix_cache)
         self.scheduler = Scheduler(self.pool, max_num_seqs=max_batch_size, max_num_tokens=max_num_tokens)
         self.runner = ModelRunner(
             self.model, self.sampler, device=self.device, max_num_seqs=max_batch_size, max_num_tokens=max_num_tokens,
-            max_seq_len=max_seq_len, block_size=block_size, cuda_graphs=use_graphs,
-            token_adapter=self.adapters.token_adapter, vocab_size=self.vocab_size,
+            max_seq_len=max_seq_len, block_size=block_size, cuda_graphs=loaded.graphs,
+            token_adapter=self.adapters.token_adapter, vocab_size=self.vocab_size, tp=self.tp,
         )
         self.slot_adapter = np.zeros(max_batch_size, dtype=np.int64) if self.adapters.lora else None
         kv_tokens = (num_blocks - 1) * block_size
         self.kv_cache_bytes = sum(b.numel() * b.element_size() for name, b in self.model.named_buffers()
                                   if name.endswith(("k_cache", "v_cache")))
         self.kv_cache_tokens = kv_tokens
-        log.info("KV cache: %d tokens in %d blocks of %d (%.2f GB); %d requests of %d tokens fit at once%s",
-                 kv_tokens, num_blocks - 1, block_size, self.kv_cache_bytes / 1e9, kv_tokens // max_seq_len,
-                 max_seq_len, "; prefix reuse on" if prefix_cache else "")
+        per_rank = f" on each of {tensor_parallel_size} ranks" if self.tp is not None else ""
+        log.info("KV cache: %d tokens in %d blocks of %d (%.2f GB, %s%s); %d requests of %d tokens fit at once%s",
+                 kv_tokens, num_blocks - 1, block_size, self.kv_cache_bytes / 1e9, self.kv_cache_dtype, per_rank,
+                 kv_tokens // max_seq_len, max_seq_len, "; prefix reuse on" if prefix_cache else "")
+        if self.kv_cache_dtype == "fp8":
+            found = self.model.kv_scales_found
+            log.info("FP8 KV cache scales: %s", f"the checkpoint's, {found} of {self.model.args.n_layers} layers "
+                     "(1.0 for the rest)" if found else "1.0 (the checkpoint has none)")
+        if self.model.quant_scheme is not None:
+            log.info("quantization: %s; %d FP8 linears on FP8 tensor cores", self.model.quant_scheme.describe(),
+                     self.fp8_linears)
 
-        self._cv = threading.Condition()
         self._incoming: deque[GenerationRequest] = deque()
         self._live: set[str] = set()
         self._cancel_ids: set[str] = set()
@@ -215,74 +239,6 @@ class Engine(GenerationEngine):
             raise ValueError(f"cannot tell the vocabulary size of {self.model_dir}: no vocab_size in config.json")
         return int(size)
 
-    def _pool_blocks(self, tokens: int | None, fraction: float | None) -> int:
-        """Blocks of the KV pool (plus block 0, which padding rows point at).
-
-        ``tokens`` sets the size directly. Otherwise on CUDA the pool takes ``fraction`` (default 0.9, as
-        TensorRT-LLM's free_gpu_memory_fraction) of the memory that is free once the weights are loaded
-        and the largest step's activations are set aside; on CPU it holds ``max_batch_size`` requests of
-        ``max_seq_len`` tokens, at most 16 of them (more requests share it: the pool is paged).
-        """
-        bs = self.block_size
-        if tokens:
-            return -(-tokens // bs) + 1
-        if self.device.type != "cuda":
-            return min(self.max_batch_size, CPU_POOL_REQUESTS) * -(-self.max_seq_len // bs) + 1
-        fraction = 0.9 if fraction is None else fraction
-        if not 0 < fraction <= 1:
-            raise ValueError(f"kv_cache_free_gpu_memory_fraction must be in (0, 1], got {fraction}")
-        args = self.model.args
-        per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * self.model.tok_embeddings.weight.element_size()
-        activations = self._profile_activations()
-        free, _total = torch.cuda.mem_get_info(self.device)
-        usable = max(0, free - activations)
-        blocks = int(fraction * usable) // (per_token * bs)
-        need = -(-self.max_seq_len // bs) + 1
-        if blocks < need:
-            raise ValueError(
-                f"the GPU has room for {blocks * bs} KV tokens after the weights, less than one request of "
-                f"max_seq_len {self.max_seq_len}: lower max_seq_len or use a larger GPU"
-            )
-        return blocks + 1
-
-    def _profile_activations(self) -> int:
-        """Peak memory of the largest step (max_num_tokens tokens, max_batch_size rows of logits)."""
-        bs = self.block_size
-        n = self.max_num_tokens
-        blocks = -(-n // bs) + 1
-        self.model.setup_caches(num_blocks=blocks, block_size=bs, max_seq_len=self.max_seq_len)
-        torch.cuda.synchronize(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        from .attention import AttentionMetadata
-
-        width = min(n, self.max_seq_len)
-        seqs = -(-n // width)
-        lens = [min(width, n - s * width) for s in range(seqs)]
-        dev = self.device
-        starts = [0]
-        for length in lens:
-            starts.append(starts[-1] + length)
-        table = torch.zeros(seqs, -(-width // bs), dtype=torch.int64, device=dev)
-        rows = min(self.max_batch_size, n)
-        meta = AttentionMetadata(
-            slot_mapping=torch.zeros(n, dtype=torch.int64, device=dev), block_tables=table,
-            seq_lens=torch.tensor(lens, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int64, device=dev),
-            logits_indices=torch.arange(rows, device=dev), max_query_len=max(lens),
-            seq_lens_host=lens, query_start_host=starts,
-        )
-        pos = torch.cat([torch.arange(length, device=dev) for length in lens])
-        logits = self.model(torch.zeros(n, dtype=torch.int64, device=dev), pos, meta)
-        torch.log_softmax(logits, dim=-1)
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - base
-        del logits
-        for layer in self.model.layers:
-            layer.attention.paged = None
-        torch.cuda.empty_cache()
-        return int(peak * 1.1) + (256 << 20)  # and room for the CUDA graphs' own pool
-
     # ---------------------------------------------------------------- public API
 
     def start(self) -> Engine:
@@ -304,10 +260,12 @@ class Engine(GenerationEngine):
         """Queue a request; every outcome, a rejection included, arrives through ``req.on_output``."""
         if req.on_output is no_output or not callable(req.on_output):
             raise ValueError("GenerationRequest.on_output must be a callable")
-        problem = self._validate(req)
+        problem = self._fatal or self._validate(req)
         if problem is None:
             with self._cv:
-                if self._closed:
+                if self._fatal:
+                    problem = self._fatal
+                elif self._closed:
                     problem = "the engine was shut down; no new requests are accepted"
                 elif req.request_id in self._live:
                     problem = f"request id {req.request_id!r} is already in flight; use a unique id"
@@ -345,9 +303,28 @@ class Engine(GenerationEngine):
         if thread is not None:
             thread.join(timeout)
         if thread is None or not thread.is_alive():
-            self._abort_all("the engine was shut down before this request finished")
+            self._abort_all(self._fatal or "the engine was shut down before this request finished")
+        if self.tp is not None:
+            self.tp.close()
         if self._grammar is not None:
             self._grammar.shutdown()
+
+    def _fail_fatal(self, message: str) -> None:
+        """A tensor-parallel rank is lost (called from the thread that watches them): every request running,
+        queued or still to come fails with ``message`` and the engine stops."""
+        with self._cv:
+            if self._fatal is None:
+                self._fatal = message
+            self._cv.notify_all()
+
+    def _group_failure(self, exc: Exception) -> str:
+        """The message a failed tensor-parallel step ends the engine with: a lost worker's, or this one's."""
+        lost = self.tp.failure(wait=5.0)  # the watching thread has said which worker, and logged it
+        if lost:
+            return lost
+        message = f"tritonize: a tensor-parallel step failed on rank 0 ({exc}); the engine stops"
+        log.error("%s", message)
+        return message
 
     @property
     def num_running(self) -> int:
@@ -441,8 +418,10 @@ class Engine(GenerationEngine):
             while True:
                 with self._cv:
                     while not (self._stopping or self._incoming or self._cancel_ids or inflight is not None
-                               or self.scheduler.has_work or self._compiled):
+                               or self.scheduler.has_work or self._compiled or self._fatal):
                         self._cv.wait()
+                    if self._fatal:
+                        break
                     if self._stopping:
                         break
                     cancel_ids, self._cancel_ids = self._cancel_ids, set()
@@ -476,8 +455,13 @@ class Engine(GenerationEngine):
                 except Exception as exc:  # a bug in the engine itself: fail what is running, keep serving
                     log.exception("engine step failed")
                     inflight = None
+                    if self.tp is not None:  # the ranks may no longer be in step: stop
+                        self._fail_fatal(self._group_failure(exc))
+                        break
                     for seq in list(self._seqs.values()):
                         self._finish(seq, "error", f"internal engine error: {exc}")
+        if self._fatal:
+            self._abort_all(self._fatal)
 
     def _add(self, req: GenerationRequest) -> None:
         if _client_gone(req):
@@ -610,9 +594,15 @@ class Engine(GenerationEngine):
             seq.virtual_offset = self.adapters.task(req.task_id)[0]
         elif req.prompt_table is not None:
             seq.virtual_offset = self.adapters.request_base + seq.slot * self.adapters.max_prompt_embedding_table_size
-            table = torch.as_tensor(req.prompt_table)
+            table = torch.as_tensor(req.prompt_table).to(self.adapters.prompt_table)
             start = seq.virtual_offset
-            self.adapters.prompt_table[start : start + len(table)] = table.to(self.adapters.prompt_table)
+            self.adapters.prompt_table[start : start + len(table)] = table
+            if self.tp is not None:  # every rank embeds the prompt: each needs the rows
+                try:
+                    self.tp.write_prompt_table(start, table)
+                except Exception as exc:
+                    self._fail_fatal(self._group_failure(exc))
+                    raise
         if self.slot_adapter is not None:
             self.slot_adapter[seq.slot] = self.adapters.lora_index(req.lora_task_id)
         real = [t for t in seq.known_tokens() if t < self.vocab_size]
@@ -623,6 +613,8 @@ class Engine(GenerationEngine):
             try:
                 self._setup_slot(seq)
             except Exception as exc:
+                if self._fatal:  # the tensor-parallel group is lost: the engine stops
+                    return None
                 log.exception("admitting request %s failed", seq.request_id)
                 self._finish(seq, "error", f"could not admit the request: {exc}")
         plan.chunks = [c for c in plan.chunks if c.seq.status is Status.RUNNING]
@@ -658,6 +650,9 @@ class Engine(GenerationEngine):
         try:
             return self.runner.launch(plan, rows, _virtual_offset, self.slot_adapter, sample=not guided)
         except Exception as exc:
+            if self.tp is not None and self.runner.out_of_step:  # a worker is gone, or may have been left behind
+                self._fail_fatal(self._group_failure(exc))
+                return None
             log.exception("step failed")
             for chunk in plan.chunks:
                 self._finish(chunk.seq, "error", f"step failed: {exc}")
@@ -725,7 +720,7 @@ class Engine(GenerationEngine):
             error=error,
             num_input_tokens=len(seq.prompt),
             num_output_tokens=len(seq.output),
-            metrics=_metrics(seq) if finished else None,
+            metrics=_metrics(seq) if finished or req.return_perf_metrics else None,
         )
         if not self._deliver(req, out) and not finished:
             # The receiver is gone (e.g. the client disconnected): stop spending compute on it.

@@ -1,8 +1,9 @@
 """Swaps Triton kernels into a model on CUDA, in place (as gpt-fast's quantize.py swaps its linears).
 
 What changes: attention over the paged cache (one kernel per layer for any mix of prompt chunks and
-decode rows, which is also what lets a decode step be captured in a CUDA graph), RMSNorm in one pass,
-and the gated SiLU MLP's activation in one kernel. The modules keep their parameters and buffers; only
+decode rows, which is also what lets a decode step be captured in a CUDA graph; FP8 caches included),
+RMSNorm in one pass, the gated SiLU MLP's activation in one kernel, and the per-token quantization of
+the activations of FP8 linears (quantize.ScaledMMLinear) in one kernel. The modules keep their parameters and buffers; only
 ``forward`` differs, so the weights loaded for model.py serve unchanged.
 """
 
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from .attention import AttentionMetadata, PagedAttention
 from .model import Attention, FeedForward, Norm, Transformer, TransformerBlock
+from .quantize import ScaledMMLinear
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ class TritonPagedAttention(PagedAttention):
 
         self.write(k, v, meta)
         return paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
-                               meta.query_start_loc, meta.max_query_len, self.scale, self.window)
+                               meta.query_start_loc, meta.max_query_len, self.scale, self.window,
+                               k_scale=self.k_scale, v_scale=self.v_scale)
 
 
 class TritonAttention(Attention):
@@ -48,9 +51,10 @@ class TritonAttention(Attention):
         cache = self.paged
         cos, sin = rope if rope is not None else (None, None)
         q = rotary_and_cache(qkv, cos, sin, meta.slot_mapping, cache.k_cache, cache.v_cache,
-                             self.n_heads, self.n_kv_heads, self.head_dim)
+                             self.n_heads, self.n_kv_heads, self.head_dim, cache.k_scale, cache.v_scale)
         y = paged_attention(q, cache.k_cache, cache.v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                            meta.max_query_len, cache.scale, cache.window)
+                            meta.max_query_len, cache.scale, cache.window, k_scale=cache.k_scale,
+                            v_scale=cache.v_scale)
         return self.wo(y.view(x.shape[0], -1))
 
 
@@ -71,6 +75,13 @@ class TritonBlock(TransformerBlock):
         norm = self.ffn_norm
         normed, h = rms_norm(attn, norm.weight, norm.eps, norm.offset, residual=x)
         return h + self.feed_forward(normed)
+
+
+class TritonScaledMMLinear(ScaledMMLinear):
+    def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        from .cuda_kernels import per_token_fp8
+
+        return per_token_fp8(x, self.input_scale)
 
 
 class TritonSiluFeedForward(FeedForward):
@@ -94,6 +105,8 @@ def use_triton_kernels(model: Transformer) -> bool:
             module.__class__ = TritonSiluFeedForward
         elif type(module) is Attention:
             module.__class__ = TritonAttention
+        elif type(module) is ScaledMMLinear:
+            module.__class__ = TritonScaledMMLinear
     for block in model.layers:
         if not block.parallel and isinstance(block.ffn_norm, TritonRMSNorm):
             block.__class__ = TritonBlock

@@ -91,6 +91,8 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, qkv_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.out_bias)
         self.paged: PagedAttention | None = None  # the cache and the attention over it; Transformer.setup_caches
+        # An FP8 cache stores k / k_scale and v / v_scale: the checkpoint's calibrated scales (weights.py) or 1.
+        self.k_scale = self.v_scale = 1.0
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, meta: AttentionMetadata) -> Tensor:
         N = x.shape[0]
@@ -221,6 +223,9 @@ class Transformer(nn.Module):
         # kernels.py swaps in a class with the same cache and a device kernel (and sets device_attention).
         self.paged_attention_cls: type[PagedAttention] = PagedAttention
         self.device_attention = False
+        self.kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype; float8_e4m3fn: an FP8 cache
+        self.quant_scheme = None  # what the checkpoint declares about FP8 (weights.py; quantize.QuantScheme)
+        self.kv_scales_found = 0  # layers whose KV cache scales the checkpoint holds
 
     def setup_caches(self, num_blocks: int, block_size: int, max_seq_len: int) -> None:
         """Allocate the paged KV cache (``num_blocks`` blocks of ``block_size`` positions per layer) and
@@ -237,8 +242,10 @@ class Transformer(nn.Module):
         for layer in self.layers:
             attn = layer.attention
             attn.paged = None  # free the old cache before allocating the new one
-            attn.paged = self.paged_attention_cls(num_blocks, block_size, args.n_kv_heads, args.head_dim,
-                                                  attn.scale, attn.window, dtype, device)
+            # the layer's own key/value heads: a tensor-parallel rank holds only its share (tp.py)
+            attn.paged = self.paged_attention_cls(num_blocks, block_size, attn.n_kv_heads, attn.head_dim,
+                                                  attn.scale, attn.window, dtype, device,
+                                                  self.kv_cache_dtype, attn.k_scale, attn.v_scale)
         # The scale is applied as the model dtype would hold it, as transformers does for Gemma.
         self.embed_scale = float(torch.tensor(args.embedding_scale, dtype=dtype))
         if args.positions == "rope":

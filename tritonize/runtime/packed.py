@@ -7,8 +7,13 @@ token ids, the few tokens before them that detokenization needs, log-probs, coun
 response the request's metrics) into one tensor, and the postprocessing models, which Triton runs as
 many instances of as the repository asks, unpack it and build the ensemble's outputs.
 
-Layout: a header of ``HEADER`` int32s, then the delta ids, the prefix ids, the log-probs (float32 bits),
-then, when ``FLAG_METRICS`` is set, ``len(METRICS)`` int64 values as pairs of int32s.
+Layout: a header of ``HEADER`` int32s (version, flags, the three lengths, the token counts, the handle, the
+finish reason, the cumulative log-prob as float32 bits, the batch index, the sequence index), then the delta
+ids, the prefix ids, the log-probs (float32 bits), then, when ``FLAG_METRICS`` is set, ``len(METRICS)``
+int64 values as pairs of int32s. ``FLAG_BATCHED`` / ``FLAG_SEQUENCES`` / ``FLAG_PERF`` say which of
+tensorrtllm_backend's optional outputs the response carries: ``batch_index`` (the request held several
+prompts), ``sequence_index`` (it asked for several sequences), the perf-metric outputs (it set
+``return_perf_metrics``).
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import numpy as np
 
 __all__ = ["FINISH_REASONS", "METRICS", "Packed", "pack", "unpack"]
 
-VERSION = 1
+VERSION = 2
 HEADER = 12
-FLAG_FINAL, FLAG_METRICS = 1, 2
+FLAG_FINAL, FLAG_METRICS, FLAG_BATCHED, FLAG_SEQUENCES, FLAG_PERF = 1, 2, 4, 8, 16
 FINISH_REASONS = (None, "end", "stop", "length", "cancelled", "error")
 METRICS = (  # the fields of request.RequestMetrics
     "arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns",
@@ -42,17 +47,25 @@ class Packed:
     cum_log_prob: float = 0.0
     handle: int = 0  # the engine's number for this stream: a stop request names it
     metrics: dict[str, int] | None = None
+    batch_index: int = 0  # which prompt of the request
+    sequence_index: int = 0  # which of its num_return_sequences
+    batched: bool = False  # the request held several prompts: the response carries batch_index
+    sequences: bool = False  # the request asked for several sequences: the response carries sequence_index
+    perf: bool = False  # the request set return_perf_metrics: the response carries the perf outputs
 
 
 def pack(p: Packed) -> np.ndarray:
     """-> int32 ``[1, n]``."""
     nd, npre, nlp = len(p.delta), len(p.prefix), len(p.log_probs)
-    flags = (FLAG_FINAL if p.final else 0) | (FLAG_METRICS if p.metrics is not None else 0)
+    flags = ((FLAG_FINAL if p.final else 0) | (FLAG_METRICS if p.metrics is not None else 0)
+             | (FLAG_BATCHED if p.batched else 0) | (FLAG_SEQUENCES if p.sequences else 0)
+             | (FLAG_PERF if p.perf else 0))
     size = HEADER + nd + npre + nlp + (2 * len(METRICS) if p.metrics is not None else 0)
     out = np.zeros(size, dtype=np.int32)
     out[:9] = (VERSION, flags, nd, npre, nlp, p.num_input_tokens, p.num_output_tokens, p.handle,
                FINISH_REASONS.index(p.finish_reason))
     out[9:10] = np.array([p.cum_log_prob], dtype=np.float32).view(np.int32)
+    out[10:12] = (p.batch_index, p.sequence_index)
     at = HEADER
     out[at : at + nd] = p.delta
     at += nd
@@ -84,4 +97,6 @@ def unpack(array: np.ndarray) -> Packed:
         delta=delta, prefix=prefix, log_probs=log_probs, final=bool(flags & FLAG_FINAL),
         finish_reason=FINISH_REASONS[int(a[8])], num_input_tokens=int(a[5]), num_output_tokens=int(a[6]),
         cum_log_prob=float(a[9:10].view(np.float32)[0]), handle=int(a[7]), metrics=metrics,
+        batch_index=int(a[10]), sequence_index=int(a[11]), batched=bool(flags & FLAG_BATCHED),
+        sequences=bool(flags & FLAG_SEQUENCES), perf=bool(flags & FLAG_PERF),
     )

@@ -44,7 +44,8 @@ class StepOutput:
     error: str | None = None
     num_input_tokens: int = 0
     num_output_tokens: int = 0
-    # On the final output: how the request went, for metrics and tensorrtllm_backend's perf outputs.
+    # On the final output (on every output with ``return_perf_metrics``): how the request went so far, for
+    # metrics and tensorrtllm_backend's perf outputs. None from runtimes that do not measure it.
     metrics: RequestMetrics | None = None
 
 
@@ -103,6 +104,7 @@ class GenerationRequest:
     task_id: int | None = None
     prompt_table: Any = None  # torch.Tensor or numpy array [n, hidden]
     guide: Any = None  # grammar.Guide
+    return_perf_metrics: bool = False  # metrics on every output, not only the final one
 
 
 def stop_length(history: Sequence[int], stops: Sequence[Sequence[int]]) -> int:

@@ -14,6 +14,12 @@ whose ``result()`` waits for the tokens, so the engine can plan and launch the n
 A step with rows guided by a grammar is launched with ``sample=False``: the forward is queued and an
 ``Unsampled`` step comes back; ``sample(step, allowed)`` chooses its tokens once the host knows the
 guided rows' masks, which depend on the previous step's tokens.
+
+Tensor parallelism (tp.py): ``last_sampled`` and the staging buffer are two views of one device buffer,
+``last_sampled`` first. Rank 0's runner sends each step's header to the workers and broadcasts that buffer
+up to the end of the step's layout: the workers' runners (``follow``) get the step and the tokens sampled
+so far in one collective, and run the same forward (the same CUDA graph) on their shard. Only rank 0
+samples.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ log = logging.getLogger(__name__)
 __all__ = ["InFlight", "ModelRunner", "Unsampled", "batch_buckets", "token_buckets"]
 
 _REGIONS = ("ids", "pos", "slot_mapping", "pending", "adapter")  # one int64 per token
+# How a step runs: exactly laid out and eager, padded to a captured shape but eager, or a graph replay.
+_EXACT, _PADDED, _GRAPH = 0, 1, 2
 _SEQ_REGIONS = ("seq_lens", "logits_indices", "sample_slots")  # one per sequence
 
 
@@ -103,6 +111,28 @@ class _Layout:
         return out
 
 
+@dataclass(frozen=True)
+class _Step:
+    """What both sides of a tensor-parallel group need to know to run the same step (its header)."""
+
+    mode: int
+    layout: _Layout
+    shape: _Shape | None
+    max_query_len: int
+    rows: int
+
+    def fields(self) -> tuple[int, ...]:
+        shape = self.shape or _Shape(0, 0, False)
+        return (self.mode, self.layout.n_tokens, self.layout.n_seqs, shape.tokens, shape.seqs, int(shape.prompt),
+                self.max_query_len, self.rows)
+
+    @staticmethod
+    def read(fields: Sequence[int], width: int) -> _Step:
+        mode, n_tokens, n_seqs, tokens, seqs, prompt, max_query_len, rows = fields[:8]
+        shape = _Shape(tokens, seqs, bool(prompt)) if mode != _EXACT else None
+        return _Step(mode, _Layout(n_tokens, n_seqs, width), shape, max_query_len, rows)
+
+
 @dataclass
 class InFlight:
     """A launched step: its plan and where its sampled tokens will land on the host."""
@@ -131,9 +161,14 @@ class Unsampled:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, sampler: Sampler, *, device: torch.device, max_num_seqs: int,
                  max_num_tokens: int, max_seq_len: int, block_size: int, cuda_graphs: bool,
-                 token_adapter: torch.Tensor | None = None, vocab_size: int) -> None:
+                 token_adapter: torch.Tensor | None = None, vocab_size: int, tp=None, group=None) -> None:
+        """``sampler`` None: a tensor-parallel worker's runner, which follows rank 0's steps (``follow``) over
+        ``group``; ``tp`` is rank 0's ``tp.Leader``."""
         self.model = model
         self.sampler = sampler
+        self.tp = tp
+        self.group = tp.group if tp is not None else group
+        self.out_of_step = False  # a step failed between its broadcast and the end of its forward
         self.device = device
         self.max_num_seqs = max_num_seqs
         self.max_num_tokens = max_num_tokens
@@ -141,10 +176,13 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.width = -(-max_seq_len // block_size)
         self.token_adapter = token_adapter
-        # One row per batch slot, plus a row the padding rows of a graph write into.
-        self.last_sampled = torch.zeros(max_num_seqs + 1, dtype=torch.int64, device=device)
+        # One row per batch slot, plus a row the padding rows of a graph write into; the staging buffer after it.
         self.dummy_slot = max_num_seqs
+        self._lead = max_num_seqs + 1
         cap = _Layout(max(max_num_tokens, max_num_seqs), max_num_seqs, self.width).size
+        self._device_buffer = torch.zeros(self._lead + cap, dtype=torch.int64, device=device)
+        self.last_sampled = self._device_buffer[: self._lead]
+        self.staging = self._device_buffer[self._lead :]
         pin = device.type == "cuda"
         # Two host buffers, used in turn: step N+1 is written while step N's copy may still be queued (the
         # engine reads step N-1's tokens, and so knows its copy is done, before it plans step N+1).
@@ -152,7 +190,6 @@ class ModelRunner:
         self._turn = 0
         self.host = self._hosts[0]
         self.host_np = self.host.numpy()
-        self.staging = torch.zeros(cap, dtype=torch.int64, device=device)
         self.graphs: dict[_Shape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.failed: set[_Shape] = set()
         self.capture = cuda_graphs
@@ -219,6 +256,15 @@ class ModelRunner:
         self.staging[: layout.size].copy_(self.host[: layout.size], non_blocking=True)
         return layout.views(self.staging[: layout.size])
 
+    def _host_lists(self, layout: _Layout, host_np: np.ndarray | None) -> dict | None:
+        """The numbers the Python attention path reads on the host (None where the device kernel runs)."""
+        if self.device.type == "cuda" and getattr(self.model, "device_attention", False):
+            return None
+        if host_np is None:  # a tensor-parallel worker: what the broadcast brought
+            host_np = self.staging[: layout.size].cpu().numpy()
+        hv = layout.views(host_np[: layout.size])
+        return {"seq_lens": hv["seq_lens"].tolist(), "query_start_loc": hv["query_start_loc"].tolist()}
+
     def _forward(self, v: dict, max_query_len: int, host: dict | None) -> torch.Tensor:
         """The model on a laid-out step; ``host`` carries the numbers the Python attention path reads.
         Logits come for ``v["logits_indices"]`` (a step samples at most one token per sequence)."""
@@ -260,35 +306,26 @@ class ModelRunner:
         shape = self._shape(plan)
         graph = None
         if shape is not None and self.capture:
-            graph = self.graphs.get(shape) or self._capture(shape)
+            graph = self.graphs.get(shape)
+            if graph is None and self.tp is None:  # a group captures together, at start (capture_all)
+                graph = self._capture(shape)
             if graph is None:
                 shape = None  # could not be captured: eager, exactly laid out
-        if shape is not None:
+        if shape is not None:  # a graph, or the padded layout run eagerly (tests check it where none is captured)
             layout = _Layout(shape.tokens, shape.seqs, self.width)
             r = self._fill(plan, layout, virtual_offset, slot_adapter)
             self._pad(layout, plan.num_tokens, n_seqs, r)
-            if graph is not None:
-                self.staging[: layout.size].copy_(self.host[: layout.size], non_blocking=True)
-                graph[0].replay()
-                logits = graph[1][:r]
-                sample_slots = layout.views(self.staging)["sample_slots"][:r]
-            else:  # the padded layout run eagerly: what a graph replays (tests check it where none is captured)
-                v = self._device_views(layout)
-                v["logits_indices"] = v["logits_indices"][: min(shape.tokens, shape.seqs)]
-                logits = self._forward(v, shape.tokens if shape.prompt else 1, None)[:r]
-                sample_slots = v["sample_slots"][:r]
+            step = _Step(_GRAPH if graph is not None else _PADDED, layout, shape, shape.tokens if shape.prompt else 1, r)
         else:
             layout = _Layout(plan.num_tokens, n_seqs, self.width)
             r = self._fill(plan, layout, virtual_offset, slot_adapter)
-            host = None
-            if self.device.type != "cuda" or not getattr(self.model, "device_attention", False):
-                hv = layout.views(self.host_np[: layout.size])
-                host = {"seq_lens": hv["seq_lens"].tolist(), "query_start_loc": hv["query_start_loc"].tolist()}
-            v = self._device_views(layout)
-            v["logits_indices"] = v["logits_indices"][:r]
-            max_q = max(c.num_tokens for c in plan.chunks)
-            logits = self._forward(v, max_q, host)[:r]
-            sample_slots = v["sample_slots"][:r]
+            step = _Step(_EXACT, layout, None, max(c.num_tokens for c in plan.chunks), r)
+        self.staging[: layout.size].copy_(self.host[: layout.size], non_blocking=True)
+        if self.tp is not None:
+            self.out_of_step = True
+            self.tp.step(step.fields(), self._device_buffer[: self._lead + layout.size])
+        logits, sample_slots = self._execute(step, self.host_np)
+        self.out_of_step = False
         if r == 0:
             return InFlight(plan, torch.zeros(0, dtype=torch.int64), None, None)
         step = Unsampled(plan, rows, logits, sample_slots)
@@ -300,6 +337,29 @@ class ModelRunner:
         result = self.sampler.sample(step.logits, step.rows, allowed)
         self.last_sampled.index_copy_(0, step.sample_slots, result.tokens)
         return self._to_host(step.plan, result.tokens, result.log_probs)
+
+    def _execute(self, step: _Step, host_np: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward of a step already in the staging buffer: (logits of its sampling rows, their slots)."""
+        layout, r = step.layout, step.rows
+        if step.mode == _GRAPH:
+            graph, logits = self.graphs[step.shape]
+            graph.replay()
+            return logits[:r], layout.views(self.staging)["sample_slots"][:r]
+        v = layout.views(self.staging[: layout.size])
+        host = None
+        if step.mode == _PADDED:
+            v["logits_indices"] = v["logits_indices"][: min(step.shape.tokens, step.shape.seqs)]
+        else:
+            v["logits_indices"] = v["logits_indices"][:r]
+            host = self._host_lists(layout, host_np)
+        return self._forward(v, step.max_query_len, host)[:r], v["sample_slots"][:r]
+
+    def follow(self, fields: Sequence[int]) -> None:
+        """A tensor-parallel worker's part of a step rank 0 launched: its header ``fields``, then the broadcast
+        buffer (``last_sampled`` and the step's layout), then the same forward on this rank's shard."""
+        step = _Step.read(fields, self.width)
+        self.group.broadcast(self._device_buffer[: self._lead + step.layout.size])
+        self._execute(step, None)
 
     def _to_host(self, plan: StepPlan, tokens: torch.Tensor, log_probs: torch.Tensor | None) -> InFlight:
         if self.device.type != "cuda":
@@ -324,6 +384,8 @@ class ModelRunner:
     def capture_all(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Capture every shape now, so that no request pays for a capture later."""
         todo = self.shapes()
+        if self.tp is not None and todo:
+            self.tp.capture()  # the workers capture the same shapes, in the same order
         for k, shape in enumerate(todo):
             if shape not in self.graphs and shape not in self.failed:
                 self._capture(shape)
@@ -334,13 +396,18 @@ class ModelRunner:
         """The graph of ``shape``; None (and eager from now on for that shape) when the step cannot be
         captured, e.g. a mixture-of-experts layer routing more tokens than its dense path takes."""
         try:
-            return self._capture_graph(shape)
+            graph = self._capture_graph(shape)
         except Exception as exc:  # noqa: BLE001 - any capture failure: keep serving, eagerly
             torch.cuda.synchronize(self.device)
             log.warning("CUDA graph capture of a step of %d tokens failed (%s); such steps run eagerly",
                         shape.tokens, exc)
+            graph = None
+        if self.group is not None and not self.group.agree(graph is not None):
+            graph = None  # a step runs as a graph on every rank of a group, or on none
+            self.graphs.pop(shape, None)
+        if graph is None:
             self.failed.add(shape)
-            return None
+        return graph
 
     def _capture_graph(self, shape: _Shape) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         layout = _Layout(shape.tokens, shape.seqs, self.width)

@@ -46,9 +46,14 @@ def create_engine(runtime: str, model_dir: str | Path, *, trtllm_options: dict[s
     """An engine for a resolved runtime; ``options`` are the arguments every engine takes.
 
     ``trtllm_options`` are the TensorRT-LLM ones; ``engine_dir`` and ``multi_gpu_mode``
-    among them only concern the trtllm-engine runtime and are dropped for the LLM API one.
+    among them only concern the trtllm-engine runtime and are dropped for the LLM API one. The torch
+    runtime takes ``tensor_parallel_size`` of them (its own tensor parallelism, tp.py), and ``kv_cache_dtype``
+    ("model", the torch runtime's "not FP8", is the LLM API's "auto").
     """
     trt = dict(trtllm_options or {})
+    kv_cache_dtype = trt.get("kv_cache_dtype") or "auto"
+    if kv_cache_dtype == "model":
+        trt["kv_cache_dtype"] = "auto"
     if runtime != "torch":
         # rows reserved per slot for request tables: the torch engine's; TensorRT-LLM sizes its own at build
         options.pop("max_prompt_embedding_table_size", None)
@@ -66,5 +71,9 @@ def create_engine(runtime: str, model_dir: str | Path, *, trtllm_options: dict[s
     if runtime == "torch":
         from .engine import Engine
 
-        return Engine(model_dir, **options)
+        if int(trt.get("pipeline_parallel_size") or 1) > 1:
+            raise ValueError("pipeline parallelism is TensorRT-LLM only: the torch runtime splits a model with "
+                             "tensor parallelism (--tensor-parallelism-size)")
+        return Engine(model_dir, tensor_parallel_size=int(trt.get("tensor_parallel_size") or 1),
+                      kv_cache_dtype=kv_cache_dtype, **options)
     raise ValueError(f"runtime {runtime!r} is not resolved: call resolve_runtime first")

@@ -57,10 +57,13 @@ _MASK64 = (1 << 64) - 1
 
 @dataclass
 class SamplingParams:
-    """How one request picks its tokens; greedy when nothing is set, top_k == 1 or temperature == 0.
+    """How one request picks its tokens, by TensorRT-LLM's rule (its executor's ``SamplingConfig``).
 
-    ``top_k`` of None or 0 and ``top_p`` of None, <= 0 or >= 1 mean "no truncation"; as in TensorRT-LLM,
-    ``top_k == 0`` together with ``top_p == 0`` means greedy.
+    Sampling is on only when ``top_k`` > 1 or ``top_p`` > 0 is set: ``top_k`` and ``top_p`` default to 0,
+    and ``top_k == 0`` with ``top_p == 0`` is greedy, whatever the temperature. ``temperature`` alone
+    therefore does not turn sampling on; it shapes the distribution sampling draws from. ``top_k == 1``
+    and ``temperature == 0`` are greedy too. ``top_k`` of None or 0 means "no top-k truncation" and
+    ``top_p`` of None, 0 or >= 1 "no top-p truncation" once sampling is on.
     """
 
     temperature: float | None = None
@@ -76,9 +79,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         if self.temperature == 0 or self.top_k == 1:
             return True
-        if not self.top_k and self.top_p is not None and self.top_p == 0:
-            return True
-        return self.temperature is None and not self.top_k and self.top_p is None
+        return not self.top_k and not self.top_p
 
     @property
     def uses_penalties(self) -> bool:
@@ -99,6 +100,21 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+
+
+def sequence_seed(seed: int | None, index: int) -> int | None:
+    """The seed of sequence ``index`` of a request that asks for several (``num_return_sequences``).
+
+    Sequence 0 keeps the request's seed, so one sequence is the text the request gives alone; the others
+    get seeds derived from it (splitmix64 of seed + index), independent draws that the same request
+    reproduces. None stays None: the engine draws a fresh seed for each sequence.
+    """
+    if seed is None or index == 0:
+        return seed
+    z = (int(seed) + index * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 @dataclass

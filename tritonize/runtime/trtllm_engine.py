@@ -86,6 +86,11 @@ def sampling_knobs(sampling: SamplingParams) -> dict[str, Any]:
         if not 0.0 <= sampling.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], not {sampling.top_p}")
         kwargs["top_p"] = float(sampling.top_p)
+    if sampling.greedy and sampling.temperature != 0 and sampling.top_k != 1:
+        # The wire rule (the executor's): no top_k and no top_p is greedy, whatever the temperature. The
+        # LLM API samples on a temperature alone, so a greedy request sends none of the three.
+        for key in ("temperature", "top_k", "top_p"):
+            kwargs.pop(key, None)
     if sampling.seed is not None:
         kwargs["seed"] = int(sampling.seed)
     if sampling.repetition_penalty != 1.0:

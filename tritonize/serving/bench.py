@@ -126,7 +126,7 @@ def run_bench(model: str, url: str, levels: list[int], *, input_len: int, output
     try:
         write_plot(png_path, rows, f"{model}: {input_len} in / {output_len} out tokens, {tool}")
     except ImportError:
-        raise TritonizeError(f"wrote {json_path}, but the plot needs matplotlib: pip install 'tritonize[bench]'") \
+        raise TritonizeError(f"wrote {json_path}, but the plot needs matplotlib: pip install matplotlib") \
             from None
     say(f"wrote {json_path} and {png_path}")
     failed = sum(int(r.get("errors") or 0) for r in rows) + sum(1 for r in rows if r.get("error"))

@@ -65,8 +65,14 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
     _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2, default=float) + "\n"))
 
 
-def write_plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
-    """Throughput (left) and TTFT / ITL percentiles (right) against concurrency, as a PNG."""
+def plot_figure(rows: list[dict[str, Any]], title: str):  # noqa: ANN201 - a matplotlib Figure
+    """Throughput (left) and TTFT / ITL percentiles (right) against concurrency.
+
+    Throughput is output tokens/s on its own axis from 0. Requests/s is proportional to it when every
+    request generates the same number of tokens (as the bench asks): it is then a second scale of the
+    same line (right-hand axis, tokens/s divided by the tokens per request), and otherwise a label at
+    each point. The latency panel draws TTFT and ITL p50 / p90 / p99 on a log scale.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,12 +85,23 @@ def write_plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         return [float("nan") if r.get(key) is None else r[key] for r in rows]
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    left.plot(conc, series("output_tokens_per_s"), "o-", color="tab:blue", label="output tokens/s")
+    tokens = series("output_tokens_per_s")
+    left.plot(conc, tokens, "o-", color="tab:blue", label="output tokens/s")
     left.set_xlabel("concurrency")
     left.set_ylabel("output tokens/s", color="tab:blue")
-    req = left.twinx()
-    req.plot(conc, series("requests_per_s"), "s--", color="tab:orange", label="requests/s")
-    req.set_ylabel("requests/s", color="tab:orange")
+    top = max((t for t in tokens if t == t), default=0.0)
+    left.set_ylim(0, top * 1.12 if top > 0 else 1.0)
+    per_request = [r["output_tokens_per_s"] / r["requests_per_s"] for r in rows
+                   if r.get("output_tokens_per_s") and r.get("requests_per_s")]
+    if per_request and max(per_request) - min(per_request) <= 0.01 * max(per_request):
+        ratio = sum(per_request) / len(per_request)
+        scale = left.secondary_yaxis("right", functions=(lambda t: t / ratio, lambda r: r * ratio))
+        scale.set_ylabel(f"requests/s ({ratio:.0f} tokens each)", color="tab:gray")
+    else:
+        for c, t, r in zip(conc, tokens, series("requests_per_s")):
+            if t == t and r == r:
+                left.annotate(f"{r:.2f} req/s", (c, t), textcoords="offset points", xytext=(0, 7), ha="center",
+                              fontsize="small", color="tab:gray")
     left.set_title("throughput")
     for metric, color in (("ttft", "tab:red"), ("itl", "tab:green")):
         for q, style in ((50, "o-"), (90, "^--"), (99, "v:")):
@@ -101,6 +118,14 @@ def write_plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def write_plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    """``plot_figure`` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(rows, title)
     try:
         _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:

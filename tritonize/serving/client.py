@@ -7,6 +7,7 @@ the ``<name>_sync`` model only (Triton refuses decoupled models there).
 
 from __future__ import annotations
 
+import http.client
 import json
 import queue
 import time
@@ -118,7 +119,12 @@ def grpc_generate(url: str, model: str, prompt: str, opts: GenerateOptions, *, s
     from tritonclient.utils import InferenceServerException
 
     responses: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(_grpc_url(url))
+    target = _grpc_url(url)
+    try:
+        client = grpcclient.InferenceServerClient(target)
+    except InferenceServerException as e:
+        raise QueryError(f"cannot use the gRPC address {target}: {e.message() or e}") from None
+    _check_reachable(client, target, timeout)
     result = Result(text="", pieces=[])
     start = time.perf_counter()
     try:
@@ -137,7 +143,14 @@ def grpc_generate(url: str, model: str, prompt: str, opts: GenerateOptions, *, s
             if params.get("triton_final_response") and params["triton_final_response"].bool_param:
                 break
     except InferenceServerException as e:
-        raise QueryError(e.message() or str(e)) from None
+        message = e.message() or str(e)
+        if "no longer in valid state" in message:  # the stream broke: its callback got the reason
+            while not responses.empty():
+                _, err = responses.get_nowait()
+                if err is not None:
+                    message = f"the gRPC stream to {target} broke: {_reason(err)}"
+                    break
+        raise QueryError(message) from None
     finally:
         try:
             client.stop_stream()
@@ -145,6 +158,34 @@ def grpc_generate(url: str, model: str, prompt: str, opts: GenerateOptions, *, s
             client.close()
     result.elapsed = time.perf_counter() - start
     return result
+
+
+def _check_reachable(client, target: str, timeout: float) -> None:  # noqa: ANN001 - a tritonclient.grpc client
+    """QueryError in one line when nothing answers at ``target``: without this a stream to a closed port
+    fails later and in gRPC's words ("The stream is no longer in valid state ...")."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        client.is_server_live(client_timeout=min(timeout, 10.0))
+    except InferenceServerException as e:
+        client.close()
+        status = (e.status() or "").replace("StatusCode.", "")
+        if status in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "") or "connect" in (e.message() or "").lower():
+            raise QueryError(f"cannot reach tritonserver's gRPC endpoint at {target} ({_reason(e)}): start it with "
+                             "`tritonize serve REPO`, or pass the right host:port with -u") from None
+        raise QueryError(e.message() or str(e)) from None
+
+
+def _reason(e: Exception) -> str:
+    """The useful part of a gRPC connection error: "connection refused", "deadline exceeded", ..."""
+    text = (getattr(e, "message", lambda: "")() or str(e)).strip()
+    if "resolving" in text or "lookup failed" in text:
+        return "the host name does not resolve"
+    for known in ("Connection refused", "Deadline Exceeded", "Name or service not known", "No route to host",
+                  "Connection reset", "Socket closed", "failed to connect"):
+        if known.lower() in text.lower():
+            return known.lower()
+    return text.splitlines()[0][:120] if text else "no answer"
 
 
 def _absorb(result: Result, get: Callable[[str], np.ndarray | None], on_piece: Callable[[str], None] | None,
@@ -200,16 +241,30 @@ def http_generate(url: str, model: str, prompt: str, opts: GenerateOptions, *, s
             else:
                 _absorb(result, lambda k, e=json.loads(response.read()): _json_field(e, k), on_piece, start)
     except urllib.error.HTTPError as e:
-        detail = e.read().decode("utf-8", "replace")
-        try:
-            detail = json.loads(detail).get("error", detail)
-        except ValueError:
-            pass
-        raise QueryError(f"{e.code}: {detail}") from None
+        raise QueryError(_http_error(e.read().decode("utf-8", "replace"), e.code)) from None
     except urllib.error.URLError as e:
-        raise QueryError(f"cannot reach {endpoint}: {e.reason}") from None
+        raise QueryError(f"cannot reach tritonserver's HTTP endpoint at {base} ({e.reason}): start it with "
+                         "`tritonize serve REPO`, or pass the right http://host:port with -u") from None
+    except (ConnectionError, http.client.HTTPException) as e:
+        raise QueryError(f"the connection to {base} broke ({e}): is tritonserver still running?") from None
     result.elapsed = time.perf_counter() - start
     return result
+
+
+def _http_error(body: str, status: int) -> str:
+    """The server's message in an HTTP error body: JSON ``{"error": ...}``, or the same framed as server-sent
+    events (``data: {...}``, how /generate_stream answers an error); the body itself otherwise."""
+    for line in body.splitlines() or [body]:
+        line = line.strip()
+        if line.startswith("data:"):
+            line = line[5:].strip()
+        try:
+            message = json.loads(line).get("error")
+        except (ValueError, AttributeError):
+            continue
+        if message:
+            return str(message)
+    return body.strip() or f"HTTP {status}"
 
 
 def _json_field(event: dict, key: str) -> np.ndarray | None:

@@ -65,7 +65,7 @@ def repository_launch(repo: str | Path) -> LaunchPlan:
     for config_path in sorted(Path(repo).glob("*_engine/config.pbtxt")):
         params = _engine_parameters(config_path)
         if params.get("runtime") != "trtllm-engine":
-            continue  # the torch runtime runs on one device; the LLM API spawns its own ranks
+            continue  # the torch runtime (tp.py) and the LLM API start their own ranks from one server
         tp = int(params.get("tensor_parallel_size") or 1)
         pp = int(params.get("pipeline_parallel_size") or 1)
         mode = params.get("multi_gpu_mode") or "leader"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import QueryError, ServerError
+from ..errors import PythonEnvironmentError, QueryError, ServerError
 from ..repository.validate import Problem, Report, validate_repository
 from .client import GenerateOptions, grpc_generate
 from .server import TritonServer, free_ports
@@ -33,6 +33,8 @@ def load_check(repo: str | Path, models: list[str], *, timeout: float = 180.0, *
     problems: list[Problem] = []
     try:
         server.start(timeout=timeout)
+    except PythonEnvironmentError as e:  # found before the server started: its own fix
+        return [Problem(e.python, e.problem, e.fix)]
     except ServerError as e:
         return [Problem(str(server.log_path or "tritonserver"), f"the server did not load the repository: {e}",
                         "fix what the server names, then run `tritonize validate --load` again")]

@@ -5,6 +5,11 @@ machines where neither runs (their wheels need a newer glibc than some hosts hav
 user sends one streaming request at a time, as perf_analyzer's concurrency mode does, and every
 response's arrival time is recorded, so time to first token and inter-token latency are measured
 the way genai-perf measures them.
+
+A stream is left to end by itself after its final response (the request side is closed once the
+request is sent, so the server ends the call): leaving the ``async for`` early cancels the call, and
+Triton 2.51 then keeps the ensemble referenced for good, which holds up its shutdown by
+``--exit-timeout-secs``.
 """
 
 from __future__ import annotations
@@ -105,19 +110,16 @@ async def _user(url: str, model: str, prompts: list[str], output_len: int, deadl
                        "request_id": uuid.uuid4().hex, "enable_empty_final_response": True}
 
             try:
-                async for result, error in client.stream_infer(one_request()):
+                async for result, error in client.stream_infer(one_request()):  # ends after the final response
                     if error is not None:
-                        record.error = str(error)
-                        break
+                        record.error = record.error or str(error)
+                        continue
                     text = result.as_numpy("text_output")
-                    if text is not None:
+                    if text is not None and record.error is None:
                         record.response_times.append(time.perf_counter())
                         n = result.as_numpy("num_output_tokens")
                         if n is not None:
                             record.output_tokens = int(n.reshape(-1)[0])
-                    final = result.get_response().parameters.get("triton_final_response")
-                    if final is not None and final.bool_param:
-                        break
             except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
                 record.error = str(e)
 
@@ -186,20 +188,19 @@ async def stream_answer(client, model: str, prompt: str, max_tokens: int) -> Ans
                "request_id": request_id, "enable_empty_final_response": True}
 
     try:
-        async for result, error in client.stream_infer(request()):
+        async for result, error in client.stream_infer(request()):  # ends after the final response
             if error is not None:
-                answer.error = str(error)
-                break
+                answer.error = answer.error or str(error)
+                continue
             if result.get_response().id != request_id:
-                answer.error = f"response for request {result.get_response().id} on {request_id}'s stream"
-                break
+                answer.error = answer.error or f"response for request {result.get_response().id} on {request_id}'s stream"
+                continue
             out = result.as_numpy("text_output")
             if out is not None:
                 answer.text += b"".join(out.reshape(-1)).decode()
             final = result.get_response().parameters.get("triton_final_response")
             if final is not None and final.bool_param:
                 answer.finals += 1
-                break
     except Exception as e:  # noqa: BLE001 - reported with the answer
         answer.error = str(e)
     return answer

@@ -132,4 +132,8 @@ def serve_repository(repo: Path, options: ServeOptions = ServeOptions(), *, say:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    note("tritonserver stopped")
+    if server.stuck_models:
+        note(f"tritonserver stopped (it still counted {', '.join(server.stuck_models)} live with nothing in flight "
+             "and no model process left, and was ended rather than waited for)")
+    else:
+        note("tritonserver stopped")

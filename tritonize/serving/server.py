@@ -7,7 +7,8 @@ binary and Python backend are used, never PyTriton itself. Three things make it 
   `libtriton_python.so`; the wheel ships one stub per Python version, so a private backend directory
   (symlinks, cached) pairs the backend with the right stub, leaving the installed wheel untouched;
 * the stub takes `sys.prefix` from the `python3` first on PATH, so this interpreter's bin directory goes
-  first in the server's PATH and the models see the same packages (torch, numpy<2) as the caller;
+  first in the server's PATH and the models see the same packages (torch, numpy<2) as the caller; that
+  python3 is checked before the server starts (numpy < 2, every module the repository's models import);
 * tritonserver does not exit when a port is taken (it logs the error and lingers), and reports a model
   that failed to load only in its log: ports are checked before launching and the log is watched while
   waiting for readiness, so a failure surfaces as one ServerError line carrying the server's own words.
@@ -37,13 +38,12 @@ import sysconfig
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from ..errors import ServerError
-from ..repository.layout import model_names
+from ..errors import PythonEnvironmentError, ServerError
+from ..repository.layout import REPOSITORY_MANIFEST, model_names
 from .launch import LaunchPlan, mpi_leader_command
 
 STUB_NAME = "triton_python_backend_stub"
@@ -54,7 +54,7 @@ SHM_PREFIX_BASE = "triton_python_backend_shm_region_"
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 
 _INSTALL_HINT = (
-    "no tritonserver found: install it with `pip install nvidia-pytriton==0.7.0` (tritonize[server]), "
+    "no tritonserver found: install it with `pip install nvidia-pytriton==0.7.0` (tritonize's [server] extra), "
     "put it on PATH, or pass --tritonserver PATH"
 )
 # "E1125 14:06:17.559729 5236 model_lifecycle.cc:642] "msg"" (default format) or
@@ -70,6 +70,11 @@ _STARTED = {
     "grpc": "Started GRPCInferenceService at",
     "metrics": "Started Metrics Service at",
 }
+# Logged by a stopping tritonserver once no inference request is in flight: it then unloads every model.
+UNLOADING = "All models are stopped, unloading models"
+# How long a stopping server may stay up once it unloads with no Python model process left: Triton checks
+# what is still live once a second, so a server that would exit by itself has done so by then.
+UNLOAD_GRACE_S = 1.5
 # Errors every CPU-only start logs and that say nothing about why a start failed.
 _BENIGN_ERRORS = ("CudaDriverHelper", "NVML", "nvml", "DCGM", "dcgm", "CUDA driver", "GPU metrics")
 
@@ -285,17 +290,60 @@ def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _numpy_warning() -> str | None:
+# Run by the Python the stub will use: which of the modules asked for it lacks, and its numpy version.
+_PROBE = """
+import importlib.metadata, importlib.util, json, sys
+wanted = json.loads(sys.argv[1])
+missing = []
+for name in wanted:
     try:
-        version = importlib.metadata.version("numpy")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    if _version_key(version)[:1] >= (2,):
-        return (
-            f"numpy {version} is installed; Triton 2.51's Python backend mis-reads BYTES tensors under "
-            "numpy 2: install numpy<2 in this environment"
-        )
-    return None
+        if importlib.util.find_spec(name) is None:
+            missing.append(name)
+    except (ImportError, ValueError):
+        missing.append(name)
+try:
+    numpy = importlib.metadata.version("numpy")
+except importlib.metadata.PackageNotFoundError:
+    numpy = None
+print(json.dumps({"executable": sys.executable, "missing": missing, "numpy": numpy}))
+"""
+
+
+def check_stub_python(repo: Path, env: dict[str, str]) -> None:
+    """PythonEnvironmentError when the Python that the repository's Python models will run on (the first
+    ``python3`` on the server's PATH, as the stub finds it) has numpy >= 2 or lacks a module they import.
+
+    Without this check a model fails only inside the server, as "Stub process ... is not healthy".
+    """
+    from ..repository.manifest import required_modules
+
+    try:  # read here, not through repository.render, which would cost this process an import of torch
+        manifest = json.loads((repo / REPOSITORY_MANIFEST).read_text(encoding="utf-8"))
+        modules = required_modules(manifest if isinstance(manifest, dict) else None)
+    except (OSError, ValueError, AttributeError, TypeError):
+        modules = required_modules(None)  # none, or unreadable: `tritonize validate` says what is wrong with it
+    python = shutil.which("python3", path=env.get("PATH"))
+    if python is None:
+        raise ServerError("no python3 on the server's PATH: the Python backend runs its models on the first "
+                          "python3 there; run tritonize from a virtualenv")
+    try:
+        proc = subprocess.run([python, "-c", _PROBE, json.dumps(sorted(modules))], env=env, capture_output=True,
+                              text=True, timeout=120, stdin=subprocess.DEVNULL)
+        found = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        raise ServerError(f"cannot run {python}, the python3 the server's Python models would use: fix that "
+                          "interpreter or put another first on PATH") from None
+    numpy = found.get("numpy")
+    if numpy is not None and _version_key(numpy)[:1] >= (2,):
+        raise PythonEnvironmentError(
+            python, f"{python} has numpy {numpy}, and Triton 2.51's Python backend needs numpy < 2 (under numpy 2 "
+            "it mis-reads text tensors)", f"run `{python} -m pip install 'numpy<2'`")
+    missing = [name for name in found.get("missing", []) if name in modules]
+    if missing:
+        args = " ".join(dict.fromkeys(modules[name] for name in missing))
+        raise PythonEnvironmentError(
+            python, f"{python} lacks {', '.join(missing)}, which this repository's models import",
+            f"run `{python} -m pip install {args}`")
 
 
 def has_gpu() -> bool:
@@ -443,6 +491,13 @@ def loading_models(log_text: str) -> list[str]:
     return sorted({name for name in started if name not in done})
 
 
+def live_models(log_text: str) -> list[str]:
+    """Models the log shows loaded and not unloaded since (what a stopping server still counts as live)."""
+    loaded = re.findall(r"successfully loaded '([^']+)'", log_text)
+    unloaded = set(re.findall(r"successfully unloaded '([^']+)'", log_text))
+    return sorted({name for name in loaded if name not in unloaded})
+
+
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0].strip() if text.strip() else text
 
@@ -531,6 +586,8 @@ class TritonServer:
         )
         # What stop() had to clean up itself; empty after a clean shutdown.
         self.cleanup: dict[str, list] = {"killed_pids": [], "removed_shm": []}
+        # What the last stop() found still live once nothing was left to wait for (see stop()).
+        self.stuck_models: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_handle = None
 
@@ -709,9 +766,7 @@ class TritonServer:
                 "rank; install Open MPI (as in the Triton TensorRT-LLM container), or serve with "
                 "--multi-gpu-mode orchestrator"
             )
-        warning = _numpy_warning()
-        if warning:
-            warnings.warn(warning, RuntimeWarning, stacklevel=2)
+        check_stub_python(self.repo, env)
         self._check_ports()
         self.args = self._command()
         self.cleanup = {"killed_pids": [], "removed_shm": []}
@@ -817,25 +872,66 @@ class TritonServer:
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, then SIGKILL after `timeout`; then end leftover stubs and remove leftover shm.
 
-        Returns the server's exit code (None if it was never started). Safe to call twice.
+        A server with nothing left to do is not waited for: once Triton has no request in flight and is
+        unloading ("All models are stopped, unloading models") and none of its Python models' processes is
+        alive, whatever it still counts as live holds nothing (an ensemble that a cancelled gRPC stream left
+        referenced, a model whose stub died under a request), and it would only count down its exit timeout
+        (--exit-timeout-secs, 30 s by default). It is ended after ``UNLOAD_GRACE_S``, and ``stuck_models``
+        names what it was waiting for.
+
+        Returns the server's exit code (None if it was never started; 0 when it was ended that way). Safe to
+        call twice.
         """
         proc = self._proc
         rc = None
+        self.stuck_models = []
         if proc is not None:
+            outcome = "exited"
             if proc.returncode is None:
                 if not _exited(proc.pid):
+                    log = _LogFollower(self.log_path, start=self._log_size())
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(proc.pid, signal.SIGTERM)
-                    if not _wait_exited(proc.pid, timeout):
+                    outcome = self._wait_stopped(proc.pid, timeout, log)
+                    if outcome != "exited":
                         self._kill_group(proc.pid)
                         _wait_exited(proc.pid, 10)
                 # The leader is a zombie now, so its group id cannot be reused: safe to signal the group.
                 self._kill_group(proc.pid)
             rc = proc.wait()
+            if outcome == "idle":
+                self.stuck_models = live_models(self.log_text())
+                rc = 0
         self._reap_stubs()
         self._remove_shm()
         self._close_log()
         return rc
+
+    def _log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size if self.log_path is not None else 0
+        except OSError:
+            return 0
+
+    def _wait_stopped(self, pid: int, timeout: float, log: _LogFollower) -> str:
+        """"exited"; "idle" once Triton unloads with nothing in flight and no stub left for
+        ``UNLOAD_GRACE_S``; or "timeout"."""
+        deadline = time.monotonic() + timeout
+        unloading = False
+        idle_since = None
+        while not _exited(pid):
+            now = time.monotonic()
+            if now > deadline:
+                return "timeout"
+            unloading = unloading or UNLOADING in log.read()
+            if unloading and not self.stub_pids():
+                idle_since = idle_since or now
+                if now - idle_since >= UNLOAD_GRACE_S:
+                    return "idle"
+            else:
+                idle_since = None
+            time.sleep(0.1)
+        return "exited"
 
     def _kill_group(self, pgid: int) -> None:
         members = [pid for pid in _group_members(pgid) if pid != pgid]
@@ -935,9 +1031,9 @@ class _LogFollower:
     """Accumulates a growing log file; read() returns its complete lines so far (everything once the
     writer is gone), so a message is never judged by half of it."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, start: int = 0) -> None:
         self._path = path
-        self._offset = 0
+        self._offset = start
         self._text = ""
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 

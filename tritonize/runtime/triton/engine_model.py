@@ -11,6 +11,12 @@ time holding the GIL, which the engine's own thread needs, while the postprocess
 build the ensemble's outputs in processes of their own. When the engine produces tokens faster than
 responses leave, the tokens of one stream that wait are sent in one response.
 
+A request may hold N prompts ([N, ...] inputs, tensorrtllm_backend's batched requests) and ask for
+``num_return_sequences`` n of each: it becomes N x n engine requests that share its response sender,
+each response says which prompt and sequence it belongs to (``batch_index``, ``sequence_index``), and
+the final flag goes with the last of them. Sequence s > 0 of a seeded prompt draws with a seed derived
+from the prompt's (``sampling.sequence_seed``), so the n sequences are independent and reproducible.
+
 A client that cancels its stream on the engine is seen through ``is_cancelled``. Triton 2.51 does
 not mark the engine's request cancelled when the client cancels the ensemble instead; there the
 postprocessing step sees the cancellation and sends a ``stop`` request (tensorrtllm_backend's
@@ -33,6 +39,7 @@ if __name__.startswith("tritonize."):  # imported from the tritonize package (te
     from ..packed import Packed, pack
     from ..request import GenerationRequest, SamplingParams
     from ..runtime import create_engine, resolve_runtime
+    from ..sampling import sequence_seed
     from ..tokenizer import response_ids
     from ..triton_args import model_args
 else:  # a repository's model.py, which Triton imports as "<version>.model": the runtime package is beside it
@@ -41,6 +48,7 @@ else:  # a repository's model.py, which Triton imports as "<version>.model": the
     from tritonize_backend.packed import Packed, pack
     from tritonize_backend.request import GenerationRequest, SamplingParams
     from tritonize_backend.runtime import create_engine, resolve_runtime
+    from tritonize_backend.sampling import sequence_seed
     from tritonize_backend.tokenizer import response_ids
     from tritonize_backend.triton_args import model_args
 
@@ -59,16 +67,37 @@ def _scalar(request, name, cast, default=None):
     return cast(tensor.as_numpy().reshape(-1)[0])
 
 
-def _ids(request, name):
-    return pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1).astype(np.int64).tolist()
+class _Inputs:
+    """A request's inputs by name, read row by row: row i belongs to the request's i-th prompt."""
+
+    def __init__(self, request, names):
+        self.arrays = {}
+        for name in names:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                self.arrays[name] = tensor.as_numpy()
+        ids = self.arrays["input_ids"]
+        self.rows = ids.shape[0] if ids.ndim > 1 else 1
+
+    def row(self, name, i):
+        """Row i of an input (the whole input when it has no batch dimension), or None when it is absent."""
+        array = self.arrays.get(name)
+        if array is None:
+            return None
+        if array.ndim == 0 or array.shape[0] != self.rows or (self.rows == 1 and array.ndim == 1):
+            return array
+        return array[i]
+
+    def scalar(self, name, i, cast, default=None):
+        value = self.row(name, i)
+        return default if value is None else cast(np.asarray(value).reshape(-1)[0])
 
 
-def _words_list(request, name):
+def _words_list(array):
     """Undoes the [2, N] layout of tensorrtllm_backend: ids, then each sequence's end offset."""
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
+    if array is None:
         return []
-    flat, offsets = tensor.as_numpy().reshape(2, -1).tolist()
+    flat, offsets = np.asarray(array).reshape(2, -1).tolist()
     sequences, start = [], 0
     for end in offsets:
         if end < 0:
@@ -82,21 +111,50 @@ def _bytes(value):
     return value if isinstance(value, bytes) else str(value).encode("utf-8")
 
 
+def _error(message, invalid):
+    """A Triton error: INVALID_ARG for what the request asked (HTTP 400), INTERNAL otherwise."""
+    return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG if invalid else pb_utils.TritonError.INTERNAL)
+
+
 def _int_or_none(text):
     return int(text) if text and text.isdigit() else None
 
 
-class _Stream:
-    """What the response path needs to know about one request."""
+class _Group:
+    """The engine requests one Triton request became (N prompts x n sequences), sharing its sender."""
 
-    def __init__(self, sender, prompt, stream, exclude_input, handle):
+    def __init__(self, sender, size):
         self.sender = sender
+        self.open = size  # engine requests not finished yet: the final flag goes with the last one
+        self.failed = False
+
+
+class _Stream:
+    """What the response path needs to know about one engine request."""
+
+    def __init__(self, group, prompt, stream, exclude_input, handle, batch_index=0, sequence_index=0,
+                 batched=False, sequences=False, perf=False):
+        self.group = group
+        self.sender = group.sender
         self.prompt = prompt
         self.stream = stream
         self.exclude_input = exclude_input
         self.handle = handle
+        self.batch_index = batch_index
+        self.sequence_index = sequence_index
+        self.batched = batched
+        self.sequences = sequences
+        self.perf = perf
         self.generated = []
         self.log_probs = []
+
+
+# The inputs the engine reads; the rest of ENGINE_INPUTS are read through _scalar (stop) or not at all.
+_READ = ("input_ids", "input_lengths", "request_output_len", "end_ids", "stop_words_list", "bad_words_list",
+         "prompt_embedding_table", "beam_width", "seed", "random_seed", "min_tokens", "min_length",
+         "temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+         "stream", "exclude_input_in_output", "return_log_probs", "lora_task_id", "task_id",
+         "num_return_sequences", "return_perf_metrics", "guided_decoding_guide_type", "guided_decoding_guide")
 
 
 class TritonPythonModel:
@@ -108,6 +166,7 @@ class TritonPythonModel:
         self.max_input_len = int(params["max_input_len"])
         self.max_output_len = int(params["max_output_len"])
         self.vocab_size = int(params["vocab_size"])
+        self.max_batch_size = int(params["max_batch_size"])
         # Only a repository with adapters passes the folder, so runtimes without adapter support still load.
         adapters = {"adapters_dir": os.path.join(here, params["adapters_dir"])} if params.get("adapters_dir") else {}
         requested = params.get("runtime", "torch")
@@ -136,6 +195,9 @@ class TritonPythonModel:
                 "multi_gpu_mode": params.get("multi_gpu_mode") or "leader",
             },
         )
+        ranks = getattr(self.engine, "tp", None)
+        if ranks is not None:
+            pb_utils.Logger.log_info(f"tritonize: {ranks.describe()}")
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.engine.start()
         self.streams = {}
@@ -164,7 +226,10 @@ class TritonPythonModel:
                     continue
                 self._submit(request)
             except ValueError as e:
-                self.outbox.put((request.get_response_sender(), str(e)))
+                self.outbox.put((request.get_response_sender(), (str(e), True)))
+            except Exception as e:  # noqa: BLE001 - every request gets an answer, a broken one included
+                pb_utils.Logger.log_error(f"tritonize: cannot take a request: {e!r}")
+                self.outbox.put((request.get_response_sender(), (f"the engine could not take the request: {e!r}", False)))
         return None
 
     def _stop(self, request):
@@ -182,62 +247,83 @@ class TritonPythonModel:
         self.outbox.put((request.get_response_sender(), None))
 
     def _submit(self, request):
-        sender = request.get_response_sender()
-        prompt = _ids(request, "input_ids")
-        max_new = _scalar(request, "request_output_len", int)
-        beam_width = _scalar(request, "beam_width", int, 1)
+        """Checks every prompt of the request, then submits its N x n engine requests."""
+        inputs = _Inputs(request, _READ)
+        plans = [self._plan(inputs, i) for i in range(inputs.rows)]
+        group = _Group(request.get_response_sender(), sum(len(p[1]) for p in plans))
+        batched = inputs.rows > 1
+        for i, (base, samplings, state) in enumerate(plans):
+            for s, sampling in enumerate(samplings):
+                handle = next(self.next_handle)
+                key = f"{request.request_id()}/{handle}"
+                stream = _Stream(group, state["prompt"], state["stream"], state["exclude"], handle, batch_index=i,
+                                 sequence_index=s, batched=batched, sequences=len(samplings) > 1,
+                                 perf=state["perf"])
+                with self.lock:
+                    self.streams[key] = stream
+                    self.handles[handle] = key
+                self.engine.submit(dataclasses.replace(
+                    base, request_id=key, sampling=sampling, prompt_ids=list(base.prompt_ids),
+                    on_output=lambda out, key=key: self.outbox.put((key, out))))
+
+    def _plan(self, inputs, i):
+        """Prompt i of a request: its engine request (without id), one sampling per sequence, what responses need."""
+        length = inputs.scalar("input_lengths", i, int)
+        ids = np.asarray(inputs.row("input_ids", i)).reshape(-1)
+        prompt = ids[:length].astype(np.int64).tolist() if length is not None else ids.astype(np.int64).tolist()
+        max_new = inputs.scalar("request_output_len", i, int)
+        beam_width = inputs.scalar("beam_width", i, int, 1)
         if beam_width != 1:
             raise ValueError(
                 f"beam_width {beam_width} is not supported by the {self.runtime} runtime: use beam_width 1"
             )
-        table = pb_utils.get_input_tensor_by_name(request, "prompt_embedding_table")
-        if table is not None:  # [1, n, hidden]: this request's own virtual-token embeddings
-            table = table.as_numpy()
+        n = inputs.scalar("num_return_sequences", i, int, 1)
+        if n < 1 or n > self.max_batch_size:
+            raise ValueError(f"num_return_sequences is {n}: ask for 1 to {self.max_batch_size} (this model's "
+                             "max batch size) sequences")
+        table = inputs.row("prompt_embedding_table", i)
+        if table is not None:  # [n, hidden] of this prompt: its own virtual-token embeddings
+            table = np.asarray(table)
             table = table.reshape(table.shape[-2:]) if table.ndim >= 2 else table
-        seed = _scalar(request, "seed", int, _scalar(request, "random_seed", int))
-        min_tokens = _scalar(request, "min_tokens", int, _scalar(request, "min_length", int, 0))
+        seed = inputs.scalar("seed", i, int, inputs.scalar("random_seed", i, int))
         sampling = SamplingParams(
-            temperature=_scalar(request, "temperature", float),
-            top_k=_scalar(request, "top_k", int),
-            top_p=_scalar(request, "top_p", float),
+            temperature=inputs.scalar("temperature", i, float),
+            top_k=inputs.scalar("top_k", i, int),
+            top_p=inputs.scalar("top_p", i, float),
             seed=seed,
-            repetition_penalty=_scalar(request, "repetition_penalty", float, 1.0),
-            presence_penalty=_scalar(request, "presence_penalty", float, 0.0),
-            frequency_penalty=_scalar(request, "frequency_penalty", float, 0.0),
-            min_tokens=min_tokens,
+            repetition_penalty=inputs.scalar("repetition_penalty", i, float, 1.0),
+            presence_penalty=inputs.scalar("presence_penalty", i, float, 0.0),
+            frequency_penalty=inputs.scalar("frequency_penalty", i, float, 0.0),
+            min_tokens=inputs.scalar("min_tokens", i, int, inputs.scalar("min_length", i, int, 0)),
         )
         try:
-            guide = make_guide(_scalar(request, "guided_decoding_guide_type", _bytes),
-                               _scalar(request, "guided_decoding_guide", _bytes))
+            guide = make_guide(inputs.scalar("guided_decoding_guide_type", i, _bytes),
+                               inputs.scalar("guided_decoding_guide", i, _bytes))
         except GuideError as e:
             raise ValueError(str(e)) from None
-        stream = _scalar(request, "stream", bool, False)
-        exclude = _scalar(request, "exclude_input_in_output", bool, False)
-        handle = next(self.next_handle)
-        key = f"{request.request_id()}/{handle}"
-        # Virtual tokens of a p-tuning task have no text: the echoed prompt leaves them out.
-        state = _Stream(sender, [t for t in prompt if t < self.vocab_size], stream, exclude, handle)
-        with self.lock:
-            self.streams[key] = state
-            self.handles[handle] = key
-        self.engine.submit(
-            GenerationRequest(
-                request_id=key,
-                prompt_ids=prompt,
-                max_new_tokens=max_new,
-                sampling=sampling,
-                end_ids=[i for i in _ids(request, "end_ids") if i >= 0],
-                stop_sequences=_words_list(request, "stop_words_list"),
-                bad_sequences=_words_list(request, "bad_words_list"),
-                return_log_probs=_scalar(request, "return_log_probs", bool, False),
-                stream=stream,
-                on_output=lambda out, key=key: self.outbox.put((key, out)),
-                lora_task_id=_scalar(request, "lora_task_id", int),
-                task_id=_scalar(request, "task_id", int),
-                prompt_table=table,
-                guide=guide,
-            )
+        stream = inputs.scalar("stream", i, bool, False)
+        perf = inputs.scalar("return_perf_metrics", i, bool, False)
+        base = GenerationRequest(
+            request_id="",
+            prompt_ids=prompt,
+            max_new_tokens=max_new,
+            sampling=sampling,
+            end_ids=[int(x) for x in np.asarray(inputs.row("end_ids", i)).reshape(-1) if x >= 0],
+            stop_sequences=_words_list(inputs.row("stop_words_list", i)),
+            bad_sequences=_words_list(inputs.row("bad_words_list", i)),
+            return_log_probs=inputs.scalar("return_log_probs", i, bool, False),
+            stream=stream,
+            lora_task_id=inputs.scalar("lora_task_id", i, int),
+            task_id=inputs.scalar("task_id", i, int),
+            prompt_table=table,
+            return_perf_metrics=perf,
+            guide=guide,
         )
+        samplings = [dataclasses.replace(sampling, seed=sequence_seed(seed, s)) for s in range(n)]
+        # Virtual tokens of a p-tuning task have no text: the echoed prompt leaves them out.
+        state = {"prompt": [t for t in prompt if t < self.vocab_size], "stream": stream,
+                 "exclude": inputs.scalar("exclude_input_in_output", i, bool, False), "perf": perf}
+        return base, samplings, state
 
     # -- responses out --------------------------------------------------------------------------
     def _send_loop(self):
@@ -263,11 +349,11 @@ class TritonPythonModel:
                 if item is _STOP:
                     return
                 key, out = item
-                if not isinstance(key, str):  # answered in execute: (sender, error message or None)
+                if not isinstance(key, str):  # answered in execute: (sender, None or (message, the client's fault))
                     if out is None:
                         key.send(flags=FINAL)
                     else:
-                        key.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(out)), flags=FINAL)
+                        key.send(pb_utils.InferenceResponse(error=_error(*out)), flags=FINAL)
                     continue
                 before = pending.get(key)
                 if before is not None:
@@ -287,28 +373,46 @@ class TritonPythonModel:
                 self._poll_cancelled()
 
     def _poll_cancelled(self):
-        """A client that cancelled or went away frees its slot and KV cache at once."""
+        """A client that cancelled or went away frees its slots and KV cache at once."""
         with self.lock:
             streams = list(self.streams.items())
+        asked = {}
         for key, state in streams:
-            if state.sender.is_cancelled():
+            group = state.group
+            if group not in asked:
+                asked[group] = group.sender.is_cancelled()
+            if asked[group]:
                 self.engine.cancel(key)
 
     def _respond(self, key, out):
         with self.lock:
             state = self.streams.get(key)
-            if state is not None and out.finished:
+            if state is None:
+                return
+            group = state.group
+            if out.finished:
                 del self.streams[key]
                 self.handles.pop(state.handle, None)
-        if state is None:
-            return
-        if out.error is not None:
-            state.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(out.error)), flags=FINAL)
-            return
+                group.open -= 1
+            last = group.open == 0
+            first_error, siblings = False, []
+            if out.error is not None and not group.failed:
+                group.failed = first_error = True
+                siblings = [k for k, other in self.streams.items() if other.group is group]
         if out.finished:
             self._publish_batch_sizes()
+        if out.error is not None:
+            # One error answers the whole request (final); its other prompts and sequences are stopped.
+            if first_error:
+                state.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(out.error)), flags=FINAL)
+                for other in siblings:
+                    self.engine.cancel(other)
+            return
+        if group.failed:  # answered with an error already
+            return
         if out.finish_reason == "cancelled":
-            state.sender.send(flags=FINAL)
+            if last:
+                state.sender.send(flags=FINAL)
             return
         state.generated.extend(out.token_ids)
         state.log_probs.extend(out.log_probs or [])
@@ -316,13 +420,17 @@ class TritonPythonModel:
                                      exclude_input=state.exclude_input)
         log_probs = list(out.log_probs or []) if state.stream else state.log_probs
         metrics = dataclasses.asdict(out.metrics) if out.metrics is not None else None
+        if state.perf and metrics is None:
+            metrics = {}  # a runtime that does not measure them: the outputs are sent, as 0
         packed = pack(Packed(
             delta=delta, prefix=prefix, log_probs=log_probs, final=out.finished, finish_reason=out.finish_reason,
             num_input_tokens=out.num_input_tokens, num_output_tokens=out.num_output_tokens,
             cum_log_prob=out.cum_log_prob or 0.0, handle=state.handle, metrics=metrics,
+            batch_index=state.batch_index, sequence_index=state.sequence_index, batched=state.batched,
+            sequences=state.sequences, perf=state.perf,
         ))
         tensors = [pb_utils.Tensor("packed", packed)]
-        state.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if out.finished else 0)
+        state.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if last else 0)
 
     # -- metrics --------------------------------------------------------------------------------
     def _publish_batch_sizes(self):
@@ -348,7 +456,7 @@ class TritonPythonModel:
         with self.lock:
             streams, self.streams = self.streams, {}
             self.handles.clear()
-        for state in streams.values():
-            state.sender.send(
+        for group in {state.group for state in streams.values()}:
+            group.sender.send(
                 pb_utils.InferenceResponse(error=pb_utils.TritonError("the model is shutting down")), flags=FINAL
             )

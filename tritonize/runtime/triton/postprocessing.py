@@ -3,10 +3,13 @@
 The engine sends each response as one packed int32 tensor (``packed.py``) holding, with each delta,
 the few tokens before it; decoding ``prefix + delta`` and ``prefix`` and keeping the difference preserves
 spaces and multi-byte characters that decoding the delta alone would break. This model builds the
-ensemble's outputs from it: the text, the counts, the log-probs with the text of each token they
-belong to, and on the final response why the answer ended (``finish_reason``). Statelessness lets
-Triton run any number of instances and interleave responses of many streams freely, and the work done
-here is work the engine's process does not do.
+ensemble's outputs from it, shaped as tensorrtllm_backend's: ``text_output`` one string per response
+([1]), the others [1, 1] (``output_log_probs`` [1, 1, T]); ``batch_index``, ``sequence_index`` and the
+perf-metric outputs only when the request calls for them (several prompts, several sequences,
+``return_perf_metrics``); and tritonize's own: the text of each token the log-probs belong to, and on the
+final response why the answer ended (``finish_reason``). Statelessness lets Triton run any number of
+instances and interleave responses of many streams freely, and the work done here is work the engine's
+process does not do.
 
 When a client cancels its stream on the ensemble, Triton 2.51 keeps the engine's request running and
 hands each later response to this step marked cancelled. The step then asks the engine to ``stop``
@@ -22,15 +25,21 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 if __name__.startswith("tritonize."):  # imported from the tritonize package (tests, the Python API)
-    from ..packed import unpack
+    from ..packed import METRICS, unpack
     from ..tokenizer import Tokenizer, detokenize_delta, token_texts
     from ..triton_args import model_args
 else:  # a repository's model.py, which Triton imports as "<version>.model": the runtime package is beside it
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from tritonize_backend.packed import unpack
+    from tritonize_backend.packed import METRICS, unpack
     from tritonize_backend.tokenizer import Tokenizer, detokenize_delta, token_texts
     from tritonize_backend.triton_args import model_args
 
+# The perf outputs that come from the engine's metrics (packed.METRICS), with their Triton dtypes; the
+# speculative-decoding ones are 0: the engine drafts no tokens.
+PERF_FIELDS = [(name, np.int64 if name.endswith("_ns") else np.int32) for name in METRICS
+               if name.startswith(("kv_cache_", "arrival_", "first_", "last_"))]
+DRAFT_FIELDS = [("acceptance_rate", np.float32), ("total_accepted_draft_tokens", np.int32),
+                ("total_draft_tokens", np.int32)]
 STOPPED_MEMORY = 1024  # keys already stopped: later responses of the same request send no second stop
 EMPTY_WORDS = np.array([[[0], [-1]]], dtype=np.int32)
 
@@ -57,7 +66,7 @@ class TritonPythonModel:
                 n = len(p.log_probs)
                 tokens = token_texts(self.tokenizer, p.prefix + p.delta[:-n], p.delta[-n:], p.final)
             outputs = [
-                pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+                pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
                 pb_utils.Tensor("cum_log_probs", np.array([[p.cum_log_prob]], dtype=np.float32)),
                 pb_utils.Tensor("output_log_probs", np.array(p.log_probs, dtype=np.float32).reshape(1, 1, -1)),
                 pb_utils.Tensor("num_input_tokens", np.array([[p.num_input_tokens]], dtype=np.int32)),
@@ -66,6 +75,15 @@ class TritonPythonModel:
                 pb_utils.Tensor("output_tokens", np.array([[t.encode("utf-8") for t in tokens]],
                                                           dtype=np.object_).reshape(1, len(tokens))),
             ]
+            if p.batched:
+                outputs.append(pb_utils.Tensor("batch_index", np.array([[p.batch_index]], dtype=np.int32)))
+            if p.sequences:
+                outputs.append(pb_utils.Tensor("sequence_index", np.array([[p.sequence_index]], dtype=np.int32)))
+            if p.perf:
+                metrics = p.metrics or {}
+                outputs += [pb_utils.Tensor(name, np.array([[metrics.get(name, 0)]], dtype=dtype))
+                            for name, dtype in PERF_FIELDS]
+                outputs += [pb_utils.Tensor(name, np.zeros((1, 1), dtype=dtype)) for name, dtype in DRAFT_FIELDS]
             responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses
 

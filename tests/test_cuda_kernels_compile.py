@@ -1,0 +1,74 @@
+"""The Triton kernels compiled for Ada (sm_89) and Hopper (sm_90) without a GPU: Triton's front end, its MLIR and
+LLVM passes and the ptxas bundled with the triton wheel, as on a GPU at first launch.
+
+The CPU interpreter (``TRITON_INTERPRET=1``, test_cuda_kernels.py) runs the kernels' arithmetic but checks no
+types: a kernel that only fails to compile (a name given two pointer types in the branches of a runtime ``if``,
+an FP8 conversion the target lacks) passes there. Each kernel is compiled here in the configurations the runtime
+launches, the FP8 ones included; the PTX must round to FP8 with the saturating conversion.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("compiling needs Triton's compiler, not its interpreter", allow_module_level=True)
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:  # pragma: no cover - a Triton without the ahead-of-time API
+    pytest.skip("this Triton cannot compile ahead of time", allow_module_level=True)
+
+from tritonize.runtime import cuda_kernels as k  # noqa: E402
+
+ROTARY = {"q_out_ptr": "*bf16", "qkv_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "slot_ptr": "*i64",
+          "k_cache_ptr": "*{cache}", "v_cache_ptr": "*{cache}", "stride_qkv": "i32", "stride_cs": "i32",
+          "stride_cache": "i32", "k_scale": "fp32", "v_scale": "fp32"}
+ATTENTION = {"out_ptr": "*bf16", "q_ptr": "*bf16", "k_cache_ptr": "*{cache}", "v_cache_ptr": "*{cache}",
+             "block_tables_ptr": "*i64", "seq_lens_ptr": "*i64", "query_start_loc_ptr": "*i64", "scale": "fp32",
+             "num_seqs": "i32", "stride_q_tok": "i32", "stride_q_head": "i32", "stride_o_tok": "i32",
+             "stride_o_head": "i32", "stride_k_blk": "i32", "stride_k_tok": "i32", "stride_k_head": "i32",
+             "stride_v_blk": "i32", "stride_v_tok": "i32", "stride_v_head": "i32", "stride_bt": "i32", "v_scale": "fp32"}
+CASES = {
+    "rotary_and_cache": (k._rotary_cache_kernel, ROTARY,
+                         {"H": 32, "HKV": 8, "D": 128, "D_P": 128, "HALF": 64, "HALF_P": 64, "ROPE": True}),
+    "rotary_and_cache, partial rotary": (k._rotary_cache_kernel, ROTARY,
+                                         {"H": 4, "HKV": 1, "D": 24, "D_P": 32, "HALF": 4, "HALF_P": 4, "ROPE": True}),
+    "rotary_and_cache, no rotary": (k._rotary_cache_kernel, ROTARY,
+                                    {"H": 4, "HKV": 4, "D": 32, "D_P": 32, "HALF": 1, "HALF_P": 1, "ROPE": False}),
+    "paged_attention, decode": (k._paged_attention_kernel, ATTENTION,
+                                {"GROUP": 4, "GROUP_P": 4, "HEAD_DIM": 128, "HEAD_P": 128, "BLOCK_SIZE": 16,
+                                 "BLOCK_Q": 4, "BLOCK_M": 16, "BLOCK_N": 64, "WINDOW": 0, "IEEE": False}),
+    "paged_attention, prefill with a window": (k._paged_attention_kernel, ATTENTION,
+                                               {"GROUP": 4, "GROUP_P": 4, "HEAD_DIM": 128, "HEAD_P": 128,
+                                                "BLOCK_SIZE": 16, "BLOCK_Q": 16, "BLOCK_M": 64, "BLOCK_N": 64,
+                                                "WINDOW": 4096, "IEEE": False}),
+}
+
+
+def _compile(fn, signature: dict, constants: dict, capability: int) -> str:
+    ast = ASTSource(fn=fn, signature={**signature, **{c: "constexpr" for c in constants}}, constexprs=constants)
+    return triton.compile(ast, target=GPUTarget("cuda", capability, 32)).asm["ptx"]
+
+
+@pytest.mark.parametrize("capability", [89, 90])
+@pytest.mark.parametrize("cache", ["bf16", "fp8e4nv"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_kernels_compile_for_fp8_gpus(case, cache, capability):
+    fn, signature, constants = CASES[case]
+    signature = {name: kind.format(cache=cache) for name, kind in signature.items()}
+    ptx = _compile(fn, signature, {**constants, "FP8_CACHE": cache == "fp8e4nv"}, capability)
+    if cache == "fp8e4nv" and "rotary" in case:
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert f".target sm_{capability}" in ptx
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_the_activation_quantization_kernel_compiles(static):
+    ptx = _compile(k._per_token_fp8_kernel, {"out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "x_ptr": "*bf16",
+                                             "static_ptr": "*fp32", "n_cols": "i32"},
+                   {"STATIC": static, "BLOCK": 16384}, 90)
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "div.rn.f32" in ptx
