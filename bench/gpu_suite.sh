@@ -5,6 +5,7 @@
 #   bash bench/gpu_suite.sh engine    # the engine alone (batch 1/16/64/256, prefix reuse, a decode profile),
 #                                     # then served through tritonserver: perf_analyzer and tritonize's loader
 #                                     # at concurrency 1/16/64/256, served prefix-reuse TTFT, start times
+#                                     # (= the phases alone, served and hops, one after the other)
 #   bash bench/gpu_suite.sh baseline  # transformers generate on the same weights (slow: run on its own)
 #   bash bench/gpu_suite.sh adapters  # the LoRA / p-tuning tests under CUDA graphs, and mixed-LoRA decode
 #   bash bench/gpu_suite.sh openai    # the OpenAI front against gRPC streaming, same server, concurrency 1/64
@@ -29,16 +30,20 @@ model=/tmp/llama8b
   --tokenizer .whl/tokenizer.model > "$out/make.log" 2>&1
 case $phase in
   engine)
+    for p in alone served hops; do bash "$0" $p; done ;;
+  alone)
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py \
       "tests/test_engine.py::test_cuda_graph_decode_matches_transformers" 2>&1 | tail -3 | tee "$out/cuda-tests.log"
     python3 bench/engine_bench.py --model $model --batches 1,16,64,256 --profile-dir "$out" \
-      --json "$out/engine.json" 2>&1 | grep -vE "^\s*$|_warn_once|UserWarning" | tee "$out/engine.log"
+      --json "$out/engine.json" 2>&1 | grep -vE "^\s*$|_warn_once|UserWarning" | tee "$out/engine.log" ;;
+  served)
     # served: the first start compiles nothing but Triton's kernels; the second reuses ~/.triton
     python3 bench/serve_load.py --model $model --device cuda --dtype bfloat16 --concurrency 1,16,64,256 \
       --duration 12 --pa-interval-ms 4000 --prefix-len 1024 --workdir /tmp/sb --json "$out/serve.json" 2>&1 \
       | grep -E '^\{|ready|rror' | tee "$out/serve.log"
     cp /tmp/sb/server.log "$out/server.log" 2>/dev/null
-    tar czf "$out/pa-logs.tgz" -C /tmp/sb $(cd /tmp/sb && ls perf_analyzer_*.log 2>/dev/null) 2>/dev/null
+    tar czf "$out/pa-logs.tgz" -C /tmp/sb $(cd /tmp/sb && ls perf_analyzer_*.log 2>/dev/null) 2>/dev/null ;;
+  hops)
     # what the Triton hops cost per token when the model costs next to nothing
     python3 bench/hops.py --device cuda --concurrency 1,64 --duration 8 --json "$out/hops.json" 2>&1 \
       | grep -E '^\{' | tee "$out/hops.log" ;;
@@ -64,5 +69,5 @@ case $phase in
     python3 -m pytest -q -p no:cacheprovider tests/test_fp8_runtime.py tests/test_cuda_kernels.py 2>&1 | tail -15 \
       | tee "$out/fp8-tests.log"
     python3 bench/fp8_bench.py --model $model --out "$out/fp8" 2>&1 | tee "$out/fp8.log" ;;
-  *) echo "usage: bash bench/gpu_suite.sh engine|baseline|adapters|openai|fp8|guided" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_suite.sh engine|alone|served|hops|baseline|adapters|openai|fp8|guided" >&2; exit 2 ;;
 esac
