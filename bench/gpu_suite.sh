@@ -5,11 +5,16 @@
 #   bash bench/gpu_suite.sh engine    # the engine alone (batch 1/16/64/256, prefix reuse, a decode profile),
 #                                     # then served through tritonserver: perf_analyzer and tritonize's loader
 #                                     # at concurrency 1/16/64/256, served prefix-reuse TTFT, start times
+#                                     # (= the phases alone, served and hops, one after the other)
 #   bash bench/gpu_suite.sh baseline  # transformers generate on the same weights (slow: run on its own)
 #   bash bench/gpu_suite.sh adapters  # the LoRA / p-tuning tests under CUDA graphs, and mixed-LoRA decode
 #   bash bench/gpu_suite.sh openai    # the OpenAI front against gRPC streaming, same server, concurrency 1/64
 #                                     # (needs fastapi, uvicorn, httptools and openai in .whl/site too)
 #   bash bench/gpu_suite.sh fp8       # FP8 on the GPU: its tests on CUDA, then FP8 vs bf16 (bench/fp8_bench.py)
+#   bash bench/gpu_suite.sh guided    # structured output: 64 streams, 16 guided by a JSON schema, against the
+#                                     # same load unguided, on the engine (and with the engine waiting for every
+#                                     # step instead); the guided tests under CUDA graphs first
+#                                     # (needs xgrammar, apache-tvm-ffi, jsonschema and lark in .whl/site too)
 #   bash bench/gpu_suite.sh start     # `tritonize serve` to a first answered request: cold (empty Triton kernel
 #                                     # cache), with warm artifacts (`tritonize warmup`), with the host's cache;
 #                                     # targets on one H100, 8B shape: cold <= 120 s, warm <= 40 s
@@ -28,16 +33,20 @@ model=/tmp/llama8b
   --tokenizer .whl/tokenizer.model > "$out/make.log" 2>&1
 case $phase in
   engine)
+    for p in alone served hops; do bash "$0" $p; done ;;
+  alone)
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py \
       "tests/test_engine.py::test_cuda_graph_decode_matches_transformers" 2>&1 | tail -3 | tee "$out/cuda-tests.log"
     python3 bench/engine_bench.py --model $model --batches 1,16,64,256 --profile-dir "$out" \
-      --json "$out/engine.json" 2>&1 | grep -vE "^\s*$|_warn_once|UserWarning" | tee "$out/engine.log"
+      --json "$out/engine.json" 2>&1 | grep -vE "^\s*$|_warn_once|UserWarning" | tee "$out/engine.log" ;;
+  served)
     # served: the first start compiles nothing but Triton's kernels; the second reuses ~/.triton
     python3 bench/serve_load.py --model $model --device cuda --dtype bfloat16 --concurrency 1,16,64,256 \
       --duration 12 --pa-interval-ms 4000 --prefix-len 1024 --workdir /tmp/sb --json "$out/serve.json" 2>&1 \
       | grep -E '^\{|ready|rror' | tee "$out/serve.log"
     cp /tmp/sb/server.log "$out/server.log" 2>/dev/null
-    tar czf "$out/pa-logs.tgz" -C /tmp/sb $(cd /tmp/sb && ls perf_analyzer_*.log 2>/dev/null) 2>/dev/null
+    tar czf "$out/pa-logs.tgz" -C /tmp/sb $(cd /tmp/sb && ls perf_analyzer_*.log 2>/dev/null) 2>/dev/null ;;
+  hops)
     # what the Triton hops cost per token when the model costs next to nothing
     python3 bench/hops.py --device cuda --concurrency 1,64 --duration 8 --json "$out/hops.json" 2>&1 \
       | grep -E '^\{' | tee "$out/hops.log" ;;
@@ -54,6 +63,11 @@ case $phase in
       --input-len 128 --output-len 128 --duration 15 --rounds 3 --workdir /tmp/ob --json "$out/openai.json" \
       2>&1 | tee "$out/openai.log"
     cp /tmp/ob/server.log "$out/server-openai.log" 2>/dev/null ;;
+  guided)
+    python3 -m pytest -q -p no:cacheprovider tests/test_guided.py 2>&1 | tail -3 | tee "$out/guided-tests.log"
+    python3 bench/guided.py --model $model --device cuda --dtype bfloat16 --streams 64 --guided 16 \
+      --input-len 128 --output-len 128 --duration 15 --rounds 3 --sync-guided --json "$out/guided.json" 2>&1 \
+      | grep -vE "^\s*$|_warn_once|UserWarning" | tee "$out/guided.log" ;;
   start)
     # the weights from the page cache, as a restarted replica reads them: read them once first
     cat $model/*.safetensors > /dev/null
@@ -65,5 +79,5 @@ case $phase in
     python3 -m pytest -q -p no:cacheprovider tests/test_fp8_runtime.py tests/test_cuda_kernels.py 2>&1 | tail -15 \
       | tee "$out/fp8-tests.log"
     python3 bench/fp8_bench.py --model $model --out "$out/fp8" 2>&1 | tee "$out/fp8.log" ;;
-  *) echo "usage: bash bench/gpu_suite.sh engine|baseline|adapters|openai|fp8|start" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_suite.sh engine|alone|served|hops|baseline|adapters|openai|fp8|guided|start" >&2; exit 2 ;;
 esac

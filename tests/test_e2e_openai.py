@@ -438,10 +438,12 @@ def test_the_repository_answers_triton_s_openai_frontend(server, setup):
     assert int(chat[0].as_numpy("num_input_tokens").reshape(-1)[0]) == len(ids)
     assert chat[0].as_numpy("text_output").reshape(-1)[0].decode() == text_of(setup, ids, greedy(setup, ids, 8))
 
+    # structured output as the frontend sends it (json_schema), enforced on this tokenizer.json vocabulary
     guided = {"guided_decoding_guide_type": (np.array([[b"json_schema"]], dtype=np.object_), "BYTES"),
-              "guided_decoding_guide": (np.array([[b"{}"]], dtype=np.object_), "BYTES")}
-    refused = responses(frontend_inputs(False, **guided))
-    assert "guided_decoding_guide_type is not supported" in str(refused[0])
+              "guided_decoding_guide": (np.array([[b'{"enum": ["yes", "no"]}']], dtype=np.object_), "BYTES")}
+    for stream in (False, True):
+        answer = responses(frontend_inputs(stream, **guided))
+        assert json.loads("".join(r.as_numpy("text_output").reshape(-1)[0].decode() for r in answer)) in ("yes", "no")
     weights = {"lora_weights": (np.zeros((1, 2, 8), dtype=np.float16), "FP16")}
     assert "lora_weights is not supported" in str(responses(frontend_inputs(False, **weights))[0])
 

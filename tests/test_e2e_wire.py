@@ -212,7 +212,7 @@ def test_perf_metrics_on_every_response(server):
     ("return_context_logits", np.array([[True]]), "return_context_logits is not supported"),
     ("return_generation_logits", np.array([[True]]), "return_generation_logits is not supported"),
     ("decoder_text_input", np.array([[b"hello"]], dtype=np.object_), "decoder_text_input is not supported"),
-    ("guided_decoding_guide_type", np.array([[b"json"]], dtype=np.object_), "guided_decoding_guide_type is not supported"),
+    ("embedding_bias_words", np.array([[b"the"]], dtype=np.object_), "embedding_bias_words is not supported"),
     ("beam_width", np.array([[2]], dtype=np.int32), "beam_width 2 is not supported"),
     ("num_return_sequences", np.array([[0]], dtype=np.int32), "num_return_sequences is 0"),
     ("num_return_sequences", np.array([[9]], dtype=np.int32), "num_return_sequences is 9: ask for 1 to 8"),

@@ -18,7 +18,9 @@ from tritonize.serving.openai.protocol import (
     CompletionRequest,
     StopMatcher,
     TokenLogprobs,
+    choice_grammar,
     finish_reason,
+    guide,
     parse,
     sampling,
     token_limit,
@@ -110,7 +112,7 @@ def test_token_limits_name_the_parameter():
     ({"logit_bias": {"5": 1.0}}, "logit_bias"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"guided_whitespace_pattern": "[ ]*"}, "guided_whitespace_pattern"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content"),
@@ -122,6 +124,62 @@ def test_unsupported_chat_parameters_are_refused_by_name(body, param):
         req.plain_messages()
     assert caught.value.status == 400 and caught.value.param == param
     assert caught.value.body()["error"]["param"] == param
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize("body, wire", [
+    ({}, None),
+    ({"response_format": {"type": "text"}}, None),
+    ({"response_format": {"type": "json_object"}}, ("json", "")),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA, "strict": True}}},
+     ("json_schema", json.dumps(SCHEMA))),
+    ({"guided_json": SCHEMA}, ("json_schema", json.dumps(SCHEMA))),
+    ({"guided_json": json.dumps(SCHEMA)}, ("json_schema", json.dumps(SCHEMA))),
+    ({"guided_regex": "[a-z]+"}, ("regex", "[a-z]+")),
+    ({"guided_choice": ["yes", 'say "no"', "yes"]}, ("ebnf_grammar", 'root ::= "yes" | "say \\"no\\""')),
+    ({"guided_grammar": 'root ::= "a"'}, ("ebnf_grammar", 'root ::= "a"')),
+    ({"structured_outputs": {"regex": "[0-9]+"}}, ("regex", "[0-9]+")),
+    ({"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}}, ("json_schema", json.dumps(SCHEMA))),
+])
+def test_structured_output_becomes_the_wire_s_guide(body, wire):
+    for kind, extra in ((ChatRequest, {"messages": [{"role": "user", "content": "x"}]}), (CompletionRequest,
+                                                                                         {"prompt": "x"})):
+        req = parse(kind, {"model": "m", **extra, **body})
+        req.refuse_unsupported()
+        assert guide(req) == wire
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"response_format": {"type": "json_schema"}}, "response_format", "needs json_schema.schema"),
+    ({"response_format": {"type": "yaml"}}, "response_format", "type 'yaml'"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": "{x"}}},
+     "response_format.json_schema.schema", "is not JSON"),
+    ({"guided_json": [1]}, "guided_json", "must be a JSON schema"),
+    ({"guided_choice": []}, "guided_choice", "non-empty list"),
+    ({"guided_regex": ""}, "guided_regex", "non-empty string"),
+    ({"guided_regex": "a", "guided_json": SCHEMA}, "guided_regex", "one kind of structured output"),
+    ({"response_format": {"type": "json_object"}, "guided_grammar": "root ::= \"a\""}, "guided_grammar",
+     "not response_format and guided_grammar"),
+    ({"structured_outputs": {"xml": "x"}}, "structured_outputs.xml", "send json"),
+])
+def test_structured_output_mistakes_name_the_parameter(body, param, words):
+    req = parse(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}], **body})
+    with pytest.raises(ApiError) as caught:
+        guide(req)
+    assert caught.value.status == 400 and caught.value.param == param and words in caught.value.message
+
+
+def test_choices_are_exact_strings_of_a_grammar():
+    xgrammar = pytest.importorskip("xgrammar")
+    choices = ['a"b\\c', "two\nlines", "日本 🍌", "tab\there\x01"]
+    grammar = xgrammar.Grammar.from_ebnf(choice_grammar(choices, "guided_choice"))
+    info = xgrammar.TokenizerInfo([chr(c) for c in range(32, 127)] + ["\n", "\t", "\x01"] + list("日本🍌"))
+    compiled = xgrammar.GrammarCompiler(info).compile_grammar(grammar)
+    for text in choices + ["a", "two"]:
+        matcher = xgrammar.GrammarMatcher(compiled, terminate_without_stop_token=True)
+        assert (matcher.accept_string(text) and matcher.is_completed()) == (text in choices), text
 
 
 def test_requests_that_do_not_validate_name_the_field():

@@ -94,11 +94,26 @@ def test_preprocessing_lays_out_stop_words_as_tensorrtllm_backend(monkeypatch, r
     ({"text_input": _text(b"\xff\xfe"), "max_tokens": np.array([[1]], np.int32)}, "text_input is not valid UTF-8"),
     ({"text_input": _text("Hi"), "max_tokens": np.array([[1]], np.int32), "task_id": np.array([[TASK]], np.uint64),
       "prompt_embedding_table": np.ones((1, 2, 32), np.float16)}, "send task_id or prompt_embedding_table"),
+    ({"text_input": _text("Hi"), "max_tokens": np.array([[1]], np.int32), "guided_decoding_guide_type": _text("xml")},
+     "guided_decoding_guide_type 'xml' is not one of json, json_schema, regex, ebnf_grammar, structural_tag"),
+    ({"text_input": _text("Hi"), "max_tokens": np.array([[1]], np.int32), "guided_decoding_guide": _text("[a-z]")},
+     "guided_decoding_guide was sent without guided_decoding_guide_type"),
+    ({"text_input": _text("Hi"), "max_tokens": np.array([[1]], np.int32),
+      "guided_decoding_guide_type": _text("json_schema"), "guided_decoding_guide": _text("{oops")},
+     "the json_schema guide is not JSON"),
 ])
 def test_preprocessing_refuses_what_the_model_cannot_serve(monkeypatch, repo, inputs, message):
     model = _load(monkeypatch, repo, "m_preprocessing", "preprocessing")
     [response] = model.execute([triton_stub.Request(**inputs)])
     assert response.has_error() and message in response.error().message()
+
+
+def test_preprocessing_passes_a_well_formed_guide(monkeypatch, repo):
+    model = _load(monkeypatch, repo, "m_preprocessing", "preprocessing")
+    [response] = model.execute([triton_stub.Request(
+        text_input=_text("Hi"), max_tokens=np.array([[2]], np.int32), guided_decoding_guide_type=_text("regex"),
+        guided_decoding_guide=_text("[a-z]+"))])
+    assert not response.has_error() and response.output("request_output_len").tolist() == [[2]]
 
 
 def test_postprocessing_streams_text_that_concatenates_to_the_whole(monkeypatch, repo):

@@ -64,6 +64,13 @@ TEXT_INPUTS: tuple[Tensor, ...] = (
     _opt("add_special_tokens", "TYPE_BOOL"),
 )
 
+# Structured output, tensorrtllm_backend's names: the guide's type (json, json_schema, regex, ebnf_grammar,
+# structural_tag) and the schema, pattern or grammar. Preprocessing checks them, the engine enforces them.
+GUIDED_INPUTS: tuple[Tensor, ...] = (
+    _opt("guided_decoding_guide_type", "TYPE_STRING"),
+    _opt("guided_decoding_guide", "TYPE_STRING"),
+)
+
 ADAPTER_INPUTS: tuple[Tensor, ...] = (
     _opt("prompt_embedding_table", "TYPE_FP16", (-1, -1)),
     _opt("prompt_vocab_size", "TYPE_INT32"),
@@ -73,7 +80,7 @@ ADAPTER_INPUTS: tuple[Tensor, ...] = (
 # tensorrtllm_backend inputs (and those Triton's OpenAI frontend sends) that this repository declares and refuses
 # by name when a request uses them (the preprocessing model checks them): encoder-decoder prompts, logits
 # outputs, embedding bias, LoRA weights sent with a request (the repository serves the adapters it was generated
-# with), guided decoding.
+# with).
 # prompt_table_extra_id is accepted: the prefix cache already tells prompt tables apart.
 REFUSED_INPUTS: tuple[Tensor, ...] = (
     _opt("decoder_text_input", "TYPE_STRING"),
@@ -83,12 +90,10 @@ REFUSED_INPUTS: tuple[Tensor, ...] = (
     _opt("embedding_bias_weights", "TYPE_FP32", (-1,)),
     _opt("lora_weights", "TYPE_FP16", (-1, -1)),
     _opt("lora_config", "TYPE_INT32", (-1, 3)),
-    _opt("guided_decoding_guide_type", "TYPE_STRING"),
-    _opt("guided_decoding_guide", "TYPE_STRING"),
     _opt("prompt_table_extra_id", "TYPE_UINT64"),
 )
 
-ENSEMBLE_INPUTS: tuple[Tensor, ...] = TEXT_INPUTS + ADAPTER_INPUTS + SAMPLING_INPUTS + REFUSED_INPUTS
+ENSEMBLE_INPUTS: tuple[Tensor, ...] = TEXT_INPUTS + ADAPTER_INPUTS + SAMPLING_INPUTS + GUIDED_INPUTS + REFUSED_INPUTS
 
 # Every response: text_output, the log-probs and the token counts. batch_index when the request held
 # several prompts, sequence_index when it asked for several sequences, and PERF_OUTPUTS when it set
@@ -133,7 +138,7 @@ ENSEMBLE_OUTPUTS: tuple[Tensor, ...] = (
 # and the inputs this repository refuses (REFUSED_INPUTS), so a request that uses one fails before the engine
 PRE_INPUTS: tuple[Tensor, ...] = TEXT_INPUTS + (_opt("task_id", "TYPE_UINT64"),
                                                  _opt("prompt_embedding_table", "TYPE_FP16", (-1, -1))
-                                                 ) + REFUSED_INPUTS
+                                                 ) + GUIDED_INPUTS + REFUSED_INPUTS
 PRE_OUTPUTS: tuple[Tensor, ...] = (
     Tensor("input_ids", "TYPE_INT32", (-1,)),
     Tensor("input_lengths", "TYPE_INT32"),
@@ -145,9 +150,10 @@ PRE_OUTPUTS: tuple[Tensor, ...] = (
 )
 
 # --- engine: token ids in, token ids out (decoupled) --------------------------------------------------
-# what preprocessing produced, plus the client's adapter and sampling inputs passed straight through
-# plus ``stop`` (tensorrtllm_backend's meaning): cancel the running request whose id this request carries
-ENGINE_INPUTS: tuple[Tensor, ...] = PRE_OUTPUTS + ADAPTER_INPUTS + SAMPLING_INPUTS + (_opt("stop", "TYPE_BOOL"),)
+# what preprocessing produced, plus the client's adapter, sampling and guided decoding inputs passed straight
+# through, plus ``stop`` (tensorrtllm_backend's meaning): cancel the running request whose id this request carries
+ENGINE_INPUTS: tuple[Tensor, ...] = PRE_OUTPUTS + ADAPTER_INPUTS + SAMPLING_INPUTS + GUIDED_INPUTS \
+    + (_opt("stop", "TYPE_BOOL"),)
 # one int32 tensor per response (runtime/packed.py): the new ids, the ids before them, log-probs, counts,
 # the stream's handle (what postprocessing names in ``stop`` when Triton reports the ensemble request
 # cancelled) and, on the last response, the request's metrics
@@ -172,7 +178,7 @@ def ensemble_steps(name: str) -> list[Step]:
     pre_in = {t.name: t.name for t in PRE_INPUTS}
     pre_out = {t.name: f"_{t.name}" for t in PRE_OUTPUTS}
     engine_in = {t.name: f"_{t.name}" for t in PRE_OUTPUTS}
-    engine_in.update({t.name: t.name for t in ADAPTER_INPUTS + SAMPLING_INPUTS})
+    engine_in.update({t.name: t.name for t in ADAPTER_INPUTS + SAMPLING_INPUTS + GUIDED_INPUTS})
     engine_out = {t.name: f"_engine_{t.name}" for t in ENGINE_OUTPUTS}
     post_in = {t.name: f"_engine_{t.name}" for t in POST_INPUTS}
     post_out = {t.name: t.name for t in POST_OUTPUTS}

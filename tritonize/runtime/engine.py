@@ -15,6 +15,12 @@ a stop sequence ends in step N has already been given a row in step N+1; that ro
 Requests whose next choice needs their previous tokens on the host (multi-token bad words) make the
 engine wait for each step instead.
 
+Structured output (grammar.py): a guided request waits in its own queue while a thread pool compiles its
+grammar, then joins the scheduler's. A step holding guided rows is launched without its sampling; once
+step N's tokens are applied (each guided request's matcher takes its new token), the guided rows' masks
+for step N+1 are filled on the host and the step's tokens are chosen. The forward of step N+1 still runs
+while the host reads step N; only the sampling waits for the masks.
+
 An exception inside a step finishes the requests it touched with reason "error" and the thread goes on.
 Callbacks (``on_output``) run on the engine thread and must be quick; one that raises is treated as a
 client that went away, and its request is dropped.
@@ -38,8 +44,8 @@ import torch
 from .kv_cache import BlockPool
 from .loading import load_for_serving
 from .request import GenerationEngine, GenerationRequest, RequestMetrics, StepOutput, no_output
-from .runner import InFlight, ModelRunner
-from .sampling import Sampler, SamplingRow
+from .runner import InFlight, ModelRunner, Unsampled
+from .sampling import Sampler, SamplingRow, TokenMask
 from .scheduler import Scheduler, StepPlan, check_stop
 from .sequence import Sequence, Status
 
@@ -216,8 +222,15 @@ class Engine(GenerationEngine):
             "kv_cache_tokens": kv_tokens,
             "pool": self.pool.stats,
             # seconds the engine thread spent planning, launching, waiting for the device, and applying
-            "time_s": {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "apply": 0.0},
+            "time_s": {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "apply": 0.0, "guide": 0.0},
         }
+        # Structured output (grammar.py), set up at the first guided request.
+        self._grammar: Any = None  # grammar.GrammarCompiler
+        self._grammar_missing: str | None = None
+        self._compiling: list[Sequence] = []  # guided sequences whose grammar is being compiled
+        self._compiled = False  # one of them is ready (set by the compiler's thread)
+        self._bitmask: torch.Tensor | None = None  # host [max_batch_size, words] int32: guided rows' masks
+        self._scratch: torch.Tensor | None = None
 
     def _vocab_size(self) -> int:
         args = getattr(self.model, "args", None) or getattr(self.model, "config", None)
@@ -293,6 +306,8 @@ class Engine(GenerationEngine):
             self._abort_all(self._fatal or "the engine was shut down before this request finished")
         if self.tp is not None:
             self.tp.close()
+        if self._grammar is not None:
+            self._grammar.shutdown()
 
     def _fail_fatal(self, message: str) -> None:
         """A tensor-parallel rank is lost (called from the thread that watches them): every request running,
@@ -317,7 +332,7 @@ class Engine(GenerationEngine):
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting) + len(self._incoming)
+        return len(self.scheduler.waiting) + len(self._incoming) + len(self._compiling)
 
     # ---------------------------------------------------------------- validation
 
@@ -360,7 +375,22 @@ class Engine(GenerationEngine):
         for what, seqs in (("stop_sequences", req.stop_sequences), ("bad_sequences", req.bad_sequences)):
             if any(len(s) == 0 for s in seqs):
                 return f"{what} holds an empty sequence"
+        if req.guide is not None:
+            return self._guide_problem(req.guide)
         return None
+
+    def _guide_problem(self, guide: Any) -> str | None:
+        from .grammar import Guide, GuideError, grammar_library_missing, make_guide
+
+        if not isinstance(guide, Guide):
+            return f"guide must be a grammar.Guide, not {type(guide).__name__}"
+        try:
+            make_guide(guide.type, guide.text)
+        except GuideError as exc:
+            return str(exc)
+        if self._grammar_missing is None:
+            self._grammar_missing = grammar_library_missing() or ""
+        return self._grammar_missing or None
 
     def _check_request_table(self, req: GenerationRequest) -> str | None:
         rows = self.adapters.max_prompt_embedding_table_size
@@ -388,7 +418,7 @@ class Engine(GenerationEngine):
             while True:
                 with self._cv:
                     while not (self._stopping or self._incoming or self._cancel_ids or inflight is not None
-                               or self.scheduler.has_work or self._fatal):
+                               or self.scheduler.has_work or self._compiled or self._fatal):
                         self._cv.wait()
                     if self._fatal:
                         break
@@ -397,10 +427,13 @@ class Engine(GenerationEngine):
                     cancel_ids, self._cancel_ids = self._cancel_ids, set()
                     incoming = list(self._incoming)
                     self._incoming.clear()
+                    self._compiled = False
                 try:
                     for req in incoming:
                         self._add(req)
                     self._drop_cancelled(cancel_ids)
+                    if self._compiling:
+                        self._take_compiled()
                     if inflight is not None and self._needs_sync():
                         self._complete(inflight)
                         inflight = None
@@ -413,6 +446,8 @@ class Engine(GenerationEngine):
                     timing["launch"] += time.perf_counter() - t1
                     if inflight is not None:
                         self._complete(inflight)
+                    if isinstance(launched, Unsampled):  # guided rows: their masks follow what was just applied
+                        launched = self._sample_guided(launched)
                     inflight = launched
                     if inflight is None and not plan and self.scheduler.has_work:
                         with self._cv:  # nothing can run until something finishes or arrives
@@ -450,7 +485,92 @@ class Engine(GenerationEngine):
             or (req.sampling.min_tokens > 0 and any(len(s) > 1 for s in req.stop_sequences)),
         )
         self._seqs[req.request_id] = seq
+        if req.guide is not None:  # it waits for its grammar, compiled off this thread
+            seq.grammar = self._grammar_compiler().compile(req.guide)
+            self._compiling.append(seq)
+            seq.grammar.add_done_callback(self._grammar_ready)
+            return
         self.scheduler.add(seq)
+
+    # ---------------------------------------------------------------- structured output
+    def _grammar_compiler(self) -> Any:
+        if self._grammar is None:
+            from .grammar import GrammarCompiler
+
+            self._grammar = GrammarCompiler(self.model_dir, self.vocab_size, self.default_end_ids)
+        return self._grammar
+
+    def _grammar_ready(self, _future: Any) -> None:
+        with self._cv:
+            self._compiled = True
+            self._cv.notify()
+
+    def _take_compiled(self) -> None:
+        """Guided sequences whose grammar is compiled join the scheduler's queue; a guide that does not
+        compile finishes its request with the compiler's one-line reason."""
+        from .grammar import GuideState
+
+        waiting = []
+        for seq in self._compiling:
+            if seq.status is Status.FINISHED:
+                continue
+            if not seq.grammar.done():
+                waiting.append(seq)
+                continue
+            try:
+                seq.guide = GuideState(self._grammar.xgrammar, seq.grammar.result(), seq.end_ids, self.vocab_size,
+                                       self._grammar.stop_ids)
+            except Exception as exc:  # GuideError: the client's one line; anything else: the library's
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                self._finish(seq, "error", reason if isinstance(exc, ValueError) else f"guided decoding failed: {reason}")
+                continue
+            seq.grammar = None
+            self.scheduler.add(seq)
+        self._compiling = waiting
+
+    def _guide_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._bitmask is None:
+            from .grammar import bitmask_words
+
+            words = bitmask_words(self.vocab_size)
+            self._bitmask = torch.full((self.max_batch_size, words), -1, dtype=torch.int32)
+            self._scratch = torch.full((1, words), -1, dtype=torch.int32)
+        return self._bitmask, self._scratch
+
+    def _sample_guided(self, step: Unsampled) -> InFlight | None:
+        """Choose the tokens of a step that holds guided rows, each masked by what its grammar allows after
+        the tokens applied so far."""
+        t0 = time.perf_counter()
+        try:
+            bitmask, _ = self._guide_masks()
+            guided: list[int] = []
+            row = 0
+            for chunk in step.plan.chunks:
+                if not chunk.samples:
+                    continue
+                guide = chunk.seq.guide
+                if guide is not None and chunk.seq.status is Status.RUNNING and guide.advance(chunk.seq.output):
+                    guide.fill(bitmask, len(guided))
+                    guided.append(row)
+                row += 1
+            kernel = self._grammar.cpu_kernel if self.device.type == "cpu" else None
+            inflight = self.runner.sample(step, TokenMask(guided, bitmask, kernel) if guided else None)
+        except Exception as exc:  # a bug: fail this step's requests, keep serving
+            log.exception("guided step failed")
+            for chunk in step.plan.chunks:
+                self._finish(chunk.seq, "error", f"step failed: {exc}")
+            return None
+        self.stats["time_s"]["guide"] += time.perf_counter() - t0
+        return inflight
+
+    def _guide_stop(self, seq: Sequence) -> str | None:
+        """After a guided sequence's new token: "stop" when its grammar is complete and allows nothing but an
+        end id; "error" (the request is finished here) when the token is not one the grammar allows."""
+        if not seq.guide.advance(seq.output):
+            self._finish(seq, "error", "the guide allows no token here that the request's other limits (bad_words, "
+                                       "min_tokens) allow: remove the conflicting limit")
+            return "error"
+        return "stop" if seq.guide.finished(self._guide_masks()[1]) else None
 
     def _needs_sync(self) -> bool:
         """Rows whose next choice depends on tokens the host has not read yet (see Sampler.needs_history)."""
@@ -488,7 +608,7 @@ class Engine(GenerationEngine):
         real = [t for t in seq.known_tokens() if t < self.vocab_size]
         self.sampler.start(seq.slot, real, req.sampling)
 
-    def _launch(self, plan: StepPlan) -> InFlight | None:
+    def _launch(self, plan: StepPlan) -> InFlight | Unsampled | None:
         for seq in plan.admitted:
             try:
                 self._setup_slot(seq)
@@ -501,6 +621,7 @@ class Engine(GenerationEngine):
         if not plan.chunks:
             return None
         rows = []
+        guided = False
         for chunk in plan.chunks:
             if not chunk.samples:
                 self.stats["prefill_chunks"].append(chunk.num_tokens)
@@ -511,6 +632,7 @@ class Engine(GenerationEngine):
                 self.stats["prefill_chunks"].append(chunk.num_tokens)
                 self.stats["prefill_tokens"] += chunk.num_tokens
             req = seq.request
+            guided = guided or seq.guide is not None
             rows.append(SamplingRow(
                 params=req.sampling, seed=seq.seed, slot=seq.slot, step=seq.num_generated - 1,
                 history=seq.known_tokens() if seq.needs_history else (),
@@ -526,7 +648,7 @@ class Engine(GenerationEngine):
         else:
             self.stats["mixed_steps"] += 1
         try:
-            return self.runner.launch(plan, rows, _virtual_offset, self.slot_adapter)
+            return self.runner.launch(plan, rows, _virtual_offset, self.slot_adapter, sample=not guided)
         except Exception as exc:
             if self.tp is not None and self.runner.out_of_step:  # a worker is gone, or may have been left behind
                 self._fail_fatal(self._group_failure(exc))
@@ -559,6 +681,10 @@ class Engine(GenerationEngine):
             if not chunk.samples or seq.status is Status.FINISHED:
                 continue
             reason = check_stop(seq, seq.end_ids, seq.request.stop_sequences)
+            if seq.guide is not None and reason != "end":
+                reason = self._guide_stop(seq) or reason
+                if reason == "error":
+                    continue
             if reason == "end":  # the end id is not part of the output
                 seq.output.pop()
                 if seq.request.return_log_probs and seq.log_probs:

@@ -84,6 +84,9 @@ class GenerationRequest:
     task whose table the prompt's virtual tokens (``prompt.virtual_tokens``) select; ``prompt_table``: a
     ``[n, hidden]`` table of this request's own instead (tensorrtllm_backend's prompt_embedding_table);
     see adapters.py.
+    ``guide``: structured output (``grammar.Guide``: a JSON schema, regex, EBNF grammar, ...): every token
+    is one the guide allows, and the request ends ("stop") once the guide is complete and allows nothing
+    more; end ids are allowed exactly where the guide may end.
     """
 
     request_id: str
@@ -100,6 +103,7 @@ class GenerationRequest:
     lora_task_id: int | None = None
     task_id: int | None = None
     prompt_table: Any = None  # torch.Tensor or numpy array [n, hidden]
+    guide: Any = None  # grammar.Guide
     return_perf_metrics: bool = False  # metrics on every output, not only the final one
 
 

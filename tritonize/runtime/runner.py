@@ -11,6 +11,10 @@ it, which the host may not have read yet: the runner marks such tokens as pendin
 them from ``last_sampled`` (one device row per batch slot) instead. ``launch`` returns an ``InFlight``
 whose ``result()`` waits for the tokens, so the engine can plan and launch the next step first.
 
+A step with rows guided by a grammar is launched with ``sample=False``: the forward is queued and an
+``Unsampled`` step comes back; ``sample(step, allowed)`` chooses its tokens once the host knows the
+guided rows' masks, which depend on the previous step's tokens.
+
 Tensor parallelism (tp.py): ``last_sampled`` and the staging buffer are two views of one device buffer,
 ``last_sampled`` first. Rank 0's runner sends each step's header to the workers and broadcasts that buffer
 up to the end of the step's layout: the workers' runners (``follow``) get the step and the tokens sampled
@@ -28,12 +32,12 @@ import numpy as np
 import torch
 
 from .attention import AttentionMetadata
-from .sampling import Sampler, SamplingRow
+from .sampling import Sampler, SamplingRow, TokenMask
 from .scheduler import StepPlan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InFlight", "ModelRunner", "batch_buckets", "token_buckets"]
+__all__ = ["InFlight", "ModelRunner", "Unsampled", "batch_buckets", "token_buckets"]
 
 _REGIONS = ("ids", "pos", "slot_mapping", "pending", "adapter")  # one int64 per token
 # How a step runs: exactly laid out and eager, padded to a captured shape but eager, or a graph replay.
@@ -142,6 +146,16 @@ class InFlight:
         if self.event is not None:
             self.event.synchronize()
         return self.tokens.tolist(), (None if self.log_probs is None else self.log_probs.tolist())
+
+
+@dataclass
+class Unsampled:
+    """A launched forward whose tokens are not chosen yet: ``ModelRunner.sample`` chooses them."""
+
+    plan: StepPlan
+    rows: Sequence[SamplingRow]
+    logits: torch.Tensor  # device [R, vocab], valid until the next launch
+    sample_slots: torch.Tensor  # device [R]
 
 
 class ModelRunner:
@@ -267,11 +281,12 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- running a step
     def launch(self, plan: StepPlan, rows: Sequence[SamplingRow], virtual_offset: Callable[[object], int],
-               slot_adapter: np.ndarray | None) -> InFlight:
+               slot_adapter: np.ndarray | None, *, sample: bool = True) -> InFlight | Unsampled:
+        """Queue the step; ``sample=False`` queues its forward only (see ``sample``)."""
         self._turn ^= 1
         self.host = self._hosts[self._turn]
         self.host_np = self.host.numpy()
-        return self._launch(plan, rows, virtual_offset, slot_adapter)
+        return self._launch(plan, rows, virtual_offset, slot_adapter, sample)
 
     def _shape(self, plan: StepPlan) -> _Shape | None:
         """The captured shape this plan replays, or None (eager)."""
@@ -286,7 +301,7 @@ class ModelRunner:
         return None if shape in self.failed else shape
 
     def _launch(self, plan: StepPlan, rows: Sequence[SamplingRow], virtual_offset: Callable[[object], int],
-                slot_adapter: np.ndarray | None) -> InFlight:
+                slot_adapter: np.ndarray | None, sample: bool = True) -> InFlight | Unsampled:
         n_seqs = len(plan.chunks)
         shape = self._shape(plan)
         graph = None
@@ -313,9 +328,15 @@ class ModelRunner:
         self.out_of_step = False
         if r == 0:
             return InFlight(plan, torch.zeros(0, dtype=torch.int64), None, None)
-        result = self.sampler.sample(logits, rows)
-        self.last_sampled.index_copy_(0, sample_slots, result.tokens)
-        return self._to_host(plan, result.tokens, result.log_probs)
+        step = Unsampled(plan, rows, logits, sample_slots)
+        return self.sample(step) if sample else step
+
+    def sample(self, step: Unsampled, allowed: TokenMask | None = None) -> InFlight:
+        """Choose the tokens of a launched forward (``allowed``: the masks of its guided rows), before the
+        next launch."""
+        result = self.sampler.sample(step.logits, step.rows, allowed)
+        self.last_sampled.index_copy_(0, step.sample_slots, result.tokens)
+        return self._to_host(step.plan, result.tokens, result.log_probs)
 
     def _execute(self, step: _Step, host_np: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward of a step already in the staging buffer: (logits of its sampling rows, their slots)."""

@@ -13,7 +13,9 @@ tensorrtllm_backend and clients moving over expect the same numbers:
    prompt + output tokens (TensorRT-LLM counts the prompt; OpenAI counts only the output);
 4. bans (``-inf``): the last token of every bad sequence whose prefix ends the sequence so far, and,
    while fewer than ``min_tokens`` tokens were generated, the end ids and the last token of every
-   stop sequence whose prefix ends the sequence so far;
+   stop sequence whose prefix ends the sequence so far; and for a row guided by a grammar
+   (structured output, grammar.py), every token its grammar does not allow next (``allowed``: a
+   bitmask per guided row, applied on the device; the other rows are not touched);
 5. log-probabilities: ``log_softmax`` of these processed logits, gathered at the chosen token. That is
    TensorRT-LLM's default (un-normalized) ``output_log_probs``: the distribution after temperature,
    penalties and bans, but before top-k / top-p truncation (OpenAI's convention). With none of 1-4 in
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -206,6 +208,36 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return logits.masked_fill(drop, float("-inf"))
 
 
+@dataclass
+class TokenMask:
+    """The tokens guided rows may choose: ``bitmask[i]`` ([rows, ceil(vocab / 32)] int32 on the CPU, bit ``t``
+    of word ``t // 32`` set = token ``t`` allowed) is the mask of batch row ``rows[i]``. ``cpu_kernel``: a
+    compiled ``kernel(logits, bitmask)`` that masks in place (the grammar library's), used for CPU logits."""
+
+    rows: Sequence[int]
+    bitmask: torch.Tensor
+    cpu_kernel: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+
+
+def apply_token_mask(x: torch.Tensor, mask: TokenMask) -> torch.Tensor:
+    """-inf, in place, where a guided row's bit is clear; unguided rows are not touched (nor read)."""
+    vocab = x.shape[-1]
+    rows = len(mask.rows)
+    bitmask = mask.bitmask[:rows]
+    if x.device.type == "cuda":
+        bitmask = bitmask.pin_memory().to(x.device, non_blocking=True)
+    index = to_device(list(mask.rows), torch.int64, x.device)
+    if mask.cpu_kernel is not None and x.device.type == "cpu":
+        rows_x = x.index_select(0, index)
+        mask.cpu_kernel(rows_x, bitmask)
+        x.index_put_((index,), rows_x)
+        return x
+    bits = torch.arange(32, dtype=torch.int32, device=x.device)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).to(torch.bool).reshape(rows, -1)[:, :vocab]
+    x.index_put_((index,), x.index_select(0, index).masked_fill_(~allowed, float("-inf")))
+    return x
+
+
 def _tail_matches(history: Sequence[int], prefix: Sequence[int]) -> bool:
     n = len(prefix)
     if n == 0:
@@ -262,8 +294,10 @@ class Sampler:
         toks = tokens.index_select(0, index).to(self.device)
         self._counts.index_put_((slots, toks), torch.ones_like(toks, dtype=torch.int32), accumulate=True)
 
-    def process(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """Steps 1-4 of the module docstring: the float32 logits the choice and the log-probs use."""
+    def process(self, logits: torch.Tensor, rows: Sequence[SamplingRow], allowed: TokenMask | None = None
+                ) -> torch.Tensor:
+        """Steps 1-4 of the module docstring: the float32 logits the choice and the log-probs use. The rows of
+        ``allowed`` (guided rows) are masked in place: on float32 logits, their rows of ``logits`` too."""
         x = logits.to(torch.float32)
         temps = [r.params.temperature if r.params.temperature else 1.0 for r in rows]
         if any(t != 1.0 for t in temps):
@@ -277,6 +311,8 @@ class Sampler:
             b_idx = to_device([b for b, _ in bans], torch.int64, x.device)
             t_idx = to_device([t for _, t in bans], torch.int64, x.device)
             x[b_idx, t_idx] = float("-inf")
+        if allowed is not None and len(allowed.rows):  # in place: only the guided rows are written (and read)
+            x = apply_token_mask(x, allowed)
         return x
 
     def _apply_penalties(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -293,11 +329,13 @@ class Sampler:
         x = torch.where(seen, torch.where(x < 0, x * rep, x / rep), x)
         return x - pres * seen - freq * counts.to(torch.float32)
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
-        """Choose one token for each row of ``logits`` [B, V] (B == len(rows)); nothing waits on the device."""
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow], allowed: TokenMask | None = None
+               ) -> SampleResult:
+        """Choose one token for each row of ``logits`` [B, V] (B == len(rows)); nothing waits on the device.
+        ``allowed``: the token masks of guided rows (structured output)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [rows, vocab] with {len(rows)} rows, got {tuple(logits.shape)}")
-        x = self.process(logits, rows)
+        x = self.process(logits, rows, allowed)
         tokens = torch.argmax(x, dim=-1)
         sampled = [b for b, r in enumerate(rows) if not r.params.greedy]
         if sampled:

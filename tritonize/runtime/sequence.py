@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from .kv_cache import block_hashes
 
@@ -55,6 +56,8 @@ class Sequence:
     needs_history: bool = False  # its sampling reads the previous tokens (see Sampler.needs_history)
     virtual_offset: int = 0  # added to prompt ids >= vocab_size: where its prompt-table rows start
     polled_at: float = 0.0  # last time the engine asked whether its client is still there
+    grammar: Any = None  # structured output: the Future of its compiled grammar while it waits for it
+    guide: Any = None  # then its grammar.GuideState (the matcher of its output)
 
     @property
     def request_id(self) -> str:

@@ -10,6 +10,11 @@ Wire semantics are kept as in ``engine.py``: end ids end a request and are not i
 sequences stay in the output. Multi-token stop sequences are matched here (TensorRT-LLM's public
 ``stop_token_ids`` take single tokens) and the request is aborted once one appears.
 
+Structured output: where the model folder has its tokenizer, the LLM is made with
+``guided_decoding_backend="xgrammar"`` (which reads the vocabulary through TensorRT-LLM's own tokenizer, so
+that is loaded; outputs are not detokenized) and a guided request's ``SamplingParams`` carry
+``guided_decoding=GuidedDecodingParams(...)``.
+
 ``tensorrt_llm`` is imported lazily: the module imports without it, so the mapping functions are
 usable (and tested) anywhere.
 """
@@ -41,6 +46,7 @@ __all__ = [
     "map_finish_reason",
     "peft_adapters",
     "to_trtllm_sampling",
+    "trtllm_guided_kwargs",
     "token_log_probs",
 ]
 
@@ -135,6 +141,27 @@ def to_trtllm_sampling(
     if return_log_probs:
         kwargs["logprobs"] = 1  # the sampled token's log-prob (plus at most one alternative)
     return kwargs
+
+
+# grammar.Guide's types -> the field of TensorRT-LLM's GuidedDecodingParams that carries each (LLM API)
+_LLM_API_GUIDES = {"json_schema": "json", "regex": "regex", "ebnf_grammar": "grammar", "structural_tag": "structural_tag"}
+
+
+def trtllm_guided_kwargs(guide: Any) -> dict[str, Any]:
+    """Keyword arguments of ``tensorrt_llm.llmapi.GuidedDecodingParams`` for a ``grammar.Guide``."""
+    if guide.type == "json":
+        return {"json_object": True}
+    return {_LLM_API_GUIDES[guide.type]: guide.text}
+
+
+def has_tokenizer(model_dir: str | Path) -> bool:
+    """Whether the model folder has tokenizer files, which TensorRT-LLM's guided decoding reads."""
+    d = Path(model_dir)
+    return any((d / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+NO_GUIDES = ("guided decoding is not available here: the model folder has no tokenizer files for TensorRT-LLM's "
+             "grammar backend; regenerate the repository or use --runtime torch")
 
 
 def map_finish_reason(finish_reason: str | None) -> str | None:
@@ -370,8 +397,23 @@ class TrtllmEngine(TrtllmEngineBase):
                 lora_dir=[str(path) for path, _ in self.loras.values()],
                 max_lora_rank=max(rank for _, rank in self.loras.values()), max_loras=n, max_cpu_loras=n)
         self.adapters_dir = adapters_dir
+        self.guided_problem: str | None = NO_GUIDES
+        self._guided_cls = getattr(importlib.import_module("tensorrt_llm.llmapi"), "GuidedDecodingParams", None)
+        if has_tokenizer(self.model_dir) and self._guided_cls is not None:
+            llm_args["guided_decoding_backend"] = "xgrammar"
+            llm_args["skip_tokenizer_init"] = False  # xgrammar reads the vocabulary through TensorRT-LLM's tokenizer
+            self.guided_problem = None
         self.llm_args = llm_args
-        self.llm = trtllm.LLM(**llm_args)
+        try:
+            self.llm = trtllm.LLM(**llm_args)
+        except (TypeError, ValueError) as e:  # a TensorRT-LLM that refuses these arguments: serve without guides
+            if self.guided_problem is not None:
+                raise
+            log.warning("TensorRT-LLM refused guided decoding (%s); serving without it", e)
+            llm_args.pop("guided_decoding_backend")
+            llm_args["skip_tokenizer_init"] = True
+            self.guided_problem = f"guided decoding is not available with this TensorRT-LLM: {e}"
+            self.llm = trtllm.LLM(**llm_args)
 
         self._init_engine()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -388,6 +430,13 @@ class TrtllmEngine(TrtllmEngineBase):
     def _prepare(self, req: GenerationRequest) -> tuple[Any, Any]:
         kwargs = to_trtllm_sampling(req.sampling, req.max_new_tokens, req.end_ids or self.default_end_ids,
                                     req.bad_sequences, req.return_log_probs)
+        guide = getattr(req, "guide", None)
+        if guide is not None:
+            if self.guided_problem is not None:
+                raise ValueError(self.guided_problem)
+            kwargs["guided_decoding"] = self._guided_cls(**trtllm_guided_kwargs(guide))
+        if self.guided_problem is None:
+            kwargs["detokenize"] = False  # ids out: the ensemble's postprocessing makes the text
         if not req.prompt_ids:
             raise ValueError("the prompt is empty")
         if len(req.prompt_ids) + req.max_new_tokens > self.max_seq_len:

@@ -79,6 +79,7 @@ class ExecutorRequestPlan:
     extra_end_ids: list[int] = field(default_factory=list)  # sent as one-token stop words, stripped again
     lora_task_id: int | None = None
     task_id: int | None = None
+    guide: tuple[str, str | None] | None = None  # (GuidedDecodingParams.GuideType name, guide)
 
 
 def plan_executor_request(req: GenerationRequest, *, end_ids: Sequence[int], pad_id: int | None, max_seq_len: int,
@@ -116,8 +117,36 @@ def plan_executor_request(req: GenerationRequest, *, end_ids: Sequence[int], pad
         kwargs["bad_words"] = bad
     output = {"return_log_probs": bool(req.return_log_probs), "exclude_input_from_output": True}
     lora = getattr(req, "lora_task_id", None)
+    guide = getattr(req, "guide", None)
     return ExecutorRequestPlan(kwargs, executor_sampling_kwargs(req.sampling), output, ends[1:],
-                               None if lora is None else int(lora), None if task_id is None else int(task_id))
+                               None if lora is None else int(lora), None if task_id is None else int(task_id),
+                               executor_guide(guide) if guide is not None else None)
+
+
+# grammar.Guide's types -> the executor's GuidedDecodingParams.GuideType
+_GUIDE_TYPES = {"json": "JSON", "json_schema": "JSON_SCHEMA", "regex": "REGEX", "ebnf_grammar": "EBNF_GRAMMAR",
+                "structural_tag": "STRUCTURAL_TAG"}
+
+
+def executor_guide(guide: Any) -> tuple[str, str | None]:
+    """(``GuidedDecodingParams.GuideType`` name, guide text) of a ``grammar.Guide`` (JSON takes no text)."""
+    return _GUIDE_TYPES[guide.type], (guide.text or None) if guide.type != "json" else None
+
+
+def executor_guided_config(model_dir: str | Path, stop_ids: Sequence[int]) -> dict[str, Any] | None:
+    """The vocabulary arguments of ``GuidedDecodingConfig`` (xgrammar backend), as TensorRT-LLM derives them
+    from a fast tokenizer: the vocabulary by id, the tokenizer's JSON, the end ids. None without tokenizer.json."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    text = path.read_text(encoding="utf-8")
+    vocab = Tokenizer.from_str(text).get_vocab(with_added_tokens=True)
+    encoded = [""] * (max(vocab.values()) + 1)
+    for piece, i in vocab.items():
+        encoded[i] = piece
+    return {"encoded_vocab": encoded, "tokenizer_str": text, "stop_token_ids": [int(i) for i in stop_ids] or None}
 
 
 def map_executor_finish_reason(reason: Any) -> str | None:
@@ -192,6 +221,7 @@ class TrtllmExecutorEngine(TrtllmEngineBase):
         self.default_end_ids = default_end_ids(self.model_dir)
         self.pad_id = hf.get("pad_token_id") if isinstance(hf.get("pad_token_id"), int) else None
         self.adapters = AdapterStore(adapters_dir) if adapters_dir is not None else None
+        self.guided_config = executor_guided_config(self.model_dir, self.default_end_ids)
         self.tllm = import_executor()
         self.executor = self.tllm.Executor(self.engine_dir, self.tllm.ModelType.DECODER_ONLY,
                                            self._executor_config())
@@ -213,6 +243,11 @@ class TrtllmExecutorEngine(TrtllmEngineBase):
             kwargs["parallel_config"] = t.ParallelConfig(
                 t.CommunicationType.MPI, t.CommunicationMode.ORCHESTRATOR,
                 orchestrator_config=t.OrchestratorConfig(True, str(worker)))
+        if self.guided_config is not None and hasattr(t, "GuidedDecodingConfig"):
+            kwargs["guided_decoding_config"] = t.GuidedDecodingConfig(
+                backend=t.GuidedDecodingConfig.GuidedDecodingBackend.XGRAMMAR, **self.guided_config)
+        else:
+            self.guided_config = None
         config = t.ExecutorConfig(**kwargs)
         for name in ("max_batch_size", "max_num_tokens"):  # runtime limits under the engine's own
             if name in c and hasattr(config, name):
@@ -243,6 +278,10 @@ class TrtllmExecutorEngine(TrtllmEngineBase):
         plan = plan_executor_request(req, end_ids=req.end_ids or self.default_end_ids, pad_id=self.pad_id,
                                      max_seq_len=self.max_seq_len, vocab_size=self.vocab_size,
                                      n_virtual=n_virtual, request_table=own is not None)
+        if plan.guide is not None and self.guided_config is None:
+            raise ValueError("guided decoding is not available on the trtllm-engine runtime here: it needs the "
+                             "model's tokenizer.json (and a TensorRT-LLM with GuidedDecodingConfig); use --runtime "
+                             "torch or trtllm")
         return plan, self._request(plan, table)
 
     def _requests(self) -> Mapping[str, Any]:
@@ -294,6 +333,10 @@ class TrtllmExecutorEngine(TrtllmEngineBase):
             kwargs["lora_config"] = t.LoraConfig(task_id=plan.lora_task_id, weights=weights, config=config)
         if table is not None:
             kwargs["prompt_tuning_config"] = t.PromptTuningConfig(embedding_table=table.to(self.lora_dtype))
+        if plan.guide is not None:
+            kind, text = plan.guide
+            kwargs["guided_decoding_params"] = t.GuidedDecodingParams(getattr(t.GuidedDecodingParams.GuideType, kind),
+                                                                      text)
         return t.Request(**kwargs)
 
     # ---------------------------------------------------------------- responses

@@ -38,6 +38,13 @@ class GenerateOptions:
     return_log_probs: bool = False
     task_id: int | None = None  # p-tuning task
     lora_task_id: int | None = None  # LoRA adapter
+    guide_type: str | None = None  # structured output: json, json_schema, regex, ebnf_grammar, structural_tag
+    guide: str | None = None  # the schema, pattern or grammar
+
+    def texts(self) -> dict[str, str]:
+        """The BYTES inputs of one element that are set (structured output)."""
+        out = {"guided_decoding_guide_type": self.guide_type, "guided_decoding_guide": self.guide}
+        return {k: v for k, v in out.items() if v is not None}
 
     def scalars(self) -> dict[str, tuple[object, str]]:
         """Input name -> (value, Triton dtype) for every option that is set."""
@@ -93,6 +100,8 @@ def grpc_inputs(prompt: str, opts: GenerateOptions, stream: bool) -> list:
     for name, words in (("stop_words", opts.stop_words), ("bad_words", opts.bad_words)):
         if words:
             inputs.append(make(name, np.array([[w.encode() for w in words]], dtype=np.object_), "BYTES"))
+    for name, text in opts.texts().items():
+        inputs.append(make(name, np.array([[text.encode("utf-8")]], dtype=np.object_), "BYTES"))
     return inputs
 
 
@@ -214,6 +223,7 @@ def http_generate(url: str, model: str, prompt: str, opts: GenerateOptions, *, s
         body["stop_words"] = opts.stop_words
     if opts.bad_words:
         body["bad_words"] = opts.bad_words
+    body.update(opts.texts())
     request = urllib.request.Request(endpoint, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
     result = Result(text="", pieces=[])

@@ -34,10 +34,10 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -266,10 +266,14 @@ def _version_key(version: str) -> tuple[int, ...]:
 
 
 def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for tritonserver: this interpreter's bin dir first on PATH.
+    """The environment for tritonserver: this interpreter's bin dir first on PATH, its libpython first on
+    LD_LIBRARY_PATH.
 
     The Python backend stub sets its sys.prefix from the first `python3` on PATH; putting ours first
-    makes the models import this environment's torch, numpy and tokenizers.
+    makes the models import this environment's torch, numpy and tokenizers. The stub links libpython by
+    name: without this interpreter's own first, the loader may pick another Python of the same minor version
+    (a distribution's), whose older libpython lacks symbols this interpreter's standard extension modules
+    need (e.g. ``_ssl``, which xgrammar's imports load).
     """
     env = dict(os.environ if base is None else base)
     bin_dir = Path(sys.executable).parent
@@ -279,6 +283,10 @@ def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
             f"python3 first on PATH; run tritonize from a virtualenv, or add a python3 link in {bin_dir}"
         )
     env["PATH"] = os.pathsep.join([str(bin_dir), *[p for p in env.get("PATH", "").split(os.pathsep) if p]])
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if libdir and soname and (Path(libdir) / soname).is_file():
+        rest = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p != libdir]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *rest])
     return env
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 if __name__.startswith("tritonize."):  # imported from the tritonize package (tests, the Python API)
+    from ..grammar import GuideError, make_guide
     from ..metrics import EngineMetrics
     from ..packed import Packed, pack
     from ..request import GenerationRequest, SamplingParams
@@ -46,6 +47,7 @@ if __name__.startswith("tritonize."):  # imported from the tritonize package (te
     from ..warm import use_warm_artifacts
 else:  # a repository's model.py, which Triton imports as "<version>.model": the runtime package is beside it
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tritonize_backend.grammar import GuideError, make_guide
     from tritonize_backend.metrics import EngineMetrics
     from tritonize_backend.packed import Packed, pack
     from tritonize_backend.request import GenerationRequest, SamplingParams
@@ -111,6 +113,10 @@ def _words_list(array):
     return [s for s in sequences if s]
 
 
+def _bytes(value):
+    return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
 def _error(message, invalid):
     """A Triton error: INVALID_ARG for what the request asked (HTTP 400), INTERNAL otherwise."""
     return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG if invalid else pb_utils.TritonError.INTERNAL)
@@ -154,7 +160,7 @@ _READ = ("input_ids", "input_lengths", "request_output_len", "end_ids", "stop_wo
          "prompt_embedding_table", "beam_width", "seed", "random_seed", "min_tokens", "min_length",
          "temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
          "stream", "exclude_input_in_output", "return_log_probs", "lora_task_id", "task_id",
-         "num_return_sequences", "return_perf_metrics")
+         "num_return_sequences", "return_perf_metrics", "guided_decoding_guide_type", "guided_decoding_guide")
 
 
 class TritonPythonModel:
@@ -294,6 +300,11 @@ class TritonPythonModel:
             frequency_penalty=inputs.scalar("frequency_penalty", i, float, 0.0),
             min_tokens=inputs.scalar("min_tokens", i, int, inputs.scalar("min_length", i, int, 0)),
         )
+        try:
+            guide = make_guide(inputs.scalar("guided_decoding_guide_type", i, _bytes),
+                               inputs.scalar("guided_decoding_guide", i, _bytes))
+        except GuideError as e:
+            raise ValueError(str(e)) from None
         stream = inputs.scalar("stream", i, bool, False)
         perf = inputs.scalar("return_perf_metrics", i, bool, False)
         base = GenerationRequest(
@@ -310,6 +321,7 @@ class TritonPythonModel:
             task_id=inputs.scalar("task_id", i, int),
             prompt_table=table,
             return_perf_metrics=perf,
+            guide=guide,
         )
         samplings = [dataclasses.replace(sampling, seed=sequence_seed(seed, s)) for s in range(n)]
         # Virtual tokens of a p-tuning task have no text: the echoed prompt leaves them out.

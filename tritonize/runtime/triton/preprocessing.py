@@ -14,6 +14,9 @@ how long each is).
 A request with a ``task_id`` of a p-tuning task gets that task's virtual tokens before its prompt, as
 ids ``vocab_size + j`` (TensorRT-LLM's convention); the engine replaces their embeddings with the
 task's table. A request that sends its own ``prompt_embedding_table`` ([1, n, hidden]) gets n of them.
+
+A guide (``guided_decoding_guide_type`` / ``guided_decoding_guide``) is checked here (its type, its text,
+a schema that is JSON) and goes to the engine model straight from the ensemble's inputs.
 """
 
 import json
@@ -24,11 +27,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 if __name__.startswith("tritonize."):  # imported from the tritonize package (tests, the Python API)
+    from ..grammar import make_guide
     from ..prompt import virtual_tokens
     from ..tokenizer import Tokenizer
     from ..triton_args import model_args
 else:  # a repository's model.py, which Triton imports as "<version>.model": the runtime package is beside it
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tritonize_backend.grammar import make_guide
     from tritonize_backend.prompt import virtual_tokens
     from tritonize_backend.tokenizer import Tokenizer
     from tritonize_backend.triton_args import model_args
@@ -45,8 +50,6 @@ REFUSED = {
     "embedding_bias_weights": "this repository applies no embedding bias",
     "lora_weights": "LoRA adapters are served from the repository: send lora_task_id alone",
     "lora_config": "LoRA adapters are served from the repository: send lora_task_id alone",
-    "guided_decoding_guide_type": "guided decoding (structured output) is not served by this repository yet",
-    "guided_decoding_guide": "guided decoding (structured output) is not served by this repository yet",
 }
 REQUIRED = {
     "text_input": "send the prompt as a BYTES tensor of shape [1, 1]",
@@ -149,16 +152,20 @@ class TritonPythonModel:
         if texts.shape[1] != 1:
             raise ValueError(f"text_input has shape {list(texts.shape)}: send one prompt per row, shape [N, 1]")
         inputs = {}
-        for name in ("max_tokens", "end_id", "pad_id", "task_id", "stop_words", "bad_words", "add_special_tokens"):
+        for name in ("max_tokens", "end_id", "pad_id", "task_id", "stop_words", "bad_words", "add_special_tokens",
+                     "guided_decoding_guide_type", "guided_decoding_guide"):
             array = _array(request, name)
             if array is not None:
                 inputs[name] = _rows(array, n, name)
         table = _array(request, "prompt_embedding_table")
         prompts = []
         for i in range(n):
+            row = {k: v[i] for k, v in inputs.items()}
             try:
-                prompts.append(self._prompt(texts[i][0], {k: v[i] for k, v in inputs.items()}, table))
-            except ValueError as e:
+                make_guide(*(row[k][0] if k in row else None
+                             for k in ("guided_decoding_guide_type", "guided_decoding_guide")))
+                prompts.append(self._prompt(texts[i][0], row, table))
+            except ValueError as e:  # a bad guide (GuideError) included
                 raise ValueError(f"prompt {i} of {n}: {e}" if n > 1 else str(e)) from None
         ids, lengths, max_tokens, end_ids, pad_ids, stops, bads = zip(*prompts, strict=True)
         return [

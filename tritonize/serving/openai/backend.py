@@ -172,6 +172,9 @@ class Backend:
         if wire.stop_words:
             inputs.append(make("stop_words", np.array([[w.encode("utf-8") for w in wire.stop_words]],
                                                       dtype=np.object_), "BYTES"))
+        if wire.guide is not None:
+            for name, value in zip(("guided_decoding_guide_type", "guided_decoding_guide"), wire.guide):
+                inputs.append(make(name, np.array([[value.encode("utf-8")]], dtype=np.object_), "BYTES"))
         return inputs
 
     def outputs(self, logprobs: bool) -> list:

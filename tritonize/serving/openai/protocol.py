@@ -2,9 +2,13 @@
 
 Requests are validated by pydantic models of the fields the front serves; every OpenAI field it does not
 serve is refused by name when a request sets it to something other than its default (``n`` above 1,
-``logit_bias``, tools, ``response_format`` other than text, ...), and fields OpenAI does not know are
-ignored, as vLLM does. The extensions vLLM users send through ``extra_body`` (``top_k``,
-``repetition_penalty``, ``min_tokens``, ``chat_template_kwargs``) arrive at the top level of the body.
+``logit_bias``, tools, ...), and fields OpenAI does not know are ignored, as vLLM does. The extensions
+vLLM users send through ``extra_body`` (``top_k``, ``repetition_penalty``, ``min_tokens``,
+``chat_template_kwargs``, ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``)
+arrive at the top level of the body.
+
+Structured output (``response_format`` ``json_object`` / ``json_schema``, or vLLM's guided fields) becomes
+the wire's ``guided_decoding_guide_type`` / ``guided_decoding_guide``; the engine enforces it.
 
 Sampling follows OpenAI's semantics, sent explicitly because the wire's rule differs (TensorRT-LLM's:
 greedy unless top_k / top_p ask for sampling):
@@ -16,6 +20,7 @@ greedy unless top_k / top_p ask for sampling):
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +86,14 @@ class _Common(BaseModel):
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
+    # structured output: OpenAI's, and vLLM's extra_body spellings (older guided_*, newer structured_outputs)
+    response_format: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[Any] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -99,6 +112,8 @@ class _Common(BaseModel):
             raise unsupported("ignore_eos", "send min_tokens equal to max_tokens instead")
         if self.skip_special_tokens is False:
             raise unsupported("skip_special_tokens", "special tokens are always left out of the text")
+        if self.guided_whitespace_pattern:
+            raise unsupported("guided_whitespace_pattern", "JSON is written compact (no whitespace between tokens)")
 
 
 class CompletionRequest(_Common):
@@ -144,7 +159,6 @@ class ChatRequest(_Common):
     functions: list[Any] | None = None
     function_call: Any = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
     audio: Any = None
     modalities: list[str] | None = None
     prediction: Any = None
@@ -161,8 +175,6 @@ class ChatRequest(_Common):
             value = getattr(self, name)
             if value not in (None, "none"):
                 raise unsupported(name, "tool calling is not served")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise unsupported("response_format", "structured output (JSON mode, JSON schema) is not served yet")
         if self.audio is not None or (self.modalities and self.modalities != ["text"]):
             raise unsupported("modalities" if self.modalities else "audio", "the models here read and write text")
         if self.prediction is not None:
@@ -208,6 +220,106 @@ def parse(model: type[BaseModel], body: Any) -> Any:
         raise bad_request(f"{where}: {first.get('msg')}", where) from None
 
 
+# --- structured output -----------------------------------------------------------------------------------
+def _schema_text(value: Any, param: str) -> str:
+    """A JSON schema given as an object or as its text, as the text the wire carries."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise bad_request(f"{param} is not JSON: {e}", param) from None
+    if not isinstance(value, (dict, bool)):
+        raise bad_request(f"{param} must be a JSON schema (an object), not {type(value).__name__}", param)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _text_field(value: Any, param: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise bad_request(f"{param} must be a non-empty string", param)
+    return value
+
+
+def ebnf_literal(text: str) -> str:
+    """``text`` as a string literal of xgrammar's EBNF."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ord(ch) < 0x20 or ch == "\x7f":
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def choice_grammar(choices: Any, param: str) -> str:
+    """vLLM's ``guided_choice``: the answer is one of the strings, exactly."""
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+        raise bad_request(f"{param} must be a non-empty list of non-empty strings", param)
+    return "root ::= " + " | ".join(ebnf_literal(c) for c in dict.fromkeys(choices))
+
+
+def _response_format(fmt: dict[str, Any]) -> tuple[str, str] | None:
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json", ""
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise bad_request("response_format json_schema needs json_schema.schema: the JSON schema of the answer",
+                              "response_format")
+        if not isinstance(spec.get("strict", False), (bool, type(None))):
+            raise bad_request("response_format.json_schema.strict must be true or false", "response_format")
+        return "json_schema", _schema_text(spec["schema"], "response_format.json_schema.schema")
+    raise unsupported("response_format", f"type {kind!r}: send text, json_object or json_schema")
+
+
+def guide(req: _Common) -> tuple[str, str] | None:
+    """The request's guide as the wire's (guided_decoding_guide_type, guided_decoding_guide); at most one."""
+    found: list[tuple[str, tuple[str, str] | None]] = []
+    if req.response_format is not None:
+        if not isinstance(req.response_format, dict):
+            raise bad_request("response_format must be an object", "response_format")
+        found.append(("response_format", _response_format(req.response_format)))
+    if req.guided_json is not None:
+        found.append(("guided_json", ("json_schema", _schema_text(req.guided_json, "guided_json"))))
+    if req.guided_regex is not None:
+        found.append(("guided_regex", ("regex", _text_field(req.guided_regex, "guided_regex"))))
+    if req.guided_choice is not None:
+        found.append(("guided_choice", ("ebnf_grammar", choice_grammar(req.guided_choice, "guided_choice"))))
+    if req.guided_grammar is not None:
+        found.append(("guided_grammar", ("ebnf_grammar", _text_field(req.guided_grammar, "guided_grammar"))))
+    for key, value in (req.structured_outputs or {}).items():
+        param = f"structured_outputs.{key}"
+        if value is None or value is False:
+            continue
+        if key == "json":
+            found.append((param, ("json_schema", _schema_text(value, param))))
+        elif key == "json_object":
+            found.append((param, ("json", "")))
+        elif key == "regex":
+            found.append((param, ("regex", _text_field(value, param))))
+        elif key == "choice":
+            found.append((param, ("ebnf_grammar", choice_grammar(value, param))))
+        elif key == "grammar":
+            found.append((param, ("ebnf_grammar", _text_field(value, param))))
+        elif key == "structural_tag":
+            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            found.append((param, ("structural_tag", text)))
+        elif key not in ("disable_fallback", "disable_any_whitespace", "disable_additional_properties",
+                         "whitespace_pattern", "backend", "backend_was_auto"):
+            raise unsupported(param, "send json, json_object, regex, choice, grammar or structural_tag")
+    guides = [(param, g) for param, g in found if g is not None]
+    if len(guides) > 1:
+        raise bad_request(f"send one kind of structured output, not {guides[0][0]} and {guides[1][0]}",
+                          guides[1][0])
+    return guides[0][1] if guides else None
+
+
 # --- the wire request -----------------------------------------------------------------------------------
 @dataclass
 class WireRequest:
@@ -219,6 +331,7 @@ class WireRequest:
     scalars: dict[str, tuple[Any, str]] = field(default_factory=dict)
     stop_words: list[str] = field(default_factory=list)
     logprobs: bool = False
+    guide: tuple[str, str] | None = None  # (guided_decoding_guide_type, guided_decoding_guide)
 
 
 def _finite(name: str, value: float | None, low: float | None = None, high: float | None = None) -> None:
@@ -279,7 +392,7 @@ def wire_request(req: _Common, text: str, tokens: int, *, add_special_tokens: bo
     if logprobs:
         scalars["return_log_probs"] = (True, "BOOL")
     return WireRequest(text=text, max_tokens=tokens, stream=bool(req.stream), scalars=scalars,
-                       stop_words=req.stops(), logprobs=logprobs)
+                       stop_words=req.stops(), logprobs=logprobs, guide=guide(req))
 
 
 # --- finish reasons and stop strings --------------------------------------------------------------------
