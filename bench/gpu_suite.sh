@@ -36,7 +36,7 @@ case $phase in
     for p in alone served hops; do bash "$0" $p; done ;;
   alone)
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py \
-      "tests/test_engine.py::test_cuda_graph_decode_matches_transformers" 2>&1 | tail -3 | tee "$out/cuda-tests.log"
+      "tests/test_engine.py::test_cuda_graph_decode_matches_transformers" 2>&1 | tail -30 | tee "$out/cuda-tests.log"
     python3 bench/engine_bench.py --model $model --batches 1,16,64,256 --profile-dir "$out" \
       --json "$out/engine.json" 2>&1 | grep -vE "^\s*$|_warn_once|UserWarning" | tee "$out/engine.log" ;;
   served)

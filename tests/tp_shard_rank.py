@@ -27,5 +27,6 @@ def shard_logits(rank: int, world: int, port: int, model_dirs: list[str], ids: l
             if rank == 0:
                 kv_heads = model.layers[0].attention.paged.k_cache.shape[2]
                 results.put((model_dir, logits.numpy(), held, kv_heads))
+        dist.barrier()  # no rank tears its connections down while another still reads from them
     finally:
         dist.destroy_process_group()
