@@ -15,12 +15,12 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
-import lark
 import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
 
+from tests.fixtures.guides import EBNF, GUIDES, LARK, REGEX, SCHEMAS
 from tritonize.export.demo_model import write_demo_checkpoint
 from tritonize.repository.build import build_repository
 from tritonize.repository.spec import RepoSpec
@@ -34,27 +34,6 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("xgrammar")
 pytestmark = pytest.mark.e2e
 
-SCHEMAS = {
-    "nested": {"type": "object", "properties": {
-        "user": {"type": "object", "properties": {
-            "id": {"type": "integer", "minimum": 1, "maximum": 9999},
-            "role": {"enum": ["admin", "editor", "viewer"]}}, "required": ["id", "role"]},
-        "active": {"type": "boolean"}}, "required": ["user", "active"]},
-    "ranges": {"type": "object", "properties": {
-        "scores": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5},
-                   "minItems": 2, "maxItems": 4},
-        "count": {"type": "integer", "minimum": 10, "maximum": 20}}, "required": ["scores", "count"]},
-    "orders": {"type": "object", "properties": {
-        "code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"},
-        "items": {"type": "array", "minItems": 1, "maxItems": 2, "items": {"type": "object", "properties": {
-            "sku": {"type": "string", "pattern": "^[a-z]{1,6}$"},
-            "qty": {"type": "integer", "minimum": 1, "maximum": 3}}, "required": ["sku", "qty"]}},
-        "color": {"enum": ["red", "green", "blue"]}}, "required": ["code", "items", "color"]},
-}
-REGEX = r"[A-Z][a-z]{2,5}-[0-9]{3}"
-EBNF = 'root ::= "(" expr ")"\nexpr ::= term (("+" | "*") term)*\nterm ::= [1-9] [0-9]?'
-LARK = lark.Lark('start: "(" expr ")"\nexpr: term (("+" | "*") term)*\nterm: /[1-9][0-9]?/', parser="lalr")
-GUIDES = [("json_schema", json.dumps(s)) for s in SCHEMAS.values()] + [("regex", REGEX), ("ebnf_grammar", EBNF)]
 # This model closes an open JSON object within the budget on these prompts (any string it opens runs on
 # until it picks one of the few dozen closing tokens among 32000).
 JSON_PROMPTS = ["config", "Hello", "JSON please"]

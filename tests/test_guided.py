@@ -12,11 +12,11 @@ import re
 import threading
 
 import jsonschema
-import lark
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from tests.fixtures.guides import EBNF, LARK, REGEX, SCHEMAS
 from tritonize.export.demo_model import write_demo_checkpoint
 from tritonize.runtime.engine import Engine
 from tritonize.runtime.grammar import (
@@ -36,27 +36,6 @@ xgrammar = pytest.importorskip("xgrammar")
 
 TIMEOUT = 120
 END = 2
-# Bounded schemas: a model that knows nothing of JSON still closes them within the token budget.
-SCHEMAS = {
-    "nested": {"type": "object", "properties": {
-        "user": {"type": "object", "properties": {
-            "id": {"type": "integer", "minimum": 1, "maximum": 9999},
-            "role": {"enum": ["admin", "editor", "viewer"]}}, "required": ["id", "role"]},
-        "active": {"type": "boolean"}}, "required": ["user", "active"]},
-    "ranges": {"type": "object", "properties": {
-        "scores": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5},
-                   "minItems": 2, "maxItems": 4},
-        "count": {"type": "integer", "minimum": 10, "maximum": 20}}, "required": ["scores", "count"]},
-    "orders": {"type": "object", "properties": {
-        "code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"},
-        "items": {"type": "array", "minItems": 1, "maxItems": 2, "items": {"type": "object", "properties": {
-            "sku": {"type": "string", "pattern": "^[a-z]{1,6}$"},
-            "qty": {"type": "integer", "minimum": 1, "maximum": 3}}, "required": ["sku", "qty"]}},
-        "color": {"enum": ["red", "green", "blue"]}}, "required": ["code", "items", "color"]},
-}
-REGEX = r"[A-Z][a-z]{2,5}-[0-9]{3}"
-EBNF = 'root ::= "(" expr ")"\nexpr ::= term (("+" | "*") term)*\nterm ::= [1-9] [0-9]?'
-LARK = lark.Lark('start: "(" expr ")"\nexpr: term (("+" | "*") term)*\nterm: /[1-9][0-9]?/', parser="lalr")
 PROMPTS = ["Give me a record:", "Once upon a time", "What is the color of a banana?", "1, 2, 3,", "Data:"]
 
 
