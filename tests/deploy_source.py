@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fixtures import gpt2_bpe_tokenizer_dir, tiny_model, write_nemo2
+from fixtures import gpt2_bpe_tokenizer_dir, randomized, tiny_model, write_nemo2
 
 VOCAB = 300
 MAX_TOKENS = 8
@@ -45,11 +45,5 @@ class Source:
 def nemo2_llama(work: Path) -> Source:
     tok_dir = gpt2_bpe_tokenizer_dir(work / "tokenizer", vocab_size=VOCAB)
     model = tiny_model("llama", vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, seed=3)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim >= 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-            else:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    randomized(model, 3)
     return Source(write_nemo2(model, tok_dir, work / "llama-nemo2"), model, tok_dir)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from fixtures import BPE_VOCAB, bpe_model
+from fixtures import BPE_VOCAB, bpe_model, randomized
 
 from tritonize.cli.main import cli
 from tritonize.serving.client import GenerateOptions, grpc_generate
@@ -35,22 +35,10 @@ POSITIONS = 256
 PROMPTS = ["the capital of France is", "once upon a time there was a", "def main():\n    return", "hello"]
 
 
-def _randomized(model: torch.nn.Module) -> torch.nn.Module:
-    """Weights large enough that greedy text depends on every layer (see test_e2e_families)."""
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim >= 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-            else:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
-    return model
-
-
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory, bpe_dir) -> tuple[Path, torch.nn.Module]:
     work = tmp_path_factory.mktemp("ops-gpt2")
-    model = _randomized(bpe_model("gpt", max_position_embeddings=POSITIONS))
+    model = randomized(bpe_model("gpt", max_position_embeddings=POSITIONS), 7)
     ckpt = work / "ckpt"
     model.save_pretrained(ckpt)
     for f in bpe_dir.iterdir():

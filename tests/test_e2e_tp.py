@@ -23,7 +23,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from fixtures import gpt2_bpe_tokenizer_dir, tiny_model
+from fixtures import gpt2_bpe_tokenizer_dir, randomized, tiny_model
 
 from tritonize.errors import QueryError
 from tritonize.repository.build import build_repository
@@ -42,18 +42,6 @@ MODELS = {"llama_tp2": ("llama", 2, True), "llama_tp4": ("llama", 4, True), "mix
           "gpt2_tp4": ("gpt", 4, False)}
 KILLED = "llama_tp4"  # served by test_a_killed_worker_is_reported_and_nothing_hangs
 LIMITS = dict(max_input_len=32, max_output_len=16, device="cpu", dtype="float32", max_batch_size=4, max_num_tokens=8)
-
-
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Large random weights (see test_e2e_families.py): a wrong shard could not hide behind a repeated token."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim >= 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-            else:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
-    return model
 
 
 def _lora(base: torch.nn.Module, out: Path) -> torch.nn.Module:
@@ -101,7 +89,7 @@ def served(tmp_path_factory):
     for seed, (name, (family, world, lora)) in enumerate(MODELS.items()):
         base = bases.get(family)
         if base is None:
-            base = bases[family] = _randomize(tiny_model(family, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0),
+            base = bases[family] = randomized(tiny_model(family, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0),
                                               seed)
         ckpt = work / f"{family}-hf"
         if not ckpt.exists():
