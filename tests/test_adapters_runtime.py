@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import copy
 
-import peft
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from tests.fixtures.adapter_dirs import write_lora_from_peft, write_ptuning
+from tests.fixtures.adapters import peft_lora
 from tritonize.errors import AdapterError
 from tritonize.runtime.engine import Engine
 from tritonize.runtime.request import GenerationRequest, StepOutput, submit_and_wait
@@ -23,15 +23,7 @@ PROMPTS = [[1, 17, 42, 99, 7], [1, 250, 3], [1, 60, 61, 62, 63, 64, 65, 66], [1,
 
 
 def _peft(base, target_modules, r, alpha, seed, **kw):
-    torch.manual_seed(seed)
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=False, **kw)
-    model = peft.get_peft_model(copy.deepcopy(base), config).eval()
-    # peft initialises B small; make the adapters change the greedy path so a wrong delta shows.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    return model
+    return peft_lora(base, target_modules=target_modules, r=r, lora_alpha=alpha, seed=seed, **kw)
 
 
 def _hf_greedy(model, prompt, n):

@@ -7,13 +7,11 @@ on ``inputs_embeds`` with the task's table before the prompt's token embeddings.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
-import peft
 import pytest
 import torch
 from deploy_source import LIMITS, PROMPTS, nemo2_llama
+from fixtures.adapters import peft_lora
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
@@ -30,14 +28,8 @@ N_VIRTUAL = 3
 def tuned(tmp_path_factory):
     work = tmp_path_factory.mktemp("api-adapters")
     source = nemo2_llama(work)
-    torch.manual_seed(11)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
-                             init_lora_weights=False)
-    lora = peft.get_peft_model(copy.deepcopy(source.model), config).eval()
-    with torch.no_grad():  # peft starts B small; a large B makes a wrong delta change the greedy path
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
+    lora = peft_lora(source.model, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], r=4, lora_alpha=8,
+                     seed=11, b_std=0.3)
     lora.save_pretrained(work / "peft-lora")
     table = torch.randn(N_VIRTUAL, source.model.config.hidden_size, generator=torch.Generator().manual_seed(5)) * 0.3
     save_file({"table": table}, str(work / "task.safetensors"))

@@ -7,17 +7,16 @@ transformers on ``inputs_embeds`` with the task's table prepended for p-tuning.
 
 from __future__ import annotations
 
-import copy
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import peft
 import pytest
 import sentencepiece as spm
 import torch
 import transformers
 from click.testing import CliRunner
+from fixtures.adapters import peft_lora
 from safetensors.torch import save_file
 
 from tritonize.cli.main import cli
@@ -34,13 +33,7 @@ N = 12
 
 
 def _adapter(base, out: Path, targets: list[str], r: int, alpha: int, seed: int):
-    torch.manual_seed(seed)
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+    model = peft_lora(base, target_modules=targets, r=r, lora_alpha=alpha, seed=seed)
     model.save_pretrained(out)
     return model
 

@@ -24,6 +24,7 @@ import peft
 import pytest
 import torch
 from fixtures import gpt2_bpe_tokenizer_dir, randomized, tiny_model
+from fixtures.adapters import peft_lora
 
 from tritonize.errors import QueryError
 from tritonize.repository.build import build_repository
@@ -45,14 +46,8 @@ LIMITS = dict(max_input_len=32, max_output_len=16, device="cpu", dtype="float32"
 
 
 def _lora(base: torch.nn.Module, out: Path) -> torch.nn.Module:
-    torch.manual_seed(3)
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        init_lora_weights=False)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
+    model = peft_lora(base, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                      r=4, lora_alpha=8, seed=3, b_std=0.3)
     model.save_pretrained(out)
     return model
 

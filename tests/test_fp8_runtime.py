@@ -153,17 +153,13 @@ def test_lora_on_an_fp8_checkpoint_equals_peft_on_the_dequantized_twin(fp8_ckpts
     """The engine wraps FP8 linears with LoRA (attention and MLP): greedy tokens of mixed requests, with and
     without the adapter, equal peft + transformers on the dequantized twin."""
     from fixtures.adapter_dirs import write_lora_from_peft
-    from fixtures.adapters import write_peft_lora
+    from fixtures.adapters import peft_lora
 
     from tritonize.runtime.request import GenerationRequest, SamplingParams, submit_and_wait
 
     fp8_dir, twin = fp8_ckpts["compressed-tensors"]
     base = transformers.LlamaForCausalLM.from_pretrained(twin, dtype=torch.float32).eval()
-    peft_model = write_peft_lora(base, tmp_path / "peft", target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
-                                 r=4, seed=3)
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.2)
+    peft_model = peft_lora(base, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], r=4, seed=3)
     write_lora_from_peft(peft_model, tmp_path / "adapters" / "lora" / "1")
     engine = Engine(fp8_dir, device="cpu", max_batch_size=4, max_seq_len=64, kv_cache_dtype="model",
                     adapters_dir=tmp_path / "adapters").start()

@@ -9,19 +9,18 @@
 
 from __future__ import annotations
 
-import copy
 import multiprocessing
 import os
 import signal
 import time
 from pathlib import Path
 
-import peft
 import pytest
 import torch
 import torch.distributed as dist
 from fixtures import tiny_model
 from fixtures.adapter_dirs import write_lora_from_peft, write_ptuning
+from fixtures.adapters import peft_lora
 
 from tritonize.runtime.config import ModelArgs
 from tritonize.runtime.engine import Engine
@@ -138,17 +137,6 @@ def test_check_split(heads, kv, world, message):
 LLAMA_PROMPTS = [[1, 17, 42, 99, 7], [1, 250, 3], [1, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71], [1, 5, 8]]
 
 
-def _peft(base, targets, r, alpha, seed):
-    torch.manual_seed(seed)
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                                      init_lora_weights=False)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    return model
-
-
 def _greedy(model, prompt: list[int], n: int, table: torch.Tensor | None = None) -> list[int]:
     """transformers, one token at a time (on inputs_embeds with ``table`` before the prompt's embeddings)."""
     ids, out = list(prompt), []
@@ -174,8 +162,9 @@ def llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("tp-llama")
     base.save_pretrained(path)
     adapters = tmp_path_factory.mktemp("tp-adapters")
-    loras = {1: _peft(base, ["q_proj", "k_proj", "v_proj", "o_proj"], 4, 8, 1),
-             7: _peft(base, ["gate_proj", "up_proj", "down_proj", "q_proj"], 8, 4, 2)}
+    loras = {1: peft_lora(base, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], r=4, lora_alpha=8, seed=1),
+             7: peft_lora(base, target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"], r=8, lora_alpha=4,
+                          seed=2)}
     for task, model in loras.items():
         write_lora_from_peft(model, adapters / "lora" / str(task))
     table = torch.randn(3, 64) * 0.1
