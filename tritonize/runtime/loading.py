@@ -179,7 +179,7 @@ class _PoolSizer:
         free, _total = torch.cuda.mem_get_info(self.device)
         usable = max(0, free - activations)
         blocks = int(fraction * usable) // (per_token * bs)
-        need = -(-self.max_seq_len // bs) + 1
+        need = per_request + 1
         if blocks < need:
             raise ValueError(
                 f"the GPU has room for {blocks * bs} KV tokens after the weights, less than one request of "
