@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Where the engine and postprocessing models' processes spend their time under load: tritonize's loader at
+# Where the engine model, the engine's own process and the postprocessing model spend their time under load: tritonize's loader at
 # one concurrency through the generated repository (8B shape, 128/128), py-spy sampling both Python stubs
 # meanwhile. Setup as bench/gpu_suite.sh, plus py-spy's wheel in .whl/.
 #   bash bench/profile_served.sh [CONCURRENCY]     # default 64; stacks land in $OUT as py-spy's raw format
@@ -19,8 +19,10 @@ python3 bench/serve_load.py --model $model --device cuda --dtype bfloat16 --conc
 load=$!
 until grep -q "server ready" "$out/profile-load.log"; do sleep 1; kill -0 $load 2>/dev/null || break; done
 sleep 15  # the loader's warm-up round, then the measured load
-for model_name in llm_engine llm_postprocessing; do
-  pid=$(pgrep -f "triton_python_backend_stub.*/$model_name/" | head -1)
+# the engine model's stub (requests in, responses out), the engine's own process (on a GPU), postprocessing
+for model_name in llm_engine engine_process llm_postprocessing; do
+  if [ $model_name = engine_process ]; then pid=$(pgrep -f "tritonize_backend.engine_process" | head -1)
+  else pid=$(pgrep -f "triton_python_backend_stub.*/$model_name/" | head -1); fi
   [ -n "$pid" ] && py-spy record --pid "$pid" -d 10 -r 200 --threads --nonblocking --format raw \
     -o "$out/stacks-$model_name-c$c.txt" > "$out/py-spy-$model_name.log" 2>&1 &
 done

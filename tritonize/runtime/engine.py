@@ -35,6 +35,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,9 @@ class Engine(GenerationEngine):
         self._stopping = False
         self._closed = False
         self._thread: threading.Thread | None = None
+        # Called on the engine thread after each pass of its loop has delivered that pass's outputs (and once
+        # when it stops): engine_process.py sends a step's outputs to the engine model's process in one message.
+        self.after_step: Callable[[], None] | None = None
         # Touched by the scheduler thread only.
         self._seqs: dict[str, Sequence] = {}
         self.stats: dict[str, Any] = {
@@ -460,8 +464,12 @@ class Engine(GenerationEngine):
                         break
                     for seq in list(self._seqs.values()):
                         self._finish(seq, "error", f"internal engine error: {exc}")
+                if self.after_step is not None:
+                    self.after_step()
         if self._fatal:
             self._abort_all(self._fatal)
+        if self.after_step is not None:
+            self.after_step()
 
     def _add(self, req: GenerationRequest) -> None:
         if _client_gone(req):

@@ -1,8 +1,8 @@
 """The processes of a tensor-parallel engine (the shard each holds is tp.py's).
 
-The Triton engine model's process is rank 0 (``Leader``). It starts N-1 worker processes (``_Process``:
-fresh interpreters, as multiprocessing's spawn makes them; ``_worker_main``), which join a process group over a TCP store on 127.0.0.1 (gloo on a CPU, NCCL on
-GPUs, one device per rank: rank r takes the GPU r places after rank 0's). Every rank loads its shard the
+The Triton engine model's process is rank 0 (``Leader``). It starts N-1 worker processes (child.py's
+``Child``: fresh interpreters; ``_worker_main``), which join a process group over a TCP store on 127.0.0.1
+(gloo on a CPU, NCCL on GPUs, one device per rank: rank r takes the GPU r places after rank 0's). Every rank loads its shard the
 same way (``loading.load_for_serving``). Rank 0 runs the scheduler and sampling; each step its runner sends
 the workers a small header through a pipe (what the step is: its layout's sizes, graph or eager,
 ``max_query_len``) and broadcasts the step's staging buffer, which carries the tokens sampled so far
@@ -20,14 +20,9 @@ closes. The environment's NCCL settings are left as they are (NVLink multicast s
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
-import shutil
-import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .child import Child, python_executable
 from .config import ModelArgs
 from .errors import TritonizeError
 from .tp import Group, Shard, TensorParallelError, check_split
@@ -72,88 +68,9 @@ def _rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", (device.index or 0) + rank)
 
 
-def _python() -> str:
-    """The interpreter for the workers. Inside Triton's Python backend stub ``sys.executable`` may name the
-    stub itself; the stub's prefix is the environment whose ``python3`` comes first on the server's PATH."""
-    exe = sys.executable or ""
-    if os.path.basename(exe).startswith("python") and os.access(exe, os.X_OK):
-        return exe
-    for prefix in (sys.prefix, sys.exec_prefix):
-        candidate = os.path.join(prefix, "bin", "python3")
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return shutil.which("python3") or exe
-
-
 def _say(line: str) -> None:
     """One line in the server's log: with no logging set up, Python prints errors on the stub's stderr."""
     log.error("%s", line)
-
-
-# How a worker starts: the rank 0 process's import path, then this module of the same package.
-_BOOT = ("import importlib, json, os, sys; sys.path[:0] = json.loads(os.environ.pop('TRITONIZE_TP_SYS_PATH')); "
-         "importlib.import_module(sys.argv[1] + '.tp_ranks')._worker_entry(int(sys.argv[2]))")
-
-
-class _Process:
-    """A worker process and a file descriptor that becomes readable when it exits (``sentinel``).
-
-    A plain subprocess rather than multiprocessing's spawn: spawn starts a resource tracker, which the
-    interpreter inside Triton's Python backend stub cannot run (its ``_thread`` module and its standard
-    library may come from different Python builds)."""
-
-    def __init__(self, popen: subprocess.Popen) -> None:
-        self.popen = popen
-        self.pid = popen.pid
-        try:
-            self.sentinel = os.pidfd_open(popen.pid)
-        except (AttributeError, OSError):  # no pidfd here: a thread waits for the process instead
-            self.sentinel, done = os.pipe()
-            threading.Thread(target=self._reap, args=(done,), name="tritonize-tp-reap", daemon=True).start()
-
-    def _reap(self, done: int) -> None:
-        self.popen.wait()
-        os.write(done, b"x")
-        os.close(done)
-
-    @classmethod
-    def start(cls, rank: int) -> tuple[_Process, Connection]:
-        mine, theirs = socket.socketpair()
-        env = dict(os.environ, TRITONIZE_TP_SYS_PATH=json.dumps([p for p in sys.path if p]))
-        package = __name__.rpartition(".")[0]
-        try:
-            popen = subprocess.Popen([_python(), "-c", _BOOT, package, str(theirs.fileno())],
-                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
-        except OSError as exc:
-            mine.close()
-            raise TensorParallelError(f"cannot start tensor-parallel worker {rank} with {_python()}: {exc}") from None
-        finally:
-            theirs.close()
-        return cls(popen), Connection(mine.detach())
-
-    @property
-    def exitcode(self) -> int | None:
-        return self.popen.poll()
-
-    def is_alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def join(self, timeout: float | None = None) -> None:
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def terminate(self) -> None:
-        if self.is_alive():
-            self.popen.terminate()
-
-    def kill(self) -> None:
-        if self.is_alive():
-            self.popen.kill()
-
-    def close(self) -> None:
-        os.close(self.sentinel)
 
 
 class Leader(_Rank):
@@ -208,7 +125,11 @@ class Leader(_Rank):
         leader._store = store  # rank 0 serves the store: it lives as long as the group
         try:
             for rank in range(1, world):
-                process, conn = _Process.start(rank)
+                try:
+                    process, conn = Child.start(f"{__name__.rpartition('.')[0]}.tp_ranks", "_worker_entry")
+                except OSError as exc:
+                    raise TensorParallelError(f"cannot start tensor-parallel worker {rank} with "
+                                              f"{python_executable()}: {exc}") from None
                 processes.append(process)
                 conns.append(conn)
                 conn.send((rank, world, store.port, options))
@@ -391,7 +312,7 @@ class _Worker(_Rank):
 
 
 def _worker_entry(fd: int) -> None:
-    """A worker process's start (``_BOOT``): its rank and the engine's options come through its socket."""
+    """A worker process's start (``Child.start``): its rank and the engine's options come through its socket."""
     conn = Connection(fd)
     try:
         rank, world, port, options = conn.recv()

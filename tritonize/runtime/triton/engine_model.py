@@ -35,6 +35,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 if __name__.startswith("tritonize."):  # imported from the tritonize package (tests, the Python API)
+    from ..engine_process import EngineProcess, wants_engine_process
     from ..grammar import GuideError, make_guide
     from ..metrics import EngineMetrics
     from ..packed import Packed, pack
@@ -47,6 +48,7 @@ if __name__.startswith("tritonize."):  # imported from the tritonize package (te
     from ..warm import use_warm_artifacts
 else:  # a repository's model.py, which Triton imports as "<version>.model": the runtime package is beside it
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tritonize_backend.engine_process import EngineProcess, wants_engine_process
     from tritonize_backend.grammar import GuideError, make_guide
     from tritonize_backend.metrics import EngineMetrics
     from tritonize_backend.packed import Packed, pack
@@ -182,7 +184,10 @@ class TritonPythonModel:
         if self.runtime == "torch":
             stages.info(use_warm_artifacts(here, device))
         fraction = params.get("kv_cache_free_gpu_memory_fraction", "")
-        self.engine = create_engine(
+        # On a GPU the torch engine runs in a process of its own, so that sending responses here never holds
+        # the GIL its thread needs (engine_process.py)
+        make_engine = EngineProcess if wants_engine_process(self.runtime, device) else create_engine
+        self.engine = make_engine(
             self.runtime,
             os.path.join(here, params["weights_dir"]),
             device=device,
