@@ -4,7 +4,7 @@ A streamed token crosses engine model -> Triton core -> postprocessing model -> 
 the ensemble, and engine model -> Triton core -> client when asked of ``<name>_engine`` directly (token ids in, one
 packed tensor out). With a model whose step costs next to nothing (``--shape tiny`` on a GPU) the serving path is
 the limit, and the difference between the two is what the postprocessing hop costs. Printed per concurrency:
-output tokens/s and ITL for both, and for the ensemble with several postprocessing instances.
+output tokens/s, TTFT and ITL for both, and for the ensemble with several postprocessing instances.
 
     python bench/hops.py --device cuda --concurrency 1,64 --json out.json
 """
@@ -132,7 +132,8 @@ def main() -> None:
                 result["runs"].append(row)
                 print(json.dumps({"concurrency": c, "postprocessing_instances": instances,
                                   "ensemble_tok_s": ensemble["output_tokens_per_s"], "engine_tok_s": engine["output_tokens_per_s"],
-                                  "ensemble_itl_ms_p50": ensemble["itl_ms_p50"], "engine_itl_ms_p50": engine["itl_ms_p50"]}),
+                                  "ensemble_itl_ms_p50": ensemble["itl_ms_p50"], "engine_itl_ms_p50": engine["itl_ms_p50"],
+                                  "ensemble_ttft_ms_p50": ensemble["ttft_ms_p50"], "engine_ttft_ms_p50": engine["ttft_ms_p50"]}),
                       flush=True)
         finally:
             server.stop()

@@ -180,3 +180,38 @@ def test_postprocessing_outputs_as_tensorrtllm_backend_sends_them(monkeypatch, r
     assert batched.output("arrival_time_ns").tolist() == [[metrics["arrival_time_ns"]]]
     assert batched.output("kv_cache_reused_blocks").tolist() == [[metrics["kv_cache_reused_blocks"]]]
     assert batched.output("total_draft_tokens").tolist() == [[0]]
+
+
+def test_cancellation_polls_take_turns_so_every_stream_is_asked_within_a_few_intervals(monkeypatch):
+    """With more open requests than one poll asks, the polls take turns: 150 requests, 64 asked per poll,
+    every cancelled one is found by the third poll, and none is asked twice before all were asked once."""
+    triton_stub.install(monkeypatch)
+    name = "tritonize.runtime.triton.engine_model"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    module = importlib.import_module(name)
+    asked: list[int] = []
+
+    class Sender:
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        def is_cancelled(self) -> bool:
+            asked.append(self.i)
+            return self.i % 3 == 0
+
+    cancelled: list[str] = []
+    model = module.TritonPythonModel.__new__(module.TritonPythonModel)
+    model.lock, model.poll_turn = __import__("threading").Lock(), 0
+    model.engine = type("Engine", (), {"cancel": lambda self, key: cancelled.append(key)})()
+    model.streams = {}
+    for i in range(150):
+        group = module._Group(Sender(i), 1)
+        model.streams[f"r{i}/{i}"] = module._Stream(group, [], True, False, i)
+    polls = 0
+    while len(set(cancelled)) < 50:
+        model._poll_cancelled()
+        polls += 1
+        assert polls <= 3
+    assert sorted(asked[:150]) == list(range(150))
+    assert set(cancelled) == {f"r{i}/{i}" for i in range(0, 150, 3)}
+    assert len(asked) <= 3 * module.CANCEL_POLL_MAX

@@ -62,6 +62,7 @@ else:  # a repository's model.py, which Triton imports as "<version>.model": the
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.05
+CANCEL_POLL_MAX = 64  # requests asked whether they were cancelled, per poll interval
 # Two threads share this process's GIL: the engine's, which must launch each step on time, and the one
 # that sends responses. Python's default switch interval (5 ms) can keep the engine waiting most of a step.
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -218,6 +219,7 @@ class TritonPythonModel:
         self.streams = {}
         self.handles = {}  # handle -> engine key, for stop requests that name a stream by its handle
         self.next_handle = itertools.count(1)
+        self.poll_turn = 0  # where the next cancellation poll starts among the open requests
         self.lock = threading.Lock()
         self.metrics = EngineMetrics(pb_utils, args, self.engine)  # metrics.py; updated on the sender thread only
         # Every call into the stub (send, is_cancelled, metrics) happens on this one thread: the stub is
@@ -383,16 +385,25 @@ class TritonPythonModel:
                 self._poll_cancelled()
 
     def _poll_cancelled(self):
-        """A client that cancelled or went away frees its slots and KV cache at once."""
+        """A client that cancelled or went away frees its slots and KV cache within a few poll intervals.
+
+        ``is_cancelled`` is an IPC round trip: each interval asks at most ``CANCEL_POLL_MAX`` requests, taking
+        turns, so that with many streams the asking does not crowd out the sending.
+        """
         with self.lock:
-            streams = list(self.streams.items())
-        asked = {}
-        for key, state in streams:
-            group = state.group
-            if group not in asked:
-                asked[group] = group.sender.is_cancelled()
-            if asked[group]:
-                self.engine.cancel(key)
+            groups = {}
+            for key, state in self.streams.items():
+                groups.setdefault(state.group, []).append(key)
+        if not groups:
+            return
+        order = list(groups)
+        start = self.poll_turn % len(order)
+        turn = (order[start:] + order[:start])[:CANCEL_POLL_MAX]
+        self.poll_turn = start + len(turn)
+        for group in turn:
+            if group.sender.is_cancelled():
+                for key in groups[group]:
+                    self.engine.cancel(key)
 
     def _respond(self, key, out):
         with self.lock:
