@@ -3,7 +3,8 @@
 Measured in one run on one device, so the figures compare with each other and with the roofline:
 - copy bandwidth (device-to-device, bytes read + written) and the roofline = bandwidth / weight bytes;
 - per batch size B: B requests of ``--input-len`` random tokens submitted at once, each generating exactly
-  ``--output-len`` tokens: decode tok/s (tokens after the first over the time between first and last,
+  ``--output-len`` tokens (``min_tokens``, the checkpoint's end ids banned until then, as the served loads
+  ask; ``--no-end-ids``: requests that name none, as this script did before 2026-12-06): decode tok/s (tokens after the first over the time between first and last,
   summed over requests), end-to-end tok/s, TTFT p50;
 - prefix reuse: TTFT of a request whose ``--prefix-len``-token prefix is cached, against the same request
   cold (prefix cache emptied);
@@ -51,9 +52,10 @@ def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
 
 
 def run_batch(engine: Engine, prompts: list[list[int]], output_len: int, tag: str,
-              lora_ids: list[int | None] | None = None) -> dict:
+              lora_ids: list[int | None] | None = None, end_ids: list[int] | None = None) -> dict:
     """Submit every prompt at once; time each request's tokens from its own callbacks. ``lora_ids``:
-    request i uses adapter ``lora_ids[i % len(lora_ids)]`` (None: the base model)."""
+    request i uses adapter ``lora_ids[i % len(lora_ids)]`` (None: the base model). ``end_ids``: what requests
+    name (banned by min_tokens until the last token); none by default."""
     times: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
     done = threading.Event()
     left = [len(prompts)]
@@ -70,7 +72,7 @@ def run_batch(engine: Engine, prompts: list[list[int]], output_len: int, tag: st
     for i, prompt in enumerate(prompts):
         engine.submit(GenerationRequest(
             request_id=f"{tag}-{i}", prompt_ids=prompt, max_new_tokens=output_len,
-            sampling=SamplingParams(min_tokens=output_len), stream=True, end_ids=[],
+            sampling=SamplingParams(min_tokens=output_len), stream=True, end_ids=list(end_ids or []),
             on_output=lambda out, i=i: on_output(i, out),
             lora_task_id=lora_ids[i % len(lora_ids)] if lora_ids else None))
     done.wait()
@@ -180,6 +182,9 @@ def main() -> None:
     ap.add_argument("--hf-batch", default="", help="transformers generate batch sizes, e.g. 1,8,32 ('': skip)")
     ap.add_argument("--prefix-len", type=int, default=1024)
     ap.add_argument("--max-num-tokens", type=int, default=2048)
+    ap.add_argument("--no-end-ids", action="store_true",
+                    help="requests name no end ids (before 2026-12-06 the only way; the served loads send the "
+                         "checkpoint's, which min_tokens bans until the last token)")
     ap.add_argument("--profile-dir", type=Path, default=None, help="write a kernel table of decode steps here")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -201,7 +206,7 @@ def main() -> None:
         "load_s": load_s, "kv_cache_tokens": engine.kv_cache_tokens, "kernels": engine.kernels,
         "cuda_graphs": [(g.tokens, g.seqs, g.prompt) for g in engine.runner.shapes()], "copy_bandwidth_GBs": bw / 1e9, "weight_GB": weights / 1e9,
         "roofline_tok_s": bw / weights if dev.type == "cuda" else None,
-        "input_len": args.input_len, "output_len": args.output_len, "rows": [],
+        "input_len": args.input_len, "output_len": args.output_len, "end_ids": not args.no_end_ids, "rows": [],
     }
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
     vocab = engine.vocab_size
@@ -210,7 +215,9 @@ def main() -> None:
         run_batch(engine, random_prompts(b, 16, vocab, 1), 4, f"warm{b}")
         before = {k: v for k, v in engine.stats["time_s"].items()}
         steps_before = engine.stats["decode_steps"] + engine.stats["mixed_steps"]
-        row = run_batch(engine, random_prompts(b, args.input_len, vocab, 2 + b), args.output_len, f"b{b}")
+        end_ids = [] if args.no_end_ids else list(engine.default_end_ids)
+        row = run_batch(engine, random_prompts(b, args.input_len, vocab, 2 + b), args.output_len, f"b{b}",
+                        end_ids=end_ids)
         steps = engine.stats["decode_steps"] + engine.stats["mixed_steps"] - steps_before
         row["engine_ms_per_step"] = {k: 1000 * (engine.stats["time_s"][k] - before[k]) / max(steps, 1)
                                      for k in before}

@@ -6,6 +6,8 @@
 #                                     # then served through tritonserver: perf_analyzer and tritonize's loader
 #                                     # at concurrency 1/16/64/256, served prefix-reuse TTFT, start times
 #                                     # (= the phases alone, served and hops, one after the other)
+#   bash bench/gpu_suite.sh engine-process  # served at concurrency 64 and 256, the engine in the engine model's
+#                                     # process, then in its own (TRITONIZE_ENGINE_PROCESS=1): same machine
 #   bash bench/gpu_suite.sh baseline  # transformers generate on the same weights (slow: run on its own)
 #   bash bench/gpu_suite.sh adapters  # the LoRA / p-tuning tests under CUDA graphs, and mixed-LoRA decode
 #   bash bench/gpu_suite.sh openai    # the OpenAI front against gRPC streaming, same server, concurrency 1/64
@@ -46,6 +48,13 @@ case $phase in
       | grep -E '^\{|ready|rror' | tee "$out/serve.log"
     cp /tmp/sb/server.log "$out/server.log" 2>/dev/null
     tar czf "$out/pa-logs.tgz" -C /tmp/sb $(cd /tmp/sb && ls perf_analyzer_*.log 2>/dev/null) 2>/dev/null ;;
+  engine-process)
+    for on in 0 1; do
+      TRITONIZE_ENGINE_PROCESS=$on python3 bench/serve_load.py --model $model --device cuda --dtype bfloat16 \
+        --concurrency 64,256 --duration 12 --pa-interval-ms 4000 --prefix-len 0 --workdir /tmp/ep$on \
+        --json "$out/serve-engine-process-$on.json" 2>&1 | grep -E '^\{"(conc|tool)' | sed "s/^/process=$on /" \
+        | tee -a "$out/engine-process.log"
+    done ;;
   hops)
     # what the Triton hops cost per token when the model costs next to nothing
     python3 bench/hops.py --device cuda --concurrency 1,64 --duration 8 --json "$out/hops.json" 2>&1 \
@@ -79,5 +88,5 @@ case $phase in
     python3 -m pytest -q -p no:cacheprovider tests/test_fp8_runtime.py tests/test_cuda_kernels.py 2>&1 | tail -15 \
       | tee "$out/fp8-tests.log"
     python3 bench/fp8_bench.py --model $model --out "$out/fp8" 2>&1 | tee "$out/fp8.log" ;;
-  *) echo "usage: bash bench/gpu_suite.sh engine|alone|served|hops|baseline|adapters|openai|fp8|guided|start" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_suite.sh engine|alone|served|hops|engine-process|baseline|adapters|openai|fp8|guided|start" >&2; exit 2 ;;
 esac

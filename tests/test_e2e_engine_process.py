@@ -1,5 +1,5 @@
-"""The engine in a process of its own (what a GPU server runs, engine_process.py), forced on a CPU with
-TRITONIZE_ENGINE_PROCESS=1 and served by a real tritonserver: transformers' greedy text over gRPC streaming
+"""The engine in a process of its own (engine_process.py), asked for with TRITONIZE_ENGINE_PROCESS=1 and
+served by a real tritonserver on the CPU: transformers' greedy text over gRPC streaming
 (concurrent requests) and HTTP, the metrics, and a child that dies while serving."""
 
 from __future__ import annotations

@@ -232,3 +232,22 @@ def test_counter_uniform_is_uniform_and_row_specific():
     assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
     assert abs(float(torch.corrcoef(u[:2])[0, 1])) < 0.03
     assert torch.equal(u[0], counter_uniform([1], [0], 20000, "cpu")[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_step_with_banned_tokens_never_waits_for_the_device():
+    """min_tokens bans the end ids each step: masking them must not synchronize with the GPU (it did: a host
+    scalar copied into a CUDA tensor waits for the step's forward)."""
+    sampler = Sampler(1000, 4, "cuda")
+    params = SamplingParams(min_tokens=8, temperature=0.7, top_k=50, seed=3)
+    rows = [SamplingRow(params=params, seed=3, slot=i, step=1, history=[1, 2], end_ids=[2, 7],
+                        bad_sequences=[[5]]) for i in range(4)]
+    logits = torch.randn(4, 1000, device="cuda")
+    sampler.sample(logits, rows)  # the first use may allocate; what follows is a step like any other
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = sampler.sample(logits, rows).tokens
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not set(tokens.tolist()) & {2, 5, 7}

@@ -2,16 +2,13 @@
 
 The engine model answers every stream through Triton's Python backend: a response per stream and step,
 each a call into the stub made holding the GIL. In the same process the engine's thread, which launches the
-steps, needs that GIL too, and at 64 streams and more the GPU waits for it (bench/RESULTS.md, 8b). So on a
-GPU the engine runs in a child process (as vLLM v1 runs its engine core), and the two exchange small messages
-over a socket: requests and cancellations in; out, per engine step, one message with every output of the
-step and the gauges the metrics read. The engine model's process is left with Triton's side: taking
-requests, sending responses.
-
-``TRITONIZE_ENGINE_PROCESS`` (the server's environment) decides: ``1`` runs the engine in its own process on
-any device, ``0`` in the engine model's process; unset, the torch runtime on a GPU gets its own process and
-everything else stays in-process (on a CPU the model's own threads want the cores more than the two processes
-want separate GILs).
+steps, needs that GIL too. With ``TRITONIZE_ENGINE_PROCESS=1`` in the server's environment the engine runs in
+a child process instead (as vLLM v1 runs its engine core), and the two exchange small messages over a socket:
+requests and cancellations in; out, per engine step, one message with every output of the step and the
+gauges the metrics read. The engine model's process is left with Triton's side: taking requests, sending
+responses. Unset (or ``0``), the engine runs in the engine model's process: on one H100 at 64 streams the
+child process measured slower than that (bench/RESULTS.md 8c), in a run where every step also waited for the
+device in sampling, which has been fixed since; which is faster without that wait is still to be measured.
 
 Failures: a child that cannot start fails the model's load with the child's one-line reason. A child that
 exits while serving fails every open request, and every later one, with one line naming its exit code. A
@@ -46,14 +43,9 @@ START_TIMEOUT_S = float(os.environ.get("TRITONIZE_ENGINE_START_TIMEOUT_S", "3600
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
-def wants_engine_process(runtime: str, device: str) -> bool:
+def wants_engine_process() -> bool:
     """Whether the engine model runs its engine in a process of its own (see the module docstring)."""
-    setting = os.environ.get(ENGINE_PROCESS_ENV, "").strip().lower()
-    if setting in ("1", "true", "yes", "on"):
-        return True
-    if setting in ("0", "false", "no", "off"):
-        return False
-    return runtime == "torch" and str(device).startswith("cuda")
+    return os.environ.get(ENGINE_PROCESS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class _PoolView:
@@ -96,6 +88,7 @@ class EngineProcess(GenerationEngine):
             self._stop_child(0.0)
             raise
         self.default_end_ids: list[int] = info["default_end_ids"]
+        self.device = info["device"]  # the child's, resolved ("cuda:0", "cpu"): warm artifacts record it
         self.kv_cache_tokens = info.get("kv_cache_tokens")
         log.info("engine process %d serves the model; this process sends the responses", self.child.pid)
 
@@ -323,6 +316,7 @@ class _Core:
             self.send(("error", _one_line(exc)))
             return 1
         self.send(("ready", {"default_end_ids": list(engine.default_end_ids),
+                             "device": str(getattr(engine, "device", options.get("device", "cpu"))),
                              "kv_cache_tokens": getattr(engine, "kv_cache_tokens", None)}))
         try:
             while True:

@@ -310,7 +310,11 @@ class Sampler:
                 x = x.clone()
             b_idx = to_device([b for b, _ in bans], torch.int64, x.device)
             t_idx = to_device([t for _, t in bans], torch.int64, x.device)
-            x[b_idx, t_idx] = float("-inf")
+            # The values are made on the device: ``x[b, t] = float("-inf")`` copies a host scalar to a CUDA
+            # ``x`` from pageable memory, which waits for everything queued before it (the step's forward),
+            # every step a request bans a token (min_tokens bans the end ids): the host could not run ahead.
+            minus_inf = torch.full((len(bans),), float("-inf"), dtype=x.dtype, device=x.device)
+            x.index_put_((b_idx, t_idx), minus_inf)
         if allowed is not None and len(allowed.rows):  # in place: only the guided rows are written (and read)
             x = apply_token_mask(x, allowed)
         return x

@@ -185,9 +185,9 @@ class TritonPythonModel:
         if self.runtime == "torch":
             stages.info(use_warm_artifacts(here, device))
         fraction = params.get("kv_cache_free_gpu_memory_fraction", "")
-        # On a GPU the torch engine runs in a process of its own, so that sending responses here never holds
-        # the GIL its thread needs (engine_process.py)
-        make_engine = EngineProcess if wants_engine_process(self.runtime, device) else create_engine
+        # TRITONIZE_ENGINE_PROCESS=1: the engine in a process of its own, so that sending responses here never
+        # holds the GIL its thread needs (engine_process.py)
+        make_engine = EngineProcess if wants_engine_process() else create_engine
         self.engine = make_engine(
             self.runtime,
             os.path.join(here, params["weights_dir"]),
