@@ -12,7 +12,8 @@
 #   bash bench/gpu_suite.sh adapters  # the LoRA / p-tuning tests under CUDA graphs, and mixed-LoRA decode
 #   bash bench/gpu_suite.sh openai    # the OpenAI front against gRPC streaming, same server, concurrency 1/64
 #                                     # (needs fastapi, uvicorn, httptools and openai in .whl/site too)
-#   bash bench/gpu_suite.sh fp8       # FP8 on the GPU: its tests on CUDA, then FP8 vs bf16 (bench/fp8_bench.py)
+#   bash bench/gpu_suite.sh fp8       # FP8 on the GPU: its tests on CUDA (their float model needs mistral-common
+#                                     # in .whl/site), then FP8 vs bf16 (bench/fp8_bench.py)
 #   bash bench/gpu_suite.sh guided    # structured output: 64 streams, 16 guided by a JSON schema, against the
 #                                     # same load unguided, on the engine (and with the engine waiting for every
 #                                     # step instead); the guided tests under CUDA graphs first
@@ -25,6 +26,9 @@ set -uo pipefail
 phase=${1:-engine}
 out=${OUT:-/tmp/bench-out}; mkdir -p "$out"
 [ -x /tmp/dk/venv/bin/python3 ] && [ -d /tmp/dk/np126 ] || rm -rf /tmp/dk
+# The tests compare against transformers, which imports under the image's own numpy (2.x) but not under the
+# kit's numpy 1.26 that env.sh puts in front for Triton's stubs: they run with the python3 found before it.
+test_python=$(command -v python3)
 source .devkit/env.sh
 export PYTHONPATH=$PWD/.whl/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; date -u +%FT%TZ;
@@ -37,7 +41,7 @@ case $phase in
   engine)
     for p in alone served hops; do bash "$0" $p; done ;;
   alone)
-    python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py \
+    $test_python -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py \
       "tests/test_engine.py::test_cuda_graph_decode_matches_transformers" 2>&1 | tail -30 | tee "$out/cuda-tests.log"
     python3 bench/engine_bench.py --model $model --batches 1,16,64,256 --profile-dir "$out" \
       --json "$out/engine.json" 2>&1 | grep -vE "^\s*$|_warn_once|UserWarning" | tee "$out/engine.log" ;;
@@ -63,7 +67,7 @@ case $phase in
     python3 bench/engine_bench.py --model $model --batches 1 --prefix-len 0 --hf-batch 1,8,32 \
       --json "$out/transformers.json" 2>&1 | tee "$out/transformers.log" ;;
   adapters)
-    python3 -m pytest -q -p no:cacheprovider tests/test_adapters_runtime.py \
+    $test_python -m pytest -q -p no:cacheprovider tests/test_adapters_runtime.py \
       "tests/test_engine.py::test_cuda_graph_decode_matches_transformers" 2>&1 | tail -15 | tee "$out/adapters-tests.log"
     python3 bench/lora_decode.py --model $model --device cuda --dtype bfloat16 \
       --batch ${LORA_BATCH:-1,16,64} --adapters 4 --rank 16 --json "$out/lora.json" 2>&1 | tee "$out/lora.log" ;;
@@ -73,7 +77,7 @@ case $phase in
       2>&1 | tee "$out/openai.log"
     cp /tmp/ob/server.log "$out/server-openai.log" 2>/dev/null ;;
   guided)
-    python3 -m pytest -q -p no:cacheprovider tests/test_guided.py 2>&1 | tail -3 | tee "$out/guided-tests.log"
+    $test_python -m pytest -q -p no:cacheprovider tests/test_guided.py 2>&1 | tail -3 | tee "$out/guided-tests.log"
     python3 bench/guided.py --model $model --device cuda --dtype bfloat16 --streams 64 --guided 16 \
       --input-len 128 --output-len 128 --duration 15 --rounds 3 --sync-guided --json "$out/guided.json" 2>&1 \
       | grep -vE "^\s*$|_warn_once|UserWarning" | tee "$out/guided.log" ;;
@@ -85,7 +89,7 @@ case $phase in
     cp /tmp/st/cold.log "$out/server-start-cold.log" 2>/dev/null
     cp /tmp/st/warm.log "$out/server-start-warm.log" 2>/dev/null ;;
   fp8)
-    python3 -m pytest -q -p no:cacheprovider tests/test_fp8_runtime.py tests/test_cuda_kernels.py 2>&1 | tail -15 \
+    $test_python -m pytest -q -p no:cacheprovider tests/test_fp8_runtime.py tests/test_cuda_kernels.py 2>&1 | tail -15 \
       | tee "$out/fp8-tests.log"
     python3 bench/fp8_bench.py --model $model --out "$out/fp8" 2>&1 | tee "$out/fp8.log" ;;
   *) echo "usage: bash bench/gpu_suite.sh engine|alone|served|hops|engine-process|baseline|adapters|openai|fp8|guided|start" >&2; exit 2 ;;
