@@ -12,8 +12,7 @@
 #   bash bench/gpu_suite.sh adapters  # the LoRA / p-tuning tests under CUDA graphs, and mixed-LoRA decode
 #   bash bench/gpu_suite.sh openai    # the OpenAI front against gRPC streaming, same server, concurrency 1/64
 #                                     # (needs fastapi, uvicorn, httptools and openai in .whl/site too)
-#   bash bench/gpu_suite.sh fp8       # FP8 on the GPU: its tests on CUDA (their float model needs mistral-common
-#                                     # in .whl/site), then FP8 vs bf16 (bench/fp8_bench.py)
+#   bash bench/gpu_suite.sh fp8       # FP8 on the GPU: its tests on CUDA, then FP8 vs bf16 (bench/fp8_bench.py)
 #   bash bench/gpu_suite.sh guided    # structured output: 64 streams, 16 guided by a JSON schema, against the
 #                                     # same load unguided, on the engine (and with the engine waiting for every
 #                                     # step instead); the guided tests under CUDA graphs first
@@ -29,6 +28,12 @@ out=${OUT:-/tmp/bench-out}; mkdir -p "$out"
 # The tests compare against transformers, which imports under the image's own numpy (2.x) but not under the
 # kit's numpy 1.26 that env.sh puts in front for Triton's stubs: they run with the python3 found before it.
 test_python=$(command -v python3)
+# The tests' tokenizer is the SentencePiece model inside mistral-common, which the GPU image lacks: a package
+# holding only that file (.whl/tokenizer.model is it) stands in for it.
+if ! python3 -c "import mistral_common" 2> /dev/null && [ -f .whl/tokenizer.model ]; then
+  mkdir -p .whl/site/mistral_common/data && touch .whl/site/mistral_common/__init__.py
+  cp .whl/tokenizer.model .whl/site/mistral_common/data/tokenizer.model.v1
+fi
 source .devkit/env.sh
 export PYTHONPATH=$PWD/.whl/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; date -u +%FT%TZ;
