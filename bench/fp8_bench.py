@@ -9,7 +9,8 @@ perf_analyzer):
 when missing). Its FP8 version is written once beside it (``tritonize export --quantization fp8``: every
 decoder linear per output channel, embedding / norms / LM head bfloat16). Three variants, measured in the
 same run so the ratios compare like with like: ``bf16`` (the baseline), ``fp8`` (FP8 weights, bfloat16 KV
-cache) and ``fp8-kv`` (FP8 weights and FP8 KV cache). Phases (``--phases``, each in its own process so
+cache) and ``fp8-kv`` (FP8 weights and FP8 KV cache); ``--variants`` may add ``fp8-wo`` (FP8 weights, steps of up
+to 16 rows on the weight-only kernel: TRITONIZE_FP8_WEIGHT_ONLY_ROWS=16). Phases (``--phases``, each in its own process so
 the GPU is empty between them):
 
 - ``logits``: the logits of the FP8 model and of the bf16 one on 8 prompts (every position): cosine
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -37,7 +39,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import fp8_checkpoint  # noqa: E402
 
-VARIANTS = {"bf16": ("auto", "model"), "fp8": ("fp8", "model"), "fp8-kv": ("fp8", "fp8")}  # quantization, KV cache
+# quantization, KV cache, environment: fp8-wo is fp8 with steps of up to 16 rows on the weight-only kernel
+VARIANTS = {"bf16": ("auto", "model", {}), "fp8": ("fp8", "model", {}), "fp8-kv": ("fp8", "fp8", {}),
+            "fp8-wo": ("fp8", "model", {"TRITONIZE_FP8_WEIGHT_ONLY_ROWS": "16"})}
+DEFAULT_VARIANTS = "bf16,fp8,fp8-kv"
 PROMPTS = [
     "The capital of France is", "def fibonacci(n):\n    if n < 2:", "Once upon a time, in a land far away,",
     "The mitochondria is the powerhouse of", "SELECT name, count(*) FROM users WHERE", "1, 1, 2, 3, 5, 8, 13,",
@@ -46,10 +51,11 @@ PROMPTS = [
 TARGETS = {"batch-1 decode": 1.6, "64 streams": 1.3, "cosine": 0.99}
 
 
-def _run(cmd: list[str], log: Path) -> None:
-    print("+ " + " ".join(cmd), flush=True)
+def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    print("+ " + " ".join([*(f"{k}={v}" for k, v in (env or {}).items()), *cmd]), flush=True)
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **(env or {})})
         for line in proc.stdout:
             sys.stdout.write(line)
             f.write(line)
@@ -161,7 +167,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.model for make_model.py")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench-out/fp8"))
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"of {', '.join(VARIANTS)}")
     ap.add_argument("--phases", default="logits,engine,serve")
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--input-len", type=int, default=128)
@@ -186,15 +192,15 @@ def main() -> None:
         _run([py, __file__, "--model", str(args.model), "--out", str(args.out), "--device", args.device,
               "--logits-only-in-process"], args.out / "logits.log")
     for v in variants:
-        quantization, kv = VARIANTS[v]
+        quantization, kv, env = VARIANTS[v]
         flags = [*common, "--quantization", quantization, "--kv-cache-dtype", kv]
         if "engine" in phases:
             _run([py, str(HERE / "engine_bench.py"), *flags, "--batches", args.batches, "--prefix-len", "0",
-                  "--json", str(args.out / f"engine-{v}.json")], args.out / f"engine-{v}.log")
+                  "--json", str(args.out / f"engine-{v}.json")], args.out / f"engine-{v}.log", env)
         if "serve" in phases:
             _run([py, str(HERE / "serve_load.py"), *flags, "--concurrency", args.batches, "--prefix-len", "0",
                   "--duration", str(args.duration), "--workdir", str(args.out / f"serve-{v}"),
-                  "--json", str(args.out / f"serve-{v}.json")], args.out / f"serve-{v}.log")
+                  "--json", str(args.out / f"serve-{v}.json")], args.out / f"serve-{v}.log", env)
     levels = [int(b) for b in args.batches.split(",") if b]
     summary(args.out, variants, min(levels), max(levels), (args.input_len, args.output_len))
 

@@ -266,3 +266,38 @@ def test_an_fp8_checkpoint_with_an_fp8_cache_runs_the_same_with_the_kernels(layo
     assert with_kernels.kernels and with_kernels.model.layers[0].attention.paged.k_cache.dtype == torch.float8_e4m3fn
     plain = Engine(fp8_dir, kernels=False, **common)
     assert with_kernels.generate(prompts, max_new_tokens=8) == plain.generate(prompts, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 48, 96), (5, 80, 300), (16, 32, 512)])
+def test_fp8_weight_only_kernel_matches_the_dequantized_linear(m, n, k):
+    from tritonize.runtime.cuda_kernels import fp8_weight_only_linear
+    from tritonize.runtime.quantize import quantize_per_channel
+
+    torch.manual_seed(m)
+    weight, scale = quantize_per_channel(torch.randn(n, k) * 0.05)
+    x = torch.randn(m, k).to(torch.bfloat16).float()
+    want = x @ (weight.float() * scale[:, None]).T
+    got = fp8_weight_only_linear(x.to(DEVICE), weight.to(DEVICE), scale.to(DEVICE))
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    if DEVICE == "cuda":  # bfloat16 activations: the products are exact, the sums float32, the result rounded once
+        half = fp8_weight_only_linear(x.to(DEVICE, torch.bfloat16), weight.to(DEVICE), scale.to(DEVICE))
+        torch.testing.assert_close(half.float().cpu(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_an_fp8_linear_takes_the_weight_only_kernel_for_small_steps_when_asked(monkeypatch):
+    """TRITONIZE_FP8_WEIGHT_ONLY_ROWS: steps of up to that many rows skip the activation quantization; the
+    result is the dequantized linear's (steps above it keep torch._scaled_mm)."""
+    from tritonize.runtime import quantize
+
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(96, 64, bias=True)
+    fp8 = quantize.FP8Linear.from_linear(linear).to(DEVICE)
+    fp8.__class__ = quantize.ScaledMMLinear
+    x = torch.randn(2, 3, 96, device=DEVICE)
+    want = torch.nn.functional.linear(x, fp8.dequantized(torch.float32), fp8.bias)
+    monkeypatch.setattr(quantize, "WEIGHT_ONLY_ROWS", 8)
+    torch.testing.assert_close(fp8(x), want, rtol=1e-4, atol=1e-4)  # 6 rows: the weight-only kernel, exact
+    monkeypatch.setattr(quantize, "WEIGHT_ONLY_ROWS", 4)
+    scaled = fp8(x)  # 6 rows > 4: activations quantized per token, within FP8 accuracy
+    assert torch.nn.functional.cosine_similarity(scaled.flatten(), want.flatten(), dim=0) > 0.99

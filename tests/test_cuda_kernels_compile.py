@@ -72,3 +72,14 @@ def test_the_activation_quantization_kernel_compiles(static):
                                              "static_ptr": "*fp32", "n_cols": "i32"},
                    {"STATIC": static, "BLOCK": 16384}, 90)
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "div.rn.f32" in ptx
+
+
+@pytest.mark.parametrize("capability", [89, 90])
+@pytest.mark.parametrize("activations, block_n", [("bf16", 32), ("bf16", 64), ("fp16", 32), ("fp32", 32)])
+def test_the_fp8_weight_only_kernel_compiles(activations, block_n, capability):
+    ptx = _compile(k._fp8_weight_only_kernel, {"out_ptr": f"*{activations}", "x_ptr": f"*{activations}",
+                                               "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "m": "i32", "n": "i32",
+                                               "k": "i32"},
+                   {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": 256, "IEEE": activations == "fp32"}, capability)
+    assert f".target sm_{capability}" in ptx
+    assert ("mma" in ptx) == (activations != "fp32")  # 16-bit activations on the tensor cores; float32 exact FMAs

@@ -17,7 +17,10 @@ Values are rounded to FP8 by ``_fp8_round`` in float32 arithmetic (nearest, ties
 448, as PyTorch's cast of a clamped value) before the cast, which then only converts an exact FP8 value:
 the result is the same bytes on a GPU, in Triton's CPU interpreter (whose own float-to-FP8 cast rounds
 differently) and in the PyTorch reference. ``per_token_fp8`` quantizes the activations of an FP8 linear
-(quantize.ScaledMMLinear) in one kernel.
+(quantize.ScaledMMLinear) in one kernel. ``fp8_weight_only_linear`` multiplies a few rows of activations by
+FP8 weights without quantizing the activations: the weights are widened to bfloat16 in registers, so a
+small-batch step reads the FP8 bytes once and nothing else (quantize.ScaledMMLinear uses it for steps of at most
+``TRITONIZE_FP8_WEIGHT_ONLY_ROWS`` rows).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["paged_attention", "per_token_fp8", "rms_norm", "rotary_and_cache", "silu_mul"]
+__all__ = ["fp8_weight_only_linear", "paged_attention", "per_token_fp8", "rms_norm", "rotary_and_cache",
+           "silu_mul"]
 
 FP8 = torch.float8_e4m3fn
 
@@ -340,3 +344,42 @@ def per_token_fp8(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> 
                                 STATIC=static_scale is not None, BLOCK=block,
                                 num_warps=16 if block >= 8192 else (8 if block >= 2048 else 4))
     return out, scale
+
+
+@triton.jit
+def _fp8_weight_only_kernel(out_ptr, x_ptr, w_ptr, scale_ptr, m, n, k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    depth = tl.arange(0, BLOCK_K)
+    col_ok, row_ok = cols < n, rows < m
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * k
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        kk = k0 + depth
+        k_ok = kk < k
+        x = tl.load(x_ptr + rows[:, None] * k + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if IEEE:  # float32 activations
+            acc += tl.dot(x, tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:  # e4m3 widens exactly to the activations' 16-bit type
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+    y = acc * scale[None, :]
+    tl.store(out_ptr + rows[:, None] * n + cols[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] @ (weight [N, K] float8 * scale [N]).T`` for M <= 16, in ``x``'s dtype (sums in float32)."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > 16:
+        raise ValueError(f"fp8_weight_only_linear takes at most 16 rows, got {m}")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_n = 32 if n <= 8192 else 64  # about a wave of programs on a large GPU for the 8B shape's linears
+    _fp8_weight_only_kernel[(triton.cdiv(n, block_n),)](out, x, weight, scale, m, n, k, BLOCK_M=16,
+                                                         BLOCK_N=block_n, BLOCK_K=256, IEEE=x.dtype == torch.float32,
+                                                         num_warps=4, num_stages=4)
+    return out

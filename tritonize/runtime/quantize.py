@@ -30,6 +30,7 @@ declares: FP8 weights (transformers' / vLLM's ``fp8``, ``compressed-tensors`` fl
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,11 @@ __all__ = ["FP8", "FP8_MAX", "FP8Linear", "QuantScheme", "ScaledMMLinear", "dequ
            "to_fp8", "use_fp8_matmul"]
 
 FP8 = torch.float8_e4m3fn
+# Steps of at most this many rows (1 to 16) multiply the FP8 weights by the activations as they are
+# (cuda_kernels.fp8_weight_only_linear: the weights widened in registers) instead of quantizing the activations
+# for torch._scaled_mm, whose FP8 GEMMs are built for larger M. 0, the default, until a GPU run shows it pays:
+# bench/RESULTS.md section 10 (`bench/fp8_bench.py --variants bf16,fp8,fp8-wo`).
+WEIGHT_ONLY_ROWS = min(16, int(os.environ.get("TRITONIZE_FP8_WEIGHT_ONLY_ROWS", "0") or 0))
 FP8_MAX = 448.0  # the largest float8_e4m3fn value
 
 
@@ -273,9 +279,15 @@ class ScaledMMLinear(FP8Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        xq, xs = self.quantize_input(x.reshape(-1, shape[-1]))
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.view(1, -1),
-                             out_dtype=torch.bfloat16).to(x.dtype)
+        rows = x.reshape(-1, shape[-1])
+        if rows.shape[0] <= WEIGHT_ONLY_ROWS and self.input_scale is None:
+            from .cuda_kernels import fp8_weight_only_linear
+
+            y = fp8_weight_only_linear(rows, self.weight, self.weight_scale)
+        else:
+            xq, xs = self.quantize_input(rows)
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.view(1, -1),
+                                 out_dtype=torch.bfloat16).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
