@@ -77,18 +77,25 @@ def _group_logits(world: int, dirs: list[Path]) -> dict[str, tuple]:
                                                                   IDS, results)) for r in range(world)]
     for p in ranks:
         p.start()
+    got, done = {}, set()
     try:
-        got = {}
-        for _ in dirs:
-            model_dir, logits, held, kv_heads = results.get(timeout=TIMEOUT)
-            got[Path(model_dir).name] = (torch.from_numpy(logits), held, kv_heads)
+        while len(got) < len(dirs) or len(done) < world:
+            message = results.get(timeout=TIMEOUT)
+            if message[0] == "done":
+                done.add(message[1])
+            else:
+                _, model_dir, logits, held, kv_heads = message
+                got[Path(model_dir).name] = (torch.from_numpy(logits), held, kv_heads)
         return got
     finally:
         for p in ranks:
             p.join(30)
             if p.is_alive():
                 p.kill()
-        assert [p.exitcode for p in ranks] == [0] * world
+        # Every rank did all its work (it says so after the last collective). What gloo does while the group is
+        # torn down is not this test's: a rank whose peer closed first is sometimes aborted there (SIGABRT).
+        assert done == set(range(world)), f"ranks {sorted(set(range(world)) - done)} did not finish"
+        assert all(p.exitcode in (0, -6) for p in ranks), [p.exitcode for p in ranks]
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -1,5 +1,6 @@
 """One rank of a tensor-parallel group that test_tp.py starts itself (spawned: this module imports only the
-runtime, so each rank starts quickly): loads its shard of every checkpoint and sends rank 0's logits back."""
+runtime, so each rank starts quickly): loads its shard of every checkpoint, sends rank 0's logits back, and
+says when it has done all its work, before it leaves the group."""
 
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ def shard_logits(rank: int, world: int, port: int, model_dirs: list[str], ids: l
             logits = prompt_logits(model, ids)
             if rank == 0:
                 kv_heads = model.layers[0].attention.paged.k_cache.shape[2]
-                results.put((model_dir, logits.numpy(), held, kv_heads))
+                results.put(("logits", model_dir, logits.numpy(), held, kv_heads))
         dist.barrier()  # no rank tears its connections down while another still reads from them
+        results.put(("done", rank))
+        results.close()
+        results.join_thread()  # delivered before the group is torn down
     finally:
         dist.destroy_process_group()
