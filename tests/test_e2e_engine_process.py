@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import time
 import urllib.request
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from fixtures import bpe_model, randomized
+from fixtures import bpe_model, randomized, save_with_tokenizer
 
 from tritonize.cli.main import cli
 from tritonize.serving.client import GenerateOptions, grpc_generate, http_generate
@@ -34,11 +33,7 @@ PROMPTS = ["the capital of France is", "once upon a time there was a", "def main
 def gpt2(tmp_path_factory, bpe_dir) -> tuple[Path, torch.nn.Module]:
     work = tmp_path_factory.mktemp("proc-gpt2")
     model = randomized(bpe_model("gpt", max_position_embeddings=128), 11)
-    ckpt = work / "ckpt"
-    model.save_pretrained(ckpt)
-    for f in bpe_dir.iterdir():
-        shutil.copy2(f, ckpt / f.name)
-    return ckpt, model
+    return save_with_tokenizer(model, work / "ckpt", bpe_dir), model
 
 
 @pytest.fixture(scope="module")

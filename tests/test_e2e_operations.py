@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from fixtures import BPE_VOCAB, bpe_model, randomized
+from fixtures import BPE_VOCAB, bpe_model, randomized, save_with_tokenizer
 
 from tritonize.cli.main import cli
 from tritonize.serving.client import GenerateOptions, grpc_generate
@@ -39,11 +39,7 @@ PROMPTS = ["the capital of France is", "once upon a time there was a", "def main
 def gpt2(tmp_path_factory, bpe_dir) -> tuple[Path, torch.nn.Module]:
     work = tmp_path_factory.mktemp("ops-gpt2")
     model = randomized(bpe_model("gpt", max_position_embeddings=POSITIONS), 7)
-    ckpt = work / "ckpt"
-    model.save_pretrained(ckpt)
-    for f in bpe_dir.iterdir():
-        shutil.copy2(f, ckpt / f.name)
-    return ckpt, model
+    return save_with_tokenizer(model, work / "ckpt", bpe_dir), model
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from fixtures import engine_llama
 
 from tritonize.runtime.engine import Engine
 from tritonize.runtime.request import EngineError, GenerationRequest, SamplingParams, StepOutput
@@ -18,15 +18,8 @@ TIMEOUT = 20
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1, eos_token_id=2,
-    )
-    model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    return path, model
+    return path, engine_llama(path)
 
 
 @pytest.fixture(scope="module")

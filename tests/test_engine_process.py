@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from fixtures import engine_llama
 
 from tritonize.runtime.engine import Engine
 from tritonize.runtime.engine_process import EngineProcess, wants_engine_process
@@ -24,15 +24,8 @@ TIMEOUT = 60
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1, eos_token_id=2,
-    )
-    model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    return path, model
+    return path, engine_llama(path)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +85,9 @@ def test_a_bad_request_gets_the_engines_one_line_error_and_the_process_keeps_ser
     assert engine.generate([PROMPTS[1]], 4, end_ids=[], timeout=TIMEOUT) == [_greedy(tiny[1], PROMPTS[1], 4)]
 
 
-def test_cancel_stops_a_request_and_the_gauges_return_to_zero(engine):
+def _collector(on_output=None):
+    """A request's outputs as they come, an event set by the last, and the callback; ``on_output(outs)`` runs
+    after each output that is not the last."""
     outs: list[StepOutput] = []
     done = threading.Event()
 
@@ -100,9 +95,14 @@ def test_cancel_stops_a_request_and_the_gauges_return_to_zero(engine):
         outs.append(out)
         if out.finished:
             done.set()
-        elif len(outs) == 2:
-            engine.cancel("long")
+        elif on_output is not None:
+            on_output(outs)
 
+    return outs, done, take
+
+
+def test_cancel_stops_a_request_and_the_gauges_return_to_zero(engine):
+    outs, done, take = _collector(lambda outs: engine.cancel("long") if len(outs) == 2 else None)
     engine.submit(GenerationRequest("long", [1, 2, 3], 100, stream=True, on_output=take))
     assert done.wait(TIMEOUT)
     assert outs[-1].finish_reason == "cancelled" and len(outs) < 100
@@ -125,14 +125,7 @@ def test_a_model_that_cannot_load_fails_the_start_with_the_childs_one_line_reaso
 def test_a_child_that_dies_fails_open_and_later_requests_with_one_line(tiny):
     eng = EngineProcess("torch", tiny[0], **OPTIONS).start()
     try:
-        outs: list[StepOutput] = []
-        done = threading.Event()
-
-        def take(out: StepOutput) -> None:
-            outs.append(out)
-            if out.finished:
-                done.set()
-
+        outs, done, take = _collector()
         eng.submit(GenerationRequest("doomed", [1, 2, 3], 120, stream=True, on_output=take))
         while not outs:
             time.sleep(0.01)

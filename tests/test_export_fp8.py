@@ -197,12 +197,10 @@ def test_quantization_fp8_of_a_mixtral_quantizes_its_attention(tmp_path):
 
 
 def test_quantization_fp8_refuses_what_the_runtime_cannot_serve(bpe_dir, tmp_path):
-    from fixtures import tiny_model
+    from fixtures import save_with_tokenizer, tiny_model
 
     model = tiny_model("gpt", vocab_size=300, bos_token_id=0, eos_token_id=0)
-    model.save_pretrained(tmp_path / "gpt")
-    for f in bpe_dir.iterdir():
-        (tmp_path / "gpt" / f.name).write_bytes(f.read_bytes())
+    save_with_tokenizer(model, tmp_path / "gpt", bpe_dir)
     with pytest.raises(ExportError, match="serves FP8 weights of .*not GPT2LMHeadModel"):
         export_checkpoint(tmp_path / "gpt", tmp_path / "out", progress=False, quantization="fp8")
     assert not (tmp_path / "out").exists()

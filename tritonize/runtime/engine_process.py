@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .child import Child, python_executable
-from .errors import EngineError, TritonizeError
+from .errors import EngineError, one_line
 from .request import GenerationEngine, GenerationRequest, StepOutput, no_output
 
 __all__ = ["ENGINE_PROCESS_ENV", "EngineProcess", "wants_engine_process"]
@@ -89,7 +89,6 @@ class EngineProcess(GenerationEngine):
             raise
         self.default_end_ids: list[int] = info["default_end_ids"]
         self.device = info["device"]  # the child's, resolved ("cuda:0", "cpu"): warm artifacts record it
-        self.kv_cache_tokens = info.get("kv_cache_tokens")
         log.info("engine process %d serves the model; this process sends the responses", self.child.pid)
 
     # -- start -----------------------------------------------------------------------------------------
@@ -173,9 +172,10 @@ class EngineProcess(GenerationEngine):
                 self.num_running, self.num_waiting, self.pool.value = gauges
                 if histogram is not None:
                     self.stats["decode_batch_histogram"] = histogram
-                for key, out in outputs:
-                    with self._lock:
-                        callback = self._callbacks.pop(key, None) if out.finished else self._callbacks.get(key)
+                with self._lock:
+                    calls = [(key, out, self._callbacks.pop(key, None) if out.finished else self._callbacks.get(key))
+                             for key, out in outputs]
+                for key, out, callback in calls:
                     if callback is not None:
                         try:
                             callback(out)
@@ -313,11 +313,10 @@ class _Core:
                 engine.after_step = self.flush
             engine.start()
         except BaseException as exc:  # noqa: BLE001 - the parent fails the model's load with this line
-            self.send(("error", _one_line(exc)))
+            self.send(("error", one_line(exc)))
             return 1
         self.send(("ready", {"default_end_ids": list(engine.default_end_ids),
-                             "device": str(getattr(engine, "device", options.get("device", "cpu"))),
-                             "kv_cache_tokens": getattr(engine, "kv_cache_tokens", None)}))
+                             "device": str(getattr(engine, "device", options.get("device", "cpu")))}))
         try:
             while True:
                 if not self.conn.poll(0.05):
@@ -342,11 +341,6 @@ class _Core:
         except (OSError, ValueError):
             pass
         return 0
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if isinstance(exc, (TritonizeError, ValueError)) else f"{type(exc).__name__}: {text}"
 
 
 def _child_entry(fd: int) -> None:

@@ -23,3 +23,10 @@ class AdapterError(OneLineError, ValueError):
 
 class EngineError(TritonizeError, RuntimeError):
     """A request finished with reason "error" (raised by the blocking ``generate``)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as the one line a process reports to its parent: the message of tritonize's own errors and
+    ValueErrors (they say what to do), otherwise prefixed by the exception's type."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, (TritonizeError, ValueError)) else f"{type(exc).__name__}: {text}"

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .child import Child, python_executable
 from .config import ModelArgs
-from .errors import TritonizeError
+from .errors import TritonizeError, one_line
 from .tp import Group, Shard, TensorParallelError, check_split
 
 log = logging.getLogger(__name__)
@@ -349,14 +349,14 @@ def _worker_main(rank: int, world: int, port: int, options: dict[str, Any], conn
                              group=group)
         conn.send(("ready", None))
     except BaseException as exc:  # noqa: BLE001 - reported as one line
-        line = f"tritonize: tensor-parallel worker {rank} could not start: {_one_line(exc)}"
+        line = f"tritonize: tensor-parallel worker {rank} could not start: {one_line(exc)}"
         _report(conn, line)
         os._exit(1)
     try:
         with torch.inference_mode():
             stopped = _follow(conn, runner, loaded.adapters, group)
     except BaseException as exc:  # noqa: BLE001 - reported as one line
-        _report(conn, f"tritonize: tensor-parallel worker {rank} failed: {_one_line(exc)}")
+        _report(conn, f"tritonize: tensor-parallel worker {rank} failed: {one_line(exc)}")
         os._exit(1)
     if not stopped:  # rank 0 is gone: leaving the group would wait for it
         os._exit(0)
@@ -388,11 +388,6 @@ def _follow(conn, runner, adapters, group: Group) -> bool:
             runner.capture_all()
         elif kind == _STOP:
             return True
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if isinstance(exc, (TritonizeError, ValueError)) else f"{type(exc).__name__}: {text}"
 
 
 def _report(conn, line: str) -> None:
