@@ -30,18 +30,22 @@ from tritonize.serving.server import TritonServer, free_ports
 
 
 def prefix_ttft(url: str, repo: Path, prefix_len: int) -> dict:
-    """Served TTFT of prompts that share a cached ``prefix_len``-token prefix, against cold prompts."""
+    """Served TTFT of prompts that share a cached ``prefix_len``-token prefix, against cold prompts.
+
+    One client sends them one after the other over one connection, as a client of a fleet does (and as
+    perf_analyzer does): a fresh gRPC channel per request would add its connection set-up to every first token.
+    """
     tokenizer = str(repo / "llm_preprocessing" / "1" / "tokenizer")
-    prefixes = synthetic_prompts(tokenizer, prefix_len, count=4, seed=123)
+    prefixes = synthetic_prompts(tokenizer, prefix_len, count=5, seed=123)
     suffixes = synthetic_prompts(tokenizer, 32, count=6, seed=456)
-
-    def one(text: str) -> float:
-        rec = run_load(url, "llm", [text], output_len=4, concurrency=1, duration=60, max_requests=1).records[0]
-        return 1000 * rec.ttft
-
-    cold = [one(prefixes[i] + " " + suffixes[i]) for i in (1, 2, 3)]
-    one(prefixes[0] + " " + suffixes[0])  # the prefix is cached from here on
-    cached = [one(prefixes[0] + " " + suffixes[i]) for i in (3, 4, 5)]
+    prompts = [prefixes[4] + " " + suffixes[0]]  # opens the connection; its prefix is never used again
+    prompts += [prefixes[i] + " " + suffixes[i] for i in (1, 2, 3)]  # cold
+    prompts += [prefixes[0] + " " + suffixes[0]]  # the prefix is cached from here on
+    prompts += [prefixes[0] + " " + suffixes[i] for i in (3, 4, 5)]  # cached
+    records = run_load(url, "llm", prompts, output_len=4, concurrency=1, duration=120,
+                       max_requests=len(prompts)).records
+    ttft = [1000 * r.ttft if r.ttft is not None else float("nan") for r in records]
+    cold, cached = ttft[1:4], ttft[5:8]
     return {"prefix_len": prefix_len, "cold_ttft_ms": cold, "cached_ttft_ms": cached,
             "ratio_p50": sorted(cached)[1] / sorted(cold)[1]}
 

@@ -370,16 +370,20 @@ def _fp8_weight_only_kernel(out_ptr, x_ptr, w_ptr, scale_ptr, m, n, k, BLOCK_M: 
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] @ (weight [N, K] float8 * scale [N]).T`` for M <= 16, in ``x``'s dtype (sums in float32)."""
+def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, block_n: int | None = None,
+                           block_k: int = 256, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+    """``x [M, K] @ (weight [N, K] float8 * scale [N]).T`` for M <= 16, in ``x``'s dtype (sums in float32).
+    The tiling arguments are for bench/fp8_kernels.py, which times the choices on a card."""
     x = x.contiguous()
     m, k = x.shape
     n = weight.shape[0]
     if m > 16:
         raise ValueError(f"fp8_weight_only_linear takes at most 16 rows, got {m}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n = 32 if n <= 8192 else 64  # about a wave of programs on a large GPU for the 8B shape's linears
+    if block_n is None:
+        block_n = 32 if n <= 8192 else 64  # about a wave of programs on a large GPU for the 8B shape's linears
     _fp8_weight_only_kernel[(triton.cdiv(n, block_n),)](out, x, weight, scale, m, n, k, BLOCK_M=16,
-                                                         BLOCK_N=block_n, BLOCK_K=256, IEEE=x.dtype == torch.float32,
-                                                         num_warps=4, num_stages=4)
+                                                         BLOCK_N=block_n, BLOCK_K=block_k,
+                                                         IEEE=x.dtype == torch.float32,
+                                                         num_warps=num_warps, num_stages=num_stages)
     return out
