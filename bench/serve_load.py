@@ -15,6 +15,7 @@ throughput is reported as a ratio to sequential serving in the same run.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
 import time
@@ -24,13 +25,16 @@ from common import checkpoint_for, parser
 
 from tritonize.repository.build import build_repository
 from tritonize.repository.spec import RepoSpec
-from tritonize.serving.loadgen import run_load, synthetic_prompts
+from tritonize.serving.loadgen import run_load, synthetic_prompts, timed_request
+from tritonize.serving.metrics import HISTOGRAMS, scrape
 from tritonize.serving.perfanalyzer import perf_analyzer_binary, perf_analyzer_run
 from tritonize.serving.server import TritonServer, free_ports
 
 
-def prefix_ttft(url: str, repo: Path, prefix_len: int) -> dict:
-    """Served TTFT of prompts that share a cached ``prefix_len``-token prefix, against cold prompts.
+def prefix_ttft(url: str, metrics_url: str, repo: Path, prefix_len: int) -> dict:
+    """Served TTFT of prompts that share a cached ``prefix_len``-token prefix, against cold prompts: as the client
+    sees it and as the engine counted it (arrival in the engine to its first token, from the engine model's
+    TTFT histogram read before and after each request), so what the hops add shows apart from the engine.
 
     One client sends them one after the other over one connection, as a client of a fleet does (and as
     perf_analyzer does): a fresh gRPC channel per request would add its connection set-up to every first token.
@@ -42,12 +46,35 @@ def prefix_ttft(url: str, repo: Path, prefix_len: int) -> dict:
     prompts += [prefixes[i] + " " + suffixes[i] for i in (1, 2, 3)]  # cold
     prompts += [prefixes[0] + " " + suffixes[0]]  # the prefix is cached from here on
     prompts += [prefixes[0] + " " + suffixes[i] for i in (3, 4, 5)]  # cached
-    records = run_load(url, "llm", prompts, output_len=4, concurrency=1, duration=120,
-                       max_requests=len(prompts)).records
-    ttft = [1000 * r.ttft if r.ttft is not None else float("nan") for r in records]
-    cold, cached = ttft[1:4], ttft[5:8]
-    return {"prefix_len": prefix_len, "cold_ttft_ms": cold, "cached_ttft_ms": cached,
-            "ratio_p50": sorted(cached)[1] / sorted(cold)[1]}
+    name = HISTOGRAMS["ttft"]
+
+    def engine_ttft() -> tuple[float, float]:
+        snap = scrape(metrics_url)
+        return snap.total(name + "_count"), snap.total(name + "_sum")
+
+    async def run() -> list[tuple[float, float]]:
+        import tritonclient.grpc.aio as aio
+
+        out = []
+        async with aio.InferenceServerClient(url) as client:
+            for prompt in prompts:
+                count, total = engine_ttft()
+                record = await timed_request(client, "llm", prompt, 4)
+                for _ in range(100):  # the engine model counts a request once its final response is out
+                    after_count, after_total = engine_ttft()
+                    if after_count > count:
+                        break
+                    await asyncio.sleep(0.01)
+                engine = 1000 * (after_total - total) if after_count == count + 1 else float("nan")
+                out.append((1000 * record.ttft if record.ttft is not None else float("nan"), engine))
+        return out
+
+    ttft = asyncio.run(run())
+    client, engine = [t for t, _ in ttft], [e for _, e in ttft]
+    return {"prefix_len": prefix_len, "cold_ttft_ms": client[1:4], "cached_ttft_ms": client[5:8],
+            "engine_cold_ttft_ms": engine[1:4], "engine_cached_ttft_ms": engine[5:8],
+            "ratio_p50": sorted(client[5:8])[1] / sorted(client[1:4])[1],
+            "engine_ratio_p50": sorted(engine[5:8])[1] / sorted(engine[1:4])[1]}
 
 
 def main() -> None:
@@ -114,7 +141,7 @@ def main() -> None:
                 result["runs"].append(row)
                 print(json.dumps(row), flush=True)
         if args.prefix_len:
-            result["prefix"] = prefix_ttft(url, repo, args.prefix_len)
+            result["prefix"] = prefix_ttft(url, f"http://127.0.0.1:{metrics}/metrics", repo, args.prefix_len)
             print(json.dumps(result["prefix"]), flush=True)
         text = server.log_text()
         result["server_errors"] = [ln for ln in text.splitlines() if ln.startswith("E") and "cuda" not in ln.lower()

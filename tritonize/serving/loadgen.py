@@ -92,36 +92,41 @@ def _inputs(prompt: str, output_len: int, grpcclient):  # noqa: ANN001 - module 
     ]
 
 
+async def timed_request(client, model: str, prompt: str, output_len: int) -> RequestRecord:  # noqa: ANN001 - aio client
+    """One streaming request over an open ``tritonclient.grpc.aio`` client, every response's arrival recorded."""
+    import tritonclient.grpc as grpcclient
+
+    record = RequestRecord(start=time.perf_counter())
+
+    async def one_request():
+        yield {"model_name": model, "inputs": _inputs(prompt, output_len, grpcclient),
+               "request_id": uuid.uuid4().hex, "enable_empty_final_response": True}
+
+    try:
+        async for result, error in client.stream_infer(one_request()):  # ends after the final response
+            if error is not None:
+                record.error = record.error or str(error)
+                continue
+            text = result.as_numpy("text_output")
+            if text is not None and record.error is None:
+                record.response_times.append(time.perf_counter())
+                n = result.as_numpy("num_output_tokens")
+                if n is not None:
+                    record.output_tokens = int(n.reshape(-1)[0])
+    except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
+        record.error = str(e)
+    return record
+
+
 async def _user(url: str, model: str, prompts: list[str], output_len: int, deadline: float, max_requests: int,
                 counter: list[int], records: list[RequestRecord]) -> None:
-    import tritonclient.grpc as grpcclient
     import tritonclient.grpc.aio as aio
 
     async with aio.InferenceServerClient(url) as client:
         while time.perf_counter() < deadline and counter[0] < max_requests:
             i = counter[0]
             counter[0] += 1
-            prompt = prompts[i % len(prompts)]
-            record = RequestRecord(start=time.perf_counter())
-            records.append(record)
-
-            async def one_request(prompt=prompt):
-                yield {"model_name": model, "inputs": _inputs(prompt, output_len, grpcclient),
-                       "request_id": uuid.uuid4().hex, "enable_empty_final_response": True}
-
-            try:
-                async for result, error in client.stream_infer(one_request()):  # ends after the final response
-                    if error is not None:
-                        record.error = record.error or str(error)
-                        continue
-                    text = result.as_numpy("text_output")
-                    if text is not None and record.error is None:
-                        record.response_times.append(time.perf_counter())
-                        n = result.as_numpy("num_output_tokens")
-                        if n is not None:
-                            record.output_tokens = int(n.reshape(-1)[0])
-            except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
-                record.error = str(e)
+            records.append(await timed_request(client, model, prompts[i % len(prompts)], output_len))
 
 
 async def run_load_async(url: str, model: str, prompts: list[str], *, output_len: int, concurrency: int,
