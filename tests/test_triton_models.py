@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,40 @@ def test_preprocessing_names_a_missing_required_input(monkeypatch, repo, missing
     [response] = model.execute([triton_stub.Request(**inputs)])
     assert response.has_error() and f"{missing} is required and missing" in response.error().message()
     assert response.error().code() == triton_stub.TritonError.INVALID_ARG  # HTTP 400, the client's error
+
+
+def test_postprocessing_asks_about_cancellation_once_per_interval_per_stream(monkeypatch, repo):
+    """Each ``is_cancelled`` is a round trip to the server: a stream is asked on its first response and then
+    once per interval, not on every response; a cancelled stream is still found (and sent one stop)."""
+    model = _load(monkeypatch, repo, "m_postprocessing", "postprocessing")
+    module = sys.modules["tritonize.runtime.triton.postprocessing"]
+    asked: list[str] = []
+    stops: list[str] = []
+    monkeypatch.setattr(model, "_stop_engine_request", lambda request, handle: stops.append(request.request_id()))
+
+    class Request(triton_stub.Request):
+        def is_cancelled(self) -> bool:
+            asked.append(self.request_id())
+            return super().is_cancelled()
+
+    def respond(request_id: str, handle: int, final: bool = False, cancelled: bool = False) -> None:
+        packed = pack(Packed(delta=[5], prefix=[1], final=final, num_input_tokens=1, num_output_tokens=1,
+                             handle=handle))
+        [response] = model.execute([Request(request_id, cancelled, packed=packed)])
+        assert not response.has_error()
+
+    clock = [100.0]
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    for _ in range(20):  # two streams, 20 responses each within one interval
+        respond("a", 0)
+        respond("b", 1)
+        clock[0] += module.CANCEL_CHECK_S / 40
+    assert asked == ["a", "b"]
+    clock[0] += module.CANCEL_CHECK_S
+    respond("a", 0, cancelled=True)
+    assert asked == ["a", "b", "a"] and stops == ["a"]
+    respond("b", 1, final=True)  # a final response is never asked about, and the stream is forgotten
+    assert asked == ["a", "b", "a"] and ("b", 1) not in model.checked
 
 
 def test_postprocessing_outputs_as_tensorrtllm_backend_sends_them(monkeypatch, repo):

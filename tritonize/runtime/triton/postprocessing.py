@@ -13,12 +13,15 @@ process does not do.
 
 When a client cancels its stream on the ensemble, Triton 2.51 keeps the engine's request running and
 hands each later response to this step marked cancelled. The step then asks the engine to ``stop``
-that request (once per request), so its slot and KV cache are freed at once. This needs Triton's
+that request (once per request), so its slot and KV cache are freed within a poll interval. Asking whether
+a request was cancelled is a round trip to the server: a stream is asked on its first response and then at
+most once per ``CANCEL_CHECK_S``, not on each of its responses (64 streams make thousands a second). This needs Triton's
 default scheduler here: its dynamic batcher drops the steps of a cancelled request unseen.
 """
 
 import os
 import sys
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -40,6 +43,7 @@ PERF_FIELDS = [(name, np.int64 if name.endswith("_ns") else np.int32) for name i
                if name.startswith(("kv_cache_", "arrival_", "first_", "last_"))]
 DRAFT_FIELDS = [("acceptance_rate", np.float32), ("total_accepted_draft_tokens", np.int32),
                 ("total_draft_tokens", np.int32)]
+CANCEL_CHECK_S = 0.05  # as the engine model polls its own requests
 STOPPED_MEMORY = 1024  # keys already stopped: later responses of the same request send no second stop
 EMPTY_WORDS = np.array([[[0], [-1]]], dtype=np.int32)
 
@@ -50,12 +54,13 @@ class TritonPythonModel:
         self.tokenizer = Tokenizer(os.path.join(here, params["tokenizer_dir"]))
         self.engine_name = params["engine_name"]
         self.stopped = OrderedDict()
+        self.checked = OrderedDict()  # stream key -> when it was last asked whether its client cancelled
 
     def execute(self, requests):
         responses = []
         for request in requests:
             p = unpack(pb_utils.get_input_tensor_by_name(request, "packed").as_numpy())
-            if request.is_cancelled():
+            if self._due(request, p) and request.is_cancelled():
                 # Answered as usual below: an error response here would leave the ensemble request
                 # counted in flight for good, which holds up the server's exit by --exit-timeout-secs.
                 self._stop_engine_request(request, p.handle)
@@ -86,6 +91,23 @@ class TritonPythonModel:
                 outputs += [pb_utils.Tensor(name, np.zeros((1, 1), dtype=dtype)) for name, dtype in DRAFT_FIELDS]
             responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses
+
+    def _due(self, request, p):
+        """Whether to ask if this response's stream was cancelled now: on its first response, then once per
+        CANCEL_CHECK_S; never on the final one (the engine is done with it)."""
+        key = (request.request_id(), p.handle)
+        if p.final:
+            self.checked.pop(key, None)
+            return False
+        now = time.monotonic()
+        last = self.checked.get(key)
+        if last is not None and now - last < CANCEL_CHECK_S:
+            return False
+        self.checked[key] = now
+        self.checked.move_to_end(key)
+        while len(self.checked) > STOPPED_MEMORY:  # streams whose final response went to another instance
+            self.checked.popitem(last=False)
+        return True
 
     def _stop_engine_request(self, request, handle):
         """Sends the engine a ``stop`` for the stream (the engine's handle) this response came from."""
