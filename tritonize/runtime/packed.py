@@ -18,6 +18,7 @@ prompts), ``sequence_index`` (it asked for several sequences), the perf-metric o
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,8 @@ METRICS = (  # the fields of request.RequestMetrics
     "prefix_hit_tokens", "kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks",
     "preemptions",
 )
+_F32, _F32_AS_I32 = struct.Struct("<f"), struct.Struct("<i")
+_METRICS_I64, _METRICS_AS_I32 = struct.Struct(f"<{len(METRICS)}q"), struct.Struct(f"<{2 * len(METRICS)}i")
 
 
 @dataclass
@@ -55,27 +58,22 @@ class Packed:
 
 
 def pack(p: Packed) -> np.ndarray:
-    """-> int32 ``[1, n]``."""
+    """-> int32 ``[1, n]``, made from one Python list (a response costs the engine model's sending thread
+    about a microsecond here instead of several small numpy writes)."""
     nd, npre, nlp = len(p.delta), len(p.prefix), len(p.log_probs)
     flags = ((FLAG_FINAL if p.final else 0) | (FLAG_METRICS if p.metrics is not None else 0)
              | (FLAG_BATCHED if p.batched else 0) | (FLAG_SEQUENCES if p.sequences else 0)
              | (FLAG_PERF if p.perf else 0))
-    size = HEADER + nd + npre + nlp + (2 * len(METRICS) if p.metrics is not None else 0)
-    out = np.zeros(size, dtype=np.int32)
-    out[:9] = (VERSION, flags, nd, npre, nlp, p.num_input_tokens, p.num_output_tokens, p.handle,
-               FINISH_REASONS.index(p.finish_reason))
-    out[9:10] = np.array([p.cum_log_prob], dtype=np.float32).view(np.int32)
-    out[10:12] = (p.batch_index, p.sequence_index)
-    at = HEADER
-    out[at : at + nd] = p.delta
-    at += nd
-    out[at : at + npre] = p.prefix
-    at += npre
-    out[at : at + nlp] = np.asarray(p.log_probs, dtype=np.float32).view(np.int32)
-    at += nlp
+    values = [VERSION, flags, nd, npre, nlp, p.num_input_tokens, p.num_output_tokens, p.handle,
+              FINISH_REASONS.index(p.finish_reason), _F32_AS_I32.unpack(_F32.pack(p.cum_log_prob))[0],
+              p.batch_index, p.sequence_index]
+    values += p.delta
+    values += p.prefix
+    if nlp:
+        values += struct.unpack(f"<{nlp}i", struct.pack(f"<{nlp}f", *p.log_probs))
     if p.metrics is not None:
-        out[at:] = np.array([int(p.metrics.get(k, 0)) for k in METRICS], dtype=np.int64).view(np.int32)
-    return out[None, :]
+        values += _METRICS_AS_I32.unpack(_METRICS_I64.pack(*(int(p.metrics.get(k, 0)) for k in METRICS)))
+    return np.array([values], dtype=np.int32)
 
 
 def unpack(array: np.ndarray) -> Packed:

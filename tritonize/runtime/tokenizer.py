@@ -185,9 +185,12 @@ def response_ids(prompt: list[int], generated: list[int], new: list[int], *, str
     does not stream decodes everything generated after the prompt's last tokens (or, with the prompt in
     the output, the whole sequence).
     """
-    if stream:
-        before = prompt + generated[: len(generated) - len(new)]
-        return list(new), before[-STREAM_CONTEXT_TOKENS:]
+    if stream:  # the last STREAM_CONTEXT_TOKENS of prompt + generated before ``new``, without copying them all
+        end = len(generated) - len(new)
+        before = generated[max(0, end - STREAM_CONTEXT_TOKENS):end]
+        if len(before) < STREAM_CONTEXT_TOKENS and prompt:
+            before = prompt[max(0, len(prompt) - (STREAM_CONTEXT_TOKENS - len(before))):] + before
+        return list(new), before
     if exclude_input:
         return list(generated), prompt[-STREAM_CONTEXT_TOKENS:]
     return prompt + generated, []
