@@ -67,6 +67,7 @@ def logits_phase(model: Path, fp8: Path, device: str, out: Path) -> dict:
     """Cosine similarity of the FP8 model's logits to the bf16 model's, every position of 8 prompts."""
     import torch
 
+    from tritonize.runtime import quantize
     from tritonize.runtime.model import prompt_logits
     from tritonize.runtime.quantize import FP8, fp8_matmul_supported, use_fp8_matmul
     from tritonize.runtime.tokenizer import Tokenizer
@@ -77,13 +78,15 @@ def logits_phase(model: Path, fp8: Path, device: str, out: Path) -> dict:
     tok = Tokenizer(model)
     prompts = [tok.encode(p) for p in PROMPTS]
 
-    def logits(path: Path, fp8_kv: bool = False) -> list[torch.Tensor]:
+    def logits(path: Path, fp8_kv: bool = False, weight_only: bool = False) -> list[torch.Tensor]:
+        quantize.WEIGHT_ONLY_ROWS = 16 if weight_only else 0  # read at each call: the prompts are <= 16 tokens
         m = load_model(path, device=dev, dtype=dtype)
         swapped = use_fp8_matmul(m) if fp8_matmul_supported(dev) else 0
         m.kv_cache_dtype = FP8 if fp8_kv else None
         with torch.no_grad():
             out = [prompt_logits(m, ids).float().cpu() for ids in prompts]
-        print(f"{path.name}{' + FP8 KV cache' if fp8_kv else ''}: {swapped} FP8 GEMM linears", flush=True)
+        print(f"{path.name}{' + FP8 KV cache' if fp8_kv else ''}{' weight-only' if weight_only else ''}: "
+              f"{swapped} FP8 GEMM linears", flush=True)
         del m
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -91,7 +94,11 @@ def logits_phase(model: Path, fp8: Path, device: str, out: Path) -> dict:
 
     base = logits(model)
     result: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "prompts": PROMPTS}
-    for name, got in (("fp8", logits(fp8)), ("fp8-kv", logits(fp8, fp8_kv=True))):
+    variants = [("fp8", {}), ("fp8-kv", {"fp8_kv": True})]
+    if dev.type == "cuda":  # the weight-only kernel: weights rounded to FP8, activations as they are
+        variants.append(("fp8-wo", {"weight_only": True}))
+    for name, kwargs in variants:
+        got = logits(fp8, **kwargs)
         cos = [float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)) for a, b in zip(got, base)]
         last = [float(torch.nn.functional.cosine_similarity(a[-1], b[-1], dim=0)) for a, b in zip(got, base)]
         top1 = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(got, base))
@@ -144,7 +151,7 @@ def summary(out: Path, variants: list[str], low: int = 1, high: int = 64, length
                  str(row["kv_cache_tokens"])]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     if "logits" in result:
-        for v in ("fp8", "fp8-kv"):
+        for v in ("fp8", "fp8-kv", "fp8-wo"):
             if v in result["logits"]:
                 lg = result["logits"][v]
                 lines.append(f"\n{v}: logits cosine similarity to bf16 on 8 prompts: min {lg['cosine_min']:.4f}, mean "
