@@ -89,6 +89,81 @@ def run_batch(engine: Engine, prompts: list[list[int]], output_len: int, tag: st
     }
 
 
+def closed_loop(engine: Engine, concurrency: int, input_len: int, output_len: int, vocab: int, duration: float,
+                end_ids: list[int], profile_dir: Path | None = None) -> dict:
+    """``concurrency`` requests in flight, each replaced by a new one as it finishes (perf_analyzer's concurrency
+    mode, without the server): the steady state a served load gives the engine, prompts arriving while others
+    decode. Tokens are counted over the window after the first round; with ``profile_dir`` (CUDA), a kernel table
+    of ~0.3 s of that steady state."""
+    import queue
+
+    finished: queue.Queue = queue.Queue()
+    tokens = [0]
+    firsts: list[float] = []
+    starts: dict[int, float] = {}
+    prompts = random_prompts(64, input_len, vocab, 11)
+
+    def submit(i: int) -> None:
+        starts[i] = time.perf_counter()
+
+        def on_output(out, i=i) -> None:  # noqa: ANN001 - engine thread
+            if out.token_ids:
+                if starts.get(i) is not None:
+                    firsts.append(time.perf_counter() - starts.pop(i))
+                tokens[0] += len(out.token_ids)
+            if out.finished:
+                finished.put(i)
+
+        engine.submit(GenerationRequest(
+            request_id=f"loop{concurrency}-{i}", prompt_ids=prompts[i % len(prompts)], max_new_tokens=output_len,
+            sampling=SamplingParams(min_tokens=output_len), stream=True, end_ids=list(end_ids), on_output=on_output))
+
+    for i in range(concurrency):
+        submit(i)
+    n = concurrency
+    warm_until = time.perf_counter() + 2.0 * output_len * 0.02 + 1.0  # past the first round's start-up
+    measuring, stop_at, t0 = False, None, 0.0
+    before: dict = {}
+    prof = None
+    while True:
+        i = finished.get()
+        now = time.perf_counter()
+        if not measuring and now >= warm_until:
+            measuring, stop_at, t0 = True, now + duration, now
+            tokens[0], firsts[:] = 0, []
+            before = {"decode": engine.stats["decode_steps"], "mixed": engine.stats["mixed_steps"],
+                      **{k: v for k, v in engine.stats["time_s"].items()}}
+            if profile_dir is not None and engine.device.type == "cuda":
+                from torch.profiler import ProfilerActivity, profile
+
+                prof = profile(activities=[ProfilerActivity.CUDA])
+                prof.__enter__()
+                prof_until = now + 0.3
+        if prof is not None and now >= prof_until:
+            prof.__exit__(None, None, None)
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+            (profile_dir / f"closed_loop_c{concurrency}.txt").write_text(table)
+            prof = None
+        if measuring and now >= stop_at:
+            break
+        submit(n)
+        n += 1
+    wall = time.perf_counter() - t0
+    produced = tokens[0]
+    decode = engine.stats["decode_steps"] - before["decode"]
+    mixed = engine.stats["mixed_steps"] - before["mixed"]
+    for _ in range(concurrency - 1):  # let the rest finish
+        finished.get()
+    steps = max(decode + mixed, 1)
+    firsts.sort()
+    return {"closed_loop_concurrency": concurrency, "output_tok_s": produced / wall, "decode_steps": decode,
+            "mixed_steps": mixed, "ms_per_step": 1000 * wall / steps,
+            "ttft_ms_p50": 1000 * firsts[len(firsts) // 2] if firsts else None,
+            "engine_ms_per_step": {k: 1000 * (engine.stats["time_s"][k] - before[k]) / steps
+                                   for k in engine.stats["time_s"]}}
+
+
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(100, vocab - 100, (n, length), generator=g).tolist()
@@ -185,14 +260,18 @@ def main() -> None:
     ap.add_argument("--no-end-ids", action="store_true",
                     help="requests name no end ids (before 2026-12-06 the only way; the served loads send the "
                          "checkpoint's, which min_tokens bans until the last token)")
+    ap.add_argument("--closed-loop", default="", help="concurrencies to hold in flight, requests replaced as they "
+                    "finish (the served steady state without the server), e.g. 64,256 ('': skip)")
+    ap.add_argument("--closed-loop-s", type=float, default=8.0, help="seconds measured per --closed-loop level")
     ap.add_argument("--profile-dir", type=Path, default=None, help="write a kernel table of decode steps here")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",") if b]
+    loops = [int(c) for c in args.closed_loop.split(",") if c]
     max_seq_len = max(args.input_len + args.output_len, args.prefix_len + 64)
     model = checkpoint_for(args)
     t = time.perf_counter()
-    engine = Engine(model, device=args.device, dtype=args.dtype, max_batch_size=max(batches),
+    engine = Engine(model, device=args.device, dtype=args.dtype, max_batch_size=max(batches + loops),
                     max_seq_len=max_seq_len, max_num_tokens=args.max_num_tokens,
                     kv_cache_dtype=args.kv_cache_dtype).start()
     load_s = time.perf_counter() - t
@@ -227,11 +306,17 @@ def main() -> None:
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
 
+    for c in loops:
+        row = closed_loop(engine, c, args.input_len, args.output_len, vocab, args.closed_loop_s,
+                          [] if args.no_end_ids else list(engine.default_end_ids), args.profile_dir)
+        result.setdefault("closed_loop", []).append(row)
+        print(json.dumps(row), flush=True)
+
     if args.prefix_len:
         result["prefix"] = prefix_reuse(engine, args.prefix_len, vocab)
         print(json.dumps(result["prefix"]), flush=True)
 
-    if args.profile_dir and dev.type == "cuda":
+    if args.profile_dir and dev.type == "cuda" and batches:
         profile_decode(engine, max(batches), args.input_len, vocab, args.profile_dir)
     engine.shutdown()
     del engine
