@@ -286,7 +286,7 @@ def test_fp8_weight_only_kernel_matches_the_dequantized_linear(m, n, k):
 
 
 def test_an_fp8_linear_takes_the_weight_only_kernel_for_small_steps_when_asked(monkeypatch):
-    """TRITONIZE_FP8_WEIGHT_ONLY_ROWS: steps of up to that many rows skip the activation quantization; the
+    """TRITONIZE_FP8_WEIGHT_ONLY_ROWS (16 unless set): steps of up to that many rows skip the activation quantization; the
     result is the dequantized linear's (steps above it keep torch._scaled_mm)."""
     from tritonize.runtime import quantize
 

@@ -83,3 +83,19 @@ def test_the_fp8_weight_only_kernel_compiles(activations, block_n, capability):
                    {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": 256, "IEEE": activations == "fp32"}, capability)
     assert f".target sm_{capability}" in ptx
     assert ("mma" in ptx) == (activations != "fp32")  # 16-bit activations on the tensor cores; float32 exact FMAs
+
+
+@pytest.mark.parametrize("capability, shared_limit", [(89, 101_376), (90, 232_448)])
+@pytest.mark.parametrize("n, k_dim", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
+def test_the_weight_only_tilings_fit_the_gpus_shared_memory(n, k_dim, capability, shared_limit):
+    """The tiling the runtime picks for each linear of the 8B shape (its pipeline depth included) compiles and
+    fits an Ada's shared memory as well as a Hopper's."""
+    block_n, block_k, stages = k._weight_only_tiling(n, k_dim)
+    signature = {"out_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "m": "i32",
+                 "n": "i32", "k": "i32"}
+    constants = {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "IEEE": False}
+    ast = ASTSource(fn=k._fp8_weight_only_kernel, signature={**signature, **{c: "constexpr" for c in constants}},
+                    constexprs=constants)
+    compiled = triton.compile(ast, target=GPUTarget("cuda", capability, 32),
+                              options={"num_stages": stages, "num_warps": 4})
+    assert 0 < compiled.metadata.shared <= shared_limit

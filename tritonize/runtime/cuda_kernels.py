@@ -20,7 +20,7 @@ differently) and in the PyTorch reference. ``per_token_fp8`` quantizes the activ
 (quantize.ScaledMMLinear) in one kernel. ``fp8_weight_only_linear`` multiplies a few rows of activations by
 FP8 weights without quantizing the activations: the weights are widened to bfloat16 in registers, so a
 small-batch step reads the FP8 bytes once and nothing else (quantize.ScaledMMLinear uses it for steps of at most
-``TRITONIZE_FP8_WEIGHT_ONLY_ROWS`` rows).
+``TRITONIZE_FP8_WEIGHT_ONLY_ROWS`` rows, 16 by default).
 """
 
 from __future__ import annotations
@@ -370,8 +370,18 @@ def _fp8_weight_only_kernel(out_ptr, x_ptr, w_ptr, scale_ptr, m, n, k, BLOCK_M: 
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+def _weight_only_tiling(n: int, k: int) -> tuple[int, int, int]:
+    """(block_n, block_k, num_stages): the fastest of bench/fp8_kernels.py's grid for the 8B shape's linears on one
+    H100 (bench/RESULTS.md section 13): 32 output columns a program; wide outputs (gate/up) in short steps of K,
+    the others in long ones, a deep pipeline where K is long or the output narrow."""
+    if n > 8192:
+        return 32, 128, 3
+    return 32, 512, 5 if (k > 8192 or n <= 4096) else 3
+
+
 def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, block_n: int | None = None,
-                           block_k: int = 256, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+                           block_k: int | None = None, num_warps: int = 4, num_stages: int | None = None
+                           ) -> torch.Tensor:
     """``x [M, K] @ (weight [N, K] float8 * scale [N]).T`` for M <= 16, in ``x``'s dtype (sums in float32).
     The tiling arguments are for bench/fp8_kernels.py, which times the choices on a card."""
     x = x.contiguous()
@@ -380,10 +390,10 @@ def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.T
     if m > 16:
         raise ValueError(f"fp8_weight_only_linear takes at most 16 rows, got {m}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if block_n is None:
-        block_n = 32 if n <= 8192 else 64  # about a wave of programs on a large GPU for the 8B shape's linears
+    tiled_n, tiled_k, stages = _weight_only_tiling(n, k)
+    block_n, block_k = block_n or tiled_n, block_k or tiled_k
     _fp8_weight_only_kernel[(triton.cdiv(n, block_n),)](out, x, weight, scale, m, n, k, BLOCK_M=16,
                                                          BLOCK_N=block_n, BLOCK_K=block_k,
                                                          IEEE=x.dtype == torch.float32,
-                                                         num_warps=num_warps, num_stages=num_stages)
+                                                         num_warps=num_warps, num_stages=num_stages or stages)
     return out
