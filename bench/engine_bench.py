@@ -93,8 +93,9 @@ def closed_loop(engine: Engine, concurrency: int, input_len: int, output_len: in
                 end_ids: list[int], profile_dir: Path | None = None) -> dict:
     """``concurrency`` requests in flight, each replaced by a new one as it finishes (perf_analyzer's concurrency
     mode, without the server): the steady state a served load gives the engine, prompts arriving while others
-    decode. Tokens are counted over the window after the first round; with ``profile_dir`` (CUDA), a kernel table
-    of ~0.3 s of that steady state."""
+    decode. Tokens are counted over ``duration`` seconds after a warm-up round. With ``profile_dir`` (CUDA), a
+    kernel table of 0.3 s of the same steady state is taken after the measured window: the profiler slows the
+    steps it traces, so it never runs while they are counted."""
     import queue
 
     finished: queue.Queue = queue.Queue()
@@ -118,50 +119,57 @@ def closed_loop(engine: Engine, concurrency: int, input_len: int, output_len: in
             request_id=f"loop{concurrency}-{i}", prompt_ids=prompts[i % len(prompts)], max_new_tokens=output_len,
             sampling=SamplingParams(min_tokens=output_len), stream=True, end_ids=list(end_ids), on_output=on_output))
 
+    def steps() -> tuple[int, int]:
+        return engine.stats["decode_steps"], engine.stats["mixed_steps"]
+
     for i in range(concurrency):
         submit(i)
     n = concurrency
-    warm_until = time.perf_counter() + 2.0 * output_len * 0.02 + 1.0  # past the first round's start-up
-    measuring, stop_at, t0 = False, None, 0.0
+    t0 = time.perf_counter() + 2.0 * output_len * 0.02 + 1.0  # past the first round's start-up
+    t1 = t0 + duration
+    profiling = profile_dir is not None and engine.device.type == "cuda"
+    t2 = t1 + (0.3 if profiling else 0.0)
+    phase, prof, row = "warm", None, {}
     before: dict = {}
-    prof = None
     while True:
-        i = finished.get()
+        try:
+            finished.get(timeout=0.01)
+            done = True
+        except queue.Empty:
+            done = False
         now = time.perf_counter()
-        if not measuring and now >= warm_until:
-            measuring, stop_at, t0 = True, now + duration, now
+        if phase == "warm" and now >= t0:
+            phase, t0 = "measure", now
             tokens[0], firsts[:] = 0, []
-            before = {"decode": engine.stats["decode_steps"], "mixed": engine.stats["mixed_steps"],
-                      **{k: v for k, v in engine.stats["time_s"].items()}}
-            if profile_dir is not None and engine.device.type == "cuda":
+            before = {"steps": steps(), **engine.stats["time_s"]}
+        elif phase == "measure" and now >= t1:
+            wall = now - t0
+            (decode, mixed), (d0, m0) = steps(), before["steps"]
+            count = max(decode - d0 + mixed - m0, 1)
+            ttfts = sorted(firsts)
+            row = {"closed_loop_concurrency": concurrency, "output_tok_s": tokens[0] / wall,
+                   "decode_steps": decode - d0, "mixed_steps": mixed - m0, "ms_per_step": 1000 * wall / count,
+                   "ttft_ms_p50": 1000 * ttfts[len(ttfts) // 2] if ttfts else None,
+                   "engine_ms_per_step": {k: 1000 * (v - before[k]) / count for k, v in engine.stats["time_s"].items()}}
+            phase = "profile"
+            if profiling:
                 from torch.profiler import ProfilerActivity, profile
 
                 prof = profile(activities=[ProfilerActivity.CUDA])
                 prof.__enter__()
-                prof_until = now + 0.3
-        if prof is not None and now >= prof_until:
-            prof.__exit__(None, None, None)
-            profile_dir.mkdir(parents=True, exist_ok=True)
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-            (profile_dir / f"closed_loop_c{concurrency}.txt").write_text(table)
-            prof = None
-        if measuring and now >= stop_at:
+        elif phase == "profile" and now >= t2:
+            if prof is not None:
+                prof.__exit__(None, None, None)
+                profile_dir.mkdir(parents=True, exist_ok=True)
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+                (profile_dir / f"closed_loop_c{concurrency}.txt").write_text(table)
             break
-        submit(n)
-        n += 1
-    wall = time.perf_counter() - t0
-    produced = tokens[0]
-    decode = engine.stats["decode_steps"] - before["decode"]
-    mixed = engine.stats["mixed_steps"] - before["mixed"]
-    for _ in range(concurrency - 1):  # let the rest finish
-        finished.get()
-    steps = max(decode + mixed, 1)
-    firsts.sort()
-    return {"closed_loop_concurrency": concurrency, "output_tok_s": produced / wall, "decode_steps": decode,
-            "mixed_steps": mixed, "ms_per_step": 1000 * wall / steps,
-            "ttft_ms_p50": 1000 * firsts[len(firsts) // 2] if firsts else None,
-            "engine_ms_per_step": {k: 1000 * (engine.stats["time_s"][k] - before[k]) / steps
-                                   for k in engine.stats["time_s"]}}
+        if done:
+            submit(n)
+            n += 1
+    while engine.num_running or engine.num_waiting:  # let the last round finish
+        time.sleep(0.01)
+    return row
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
