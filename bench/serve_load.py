@@ -26,7 +26,7 @@ from common import checkpoint_for, parser
 from tritonize.repository.build import build_repository
 from tritonize.repository.spec import RepoSpec
 from tritonize.serving.loadgen import run_load, synthetic_prompts, timed_request
-from tritonize.serving.metrics import HISTOGRAMS, scrape
+from tritonize.serving.metrics import HISTOGRAMS, scrape, server_view
 from tritonize.serving.perfanalyzer import perf_analyzer_binary, perf_analyzer_run
 from tritonize.serving.server import TritonServer, free_ports
 
@@ -128,10 +128,14 @@ def main() -> None:
             seq["tool"] = "tritonize-loadgen"
             result["sequential"] = seq
             print(json.dumps(seq), flush=True)
+        metrics_url = f"http://127.0.0.1:{metrics}/metrics"
         for c in levels:
+            before, t = scrape(metrics_url), time.perf_counter()
             row = run_load(url, "llm", prompts, output_len=args.output_len, concurrency=c,
                            duration=args.duration).summary()
             row["tool"] = "tritonize-loadgen"
+            # the same stretch as the engine model counted it: its step rate and batch, its own TTFT and queue time
+            row["engine"] = server_view(before, scrape(metrics_url), "llm_engine", time.perf_counter() - t)
             if args.sequential and result["sequential"]["output_tokens_per_s"]:
                 row["ratio_to_sequential"] = row["output_tokens_per_s"] / result["sequential"]["output_tokens_per_s"]
             result["runs"].append(row)
@@ -141,7 +145,7 @@ def main() -> None:
                 result["runs"].append(row)
                 print(json.dumps(row), flush=True)
         if args.prefix_len:
-            result["prefix"] = prefix_ttft(url, f"http://127.0.0.1:{metrics}/metrics", repo, args.prefix_len)
+            result["prefix"] = prefix_ttft(url, metrics_url, repo, args.prefix_len)
             print(json.dumps(result["prefix"]), flush=True)
         text = server.log_text()
         result["server_errors"] = [ln for ln in text.splitlines() if ln.startswith("E") and "cuda" not in ln.lower()

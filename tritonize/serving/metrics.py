@@ -122,6 +122,12 @@ def server_view(before: Snapshot, after: Snapshot, model: str, seconds: float) -
         "prefix_hit_ratio": delta("tritonize_prefix_cache_hit_tokens_total") / prompt if prompt else None,
         "preemptions": int(delta("tritonize_preemptions_total")),
     }
+    sizes_after = after.by("tritonize_decode_steps_total", "batch_size", **labels)
+    sizes_before = before.by("tritonize_decode_steps_total", "batch_size", **labels)
+    steps = {int(b): v - sizes_before.get(b, 0.0) for b, v in sizes_after.items() if b.isdigit()}
+    decode_steps = sum(steps.values())
+    view["decode_steps_per_s"] = decode_steps / seconds if seconds > 0 else None
+    view["decode_batch_mean"] = sum(b * v for b, v in steps.items()) / decode_steps if decode_steps else None
     for key, name in HISTOGRAMS.items():
         buckets = _delta_buckets(before, after, name, labels)
         count = delta(f"{name}_count")
