@@ -6,6 +6,8 @@
 #                                     # then served through tritonserver: perf_analyzer and tritonize's loader
 #                                     # at concurrency 1/16/64/256, served prefix-reuse TTFT, start times
 #                                     # (= the phases alone, served and hops, one after the other)
+#   bash bench/gpu_suite.sh closed-loop  # the engine alone holding 16/64/256 requests in flight (replaced as they
+#                                     # finish: the served steady state without the server), step budget 2048 then 512
 #   bash bench/gpu_suite.sh engine-process  # served at concurrency 64 and 256, the engine in the engine model's
 #                                     # process, then in its own (TRITONIZE_ENGINE_PROCESS=1): same machine
 #   bash bench/gpu_suite.sh baseline  # transformers generate on the same weights (slow: run on its own)
@@ -48,8 +50,15 @@ case $phase in
   alone)
     $test_python -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py \
       "tests/test_engine.py::test_cuda_graph_decode_matches_transformers" 2>&1 | tail -30 | tee "$out/cuda-tests.log"
-    python3 bench/engine_bench.py --model $model --batches 1,16,64,256 --profile-dir "$out" \
+    python3 bench/engine_bench.py --model $model --batches 1,16,64,256 --closed-loop 16,64,256 --profile-dir "$out" \
       --json "$out/engine.json" 2>&1 | grep -vE "^\s*$|_warn_once|UserWarning" | tee "$out/engine.log" ;;
+  closed-loop)
+    # the served steady state without the server, at two step budgets (the repository's 2048 and 512)
+    for budget in 2048 512; do
+      python3 bench/engine_bench.py --model $model --batches "" --closed-loop 16,64,256 --prefix-len 0 \
+        --max-num-tokens $budget --json "$out/closed-loop-$budget.json" 2>&1 | grep closed_loop_conc \
+        | sed "s/^/budget=$budget /" | tee -a "$out/closed-loop.log"
+    done ;;
   served)
     # served: the first start compiles nothing but Triton's kernels; the second reuses ~/.triton
     python3 bench/serve_load.py --model $model --device cuda --dtype bfloat16 --concurrency 1,16,64,256 \
@@ -98,5 +107,5 @@ case $phase in
       | tee "$out/fp8-tests.log"
     python3 bench/fp8_bench.py --model $model --out /tmp/fp8 --variants bf16,fp8,fp8-kv,fp8-wo 2>&1 | tee "$out/fp8.log"
     mkdir -p "$out/fp8" && cp /tmp/fp8/*.json /tmp/fp8/*.md "$out/fp8/" ;;
-  *) echo "usage: bash bench/gpu_suite.sh engine|alone|served|hops|engine-process|baseline|adapters|openai|fp8|guided|start" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_suite.sh engine|alone|served|hops|closed-loop|engine-process|baseline|adapters|openai|fp8|guided|start" >&2; exit 2 ;;
 esac
