@@ -106,6 +106,9 @@ def test_metrics_count_what_the_engine_process_did(server):
     steps = after.total("tritonize_decode_steps_total", model=ENGINE) - before.total("tritonize_decode_steps_total",
                                                                                      model=ENGINE)
     assert steps >= 2 + len(PROMPTS) - 1
+    prompt_steps = after.total("tritonize_prompt_steps_total", model=ENGINE) - before.total(
+        "tritonize_prompt_steps_total", model=ENGINE)
+    assert prompt_steps >= 1  # every request's prompt went through at least one step
 
 
 def test_an_engine_process_that_dies_turns_requests_into_one_line_errors_and_the_server_stays_up(server):

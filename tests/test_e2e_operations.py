@@ -177,6 +177,9 @@ def test_metrics_count_the_requests_and_tokens_sent(server, generated):
     steps = after.total("tritonize_decode_steps_total", model=ENGINE) - before.total("tritonize_decode_steps_total",
                                                                                      model=ENGINE)
     assert steps >= max(n for _, n in sizes) - 1
+    prompt_steps = after.total("tritonize_prompt_steps_total", model=ENGINE) - before.total(
+        "tritonize_prompt_steps_total", model=ENGINE)
+    assert prompt_steps >= 1  # every request's prompt went through at least one step
 
 
 def test_a_repeated_prompt_counts_prefix_cache_hits(server, generated):

@@ -82,6 +82,7 @@ tritonize_time_to_first_token_seconds_bucket{model="m_engine",version="1",le="1"
 tritonize_time_to_first_token_seconds_bucket{model="m_engine",version="1",le="+Inf"} %(count)s
 tritonize_decode_steps_total{batch_size="2",model="m_engine",version="1"} %(steps2)s
 tritonize_decode_steps_total{batch_size="4",model="m_engine",version="1"} %(steps4)s
+tritonize_prompt_steps_total{model="m_engine",version="1"} %(prompt_steps)s
 nv_inference_request_success{model="m",version="1"} 3
 """
 
@@ -96,9 +97,9 @@ def test_histogram_quantile_interpolates_within_buckets_as_prometheus_does():
 
 def test_server_view_is_the_difference_of_two_scrapes_for_one_model():
     before = parse_metrics(EXPOSITION % dict(gen=10, prompt=20, hits=0, length=2, count=2, sum=0.1, b1=2, b2=2,
-                                             steps2=1, steps4=0))
+                                             steps2=1, steps4=0, prompt_steps=2))
     after = parse_metrics(EXPOSITION % dict(gen=40, prompt=60, hits=16, length=6, count=6, sum=1.3, b1=3, b2=6,
-                                            steps2=4, steps4=3))
+                                            steps2=4, steps4=3, prompt_steps=5))
     view = server_view(before, after, "m_engine", 3.0)
     assert view["requests"] == 4 and view["finished"] == {"length": 4}
     assert (view["generation_tokens"], view["prompt_tokens"], view["output_tokens_per_s"]) == (30, 40, 10.0)
@@ -108,7 +109,7 @@ def test_server_view_is_the_difference_of_two_scrapes_for_one_model():
     assert view["ttft_ms_p50"] == pytest.approx(1000 * (0.1 + 0.9 * (2 - 1) / 3))
     assert view["itl_ms_p50"] is None
     # 3 steps of 2 requests and 3 of 4 in 3 s: 2 decode steps a second, 3 requests in a step on average
-    assert (view["decode_steps_per_s"], view["decode_batch_mean"]) == (2.0, 3.0)
+    assert (view["decode_steps_per_s"], view["decode_batch_mean"], view["prompt_steps_per_s"]) == (2.0, 3.0, 1.0)
     assert server_view(before, after, "absent_engine", 3.0) is None
 
 

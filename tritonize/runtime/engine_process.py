@@ -76,7 +76,7 @@ class EngineProcess(GenerationEngine):
         self.num_running = 0
         self.num_waiting = 0
         self.pool = _PoolView()
-        self.stats: dict[str, Any] = {"decode_batch_histogram": {}}
+        self.stats: dict[str, Any] = {"decode_batch_histogram": {}, "mixed_steps": 0}
         try:
             self.child, self.conn = Child.start(__name__, "_child_entry")
         except OSError as exc:
@@ -171,7 +171,7 @@ class EngineProcess(GenerationEngine):
                 _, outputs, gauges, histogram = message
                 self.num_running, self.num_waiting, self.pool.value = gauges
                 if histogram is not None:
-                    self.stats["decode_batch_histogram"] = histogram
+                    self.stats["decode_batch_histogram"], self.stats["mixed_steps"] = histogram
                 with self._lock:
                     calls = [(key, out, self._callbacks.pop(key, None) if out.finished else self._callbacks.get(key))
                              for key, out in outputs]
@@ -277,14 +277,14 @@ class _Core:
         pool = getattr(engine, "pool", None)
         gauges = (engine.num_running, engine.num_waiting, pool.usage() if pool is not None else 0.0)
         stats = getattr(engine, "stats", None) or {}
-        steps = stats.get("decode_steps", 0)
+        steps = stats.get("decode_steps", 0) + stats.get("mixed_steps", 0)
         with self.lock:
             if not self.pending and gauges == self.gauges and steps == self.steps_sent:
                 return
             histogram = None
             if steps != self.steps_sent:
                 try:
-                    histogram = dict(stats.get("decode_batch_histogram", {}))
+                    histogram = (dict(stats.get("decode_batch_histogram", {})), stats.get("mixed_steps", 0))
                     self.steps_sent = steps
                 except RuntimeError:  # changed while copied (not the engine thread): the next flush sends it
                     pass

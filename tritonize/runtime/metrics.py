@@ -17,6 +17,7 @@ Every series is labelled ``model`` (the engine model's name, as Triton labels it
 | ``tritonize_requests_running`` / ``_waiting`` | gauge | requests in the running batch / queued |
 | ``tritonize_kv_cache_usage_ratio`` | gauge | share of the KV pool's blocks held by requests (cached prefixes nobody holds are free) |
 | ``tritonize_decode_steps_total{batch_size}`` | counter | decode steps by the number of requests in them |
+| ``tritonize_prompt_steps_total`` | counter | steps that held prompt chunks (alone or among decodes) |
 
 Triton 2.51's Python backend offers histograms (``MetricFamily.HISTOGRAM``, buckets given per metric), so
 the latencies are real Prometheus histograms: ``histogram_quantile`` works on their ``_bucket`` series.
@@ -96,6 +97,10 @@ class EngineMetrics:
                                     "Decode steps of the engine, by the number of requests in the batch",
                                     family_cls.COUNTER)
         self._batch: dict[int, Any] = {}
+        self._prompt_steps = family("tritonize_prompt_steps_total",
+                                    "Steps of the engine that held prompt chunks (alone or among decodes)",
+                                    family_cls.COUNTER).Metric(labels=self.labels)
+        self._prompt_steps_published = (getattr(engine, "stats", None) or {}).get("mixed_steps", 0)
         # from here on: the warm-up's steps are not the traffic's
         self._batch_published: dict[int, int] = dict((getattr(engine, "stats", None) or {}).get(
             "decode_batch_histogram", {}))
@@ -150,7 +155,7 @@ class EngineMetrics:
 
     # -- periodically (sender thread) -------------------------------------------------------------
     def refresh(self) -> None:
-        """The gauges and the decode-step histogram from the engine's own state; unchanged values cost nothing."""
+        """The gauges and the step counters from the engine's own state; unchanged values cost nothing."""
         engine = self.engine
         pool = getattr(engine, "pool", None)
         values = {
@@ -172,3 +177,7 @@ class EngineMetrics:
                         labels={**self.labels, "batch_size": str(size)})
                 metric.increment(new)
                 self._batch_published[size] = count
+        prompt_steps = stats.get("mixed_steps", 0)
+        if prompt_steps > self._prompt_steps_published:
+            self._prompt_steps.increment(prompt_steps - self._prompt_steps_published)
+            self._prompt_steps_published = prompt_steps

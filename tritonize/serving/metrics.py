@@ -128,6 +128,7 @@ def server_view(before: Snapshot, after: Snapshot, model: str, seconds: float) -
     decode_steps = sum(steps.values())
     view["decode_steps_per_s"] = decode_steps / seconds if seconds > 0 else None
     view["decode_batch_mean"] = sum(b * v for b, v in steps.items()) / decode_steps if decode_steps else None
+    view["prompt_steps_per_s"] = delta("tritonize_prompt_steps_total") / seconds if seconds > 0 else None
     for key, name in HISTOGRAMS.items():
         buckets = _delta_buckets(before, after, name, labels)
         count = delta(f"{name}_count")
