@@ -8,14 +8,16 @@ perf_analyzer):
 --model is a bfloat16 HF checkpoint (bench/make_model.py --shape llama3-8b writes the 8B shape; made here
 when missing). Its FP8 version is written once beside it (``tritonize export --quantization fp8``: every
 decoder linear per output channel, embedding / norms / LM head bfloat16). Three variants, measured in the
-same run so the ratios compare like with like: ``bf16`` (the baseline), ``fp8`` (FP8 weights, bfloat16 KV
-cache) and ``fp8-kv`` (FP8 weights and FP8 KV cache); ``--variants`` may add ``fp8-wo`` (FP8 weights, steps of up
-to 16 rows on the weight-only kernel: TRITONIZE_FP8_WEIGHT_ONLY_ROWS=16). Phases (``--phases``, each in its own process so
-the GPU is empty between them):
+same run so the ratios compare like with like: ``bf16`` (the baseline), ``fp8`` (FP8 weights as served: steps of up
+to 16 rows on the weight-only kernel, larger ones through torch._scaled_mm; bfloat16 KV cache) and ``fp8-kv`` (the
+same with an FP8 KV cache); ``--variants`` may add ``fp8-mm`` (every step through torch._scaled_mm:
+TRITONIZE_FP8_WEIGHT_ONLY_ROWS=0, the default before 2026-12-06, whose runs called the default ``fp8`` and the
+weight-only one ``fp8-wo``). Phases (``--phases``, each in its own process so the GPU is empty between them):
 
 - ``logits``: the logits of the FP8 model and of the bf16 one on 8 prompts (every position): cosine
-  similarity (min and mean over prompts), top-1 agreement per position. FP8 runs as it is served: FP8
-  GEMMs (torch._scaled_mm) on per-token quantized activations.
+  similarity (min and mean over prompts), top-1 agreement per position. FP8 runs as it is served (the prompts
+  are under 16 tokens: the weight-only kernel on a GPU with FP8), and on a GPU also as ``fp8-mm`` (FP8 GEMMs on
+  per-token quantized activations).
 - ``engine``: bench/engine_bench.py per variant, batches 1 and 64, 128 prompt / 128 output tokens: decode
   tok/s (the runtime alone, CUDA graphs and Triton kernels on).
 - ``serve``: bench/serve_load.py per variant through the generated repository on tritonserver, concurrency
@@ -39,9 +41,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import fp8_checkpoint  # noqa: E402
 
-# quantization, KV cache, environment: fp8-wo is fp8 with steps of up to 16 rows on the weight-only kernel
+# quantization, KV cache, environment: fp8-mm sends every step through torch._scaled_mm
 VARIANTS = {"bf16": ("auto", "model", {}), "fp8": ("fp8", "model", {}), "fp8-kv": ("fp8", "fp8", {}),
-            "fp8-wo": ("fp8", "model", {"TRITONIZE_FP8_WEIGHT_ONLY_ROWS": "16"})}
+            "fp8-mm": ("fp8", "model", {"TRITONIZE_FP8_WEIGHT_ONLY_ROWS": "0"})}
 DEFAULT_VARIANTS = "bf16,fp8,fp8-kv"
 PROMPTS = [
     "The capital of France is", "def fibonacci(n):\n    if n < 2:", "Once upon a time, in a land far away,",
@@ -78,14 +80,16 @@ def logits_phase(model: Path, fp8: Path, device: str, out: Path) -> dict:
     tok = Tokenizer(model)
     prompts = [tok.encode(p) for p in PROMPTS]
 
-    def logits(path: Path, fp8_kv: bool = False, weight_only: bool = False) -> list[torch.Tensor]:
-        quantize.WEIGHT_ONLY_ROWS = 16 if weight_only else 0  # read at each call: the prompts are <= 16 tokens
+    default_rows = quantize.WEIGHT_ONLY_ROWS
+
+    def logits(path: Path, fp8_kv: bool = False, scaled_mm: bool = False) -> list[torch.Tensor]:
+        quantize.WEIGHT_ONLY_ROWS = 0 if scaled_mm else default_rows  # read at each call
         m = load_model(path, device=dev, dtype=dtype)
         swapped = use_fp8_matmul(m) if fp8_matmul_supported(dev) else 0
         m.kv_cache_dtype = FP8 if fp8_kv else None
         with torch.no_grad():
             out = [prompt_logits(m, ids).float().cpu() for ids in prompts]
-        print(f"{path.name}{' + FP8 KV cache' if fp8_kv else ''}{' weight-only' if weight_only else ''}: "
+        print(f"{path.name}{' + FP8 KV cache' if fp8_kv else ''}{' all through _scaled_mm' if scaled_mm else ''}: "
               f"{swapped} FP8 GEMM linears", flush=True)
         del m
         if dev.type == "cuda":
@@ -95,8 +99,8 @@ def logits_phase(model: Path, fp8: Path, device: str, out: Path) -> dict:
     base = logits(model)
     result: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "prompts": PROMPTS}
     variants = [("fp8", {}), ("fp8-kv", {"fp8_kv": True})]
-    if dev.type == "cuda":  # the weight-only kernel: weights rounded to FP8, activations as they are
-        variants.append(("fp8-wo", {"weight_only": True}))
+    if dev.type == "cuda":  # FP8 GEMMs: activations rounded to FP8 too
+        variants.append(("fp8-mm", {"scaled_mm": True}))
     for name, kwargs in variants:
         got = logits(fp8, **kwargs)
         cos = [float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)) for a, b in zip(got, base)]
@@ -151,7 +155,7 @@ def summary(out: Path, variants: list[str], low: int = 1, high: int = 64, length
                  str(row["kv_cache_tokens"])]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     if "logits" in result:
-        for v in ("fp8", "fp8-kv", "fp8-wo"):
+        for v in ("fp8", "fp8-kv", "fp8-mm"):
             if v in result["logits"]:
                 lg = result["logits"][v]
                 lines.append(f"\n{v}: logits cosine similarity to bf16 on 8 prompts: min {lg['cosine_min']:.4f}, mean "

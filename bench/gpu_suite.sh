@@ -105,7 +105,7 @@ case $phase in
   fp8)
     $test_python -m pytest -q -p no:cacheprovider tests/test_fp8_runtime.py tests/test_cuda_kernels.py 2>&1 | tail -15 \
       | tee "$out/fp8-tests.log"
-    python3 bench/fp8_bench.py --model $model --out /tmp/fp8 --variants bf16,fp8,fp8-kv,fp8-wo 2>&1 | tee "$out/fp8.log"
+    python3 bench/fp8_bench.py --model $model --out /tmp/fp8 --variants bf16,fp8,fp8-kv,fp8-mm 2>&1 | tee "$out/fp8.log"
     mkdir -p "$out/fp8" && cp /tmp/fp8/*.json /tmp/fp8/*.md "$out/fp8/" ;;
   *) echo "usage: bash bench/gpu_suite.sh engine|alone|served|hops|closed-loop|engine-process|baseline|adapters|openai|fp8|guided|start" >&2; exit 2 ;;
 esac
