@@ -90,10 +90,13 @@ def run_batch(engine: Engine, prompts: list[list[int]], output_len: int, tag: st
 
 
 def closed_loop(engine: Engine, concurrency: int, input_len: int, output_len: int, vocab: int, duration: float,
-                end_ids: list[int], profile_dir: Path | None = None) -> dict:
+                end_ids: list[int], profile_dir: Path | None = None, lockstep: bool = False) -> dict:
     """``concurrency`` requests in flight, each replaced by a new one as it finishes (perf_analyzer's concurrency
     mode, without the server): the steady state a served load gives the engine, prompts arriving while others
-    decode. Tokens are counted over ``duration`` seconds after a warm-up round. With ``profile_dir`` (CUDA), a
+    decode. The first round asks for 1 to ``output_len`` tokens, so that requests end, and new ones arrive, spread
+    over the steps as a served load's do (a new prompt every ``output_len / concurrency`` steps); ``lockstep``: all
+    ask for ``output_len`` and stay in step (rounds of prefills between runs of pure decode steps). Tokens are
+    counted over ``duration`` seconds after a warm-up round. With ``profile_dir`` (CUDA), a
     kernel table of 0.3 s of the same steady state is taken after the measured window: the profiler slows the
     steps it traces, so it never runs while they are counted."""
     import queue
@@ -104,7 +107,7 @@ def closed_loop(engine: Engine, concurrency: int, input_len: int, output_len: in
     starts: dict[int, float] = {}
     prompts = random_prompts(64, input_len, vocab, 11)
 
-    def submit(i: int) -> None:
+    def submit(i: int, length: int = output_len) -> None:
         starts[i] = time.perf_counter()
 
         def on_output(out, i=i) -> None:  # noqa: ANN001 - engine thread
@@ -116,14 +119,14 @@ def closed_loop(engine: Engine, concurrency: int, input_len: int, output_len: in
                 finished.put(i)
 
         engine.submit(GenerationRequest(
-            request_id=f"loop{concurrency}-{i}", prompt_ids=prompts[i % len(prompts)], max_new_tokens=output_len,
-            sampling=SamplingParams(min_tokens=output_len), stream=True, end_ids=list(end_ids), on_output=on_output))
+            request_id=f"loop{concurrency}-{i}", prompt_ids=prompts[i % len(prompts)], max_new_tokens=length,
+            sampling=SamplingParams(min_tokens=length), stream=True, end_ids=list(end_ids), on_output=on_output))
 
     def steps() -> tuple[int, int]:
         return engine.stats["decode_steps"], engine.stats["mixed_steps"]
 
-    for i in range(concurrency):
-        submit(i)
+    for i in range(concurrency):  # the first round staggered: later rounds arrive spread out, as served ones do
+        submit(i, output_len if lockstep else 1 + (i * output_len) // concurrency)
     n = concurrency
     t0 = time.perf_counter() + 2.0 * output_len * 0.02 + 1.0  # past the first round's start-up
     t1 = t0 + duration
@@ -147,7 +150,7 @@ def closed_loop(engine: Engine, concurrency: int, input_len: int, output_len: in
             (decode, mixed), (d0, m0) = steps(), before["steps"]
             count = max(decode - d0 + mixed - m0, 1)
             ttfts = sorted(firsts)
-            row = {"closed_loop_concurrency": concurrency, "output_tok_s": tokens[0] / wall,
+            row = {"closed_loop_concurrency": concurrency, "lockstep": lockstep, "output_tok_s": tokens[0] / wall,
                    "decode_steps": decode - d0, "mixed_steps": mixed - m0, "ms_per_step": 1000 * wall / count,
                    "ttft_ms_p50": 1000 * ttfts[len(ttfts) // 2] if ttfts else None,
                    "engine_ms_per_step": {k: 1000 * (v - before[k]) / count for k, v in engine.stats["time_s"].items()}}
@@ -271,6 +274,8 @@ def main() -> None:
     ap.add_argument("--closed-loop", default="", help="concurrencies to hold in flight, requests replaced as they "
                     "finish (the served steady state without the server), e.g. 64,256 ('': skip)")
     ap.add_argument("--closed-loop-s", type=float, default=8.0, help="seconds measured per --closed-loop level")
+    ap.add_argument("--lockstep", action="store_true", help="--closed-loop: every request of the first round as long "
+                    "as the rest, so that rounds stay in step (by default they are spread out, as served loads are)")
     ap.add_argument("--profile-dir", type=Path, default=None, help="write a kernel table of decode steps here")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -316,7 +321,7 @@ def main() -> None:
 
     for c in loops:
         row = closed_loop(engine, c, args.input_len, args.output_len, vocab, args.closed_loop_s,
-                          [] if args.no_end_ids else list(engine.default_end_ids), args.profile_dir)
+                          [] if args.no_end_ids else list(engine.default_end_ids), args.profile_dir, args.lockstep)
         result.setdefault("closed_loop", []).append(row)
         print(json.dumps(row), flush=True)
 

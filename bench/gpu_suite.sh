@@ -7,7 +7,8 @@
 #                                     # at concurrency 1/16/64/256, served prefix-reuse TTFT, start times
 #                                     # (= the phases alone, served and hops, one after the other)
 #   bash bench/gpu_suite.sh closed-loop  # the engine alone holding 16/64/256 requests in flight (replaced as they
-#                                     # finish: the served steady state without the server), step budget 2048 then 512
+#                                     # finish: the served steady state without the server): step budgets 2048 and
+#                                     # 512, max batch 256 and 64, requests spread out and in lockstep
 #   bash bench/gpu_suite.sh engine-process  # served at concurrency 64 and 256, the engine in the engine model's
 #                                     # process, then in its own (TRITONIZE_ENGINE_PROCESS=1): same machine
 #   bash bench/gpu_suite.sh baseline  # transformers generate on the same weights (slow: run on its own)
@@ -53,19 +54,14 @@ case $phase in
     python3 bench/engine_bench.py --model $model --batches 1,16,64,256 --closed-loop 16,64,256 --profile-dir "$out" \
       --json "$out/engine.json" 2>&1 | grep -vE "^\s*$|_warn_once|UserWarning" | tee "$out/engine.log" ;;
   closed-loop)
-    # the served steady state without the server, at two step budgets (the repository's 2048 and 512)
-    for budget in 2048 512; do
-      python3 bench/engine_bench.py --model $model --batches "" --closed-loop 16,64,256 --prefix-len 0 \
-        --max-num-tokens $budget --json "$out/closed-loop-$budget.json" 2>&1 | grep closed_loop_conc \
-        | sed "s/^/budget=$budget /" | tee -a "$out/closed-loop.log"
-    done ;;
-  served)
-    # served: the first start compiles nothing but Triton's kernels; the second reuses ~/.triton
-    python3 bench/serve_load.py --model $model --device cuda --dtype bfloat16 --concurrency 1,16,64,256 \
-      --duration 12 --pa-interval-ms 4000 --prefix-len 1024 --workdir /tmp/sb --json "$out/serve.json" 2>&1 \
-      | grep -E '^\{|ready|rror' | tee "$out/serve.log"
-    cp /tmp/sb/server.log "$out/server.log" 2>/dev/null
-    tar czf "$out/pa-logs.tgz" -C /tmp/sb $(cd /tmp/sb && ls perf_analyzer_*.log 2>/dev/null) 2>/dev/null ;;
+    # the served steady state without the server: requests spread out (a new prompt every 128/B steps) with max batch
+    # 256 at the repository's step budget 2048 and at 512; then max batch 64 alone; then requests in lockstep
+    run() { python3 bench/engine_bench.py --model $model --batches "" --prefix-len 0 "$@" 2>&1 \
+      | grep closed_loop_conc | sed "s/^/$* /" | tee -a "$out/closed-loop.log"; }
+    run --closed-loop 16,64,256 --max-num-tokens 2048
+    run --closed-loop 16,64,256 --max-num-tokens 512
+    run --closed-loop 64 --max-num-tokens 2048
+    run --closed-loop 64,256 --max-num-tokens 2048 --lockstep ;;
   engine-process)
     for on in 0 1; do
       TRITONIZE_ENGINE_PROCESS=$on python3 bench/serve_load.py --model $model --device cuda --dtype bfloat16 \
