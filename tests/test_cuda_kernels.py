@@ -147,10 +147,12 @@ def test_every_family_with_the_kernels_swapped_in_equals_transformers(name, tmp_
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_padded_steps_give_the_exact_steps_tokens(tmp_path, world):
+@pytest.mark.parametrize("max_batch", [4, 32])
+def test_padded_steps_give_the_exact_steps_tokens(tmp_path, world, max_batch):
     """The layouts the CUDA graphs replay (steps padded to a token bucket, padding tokens and sequences that
     belong to no request), run eagerly with the kernels: the same greedy text as transformers. Split over two
-    ranks, the kernels run on each rank's heads and the workers follow rank 0's padded layouts."""
+    ranks, the kernels run on each rank's heads and the workers follow rank 0's padded layouts. With a max
+    batch above the smallest token bucket, a prompt step's layout holds as many sequences as its tokens."""
     if DEVICE == "cuda" and torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -165,10 +167,12 @@ def test_padded_steps_give_the_exact_steps_tokens(tmp_path, world):
     hf = LlamaForCausalLM(config).eval()
     hf.save_pretrained(tmp_path)
     prompts = [[1, 17, 42, 99, 7], [1, 250, 3], [1] + list(range(60, 90)), [1, 5, 5, 5, 8, 200, 31, 64, 2, 9, 11]]
-    with Engine(tmp_path, device=DEVICE, dtype="float32", max_batch_size=4, max_seq_len=64, max_num_tokens=24,
-                block_size=4, kernels=True, cuda_graphs=False, tensor_parallel_size=world) as eng:
+    budget = max(24, max_batch)  # 16 / 24 tokens, or 16 / 32 with a batch of 32
+    with Engine(tmp_path, device=DEVICE, dtype="float32", max_batch_size=max_batch, max_seq_len=64,
+                max_num_tokens=budget, block_size=4, kernels=True, cuda_graphs=False, tensor_parallel_size=world) as eng:
         assert eng.kernels
-        eng.runner.buckets, eng.runner.token_buckets = batch_buckets(4), token_buckets(24)
+        eng.runner.buckets, eng.runner.token_buckets = batch_buckets(max_batch), token_buckets(budget)
+        assert {s.seqs for s in eng.runner.shapes() if s.prompt} == {min(t, max_batch) for t in token_buckets(budget)}
         got = eng.generate(prompts, 6, end_ids=[], timeout=120)
     for prompt, out in zip(prompts, got, strict=True):
         with torch.no_grad():

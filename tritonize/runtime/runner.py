@@ -297,7 +297,7 @@ class ModelRunner:
         else:
             n = plan.num_tokens
             bucket = next((t for t in self.token_buckets if t >= n), None)
-            shape = None if bucket is None else _Shape(bucket, self.max_num_seqs, True)
+            shape = None if bucket is None else self._prompt_shape(bucket)
         return None if shape in self.failed else shape
 
     def _launch(self, plan: StepPlan, rows: Sequence[SamplingRow], virtual_offset: Callable[[object], int],
@@ -375,10 +375,15 @@ class ModelRunner:
         return InFlight(plan, host_tokens, host_lp, event)
 
     # ---------------------------------------------------------------- CUDA graphs
+    def _prompt_shape(self, tokens: int) -> _Shape:
+        """A step of ``tokens`` tokens holds at most that many sequences (each chunk has one token or more): its
+        graph is laid out for no more, so a small prompt step does not pad to the largest batch."""
+        return _Shape(tokens, min(tokens, self.max_num_seqs), True)
+
     def shapes(self) -> list[_Shape]:
         """Every shape a step can replay, largest first (smaller graphs reuse the largest one's memory)."""
         decode = [_Shape(b, b, False) for b in self.buckets]
-        prompt = [_Shape(t, self.max_num_seqs, True) for t in self.token_buckets]
+        prompt = [self._prompt_shape(t) for t in self.token_buckets]
         return sorted(decode + prompt, key=lambda s: (s.tokens, s.seqs, s.prompt), reverse=True)
 
     def capture_all(self, progress: Callable[[int, int], None] | None = None) -> None:
