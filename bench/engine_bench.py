@@ -4,8 +4,8 @@ Measured in one run on one device, so the figures compare with each other and wi
 - copy bandwidth (device-to-device, bytes read + written) and the roofline = bandwidth / weight bytes;
 - per batch size B: B requests of ``--input-len`` random tokens submitted at once, each generating exactly
   ``--output-len`` tokens (``min_tokens``, the checkpoint's end ids banned until then, as the served loads
-  ask; ``--no-end-ids``: requests that name none, as this script did before 2026-12-06): decode tok/s (tokens after the first over the time between first and last,
-  summed over requests), end-to-end tok/s, TTFT p50;
+  ask; ``--no-end-ids``: requests that name none, as this script did before 2026-12-06): decode tok/s (tokens
+  after the first over the time between first and last, summed over requests), end-to-end tok/s, TTFT p50;
 - prefix reuse: TTFT of a request whose ``--prefix-len``-token prefix is cached, against the same request
   cold (prefix cache emptied);
 - the engine thread's own time per step (planning, launching, waiting for the device, applying) and a
@@ -302,12 +302,12 @@ def main() -> None:
     }
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
     vocab = engine.vocab_size
+    end_ids = [] if args.no_end_ids else list(engine.default_end_ids)  # what the measured requests name
     run_batch(engine, random_prompts(2, 16, vocab, 0), 8, "warm")
     for b in batches:
         run_batch(engine, random_prompts(b, 16, vocab, 1), 4, f"warm{b}")
         before = {k: v for k, v in engine.stats["time_s"].items()}
         steps_before = engine.stats["decode_steps"] + engine.stats["mixed_steps"]
-        end_ids = [] if args.no_end_ids else list(engine.default_end_ids)
         row = run_batch(engine, random_prompts(b, args.input_len, vocab, 2 + b), args.output_len, f"b{b}",
                         end_ids=end_ids)
         steps = engine.stats["decode_steps"] + engine.stats["mixed_steps"] - steps_before
@@ -321,7 +321,7 @@ def main() -> None:
 
     for c in loops:
         row = closed_loop(engine, c, args.input_len, args.output_len, vocab, args.closed_loop_s,
-                          [] if args.no_end_ids else list(engine.default_end_ids), args.profile_dir, args.lockstep)
+                          end_ids, args.profile_dir, args.lockstep)
         result.setdefault("closed_loop", []).append(row)
         print(json.dumps(row), flush=True)
 

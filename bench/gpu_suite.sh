@@ -53,6 +53,13 @@ case $phase in
       "tests/test_engine.py::test_cuda_graph_decode_matches_transformers" 2>&1 | tail -30 | tee "$out/cuda-tests.log"
     python3 bench/engine_bench.py --model $model --batches 1,16,64,256 --closed-loop 16,64,256 --profile-dir "$out" \
       --json "$out/engine.json" 2>&1 | grep -vE "^\s*$|_warn_once|UserWarning" | tee "$out/engine.log" ;;
+  served)
+    # served: the first start compiles nothing but Triton's kernels; the second reuses ~/.triton
+    python3 bench/serve_load.py --model $model --device cuda --dtype bfloat16 --concurrency 1,16,64,256 \
+      --duration 12 --pa-interval-ms 4000 --prefix-len 1024 --workdir /tmp/sb --json "$out/serve.json" 2>&1 \
+      | grep -E '^\{|ready|rror' | tee "$out/serve.log"
+    cp /tmp/sb/server.log "$out/server.log" 2>/dev/null
+    tar czf "$out/pa-logs.tgz" -C /tmp/sb $(cd /tmp/sb && ls perf_analyzer_*.log 2>/dev/null) 2>/dev/null ;;
   closed-loop)
     # the served steady state without the server: requests spread out (a new prompt every 128/B steps) with max batch
     # 256 at the repository's step budget 2048 and at 512; then max batch 64 alone; then requests in lockstep

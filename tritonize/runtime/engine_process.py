@@ -168,10 +168,10 @@ class EngineProcess(GenerationEngine):
                 break
             kind = message[0]
             if kind == "out":
-                _, outputs, gauges, histogram = message
+                _, outputs, gauges, step_counts = message
                 self.num_running, self.num_waiting, self.pool.value = gauges
-                if histogram is not None:
-                    self.stats["decode_batch_histogram"], self.stats["mixed_steps"] = histogram
+                if step_counts is not None:
+                    self.stats["decode_batch_histogram"], self.stats["mixed_steps"] = step_counts
                 with self._lock:
                     calls = [(key, out, self._callbacks.pop(key, None) if out.finished else self._callbacks.get(key))
                              for key, out in outputs]
@@ -281,17 +281,17 @@ class _Core:
         with self.lock:
             if not self.pending and gauges == self.gauges and steps == self.steps_sent:
                 return
-            histogram = None
+            step_counts = None  # (decode steps by batch size, steps with prompt chunks)
             if steps != self.steps_sent:
                 try:
-                    histogram = (dict(stats.get("decode_batch_histogram", {})), stats.get("mixed_steps", 0))
+                    step_counts = (dict(stats.get("decode_batch_histogram", {})), stats.get("mixed_steps", 0))
                     self.steps_sent = steps
                 except RuntimeError:  # changed while copied (not the engine thread): the next flush sends it
                     pass
             outputs, self.pending = self.pending, []
             self.gauges = gauges
             try:
-                self.conn.send(("out", outputs, gauges, histogram))
+                self.conn.send(("out", outputs, gauges, step_counts))
             except (OSError, ValueError):
                 pass  # the parent is gone; the main thread sees it and stops
 
