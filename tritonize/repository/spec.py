@@ -88,7 +88,7 @@ class RepoSpec:
     device: str = "auto"
     dtype: str = "auto"
     instance_count: int = 1
-    tokenizer_instance_count: int = 1  # generate's default: 1 on --device cpu, else 4
+    tokenizer_instance_count: int = 0  # 0: 1 on --device cpu, else 4 (a GPU's streams outrun one detokenizing process)
     # adapters: (lora_task_id, source) and (task_id, source) pairs, and the limits they are checked against
     lora: tuple[tuple[int, str], ...] = ()
     ptuning: tuple[tuple[int, str], ...] = ()
@@ -118,6 +118,8 @@ class RepoSpec:
         object.__setattr__(self, "ptuning", tuple((int(t), str(p)) for t, p in self.ptuning))
         object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
         object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+        if self.tokenizer_instance_count == 0:  # every maker of a spec (generate, the Python API, bench) gets this
+            object.__setattr__(self, "tokenizer_instance_count", 1 if self.device == "cpu" else 4)
         self._check()
 
     @classmethod
@@ -131,8 +133,6 @@ class RepoSpec:
         """
         names = {f.name for f in fields(cls)}
         values = {name: value for name, value in options.items() if name in names and value is not None}
-        if "tokenizer_instance_count" not in values:  # a GPU's streams outrun one detokenizing process
-            values["tokenizer_instance_count"] = 1 if values.get("device") == "cpu" else 4
         if "max_batch_size" not in values:  # the KV cache is paged: a batch row reserves no memory
             rows = 8 if values.get("device") == "cpu" else 256
             values["max_batch_size"] = min(rows, values.get("max_num_tokens") or rows)

@@ -14,8 +14,9 @@ process does not do.
 When a client cancels its stream on the ensemble, Triton 2.51 keeps the engine's request running and
 hands each later response to this step marked cancelled. The step then asks the engine to ``stop``
 that request (once per request), so its slot and KV cache are freed within a poll interval. Asking whether
-a request was cancelled is a round trip to the server: a stream is asked on its first response and then at
-most once per ``CANCEL_CHECK_S``, not on each of its responses (64 streams make thousands a second). This needs Triton's
+a request was cancelled is a round trip to the server: a stream is asked at most once per ``CANCEL_CHECK_S``,
+counted from its first response (which carries the first token and waits for no question), not on each of its
+responses (64 streams make thousands a second). This needs Triton's
 default scheduler here: its dynamic batcher drops the steps of a cancelled request unseen.
 """
 
@@ -93,8 +94,9 @@ class TritonPythonModel:
         return responses
 
     def _due(self, request, p):
-        """Whether to ask if this response's stream was cancelled now: on its first response, then once per
-        CANCEL_CHECK_S; never on the final one (the engine is done with it)."""
+        """Whether to ask if this response's stream was cancelled now: once per CANCEL_CHECK_S after its first
+        response; never on the first (the time to the first token pays for no round trip) nor the final one (the
+        engine is done with it)."""
         key = (request.request_id(), p.handle)
         if p.final:
             self.checked.pop(key, None)
@@ -107,7 +109,7 @@ class TritonPythonModel:
         self.checked.move_to_end(key)
         while len(self.checked) > STOPPED_MEMORY:  # streams whose final response went to another instance
             self.checked.popitem(last=False)
-        return True
+        return last is not None
 
     def _stop_engine_request(self, request, handle):
         """Sends the engine a ``stop`` for the stream (the engine's handle) this response came from."""
