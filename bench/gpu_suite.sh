@@ -31,11 +31,15 @@ out=${OUT:-/tmp/bench-out}; mkdir -p "$out"
 # The tests compare against transformers, which imports under the image's own numpy (2.x) but not under the
 # kit's numpy 1.26 that env.sh puts in front for Triton's stubs: they run with the python3 found before it.
 test_python=$(command -v python3)
-# The tests' tokenizer is the SentencePiece model inside mistral-common, which the GPU image lacks: a package
-# holding only that file (.whl/tokenizer.model is it) stands in for it.
+# The tests' and the demo's tokenizer is the SentencePiece model inside mistral-common, which the GPU image lacks: a
+# package holding only that file (.whl/tokenizer.model is it) stands in for it, with the version metadata that
+# transformers reads when it imports.
 if ! python3 -c "import mistral_common" 2> /dev/null && [ -f .whl/tokenizer.model ]; then
-  mkdir -p .whl/site/mistral_common/data && touch .whl/site/mistral_common/__init__.py
+  mkdir -p .whl/site/mistral_common/data .whl/site/mistral_common-1.8.5.dist-info
+  touch .whl/site/mistral_common/__init__.py
   cp .whl/tokenizer.model .whl/site/mistral_common/data/tokenizer.model.v1
+  printf 'Metadata-Version: 2.1\nName: mistral_common\nVersion: 1.8.5\n' \
+    > .whl/site/mistral_common-1.8.5.dist-info/METADATA
 fi
 source .devkit/env.sh
 export PYTHONPATH=$PWD/.whl/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

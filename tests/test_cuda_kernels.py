@@ -265,11 +265,11 @@ def test_an_fp8_checkpoint_with_an_fp8_cache_runs_the_same_with_the_kernels(layo
     fp8_dir, _ = write_fp8_checkpoint(src, tmp_path, layout)
     prompts = [[1, 415, 3607, 302, 264, 9631], [1, 5713, 3714], [1, 330, 28705, 28740]]
     common = dict(device=DEVICE, dtype="float32", max_batch_size=4, max_seq_len=48, kv_cache_dtype="fp8",
-                  cuda_graphs=False)
-    with_kernels = Engine(fp8_dir, kernels=True, **common)
-    assert with_kernels.kernels and with_kernels.model.layers[0].attention.paged.k_cache.dtype == torch.float8_e4m3fn
-    plain = Engine(fp8_dir, kernels=False, **common)
-    assert with_kernels.generate(prompts, max_new_tokens=8) == plain.generate(prompts, max_new_tokens=8)
+                  cuda_graphs=False, kv_cache_tokens=1024)  # a small pool: later tests need the card's memory too
+    with Engine(fp8_dir, kernels=True, **common) as with_kernels, Engine(fp8_dir, kernels=False, **common) as plain:
+        assert with_kernels.kernels
+        assert with_kernels.model.layers[0].attention.paged.k_cache.dtype == torch.float8_e4m3fn
+        assert with_kernels.generate(prompts, max_new_tokens=8) == plain.generate(prompts, max_new_tokens=8)
 
 
 @pytest.mark.parametrize("m, n, k", [(1, 48, 96), (5, 80, 300), (16, 32, 512)])

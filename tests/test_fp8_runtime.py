@@ -328,17 +328,19 @@ def test_on_the_gpu_fp8_gemms_run_in_cuda_graphs(fp8_ckpts):
     from tritonize.runtime.quantize import fp8_matmul_supported
 
     fp8_dir = fp8_ckpts["compressed-tensors"][0]
-    common = dict(device="cuda", dtype="bfloat16", max_batch_size=4, max_seq_len=64, kv_cache_dtype="fp8")
-    graphs = Engine(fp8_dir, **common)
-    eager = Engine(fp8_dir, cuda_graphs=False, **common)
-    assert graphs.runner.buckets and graphs.kernels
-    assert graphs.fp8_linears == (8 if fp8_matmul_supported(graphs.device) else 0)
-    want = eager.generate(PROMPTS[:4], max_new_tokens=12, end_ids=[])
-    assert graphs.start().generate(PROMPTS[:4], max_new_tokens=12, end_ids=[]) == want
-    if fp8_matmul_supported(graphs.device):  # the FP8 GEMM of an 8B-sized layer against its weight-only result
-        torch.manual_seed(0)
+    # a small pool: the engines of the tests after this one need the card's memory too
+    common = dict(device="cuda", dtype="bfloat16", max_batch_size=4, max_seq_len=64, kv_cache_dtype="fp8",
+                  kv_cache_tokens=1024)
+    with Engine(fp8_dir, **common) as graphs, Engine(fp8_dir, cuda_graphs=False, **common) as eager:
+        assert graphs.runner.buckets and graphs.kernels
+        assert graphs.fp8_linears == (8 if fp8_matmul_supported(graphs.device) else 0)
+        want = eager.generate(PROMPTS[:4], max_new_tokens=12, end_ids=[])
+        assert graphs.generate(PROMPTS[:4], max_new_tokens=12, end_ids=[]) == want
+        supported = fp8_matmul_supported(graphs.device)
+    if supported:  # the FP8 GEMM of an 8B-sized layer (more rows than the weight-only kernel takes) against its
+        torch.manual_seed(0)  # weight-only result
         module = FP8Linear.from_linear(torch.nn.Linear(4096, 1024, device="cuda", dtype=torch.bfloat16))
-        x = torch.randn(7, 4096, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(32, 4096, device="cuda", dtype=torch.bfloat16)
         reference = module(x)
         use_fp8_matmul(module)
         got = module(x)

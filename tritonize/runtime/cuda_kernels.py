@@ -370,10 +370,13 @@ def _fp8_weight_only_kernel(out_ptr, x_ptr, w_ptr, scale_ptr, m, n, k, BLOCK_M: 
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _weight_only_tiling(n: int, k: int) -> tuple[int, int, int]:
+def _weight_only_tiling(n: int, k: int, activation_bytes: int = 2) -> tuple[int, int, int]:
     """(block_n, block_k, num_stages): the fastest of bench/fp8_kernels.py's grid for the 8B shape's linears on one
     H100 (bench/RESULTS.md section 13): 32 output columns a program; wide outputs (gate/up) in short steps of K,
-    the others in long ones, a deep pipeline where K is long or the output narrow."""
+    the others in long ones, a deep pipeline where K is long or the output narrow. Float32 activations (exact
+    FMAs, no tensor cores: not a speed path) take short steps, which fit an Ada's shared memory."""
+    if activation_bytes > 2:
+        return 32, 128, 2
     if n > 8192:
         return 32, 128, 3
     return 32, 512, 5 if (k > 8192 or n <= 4096) else 3
@@ -390,7 +393,7 @@ def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.T
     if m > 16:
         raise ValueError(f"fp8_weight_only_linear takes at most 16 rows, got {m}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    tiled_n, tiled_k, stages = _weight_only_tiling(n, k)
+    tiled_n, tiled_k, stages = _weight_only_tiling(n, k, x.element_size())
     block_n, block_k = block_n or tiled_n, block_k or tiled_k
     _fp8_weight_only_kernel[(triton.cdiv(n, block_n),)](out, x, weight, scale, m, n, k, BLOCK_M=16,
                                                          BLOCK_N=block_n, BLOCK_K=block_k,

@@ -281,7 +281,7 @@ class ScaledMMLinear(FP8Linear):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
-        if rows.shape[0] <= WEIGHT_ONLY_ROWS and self.input_scale is None:
+        if rows.shape[0] <= WEIGHT_ONLY_ROWS and self.input_scale is None and rows.is_cuda:
             from .cuda_kernels import fp8_weight_only_linear
 
             y = fp8_weight_only_linear(rows, self.weight, self.weight_scale)
