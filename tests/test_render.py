@@ -173,3 +173,21 @@ def test_existing_output_needs_force_and_failure_leaves_nothing(demo_ckpt, tmp_p
         write_repository(RepoSpec(name="c"), ckpt, out, progress=False)
     assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
     assert sorted(os.listdir(tmp_path)) == ["other", "repo"]
+
+
+@pytest.mark.parametrize("made_by", ["spec", "options"])
+def test_the_tokenizer_models_get_four_instances_off_the_cpu_whoever_makes_the_spec(made_by, demo_ckpt, tmp_path):
+    """A GPU's streams outrun one detokenizing process: a spec made directly (the Python API, the benchmarks) gets the
+    same default as one made from generate's options, and the rendered configs carry it."""
+    def spec(**fields):  # noqa: ANN202
+        return RepoSpec(name="t", **fields) if made_by == "spec" else RepoSpec.from_options({"name": "t", **fields})
+
+    assert spec(device="cpu").tokenizer_instance_count == 1
+    assert spec(device="cuda").tokenizer_instance_count == 4
+    assert spec(device="auto").tokenizer_instance_count == 4
+    assert spec(device="cuda", tokenizer_instance_count=2).tokenizer_instance_count == 2
+    out = write_repository(spec(device="cuda", max_batch_size=4, max_input_len=32, max_output_len=16),
+                           inspect_checkpoint(demo_ckpt), tmp_path / "repo", progress=False)
+    configs = _configs(out)
+    assert configs["t_preprocessing"].instance_group[0].count == 4
+    assert configs["t_postprocessing"].instance_group[0].count == 4
