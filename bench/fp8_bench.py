@@ -12,7 +12,7 @@ same run so the ratios compare like with like: ``bf16`` (the baseline), ``fp8`` 
 to 16 rows on the weight-only kernel, larger ones through torch._scaled_mm; bfloat16 KV cache) and ``fp8-kv`` (the
 same with an FP8 KV cache); ``--variants`` may add ``fp8-mm`` (every step through torch._scaled_mm:
 TRITONIZE_FP8_WEIGHT_ONLY_ROWS=0, the default before 2026-12-06, whose runs called the default ``fp8`` and the
-weight-only one ``fp8-wo``). Phases (``--phases``, each in its own process so the GPU is empty between them):
+weight-only one ``fp8-wo``) and ``fp8-head`` (the LM head in FP8 too: ``--fp8-lm-head``, its own checkpoint). Phases (``--phases``, each in its own process so the GPU is empty between them):
 
 - ``logits``: the logits of the FP8 model and of the bf16 one on 8 prompts (every position): cosine
   similarity (min and mean over prompts), top-1 agreement per position. FP8 runs as it is served (the prompts
@@ -41,9 +41,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import fp8_checkpoint  # noqa: E402
 
-# quantization, KV cache, environment: fp8-mm sends every step through torch._scaled_mm
+# quantization, KV cache, environment: fp8-mm sends every step through torch._scaled_mm; fp8-head has the LM head
+# in FP8 too (--fp8-lm-head)
 VARIANTS = {"bf16": ("auto", "model", {}), "fp8": ("fp8", "model", {}), "fp8-kv": ("fp8", "fp8", {}),
-            "fp8-mm": ("fp8", "model", {"TRITONIZE_FP8_WEIGHT_ONLY_ROWS": "0"})}
+            "fp8-mm": ("fp8", "model", {"TRITONIZE_FP8_WEIGHT_ONLY_ROWS": "0"}), "fp8-head": ("fp8-head", "model", {})}
 DEFAULT_VARIANTS = "bf16,fp8,fp8-kv"
 PROMPTS = [
     "The capital of France is", "def fibonacci(n):\n    if n < 2:", "Once upon a time, in a land far away,",

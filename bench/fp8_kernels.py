@@ -5,8 +5,10 @@ against bfloat16, in microseconds and in GB/s of weights read (bench/RESULTS.md,
 
 For the four linears of a decoder layer of the chosen shape (fused q/k/v, o, fused gate/up, down) at M rows:
 ``bf16`` (F.linear on bfloat16 weights: the baseline), ``scaled_mm`` (per-token activation quantization then
-torch._scaled_mm: what FP8 runs by default) and ``weight-only`` (cuda_kernels.fp8_weight_only_linear) in every
-tiling of a small grid; the best tiling per linear is reported, with the layer's total per kernel. Each timing
+torch._scaled_mm: what FP8 runs for steps of more than 16 rows) and ``weight-only``
+(cuda_kernels.fp8_weight_only_linear: steps of up to 16 rows) in every tiling of a small grid, whole K per program
+and K shared among 2-8 programs per output tile (split-K); the best tiling per linear is reported (and the best
+split-K one apart), with the layer's total per kernel. Each timing
 replays a CUDA graph of 20 calls, so launch costs count as they do in a captured decode step. Weights are random:
 only their sizes matter here.
 """
@@ -30,6 +32,9 @@ SHAPES = {  # (n, k) of the fused q/k/v, o, fused gate/up and down projections
     "llama3-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
 }
 GRID = {"block_n": (16, 32, 64), "block_k": (128, 256, 512), "num_warps": (4, 8), "num_stages": (3, 5)}
+# K shared among split_k programs per output tile (the narrow linears leave SMs idle with whole-K programs)
+SPLIT_GRID = {"block_n": (16, 32, 64), "block_k": (128, 256), "num_warps": (4,), "num_stages": (3,),
+              "split_k": (2, 4, 8)}
 
 
 def time_us(fn, calls: int = 20, reps: int = 20) -> float:
@@ -79,18 +84,24 @@ def main() -> None:
             row["scaled_mm"] = time_us(partial(scaled_mm, x, wq, scale))
             best = None
             if m <= 16:
-                for bn, bk, nw, ns in itertools.product(*GRID.values()):
+                whole = [dict(zip(GRID, v, strict=True), split_k=1) for v in itertools.product(*GRID.values())]
+                shared = [dict(zip(SPLIT_GRID, v, strict=True)) for v in itertools.product(*SPLIT_GRID.values())]
+                best_split = None
+                for tiling in whole + shared:
                     try:
-                        t = time_us(partial(fp8_weight_only_linear, x, wq, scale, block_n=bn, block_k=bk,
-                                            num_warps=nw, num_stages=ns))
+                        t = time_us(partial(fp8_weight_only_linear, x, wq, scale, **tiling))
                     except Exception as e:  # a tiling that does not fit the card's shared memory
-                        print(f"  {name} m={m} {bn}/{bk}/{nw}/{ns}: {type(e).__name__}", file=sys.stderr)
+                        print(f"  {name} m={m} {tiling}: {type(e).__name__}", file=sys.stderr)
                         continue
                     if best is None or t < best[0]:
-                        best = (t, {"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns})
+                        best = (t, tiling)
+                    if tiling["split_k"] > 1 and (best_split is None or t < best_split[0]):
+                        best_split = (t, tiling)
                 default = time_us(partial(fp8_weight_only_linear, x, wq, scale))
                 row["weight_only_default"] = default
                 row["weight_only"], row["weight_only_tiling"] = best
+                if best_split is not None:
+                    row["weight_only_split"], row["weight_only_split_tiling"] = best_split
             for kind, nbytes in (("bf16", 2), ("scaled_mm", 1), ("weight_only", 1)):
                 if kind in row:
                     row[f"{kind}_GBps"] = round(n * k * nbytes / row[kind] / 1e3, 1)

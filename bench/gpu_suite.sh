@@ -15,7 +15,8 @@
 #   bash bench/gpu_suite.sh adapters  # the LoRA / p-tuning tests under CUDA graphs, and mixed-LoRA decode
 #   bash bench/gpu_suite.sh openai    # the OpenAI front against gRPC streaming, same server, concurrency 1/64
 #                                     # (needs fastapi, uvicorn, httptools and openai in .whl/site too)
-#   bash bench/gpu_suite.sh fp8       # FP8 on the GPU: its tests on CUDA, then FP8 vs bf16 (bench/fp8_bench.py)
+#   bash bench/gpu_suite.sh fp8       # FP8 on the GPU: its tests on CUDA, the weight-only kernel's tilings (split-K
+#                                     # included: bench/fp8_kernels.py), then FP8 vs bf16 (bench/fp8_bench.py)
 #   bash bench/gpu_suite.sh guided    # structured output: 64 streams, 16 guided by a JSON schema, against the
 #                                     # same load unguided, on the engine (and with the engine waiting for every
 #                                     # step instead); the guided tests under CUDA graphs first
@@ -112,7 +113,8 @@ case $phase in
   fp8)
     $test_python -m pytest -q -p no:cacheprovider tests/test_fp8_runtime.py tests/test_cuda_kernels.py 2>&1 | tail -15 \
       | tee "$out/fp8-tests.log"
-    python3 bench/fp8_bench.py --model $model --out /tmp/fp8 --variants bf16,fp8,fp8-kv,fp8-mm 2>&1 | tee "$out/fp8.log"
+    python3 bench/fp8_kernels.py --json "$out/fp8-kernels.json" 2>&1 | grep -E '^\{' | tee "$out/fp8-kernels.log"
+    python3 bench/fp8_bench.py --model $model --out /tmp/fp8 --variants bf16,fp8,fp8-head,fp8-kv 2>&1 | tee "$out/fp8.log"
     mkdir -p "$out/fp8" && cp /tmp/fp8/*.json /tmp/fp8/*.md "$out/fp8/" ;;
   *) echo "usage: bash bench/gpu_suite.sh engine|alone|served|hops|closed-loop|engine-process|baseline|adapters|openai|fp8|guided|start" >&2; exit 2 ;;
 esac

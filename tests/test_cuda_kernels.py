@@ -272,8 +272,11 @@ def test_an_fp8_checkpoint_with_an_fp8_cache_runs_the_same_with_the_kernels(layo
         assert with_kernels.generate(prompts, max_new_tokens=8) == plain.generate(prompts, max_new_tokens=8)
 
 
+@pytest.mark.parametrize("split_k", [None, 2, 3])
 @pytest.mark.parametrize("m, n, k", [(1, 48, 96), (5, 80, 300), (16, 32, 512)])
-def test_fp8_weight_only_kernel_matches_the_dequantized_linear(m, n, k):
+def test_fp8_weight_only_kernel_matches_the_dequantized_linear(m, n, k, split_k):
+    """Whole, and with K shared among 2 or 3 programs per output tile (the last to finish adds the shares up):
+    the same result, twice in a row (each call leaves the tile counters as it found them)."""
     from tritonize.runtime.cuda_kernels import fp8_weight_only_linear
     from tritonize.runtime.quantize import quantize_per_channel
 
@@ -281,11 +284,14 @@ def test_fp8_weight_only_kernel_matches_the_dequantized_linear(m, n, k):
     weight, scale = quantize_per_channel(torch.randn(n, k) * 0.05)
     x = torch.randn(m, k).to(torch.bfloat16).float()
     want = x @ (weight.float() * scale[:, None]).T
-    got = fp8_weight_only_linear(x.to(DEVICE), weight.to(DEVICE), scale.to(DEVICE))
+    tiling = {"block_k": 32, "split_k": split_k} if split_k else {}
+    got = fp8_weight_only_linear(x.to(DEVICE), weight.to(DEVICE), scale.to(DEVICE), **tiling)
     assert got.shape == (m, n) and got.dtype == torch.float32
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    again = fp8_weight_only_linear(x.to(DEVICE), weight.to(DEVICE), scale.to(DEVICE), **tiling)
+    assert torch.equal(again, got)
     if DEVICE == "cuda":  # bfloat16 activations: the products are exact, the sums float32, the result rounded once
-        half = fp8_weight_only_linear(x.to(DEVICE, torch.bfloat16), weight.to(DEVICE), scale.to(DEVICE))
+        half = fp8_weight_only_linear(x.to(DEVICE, torch.bfloat16), weight.to(DEVICE), scale.to(DEVICE), **tiling)
         torch.testing.assert_close(half.float().cpu(), want, rtol=1e-2, atol=1e-2)
 
 

@@ -76,13 +76,17 @@ def test_the_activation_quantization_kernel_compiles(static):
 
 @pytest.mark.parametrize("capability", [89, 90])
 @pytest.mark.parametrize("activations, block_n", [("bf16", 32), ("bf16", 64), ("fp16", 32), ("fp32", 32)])
-def test_the_fp8_weight_only_kernel_compiles(activations, block_n, capability):
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_the_fp8_weight_only_kernel_compiles(activations, block_n, split_k, capability):
     ptx = _compile(k._fp8_weight_only_kernel, {"out_ptr": f"*{activations}", "x_ptr": f"*{activations}",
-                                               "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "m": "i32", "n": "i32",
-                                               "k": "i32"},
-                   {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": 256, "IEEE": activations == "fp32"}, capability)
+                                               "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "part_ptr": "*fp32",
+                                               "count_ptr": "*i32", "m": "i32", "n": "i32", "k": "i32",
+                                               "k_split": "i32"},
+                   {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": 256, "SPLIT_K": split_k,
+                    "IEEE": activations == "fp32"}, capability)
     assert f".target sm_{capability}" in ptx
     assert ("mma" in ptx) == (activations != "fp32")  # 16-bit activations on the tensor cores; float32 exact FMAs
+    assert ("atom.global" in ptx) == (split_k > 1)  # the shares meet at a per-tile counter
 
 
 @pytest.mark.parametrize("capability, shared_limit", [(89, 101_376), (90, 232_448)])
@@ -91,10 +95,11 @@ def test_the_fp8_weight_only_kernel_compiles(activations, block_n, capability):
 def test_the_weight_only_tilings_fit_the_gpus_shared_memory(n, k_dim, activations, capability, shared_limit):
     """The tiling the runtime picks for each linear of the 8B shape (its pipeline depth included), and for a
     small float32 model's, compiles and fits an Ada's shared memory as well as a Hopper's."""
-    block_n, block_k, stages = k._weight_only_tiling(n, k_dim, 4 if activations == "fp32" else 2)
+    block_n, block_k, stages, split_k = k._weight_only_tiling(n, k_dim, 4 if activations == "fp32" else 2)
     signature = {"out_ptr": f"*{activations}", "x_ptr": f"*{activations}", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
-                 "m": "i32", "n": "i32", "k": "i32"}
-    constants = {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "IEEE": activations == "fp32"}
+                 "part_ptr": "*fp32", "count_ptr": "*i32", "m": "i32", "n": "i32", "k": "i32", "k_split": "i32"}
+    constants = {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
+                 "IEEE": activations == "fp32"}
     ast = ASTSource(fn=k._fp8_weight_only_kernel, signature={**signature, **{c: "constexpr" for c in constants}},
                     constexprs=constants)
     compiled = triton.compile(ast, target=GPUTarget("cuda", capability, 32),

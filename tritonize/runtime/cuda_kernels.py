@@ -347,15 +347,18 @@ def per_token_fp8(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> 
 
 
 @triton.jit
-def _fp8_weight_only_kernel(out_ptr, x_ptr, w_ptr, scale_ptr, m, n, k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _fp8_weight_only_kernel(out_ptr, x_ptr, w_ptr, scale_ptr, part_ptr, count_ptr, m, n, k, k_split,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            SPLIT_K: tl.constexpr, IEEE: tl.constexpr):
+    tile = tl.program_id(0)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
     depth = tl.arange(0, BLOCK_K)
     col_ok, row_ok = cols < n, rows < m
     w_rows = w_ptr + cols[:, None].to(tl.int64) * k
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
+    k_start = tl.program_id(1) * k_split  # this program's share of K: k_split is a multiple of BLOCK_K
+    for k0 in range(k_start, tl.minimum(k_start + k_split, k), BLOCK_K):
         kk = k0 + depth
         k_ok = kk < k
         x = tl.load(x_ptr + rows[:, None] * k + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -365,27 +368,79 @@ def _fp8_weight_only_kernel(out_ptr, x_ptr, w_ptr, scale_ptr, m, n, k, BLOCK_M: 
         else:  # e4m3 widens exactly to the activations' 16-bit type
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-    y = acc * scale[None, :]
-    tl.store(out_ptr + rows[:, None] * n + cols[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    if SPLIT_K == 1:
+        y = acc * scale[None, :]
+        tl.store(out_ptr + rows[:, None] * n + cols[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        # Each share's partial sums go to the workspace; the share that arrives last at this tile's counter adds
+        # them in share order (the same sums whichever arrives last) and resets the counter for the next call.
+        tile_offsets = rows[:, None] * n + cols[None, :]
+        tl.store(part_ptr + tl.program_id(1) * BLOCK_M * n + tile_offsets, acc, mask=col_ok[None, :])
+        arrived = tl.atomic_add(count_ptr + tile, 1)  # acq_rel: the partial above is visible to the last share
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for share in tl.static_range(SPLIT_K):
+                total += tl.load(part_ptr + share * BLOCK_M * n + tile_offsets, mask=col_ok[None, :], other=0.0,
+                                 volatile=True)
+            y = total * scale[None, :]
+            tl.store(out_ptr + tile_offsets, y.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            tl.atomic_xchg(count_ptr + tile, 0)
 
 
-def _weight_only_tiling(n: int, k: int, activation_bytes: int = 2) -> tuple[int, int, int]:
-    """(block_n, block_k, num_stages): the fastest of bench/fp8_kernels.py's grid for the 8B shape's linears on one
-    H100 (bench/RESULTS.md section 13): 32 output columns a program; wide outputs (gate/up) in short steps of K,
-    the others in long ones, a deep pipeline where K is long or the output narrow. Float32 activations (exact
-    FMAs, no tensor cores: not a speed path) take short steps, which fit an Ada's shared memory."""
+def _weight_only_tiling(n: int, k: int, activation_bytes: int = 2) -> tuple[int, int, int, int]:
+    """(block_n, block_k, num_stages, split_k): the fastest of bench/fp8_kernels.py's grid for the 8B shape's linears
+    on one H100 (bench/RESULTS.md section 13): 32 output columns a program; wide outputs (gate/up) in short steps
+    of K, the others in long ones, a deep pipeline where K is long or the output narrow; K not split (the split
+    shares are measured by the same script, not yet chosen). Float32 activations (exact FMAs, no tensor cores: not
+    a speed path) take short steps, which fit an Ada's shared memory."""
     if activation_bytes > 2:
-        return 32, 128, 2
+        return 32, 128, 2, 1
     if n > 8192:
-        return 32, 128, 3
-    return 32, 512, 5 if (k > 8192 or n <= 4096) else 3
+        return 32, 128, 3, 1
+    return 32, 512, 5 if (k > 8192 or n <= 4096) else 3, 1
+
+
+class _SplitWorkspace:
+    """The partial sums and per-tile counters of split-K calls, one pair per device, shared by every linear: the
+    calls of one stream run one after another. Grown outside CUDA-graph capture only (``reserve``); the counters
+    start at zero and each call leaves them at zero."""
+
+    def __init__(self) -> None:
+        self.parts: dict[torch.device, torch.Tensor] = {}
+        self.counts: dict[torch.device, torch.Tensor] = {}
+
+    def reserve(self, device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts, counts = self.parts.get(device), self.counts.get(device)
+        if parts is None or parts.numel() < floats or counts.numel() < tiles:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("the FP8 weight-only kernel's split-K workspace must be reserved before CUDA-graph "
+                                   "capture: call reserve_weight_only(weight) first")
+            floats = max(floats, parts.numel() if parts is not None else 0)
+            tiles = max(tiles, counts.numel() if counts is not None else 0)
+            parts = self.parts[device] = torch.empty(floats, dtype=torch.float32, device=device)
+            counts = self.counts[device] = torch.zeros(tiles, dtype=torch.int32, device=device)
+        return parts, counts
+
+
+_WORKSPACE = _SplitWorkspace()
+
+
+def reserve_weight_only(weight: torch.Tensor, activation_bytes: int = 2, *, block_n: int | None = None,
+                        split_k: int | None = None) -> None:
+    """Allocates what a split-K tiling of this weight needs, so that calls captured in a CUDA graph allocate nothing."""
+    n, k = weight.shape
+    tiled_n, _, _, tiled_split = _weight_only_tiling(n, k, activation_bytes)
+    block_n, split_k = block_n or tiled_n, split_k or tiled_split
+    if split_k > 1:
+        _WORKSPACE.reserve(weight.device, split_k * 16 * n, triton.cdiv(n, block_n))
 
 
 def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, block_n: int | None = None,
-                           block_k: int | None = None, num_warps: int = 4, num_stages: int | None = None
-                           ) -> torch.Tensor:
+                           block_k: int | None = None, num_warps: int = 4, num_stages: int | None = None,
+                           split_k: int | None = None) -> torch.Tensor:
     """``x [M, K] @ (weight [N, K] float8 * scale [N]).T`` for M <= 16, in ``x``'s dtype (sums in float32).
+    ``split_k`` > 1 shares K among that many programs per output tile, for outputs too narrow to occupy every SM.
     The tiling arguments are for bench/fp8_kernels.py, which times the choices on a card."""
     x = x.contiguous()
     m, k = x.shape
@@ -393,10 +448,14 @@ def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.T
     if m > 16:
         raise ValueError(f"fp8_weight_only_linear takes at most 16 rows, got {m}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    tiled_n, tiled_k, stages = _weight_only_tiling(n, k, x.element_size())
-    block_n, block_k = block_n or tiled_n, block_k or tiled_k
-    _fp8_weight_only_kernel[(triton.cdiv(n, block_n),)](out, x, weight, scale, m, n, k, BLOCK_M=16,
-                                                         BLOCK_N=block_n, BLOCK_K=block_k,
-                                                         IEEE=x.dtype == torch.float32,
-                                                         num_warps=num_warps, num_stages=num_stages or stages)
+    tiled_n, tiled_k, stages, tiled_split = _weight_only_tiling(n, k, x.element_size())
+    block_n, block_k, split_k = block_n or tiled_n, block_k or tiled_k, split_k or tiled_split
+    k_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_split)  # shares that have work
+    tiles = triton.cdiv(n, block_n)
+    parts, counts = _WORKSPACE.reserve(x.device, split_k * 16 * n, tiles) if split_k > 1 else (out, out)
+    _fp8_weight_only_kernel[(tiles, split_k)](out, x, weight, scale, parts, counts, m, n, k, k_split, BLOCK_M=16,
+                                               BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                                               IEEE=x.dtype == torch.float32,
+                                               num_warps=num_warps, num_stages=num_stages or stages)
     return out

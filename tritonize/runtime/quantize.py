@@ -281,7 +281,7 @@ class ScaledMMLinear(FP8Linear):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
-        if rows.shape[0] <= WEIGHT_ONLY_ROWS and self.input_scale is None and rows.is_cuda:
+        if rows.shape[0] <= WEIGHT_ONLY_ROWS and self.input_scale is None:
             from .cuda_kernels import fp8_weight_only_linear
 
             y = fp8_weight_only_linear(rows, self.weight, self.weight_scale)
@@ -317,6 +317,10 @@ def use_fp8_matmul(model: nn.Module) -> int:
             module.weight_scale = scale.to(module.weight.device)
             module.block = None
         module.__class__ = ScaledMMLinear
+        if module.weight.is_cuda:  # a split-K tiling's workspace exists before any step is captured in a graph
+            from .cuda_kernels import reserve_weight_only
+
+            reserve_weight_only(module.weight)
         swapped += 1
     return swapped
 
