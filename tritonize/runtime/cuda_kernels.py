@@ -404,11 +404,13 @@ def _weight_only_tiling(n: int, k: int, activation_bytes: int = 2) -> tuple[int,
 class _SplitWorkspace:
     """The partial sums and per-tile counters of split-K calls, one pair per device, shared by every linear: the
     calls of one stream run one after another. Grown outside CUDA-graph capture only (``reserve``); the counters
-    start at zero and each call leaves them at zero."""
+    start at zero and each call leaves them at zero. A grown pair's predecessor is kept: graphs captured with it
+    replay into it."""
 
     def __init__(self) -> None:
         self.parts: dict[torch.device, torch.Tensor] = {}
         self.counts: dict[torch.device, torch.Tensor] = {}
+        self.retired: list[torch.Tensor] = []
 
     def reserve(self, device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
         parts, counts = self.parts.get(device), self.counts.get(device)
@@ -418,6 +420,7 @@ class _SplitWorkspace:
                                    "capture: call reserve_weight_only(weight) first")
             floats = max(floats, parts.numel() if parts is not None else 0)
             tiles = max(tiles, counts.numel() if counts is not None else 0)
+            self.retired += [t for t in (parts, counts) if t is not None]
             parts = self.parts[device] = torch.empty(floats, dtype=torch.float32, device=device)
             counts = self.counts[device] = torch.zeros(tiles, dtype=torch.int32, device=device)
         return parts, counts
