@@ -47,6 +47,7 @@ def prefix_ttft(url: str, metrics_url: str, repo: Path, prefix_len: int) -> dict
     prompts += [prefixes[0] + " " + suffixes[0]]  # the prefix is cached from here on
     prompts += [prefixes[0] + " " + suffixes[i] for i in (3, 4, 5)]  # cached
     name = HISTOGRAMS["ttft"]
+    hops: list[dict | None] = []  # per request: the client's and the engine's wall-clock readings
 
     def engine_ttft() -> tuple[float, float]:
         snap = scrape(metrics_url)
@@ -59,7 +60,8 @@ def prefix_ttft(url: str, metrics_url: str, repo: Path, prefix_len: int) -> dict
         async with aio.InferenceServerClient(url) as client:
             for prompt in prompts:
                 count, total = engine_ttft()
-                record = await timed_request(client, "llm", prompt, 4)
+                record = await timed_request(client, "llm", prompt, 4, perf=True)
+                hops.append(record.perf)
                 for _ in range(100):  # the engine model counts a request once its final response is out
                     after_count, after_total = engine_ttft()
                     if after_count > count:
@@ -71,8 +73,18 @@ def prefix_ttft(url: str, metrics_url: str, repo: Path, prefix_len: int) -> dict
 
     ttft = asyncio.run(run())
     client, engine = [t for t, _ in ttft], [e for _, e in ttft]
+
+    def way(i: int, start: str, end: str) -> float:  # ms between two wall-clock readings of request i
+        p = hops[i]
+        return (p[end] - p[start]) / 1e6 if p and p.get(end) and p.get(start) else float("nan")
+
+    # into the engine: send -> the engine's arrival (tokenizer, ensemble, engine model); out of it: the engine's
+    # first token -> its receipt (the response path, postprocessing)
+    hops_in = [way(i, "sent_ns", "arrival_time_ns") for i in range(len(hops))]
+    hops_out = [way(i, "first_token_time_ns", "received_ns") for i in range(len(hops))]
     return {"prefix_len": prefix_len, "cold_ttft_ms": client[1:4], "cached_ttft_ms": client[5:8],
             "engine_cold_ttft_ms": engine[1:4], "engine_cached_ttft_ms": engine[5:8],
+            "hops_in_ms": hops_in[1:4] + hops_in[5:8], "hops_out_ms": hops_out[1:4] + hops_out[5:8],
             "ratio_p50": sorted(client[5:8])[1] / sorted(client[1:4])[1],
             "engine_ratio_p50": sorted(engine[5:8])[1] / sorted(engine[1:4])[1]}
 

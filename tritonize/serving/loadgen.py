@@ -29,6 +29,9 @@ class RequestRecord:
     response_times: list[float] = field(default_factory=list)
     output_tokens: int = 0
     error: str | None = None
+    # with perf (timed_request): wall-clock ns of the send, of the engine's arrival and first token (the engine's
+    # perf outputs), and of the first response's receipt: what the hops take on the way in and on the way out
+    perf: dict[str, int] | None = None
 
     @property
     def ttft(self) -> float | None:
@@ -77,29 +80,35 @@ class LoadResult:
         return out
 
 
-def _inputs(prompt: str, output_len: int, grpcclient):  # noqa: ANN001 - module passed in to keep imports lazy
+def _inputs(prompt: str, output_len: int, grpcclient, perf: bool = False):  # noqa: ANN001 - module passed in lazily
     def make(name, array, dtype):
         t = grpcclient.InferInput(name, list(array.shape), dtype)
         t.set_data_from_numpy(array)
         return t
 
-    return [
+    inputs = [
         make("text_input", np.array([[prompt.encode()]], dtype=np.object_), "BYTES"),
         make("max_tokens", np.array([[output_len]], dtype=np.int32), "INT32"),
         make("min_tokens", np.array([[output_len]], dtype=np.int32), "INT32"),
         make("stream", np.array([[True]], dtype=np.bool_), "BOOL"),
         make("exclude_input_in_output", np.array([[True]], dtype=np.bool_), "BOOL"),
     ]
+    if perf:
+        inputs.append(make("return_perf_metrics", np.array([[True]], dtype=np.bool_), "BOOL"))
+    return inputs
 
 
-async def timed_request(client, model: str, prompt: str, output_len: int) -> RequestRecord:  # noqa: ANN001 - aio client
-    """One streaming request over an open ``tritonclient.grpc.aio`` client, every response's arrival recorded."""
+async def timed_request(client, model: str, prompt: str, output_len: int,  # noqa: ANN001 - aio client
+                        perf: bool = False) -> RequestRecord:
+    """One streaming request over an open ``tritonclient.grpc.aio`` client, every response's arrival recorded;
+    with ``perf``, the engine's arrival and first-token times beside the client's (``RequestRecord.perf``)."""
     import tritonclient.grpc as grpcclient
 
     record = RequestRecord(start=time.perf_counter())
+    sent_ns = time.time_ns()
 
     async def one_request():
-        yield {"model_name": model, "inputs": _inputs(prompt, output_len, grpcclient),
+        yield {"model_name": model, "inputs": _inputs(prompt, output_len, grpcclient, perf),
                "request_id": uuid.uuid4().hex, "enable_empty_final_response": True}
 
     try:
@@ -110,6 +119,11 @@ async def timed_request(client, model: str, prompt: str, output_len: int) -> Req
             text = result.as_numpy("text_output")
             if text is not None and record.error is None:
                 record.response_times.append(time.perf_counter())
+                if perf and record.perf is None:
+                    engine = {name: result.as_numpy(name) for name in ("arrival_time_ns", "first_token_time_ns")}
+                    if all(v is not None for v in engine.values()):
+                        record.perf = {"sent_ns": sent_ns, "received_ns": time.time_ns(),
+                                       **{k: int(v.reshape(-1)[0]) for k, v in engine.items()}}
                 n = result.as_numpy("num_output_tokens")
                 if n is not None:
                     record.output_tokens = int(n.reshape(-1)[0])
