@@ -377,6 +377,7 @@ def _fp8_weight_only_kernel(out_ptr, x_ptr, w_ptr, scale_ptr, part_ptr, count_pt
         # them in share order (the same sums whichever arrives last) and resets the counter for the next call.
         tile_offsets = rows[:, None] * n + cols[None, :]
         tl.store(part_ptr + tl.program_id(1) * BLOCK_M * n + tile_offsets, acc, mask=col_ok[None, :])
+        tl.debug_barrier()  # every thread's part of the partial is written before the count moves
         arrived = tl.atomic_add(count_ptr + tile, 1)  # acq_rel: the partial above is visible to the last share
         if arrived == SPLIT_K - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
