@@ -430,14 +430,26 @@ class _SplitWorkspace:
 _WORKSPACE = _SplitWorkspace()
 
 
-def reserve_weight_only(weight: torch.Tensor, activation_bytes: int = 2, *, block_n: int | None = None,
-                        split_k: int | None = None) -> None:
-    """Allocates what a split-K tiling of this weight needs, so that calls captured in a CUDA graph allocate nothing."""
+def _weight_only_plan(n: int, k: int, activation_bytes: int, block_n: int | None = None, block_k: int | None = None,
+                      num_stages: int | None = None, split_k: int | None = None) -> tuple[int, int, int, int, int]:
+    """(block_n, block_k, num_stages, split_k, k_split) of a call: the given tiling, the rest from _weight_only_tiling;
+    ``k_split`` (K per share) a multiple of block_k, and only shares that have work."""
+    tiled_n, tiled_k, tiled_stages, tiled_split = _weight_only_tiling(n, k, activation_bytes)
+    block_n, block_k, split_k = block_n or tiled_n, block_k or tiled_k, split_k or tiled_split
+    k_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    return block_n, block_k, num_stages or tiled_stages, triton.cdiv(k, k_split), k_split
+
+
+def _split_buffers(device: torch.device, n: int, block_n: int, split_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _WORKSPACE.reserve(device, split_k * 16 * n, triton.cdiv(n, block_n))
+
+
+def reserve_weight_only(weight: torch.Tensor, activation_bytes: int = 2) -> None:
+    """Allocates what this weight's split-K tiling needs, so that calls captured in a CUDA graph allocate nothing."""
     n, k = weight.shape
-    tiled_n, _, _, tiled_split = _weight_only_tiling(n, k, activation_bytes)
-    block_n, split_k = block_n or tiled_n, split_k or tiled_split
+    block_n, _, _, split_k, _ = _weight_only_plan(n, k, activation_bytes)
     if split_k > 1:
-        _WORKSPACE.reserve(weight.device, split_k * 16 * n, triton.cdiv(n, block_n))
+        _split_buffers(weight.device, n, block_n, split_k)
 
 
 def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, block_n: int | None = None,
@@ -452,14 +464,11 @@ def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.T
     if m > 16:
         raise ValueError(f"fp8_weight_only_linear takes at most 16 rows, got {m}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    tiled_n, tiled_k, stages, tiled_split = _weight_only_tiling(n, k, x.element_size())
-    block_n, block_k, split_k = block_n or tiled_n, block_k or tiled_k, split_k or tiled_split
-    k_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_split)  # shares that have work
-    tiles = triton.cdiv(n, block_n)
-    parts, counts = _WORKSPACE.reserve(x.device, split_k * 16 * n, tiles) if split_k > 1 else (out, out)
-    _fp8_weight_only_kernel[(tiles, split_k)](out, x, weight, scale, parts, counts, m, n, k, k_split, BLOCK_M=16,
-                                               BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                                               IEEE=x.dtype == torch.float32,
-                                               num_warps=num_warps, num_stages=num_stages or stages)
+    block_n, block_k, stages, split_k, k_split = _weight_only_plan(n, k, x.element_size(), block_n, block_k,
+                                                                   num_stages, split_k)
+    parts, counts = _split_buffers(x.device, n, block_n, split_k) if split_k > 1 else (out, out)
+    _fp8_weight_only_kernel[(triton.cdiv(n, block_n), split_k)](out, x, weight, scale, parts, counts, m, n, k, k_split,
+                                                                 BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                                 SPLIT_K=split_k, IEEE=x.dtype == torch.float32,
+                                                                 num_warps=num_warps, num_stages=stages)
     return out
