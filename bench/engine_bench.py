@@ -8,8 +8,9 @@ Measured in one run on one device, so the figures compare with each other and wi
   after the first over the time between first and last, summed over requests), end-to-end tok/s, TTFT p50;
 - prefix reuse: TTFT of a request whose ``--prefix-len``-token prefix is cached, against the same request
   cold (prefix cache emptied);
-- the engine thread's own time per step (planning, launching, waiting for the device, applying) and a
-  torch.profiler table of the device kernels of decode steps at the largest batch.
+- the engine thread's own time per step (planning, launching, waiting for the device, applying) and, with
+  ``--profile-dir``, torch.profiler tables of the device kernels of decode steps at the largest batch and of a
+  cold and a cached-prefix request alone (where their first tokens' time goes).
 
 - transformers ``generate`` (eager, greedy, same weights) at ``--hf-batch`` sizes, end-to-end tok/s.
 
@@ -240,6 +241,68 @@ def prefix_reuse(engine: Engine, prefix_len: int, vocab: int) -> dict:
             "prefix_hit_tokens": hits, "ratio": min(warm) / min(cold)}
 
 
+def profile_prefix(engine: Engine, prefix_len: int, vocab: int, out_dir: Path) -> dict:
+    """Where the first token of a request goes, alone on the engine, cold and with its ``prefix_len``-token prefix
+    cached: torch.profiler (CPU and CUDA) around each request; per request the wall time to its first token, the
+    engine's own split (submit -> arrival in the engine thread -> first step -> first token), the steps and chunk
+    sizes it took, and the device's side: kernel time summed, the time the device was busy, the largest kernels
+    (a table per request in ``out_dir``)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = random_prompts(1, prefix_len, vocab, 99)[0]
+    with profile(activities=activities):  # the profiler's own first start is slow
+        ttft(engine, [5] * 32, "profiler-warm")
+    result = {}
+    for kind in ("cold", "cached"):
+        engine.pool.reset_prefix_cache()
+        if kind == "cached":
+            ttft(engine, prefix + [7] * 32, f"fill-{kind}")
+        prompt = prefix + random_prompts(1, 32, vocab, 500)[0]
+        engine.stats["prefill_chunks"].clear()  # a bounded history: emptied, it holds this request's chunks alone
+        steps = engine.stats["decode_steps"] + engine.stats["mixed_steps"]
+        times = dict(engine.stats["time_s"])
+        got, first, final = threading.Event(), [], []
+
+        def on_output(out, first=first, final=final, got=got) -> None:  # noqa: ANN001 - engine thread
+            if not first:
+                first.append(time.perf_counter())
+            if out.finished:
+                final.append(out)
+                got.set()
+
+        with profile(activities=activities) as prof:
+            submitted_ns, t = time.time_ns(), time.perf_counter()
+            engine.submit(GenerationRequest(request_id=f"profile-{kind}", prompt_ids=prompt, max_new_tokens=1,
+                                            stream=True, end_ids=[], on_output=on_output))
+            got.wait()
+        m = final[0].metrics
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == DeviceType.CUDA)
+        busy, end = 0.0, float("-inf")
+        for a, b in spans:  # the union of the kernels' intervals
+            busy += max(0.0, b - max(a, end))
+            end = max(end, b)
+        row = {
+            "wall_ttft_ms": 1000 * (first[0] - t),
+            "submit_to_arrival_ms": (m.arrival_time_ns - submitted_ns) / 1e6,
+            "queue_ms": (m.first_scheduled_time_ns - m.arrival_time_ns) / 1e6,
+            "steps_ms": (m.first_token_time_ns - m.first_scheduled_time_ns) / 1e6,
+            "prefix_hit_tokens": m.prefix_hit_tokens, "prompt_tokens": len(prompt),
+            "prefill_chunks": list(engine.stats["prefill_chunks"]),
+            "steps": engine.stats["decode_steps"] + engine.stats["mixed_steps"] - steps,
+            "engine_thread_ms": {k: 1000 * (v - times[k]) for k, v in engine.stats["time_s"].items()},
+            "kernels": len(spans), "kernel_ms": sum(b - a for a, b in spans) / 1000, "device_busy_ms": busy / 1000,
+        }
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+        (out_dir / f"prefix_{kind}.txt").write_text(json.dumps(row, indent=1) + "\n" + table)
+        result[kind] = row
+        print(json.dumps({f"prefix_profile_{kind}": row}), flush=True)
+    return result
+
+
 def profile_decode(engine: Engine, batch: int, input_len: int, vocab: int, out_dir: Path) -> None:
     """torch.profiler over ~30 decode-only steps of a full batch (prefill excluded): the kernel table."""
     from torch.profiler import ProfilerActivity, profile
@@ -276,7 +339,10 @@ def main() -> None:
     ap.add_argument("--closed-loop-s", type=float, default=8.0, help="seconds measured per --closed-loop level")
     ap.add_argument("--lockstep", action="store_true", help="--closed-loop: every request of the first round as long "
                     "as the rest, so that rounds stay in step (by default they are spread out, as served loads are)")
-    ap.add_argument("--profile-dir", type=Path, default=None, help="write a kernel table of decode steps here")
+    ap.add_argument("--profile-dir", type=Path, default=None, help="write kernel tables here: decode steps at the largest "
+                    "batch, and a cold and a cached-prefix request alone")
+    ap.add_argument("--doubling-token-buckets", action="store_true", help="prompt steps pad to 16, 32, 64, ... tokens "
+                    "(the CUDA-graph sizes before 2026-12-06) instead of four sizes per doubling above 256")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -288,6 +354,9 @@ def main() -> None:
                     max_seq_len=max_seq_len, max_num_tokens=args.max_num_tokens,
                     kv_cache_dtype=args.kv_cache_dtype).start()
     load_s = time.perf_counter() - t
+    if args.doubling_token_buckets and engine.runner.token_buckets:  # graphs of the other sizes are captured on use
+        doubling = [16 << i for i in range(16) if 16 << i < args.max_num_tokens] + [args.max_num_tokens]
+        engine.runner.token_buckets = doubling
     dev = engine.device
     bw = copy_bandwidth(dev)
     weights = sum(p.stat().st_size for p in model.glob("*.safetensors"))
@@ -295,7 +364,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "model": str(model),
         "quantization": args.quantization, "kv_cache_dtype": engine.kv_cache_dtype, "fp8_linears": engine.fp8_linears,
-        "load_s": load_s, "kv_cache_tokens": engine.kv_cache_tokens, "kernels": engine.kernels,
+        "load_s": load_s, "token_buckets": engine.runner.token_buckets, "kv_cache_tokens": engine.kv_cache_tokens, "kernels": engine.kernels,
         "cuda_graphs": [(g.tokens, g.seqs, g.prompt) for g in engine.runner.shapes()], "copy_bandwidth_GBs": bw / 1e9, "weight_GB": weights / 1e9,
         "roofline_tok_s": bw / weights if dev.type == "cuda" else None,
         "input_len": args.input_len, "output_len": args.output_len, "end_ids": not args.no_end_ids, "rows": [],
@@ -328,6 +397,8 @@ def main() -> None:
     if args.prefix_len:
         result["prefix"] = prefix_reuse(engine, args.prefix_len, vocab)
         print(json.dumps(result["prefix"]), flush=True)
+        if args.profile_dir and dev.type == "cuda":
+            result["prefix_profile"] = profile_prefix(engine, args.prefix_len, vocab, args.profile_dir)
 
     if args.profile_dir and dev.type == "cuda" and batches:
         profile_decode(engine, max(batches), args.input_len, vocab, args.profile_dir)

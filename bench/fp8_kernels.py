@@ -5,8 +5,9 @@ against bfloat16, in microseconds and in GB/s of weights read (bench/RESULTS.md,
 
 For the four linears of a decoder layer of the chosen shape (fused q/k/v, o, fused gate/up, down) at M rows:
 ``bf16`` (F.linear on bfloat16 weights: the baseline), ``scaled_mm`` (per-token activation quantization then
-torch._scaled_mm: what FP8 runs for steps of more than 16 rows) and ``weight-only``
-(cuda_kernels.fp8_weight_only_linear: steps of up to 16 rows) in every tiling of a small grid, whole K per program
+torch._scaled_mm: what FP8 runs for steps of more rows than TRITONIZE_FP8_WEIGHT_ONLY_ROWS) and ``weight-only``
+(cuda_kernels.fp8_weight_only_linear: steps of up to that many rows, 64 at most) in every tiling of a small grid
+(its own for more than 16 rows), whole K per program
 and K shared among 2-8 programs per output tile (split-K); the best tiling per linear is reported (and the best
 split-K one apart), with the layer's total per kernel. Each timing
 replays a CUDA graph of 20 calls, so launch costs count as they do in a captured decode step. Weights are random:
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tritonize.runtime.cuda_kernels import fp8_weight_only_linear, per_token_fp8  # noqa: E402
+from tritonize.runtime.cuda_kernels import WEIGHT_ONLY_MAX_ROWS, fp8_weight_only_linear, per_token_fp8  # noqa: E402
 
 SHAPES = {  # (n, k) of the fused q/k/v, o, fused gate/up and down projections
     "llama3-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
@@ -35,6 +36,16 @@ GRID = {"block_n": (16, 32, 64), "block_k": (128, 256, 512), "num_warps": (4, 8)
 # K shared among split_k programs per output tile (the narrow linears leave SMs idle with whole-K programs)
 SPLIT_GRID = {"block_n": (16, 32, 64), "block_k": (128, 256), "num_warps": (4,), "num_stages": (3,),
               "split_k": (2, 4, 8)}
+# More than 16 rows (a program holds 32 or 64): shorter steps of K, whose activation tiles fit
+WIDE_GRID = {"block_n": (32, 64), "block_k": (64, 128, 256), "num_warps": (4, 8), "num_stages": (3, 4)}
+WIDE_SPLIT_GRID = {"block_n": (32, 64), "block_k": (128,), "num_warps": (4,), "num_stages": (3,), "split_k": (2, 4)}
+
+
+def tilings(m: int) -> list[dict]:
+    """Every tiling timed for ``m`` rows: whole K per program, then K shared."""
+    grid, split_grid = (GRID, SPLIT_GRID) if m <= 16 else (WIDE_GRID, WIDE_SPLIT_GRID)
+    whole = [dict(zip(grid, v, strict=True), split_k=1) for v in itertools.product(*grid.values())]
+    return whole + [dict(zip(split_grid, v, strict=True)) for v in itertools.product(*split_grid.values())]
 
 
 def time_us(fn, calls: int = 20, reps: int = 20) -> float:
@@ -66,7 +77,7 @@ def scaled_mm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> torch.T
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
-    ap.add_argument("--rows", default="1,16", help="M: rows of the step (comma-separated)")
+    ap.add_argument("--rows", default="1,16,64", help="M: rows of the step (comma-separated)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -83,11 +94,9 @@ def main() -> None:
             row["bf16"] = time_us(partial(F.linear, x, w))
             row["scaled_mm"] = time_us(partial(scaled_mm, x, wq, scale))
             best = None
-            if m <= 16:
-                whole = [dict(zip(GRID, v, strict=True), split_k=1) for v in itertools.product(*GRID.values())]
-                shared = [dict(zip(SPLIT_GRID, v, strict=True)) for v in itertools.product(*SPLIT_GRID.values())]
+            if m <= WEIGHT_ONLY_MAX_ROWS:
                 best_split = None
-                for tiling in whole + shared:
+                for tiling in tilings(m):
                     try:
                         t = time_us(partial(fp8_weight_only_linear, x, wq, scale, **tiling))
                     except Exception as e:  # a tiling that does not fit the card's shared memory

@@ -6,6 +6,9 @@
 #                                     # then served through tritonserver: perf_analyzer and tritonize's loader
 #                                     # at concurrency 1/16/64/256, served prefix-reuse TTFT, start times
 #                                     # (= the phases alone, served and hops, one after the other)
+#   bash bench/gpu_suite.sh prefix    # a cached-prefix request against a cold one on the engine alone, profiled
+#                                     # (torch.profiler: where each first token's time goes), and with the
+#                                     # token buckets before 2026-12-06
 #   bash bench/gpu_suite.sh closed-loop  # the engine alone holding 16/64/256 requests in flight (replaced as they
 #                                     # finish: the served steady state without the server): step budgets 2048 and
 #                                     # 512, max batch 256 and 64, requests spread out and in lockstep
@@ -65,6 +68,14 @@ case $phase in
       | grep -E '^\{|ready|rror' | tee "$out/serve.log"
     cp /tmp/sb/server.log "$out/server.log" 2>/dev/null
     tar czf "$out/pa-logs.tgz" -C /tmp/sb $(cd /tmp/sb && ls perf_analyzer_*.log 2>/dev/null) 2>/dev/null ;;
+  prefix)
+    # a request whose 1,024-token prefix is cached against the same cold, on the engine alone, profiled; then with
+    # prompt steps padded to doubling sizes (the CUDA-graph sizes before 2026-12-06)
+    for buckets in "" --doubling-token-buckets; do
+      python3 bench/engine_bench.py --model $model --batches 1 --prefix-len 1024 --profile-dir "$out/prefix$buckets" \
+        $buckets --json "$out/prefix$buckets.json" 2>&1 | grep -E '^\{"(prefix|cold)' | sed "s/^/$buckets /" \
+        | tee -a "$out/prefix.log"
+    done ;;
   closed-loop)
     # the served steady state without the server: requests spread out (a new prompt every 128/B steps) with max batch
     # 256 at the repository's step budget 2048 and at 512; then max batch 64 alone; then requests in lockstep
@@ -116,5 +127,5 @@ case $phase in
     python3 bench/fp8_kernels.py --json "$out/fp8-kernels.json" 2>&1 | grep -E '^\{' | tee "$out/fp8-kernels.log"
     python3 bench/fp8_bench.py --model $model --out /tmp/fp8 --variants bf16,fp8,fp8-head,fp8-kv 2>&1 | tee "$out/fp8.log"
     mkdir -p "$out/fp8" && cp /tmp/fp8/*.json /tmp/fp8/*.md "$out/fp8/" ;;
-  *) echo "usage: bash bench/gpu_suite.sh engine|alone|served|hops|closed-loop|engine-process|baseline|adapters|openai|fp8|guided|start" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_suite.sh engine|alone|served|hops|prefix|closed-loop|engine-process|baseline|adapters|openai|fp8|guided|start" >&2; exit 2 ;;
 esac

@@ -82,9 +82,13 @@ def prefix_ttft(url: str, metrics_url: str, repo: Path, prefix_len: int) -> dict
     # first token -> its receipt (the response path, postprocessing)
     hops_in = [way(i, "sent_ns", "arrival_time_ns") for i in range(len(hops))]
     hops_out = [way(i, "first_token_time_ns", "received_ns") for i in range(len(hops))]
+    # inside the engine: arrival -> its first step (queue), first step -> first token (the prompt's steps)
+    queue = [way(i, "arrival_time_ns", "first_scheduled_time_ns") for i in range(len(hops))]
+    steps = [way(i, "first_scheduled_time_ns", "first_token_time_ns") for i in range(len(hops))]
     return {"prefix_len": prefix_len, "cold_ttft_ms": client[1:4], "cached_ttft_ms": client[5:8],
             "engine_cold_ttft_ms": engine[1:4], "engine_cached_ttft_ms": engine[5:8],
             "hops_in_ms": hops_in[1:4] + hops_in[5:8], "hops_out_ms": hops_out[1:4] + hops_out[5:8],
+            "engine_queue_ms": queue[1:4] + queue[5:8], "engine_steps_ms": steps[1:4] + steps[5:8],
             "ratio_p50": sorted(client[5:8])[1] / sorted(client[1:4])[1],
             "engine_ratio_p50": sorted(engine[5:8])[1] / sorted(engine[1:4])[1]}
 

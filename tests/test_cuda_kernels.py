@@ -273,10 +273,11 @@ def test_an_fp8_checkpoint_with_an_fp8_cache_runs_the_same_with_the_kernels(layo
 
 
 @pytest.mark.parametrize("split_k", [None, 2, 3])
-@pytest.mark.parametrize("m, n, k", [(1, 48, 96), (5, 80, 300), (16, 32, 512)])
+@pytest.mark.parametrize("m, n, k", [(1, 48, 96), (5, 80, 300), (16, 32, 512), (40, 48, 160), (64, 32, 96)])
 def test_fp8_weight_only_kernel_matches_the_dequantized_linear(m, n, k, split_k):
     """Whole, and with K shared among 2 or 3 programs per output tile (the last to finish adds the shares up):
-    the same result, twice in a row (each call leaves the tile counters as it found them)."""
+    the same result, twice in a row (each call leaves the tile counters as it found them). Up to 64 rows, held
+    by a program in tiles of 16, 32 or 64."""
     from tritonize.runtime.cuda_kernels import fp8_weight_only_linear
     from tritonize.runtime.quantize import quantize_per_channel
 
@@ -296,9 +297,10 @@ def test_fp8_weight_only_kernel_matches_the_dequantized_linear(m, n, k, split_k)
 
 
 def test_an_fp8_linear_takes_the_weight_only_kernel_for_small_steps_when_asked(monkeypatch):
-    """TRITONIZE_FP8_WEIGHT_ONLY_ROWS (16 unless set): steps of up to that many rows skip the activation quantization; the
-    result is the dequantized linear's (steps above it keep torch._scaled_mm)."""
+    """TRITONIZE_FP8_WEIGHT_ONLY_ROWS (16 unless set, 64 at most): steps of up to that many rows skip the activation
+    quantization; the result is the dequantized linear's (steps above it keep torch._scaled_mm)."""
     from tritonize.runtime import quantize
+    from tritonize.runtime.cuda_kernels import fp8_weight_only_linear
 
     torch.manual_seed(3)
     linear = torch.nn.Linear(96, 64, bias=True)
@@ -308,6 +310,8 @@ def test_an_fp8_linear_takes_the_weight_only_kernel_for_small_steps_when_asked(m
     want = torch.nn.functional.linear(x, fp8.dequantized(torch.float32), fp8.bias)
     monkeypatch.setattr(quantize, "WEIGHT_ONLY_ROWS", 8)
     torch.testing.assert_close(fp8(x), want, rtol=1e-4, atol=1e-4)  # 6 rows: the weight-only kernel, exact
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        fp8_weight_only_linear(torch.zeros(65, 96, device=DEVICE), fp8.weight, fp8.weight_scale)
     monkeypatch.setattr(quantize, "WEIGHT_ONLY_ROWS", 4)
     scaled = fp8(x)  # 6 rows > 4: activations quantized per token, within FP8 accuracy
     assert torch.nn.functional.cosine_similarity(scaled.flatten(), want.flatten(), dim=0) > 0.99

@@ -92,13 +92,15 @@ def test_the_fp8_weight_only_kernel_compiles(activations, block_n, split_k, capa
 @pytest.mark.parametrize("capability, shared_limit", [(89, 101_376), (90, 232_448)])
 @pytest.mark.parametrize("n, k_dim", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (48, 96)])
 @pytest.mark.parametrize("activations", ["bf16", "fp32"])
-def test_the_weight_only_tilings_fit_the_gpus_shared_memory(n, k_dim, activations, capability, shared_limit):
+@pytest.mark.parametrize("block_m", [16, 32, 64])
+def test_the_weight_only_tilings_fit_the_gpus_shared_memory(n, k_dim, activations, block_m, capability, shared_limit):
     """The tiling the runtime picks for each linear of the 8B shape (its pipeline depth included), and for a
-    small float32 model's, compiles and fits an Ada's shared memory as well as a Hopper's."""
-    block_n, block_k, stages, split_k = k._weight_only_tiling(n, k_dim, 4 if activations == "fp32" else 2)
+    small float32 model's, at each number of rows a program holds, compiles and fits an Ada's shared memory as
+    well as a Hopper's."""
+    block_n, block_k, stages, split_k = k._weight_only_tiling(n, k_dim, 4 if activations == "fp32" else 2, block_m)
     signature = {"out_ptr": f"*{activations}", "x_ptr": f"*{activations}", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
                  "part_ptr": "*fp32", "count_ptr": "*i32", "m": "i32", "n": "i32", "k": "i32", "k_split": "i32"}
-    constants = {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
+    constants = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
                  "IEEE": activations == "fp32"}
     ast = ASTSource(fn=k._fp8_weight_only_kernel, signature={**signature, **{c: "constexpr" for c in constants}},
                     constexprs=constants)

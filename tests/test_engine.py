@@ -307,6 +307,20 @@ def test_shutdown_fails_what_is_left(tiny):
     assert late.final.finish_reason == "error"
 
 
+@pytest.mark.parametrize("budget", [24, 256, 2048, 8192])
+def test_prompt_steps_pad_by_at_most_a_quarter_above_256_tokens(budget):
+    """A step with prompt chunks replays the graph of the next token bucket: the padding is computed, so above
+    256 tokens (where a step's cost grows with its tokens) no step pads by more than a quarter of its size."""
+    from tritonize.runtime.runner import token_buckets
+
+    buckets = token_buckets(budget)
+    assert buckets == sorted(set(buckets)) and buckets[0] == min(16, budget) and buckets[-1] == budget
+    for tokens in range(1, budget + 1):
+        bucket = next(b for b in buckets if b >= tokens)
+        assert bucket <= max(256, tokens * 1.25), (tokens, bucket)
+    assert len(buckets) <= 5 + 4 * max(0, (budget // 256).bit_length())  # four graphs per doubling
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph decode path needs a GPU")
 def test_cuda_graph_decode_matches_transformers(tiny):
     path, model = tiny

@@ -33,6 +33,7 @@ __all__ = ["fp8_weight_only_linear", "paged_attention", "per_token_fp8", "rms_no
            "silu_mul"]
 
 FP8 = torch.float8_e4m3fn
+WEIGHT_ONLY_MAX_ROWS = 64  # rows fp8_weight_only_linear takes (a program holds them all)
 
 
 @triton.jit
@@ -389,14 +390,17 @@ def _fp8_weight_only_kernel(out_ptr, x_ptr, w_ptr, scale_ptr, part_ptr, count_pt
             tl.atomic_xchg(count_ptr + tile, 0)
 
 
-def _weight_only_tiling(n: int, k: int, activation_bytes: int = 2) -> tuple[int, int, int, int]:
+def _weight_only_tiling(n: int, k: int, activation_bytes: int = 2, block_m: int = 16) -> tuple[int, int, int, int]:
     """(block_n, block_k, num_stages, split_k): the fastest of bench/fp8_kernels.py's grid for the 8B shape's linears
-    on one H100 (bench/RESULTS.md section 13): 32 output columns a program; wide outputs (gate/up) in short steps
-    of K, the others in long ones, a deep pipeline where K is long or the output narrow; K not split (the split
-    shares are measured by the same script, not yet chosen). Float32 activations (exact FMAs, no tensor cores: not
-    a speed path) take short steps, which fit an Ada's shared memory."""
+    on one H100 (bench/RESULTS.md section 13): for up to 16 rows, 32 output columns a program; wide outputs
+    (gate/up) in short steps of K, the others in long ones, a deep pipeline where K is long or the output narrow; K
+    not split (the split shares are measured by the same script, not yet chosen). More rows (``block_m`` 32 or 64)
+    take short steps of K, whose activation tiles fit. Float32 activations (exact FMAs, no tensor cores: not a
+    speed path) take short steps, which fit an Ada's shared memory."""
     if activation_bytes > 2:
-        return 32, 128, 2, 1
+        return 32, 128 if block_m <= 32 else 64, 2, 1
+    if block_m > 16:
+        return 32, 128, 3, 1
     if n > 8192:
         return 32, 128, 3, 1
     return 32, 512, 5 if (k > 8192 or n <= 4096) else 3, 1
@@ -430,45 +434,55 @@ class _SplitWorkspace:
 _WORKSPACE = _SplitWorkspace()
 
 
-def _weight_only_plan(n: int, k: int, activation_bytes: int, block_n: int | None = None, block_k: int | None = None,
-                      num_stages: int | None = None, split_k: int | None = None) -> tuple[int, int, int, int, int]:
+def _block_m(m: int) -> int:
+    """Rows a program holds: 16 (the tensor cores' smallest tile), 32 or 64."""
+    return max(16, triton.next_power_of_2(m))
+
+
+def _weight_only_plan(n: int, k: int, activation_bytes: int, block_m: int, block_n: int | None = None,
+                      block_k: int | None = None, num_stages: int | None = None, split_k: int | None = None
+                      ) -> tuple[int, int, int, int, int]:
     """(block_n, block_k, num_stages, split_k, k_split) of a call: the given tiling, the rest from _weight_only_tiling;
     ``k_split`` (K per share) a multiple of block_k, and only shares that have work."""
-    tiled_n, tiled_k, tiled_stages, tiled_split = _weight_only_tiling(n, k, activation_bytes)
+    tiled_n, tiled_k, tiled_stages, tiled_split = _weight_only_tiling(n, k, activation_bytes, block_m)
     block_n, block_k, split_k = block_n or tiled_n, block_k or tiled_k, split_k or tiled_split
     k_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     return block_n, block_k, num_stages or tiled_stages, triton.cdiv(k, k_split), k_split
 
 
-def _split_buffers(device: torch.device, n: int, block_n: int, split_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _WORKSPACE.reserve(device, split_k * 16 * n, triton.cdiv(n, block_n))
+def _split_buffers(device: torch.device, n: int, block_m: int, block_n: int, split_k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _WORKSPACE.reserve(device, split_k * block_m * n, triton.cdiv(n, block_n))
 
 
-def reserve_weight_only(weight: torch.Tensor, activation_bytes: int = 2) -> None:
-    """Allocates what this weight's split-K tiling needs, so that calls captured in a CUDA graph allocate nothing."""
+def reserve_weight_only(weight: torch.Tensor, activation_bytes: int = 2, max_rows: int = WEIGHT_ONLY_MAX_ROWS) -> None:
+    """Allocates what this weight's split-K tilings for up to ``max_rows`` rows need, so that calls captured in a
+    CUDA graph allocate nothing."""
     n, k = weight.shape
-    block_n, _, _, split_k, _ = _weight_only_plan(n, k, activation_bytes)
-    if split_k > 1:
-        _split_buffers(weight.device, n, block_n, split_k)
+    for block_m in sorted({_block_m(m) for m in (1, 16, 32, 64) if m <= max_rows}):
+        block_n, _, _, split_k, _ = _weight_only_plan(n, k, activation_bytes, block_m)
+        if split_k > 1:
+            _split_buffers(weight.device, n, block_m, block_n, split_k)
 
 
 def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, block_n: int | None = None,
                            block_k: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                            split_k: int | None = None) -> torch.Tensor:
-    """``x [M, K] @ (weight [N, K] float8 * scale [N]).T`` for M <= 16, in ``x``'s dtype (sums in float32).
+    """``x [M, K] @ (weight [N, K] float8 * scale [N]).T`` for M <= 64, in ``x``'s dtype (sums in float32).
     ``split_k`` > 1 shares K among that many programs per output tile, for outputs too narrow to occupy every SM.
     The tiling arguments are for bench/fp8_kernels.py, which times the choices on a card."""
     x = x.contiguous()
     m, k = x.shape
     n = weight.shape[0]
-    if m > 16:
-        raise ValueError(f"fp8_weight_only_linear takes at most 16 rows, got {m}")
+    if m > WEIGHT_ONLY_MAX_ROWS:
+        raise ValueError(f"fp8_weight_only_linear takes at most {WEIGHT_ONLY_MAX_ROWS} rows, got {m}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, stages, split_k, k_split = _weight_only_plan(n, k, x.element_size(), block_n, block_k,
+    block_m = _block_m(m)
+    block_n, block_k, stages, split_k, k_split = _weight_only_plan(n, k, x.element_size(), block_m, block_n, block_k,
                                                                    num_stages, split_k)
-    parts, counts = _split_buffers(x.device, n, block_n, split_k) if split_k > 1 else (out, out)
+    parts, counts = _split_buffers(x.device, n, block_m, block_n, split_k) if split_k > 1 else (out, out)
     _fp8_weight_only_kernel[(triton.cdiv(n, block_n), split_k)](out, x, weight, scale, parts, counts, m, n, k, k_split,
-                                                                 BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                                                                  SPLIT_K=split_k, IEEE=x.dtype == torch.float32,
                                                                  num_warps=num_warps, num_stages=stages)
     return out

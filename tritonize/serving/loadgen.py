@@ -101,7 +101,7 @@ def _inputs(prompt: str, output_len: int, grpcclient, perf: bool = False):  # no
 async def timed_request(client, model: str, prompt: str, output_len: int,  # noqa: ANN001 - aio client
                         perf: bool = False) -> RequestRecord:
     """One streaming request over an open ``tritonclient.grpc.aio`` client, every response's arrival recorded;
-    with ``perf``, the engine's arrival and first-token times beside the client's (``RequestRecord.perf``)."""
+    with ``perf``, the engine's arrival, first-step and first-token times beside the client's (``RequestRecord.perf``)."""
     import tritonclient.grpc as grpcclient
 
     record = RequestRecord(start=time.perf_counter())
@@ -120,7 +120,8 @@ async def timed_request(client, model: str, prompt: str, output_len: int,  # noq
             if text is not None and record.error is None:
                 record.response_times.append(time.perf_counter())
                 if perf and record.perf is None:
-                    engine = {name: result.as_numpy(name) for name in ("arrival_time_ns", "first_token_time_ns")}
+                    engine = {name: result.as_numpy(name)
+                              for name in ("arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns")}
                     if all(v is not None for v in engine.values()):
                         record.perf = {"sent_ns": sent_ns, "received_ns": time.time_ns(),
                                        **{k: int(v.reshape(-1)[0]) for k, v in engine.items()}}
