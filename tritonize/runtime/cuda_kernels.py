@@ -392,18 +392,17 @@ def _fp8_weight_only_kernel(out_ptr, x_ptr, w_ptr, scale_ptr, part_ptr, count_pt
 
 def _weight_only_tiling(n: int, k: int, activation_bytes: int = 2, block_m: int = 16) -> tuple[int, int, int, int]:
     """(block_n, block_k, num_stages, split_k): the fastest of bench/fp8_kernels.py's grid for the 8B shape's linears
-    on one H100 (bench/RESULTS.md section 13): for up to 16 rows, 32 output columns a program; wide outputs
-    (gate/up) in short steps of K, the others in long ones, a deep pipeline where K is long or the output narrow; K
-    not split (the split shares are measured by the same script, not yet chosen). More rows (``block_m`` 32 or 64)
-    take short steps of K, whose activation tiles fit. Float32 activations (exact FMAs, no tensor cores: not a
-    speed path) take short steps, which fit an Ada's shared memory."""
+    on one H100 at 1 and 16 rows (bench/RESULTS.md section 15): 32 output columns a program; the wide output
+    (gate/up: 896 programs) whole K in short steps; the narrow ones (q/k/v, o, down: 128-192 programs, too few for
+    132 SMs to stream the weights) K shared among 4 programs. 32 or 64 rows (``block_m``) take short steps of K,
+    whose activation tiles fit (at 64 rows torch._scaled_mm was faster, so the runtime sends at most 16 here).
+    Float32 activations (exact FMAs, no tensor cores: not a speed path) take short steps, which fit an Ada's
+    shared memory."""
     if activation_bytes > 2:
         return 32, 128 if block_m <= 32 else 64, 2, 1
-    if block_m > 16:
+    if block_m > 16 or n > 8192:
         return 32, 128, 3, 1
-    if n > 8192:
-        return 32, 128, 3, 1
-    return 32, 512, 5 if (k > 8192 or n <= 4096) else 3, 1
+    return 32, 128 if n > 4096 and k <= 8192 else 256, 3, 4
 
 
 class _SplitWorkspace:
