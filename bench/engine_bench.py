@@ -343,8 +343,14 @@ def main() -> None:
                     "batch, and a cold and a cached-prefix request alone")
     ap.add_argument("--doubling-token-buckets", action="store_true", help="prompt steps pad to 16, 32, 64, ... tokens "
                     "(the CUDA-graph sizes before 2026-12-06) instead of four sizes per doubling above 256")
+    ap.add_argument("--no-attention-splits", action="store_true", help="each query tile walks its keys alone (the "
+                    "attention kernel before 2026-12-06), however few tiles a step has")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.no_attention_splits:
+        from tritonize.runtime import cuda_kernels
+
+        cuda_kernels.MAX_SPLITS = 1
     batches = [int(b) for b in args.batches.split(",") if b]
     loops = [int(c) for c in args.closed_loop.split(",") if c]
     max_seq_len = max(args.input_len + args.output_len, args.prefix_len + 64)
@@ -364,7 +370,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "model": str(model),
         "quantization": args.quantization, "kv_cache_dtype": engine.kv_cache_dtype, "fp8_linears": engine.fp8_linears,
-        "load_s": load_s, "token_buckets": engine.runner.token_buckets, "kv_cache_tokens": engine.kv_cache_tokens, "kernels": engine.kernels,
+        "load_s": load_s, "attention_splits": not args.no_attention_splits, "token_buckets": engine.runner.token_buckets, "kv_cache_tokens": engine.kv_cache_tokens, "kernels": engine.kernels,
         "cuda_graphs": [(g.tokens, g.seqs, g.prompt) for g in engine.runner.shapes()], "copy_bandwidth_GBs": bw / 1e9, "weight_GB": weights / 1e9,
         "roofline_tok_s": bw / weights if dev.type == "cuda" else None,
         "input_len": args.input_len, "output_len": args.output_len, "end_ids": not args.no_end_ids, "rows": [],

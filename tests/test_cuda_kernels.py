@@ -57,9 +57,12 @@ def _step(q_lens, contexts, bs, heads, n_kv, dim, dtype):
     return q, k, v, meta
 
 
+@pytest.mark.parametrize("splits", [None, 1, 2, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
-def test_paged_attention_matches_the_reference(case, dtype):
+def test_paged_attention_matches_the_reference(case, dtype, splits):
+    """Whole, and with each query tile's keys shared among 2 or 16 programs (flash-decoding: 16 leaves some shares
+    without keys), or as many as the step's shape asks for (None)."""
     if dtype is torch.bfloat16 and DEVICE == "cpu":
         pytest.skip("the interpreter checks float32")
     heads, n_kv, dim, bs, q_lens, contexts, window = case
@@ -70,7 +73,7 @@ def test_paged_attention_matches_the_reference(case, dtype):
     q, k, v, meta = _step(q_lens, contexts, bs, heads, n_kv, dim, dtype)
     want = ref(q, k, v, meta)
     got = paged_attention(q, ref.k_cache, ref.v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                          meta.max_query_len, dim**-0.5, window)
+                          meta.max_query_len, dim**-0.5, window, num_splits=splits)
     tol = 2e-5 if dtype is torch.float32 else 2e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
@@ -185,10 +188,12 @@ def test_padded_steps_give_the_exact_steps_tokens(tmp_path, world, max_batch):
 FP8_CASES = [CASES[1], CASES[2], CASES[4], CASES[6]]  # mixed chunks, multi-query, sliding window, Llama-3-8B's heads
 
 
+@pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize("scales", [(1.0, 1.0), (0.03, 0.2)])
 @pytest.mark.parametrize("case", FP8_CASES)
-def test_paged_attention_over_an_fp8_cache_matches_the_reference(case, scales):
-    """An FP8 cache holding k / k_scale and v / v_scale: the kernel reads it as attention.PagedAttention does."""
+def test_paged_attention_over_an_fp8_cache_matches_the_reference(case, scales, splits):
+    """An FP8 cache holding k / k_scale and v / v_scale: the kernel reads it as attention.PagedAttention does,
+    with the keys of a query tile whole or shared among 4 programs (v_scale applied once, after they are added)."""
     heads, n_kv, dim, bs, q_lens, contexts, window = case
     k_scale, v_scale = scales
     torch.manual_seed(0)
@@ -199,7 +204,7 @@ def test_paged_attention_over_an_fp8_cache_matches_the_reference(case, scales):
     q, k, v, meta = _step(q_lens, contexts, bs, heads, n_kv, dim, torch.float32)
     want = ref(q, k, v, meta)  # writes this step's keys and values into the FP8 cache, then attends
     got = paged_attention(q, ref.k_cache, ref.v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                          meta.max_query_len, dim**-0.5, window, k_scale=k_scale, v_scale=v_scale)
+                          meta.max_query_len, dim**-0.5, window, k_scale=k_scale, v_scale=v_scale, num_splits=splits)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 

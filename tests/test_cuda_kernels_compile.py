@@ -31,7 +31,10 @@ ATTENTION = {"out_ptr": "*bf16", "q_ptr": "*bf16", "k_cache_ptr": "*{cache}", "v
              "block_tables_ptr": "*i64", "seq_lens_ptr": "*i64", "query_start_loc_ptr": "*i64", "scale": "fp32",
              "num_seqs": "i32", "stride_q_tok": "i32", "stride_q_head": "i32", "stride_o_tok": "i32",
              "stride_o_head": "i32", "stride_k_blk": "i32", "stride_k_tok": "i32", "stride_k_head": "i32",
-             "stride_v_blk": "i32", "stride_v_tok": "i32", "stride_v_head": "i32", "stride_bt": "i32", "v_scale": "fp32"}
+             "stride_v_blk": "i32", "stride_v_tok": "i32", "stride_v_head": "i32", "stride_bt": "i32", "v_scale": "fp32",
+             "acc_ws_ptr": "*fp32", "ml_ws_ptr": "*fp32", "n_heads": "i32"}
+COMBINE = {"out_ptr": "*bf16", "acc_ws_ptr": "*fp32", "ml_ws_ptr": "*fp32", "n_heads": "i32", "stride_o_tok": "i32",
+           "stride_o_head": "i32", "v_scale": "fp32"}
 CASES = {
     "rotary_and_cache": (k._rotary_cache_kernel, ROTARY,
                          {"H": 32, "HKV": 8, "D": 128, "D_P": 128, "HALF": 64, "HALF_P": 64, "ROPE": True}),
@@ -41,11 +44,18 @@ CASES = {
                                     {"H": 4, "HKV": 4, "D": 32, "D_P": 32, "HALF": 1, "HALF_P": 1, "ROPE": False}),
     "paged_attention, decode": (k._paged_attention_kernel, ATTENTION,
                                 {"GROUP": 4, "GROUP_P": 4, "HEAD_DIM": 128, "HEAD_P": 128, "BLOCK_SIZE": 16,
-                                 "BLOCK_Q": 4, "BLOCK_M": 16, "BLOCK_N": 64, "WINDOW": 0, "IEEE": False}),
+                                 "BLOCK_Q": 4, "BLOCK_M": 16, "BLOCK_N": 64, "WINDOW": 0, "IEEE": False,
+                                 "NUM_SPLITS": 1}),
+    "paged_attention, decode, keys shared among 16": (k._paged_attention_kernel, ATTENTION,
+                                                      {"GROUP": 4, "GROUP_P": 4, "HEAD_DIM": 128, "HEAD_P": 128,
+                                                       "BLOCK_SIZE": 16, "BLOCK_Q": 4, "BLOCK_M": 16, "BLOCK_N": 64,
+                                                       "WINDOW": 0, "IEEE": False, "NUM_SPLITS": 16}),
     "paged_attention, prefill with a window": (k._paged_attention_kernel, ATTENTION,
                                                {"GROUP": 4, "GROUP_P": 4, "HEAD_DIM": 128, "HEAD_P": 128,
                                                 "BLOCK_SIZE": 16, "BLOCK_Q": 16, "BLOCK_M": 64, "BLOCK_N": 64,
-                                                "WINDOW": 4096, "IEEE": False}),
+                                                "WINDOW": 4096, "IEEE": False, "NUM_SPLITS": 1}),
+    "paged_attention, the shares added": (k._combine_splits_kernel, COMBINE,
+                                          {"HEAD_DIM": 128, "HEAD_P": 128, "NUM_SPLITS": 16}),
 }
 
 

@@ -83,9 +83,11 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr, IEEE: tl.constexpr, FP8_CACHE: tl.constexpr, v_scale,
+    acc_ws_ptr, ml_ws_ptr, n_heads, NUM_SPLITS: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     s = _find_sequence(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + s)
     q_len = tl.load(query_start_loc_ptr + s + 1) - q_start
@@ -115,6 +117,10 @@ def _paged_attention_kernel(
     if WINDOW > 0:
         kv_start = tl.maximum(context + local * BLOCK_Q - WINDOW + 1, 0)
         kv_start = (kv_start // BLOCK_N) * BLOCK_N
+    if NUM_SPLITS > 1:  # this program's share of the keys: whole tiles of BLOCK_N, the last shares may have none
+        share = tl.cdiv(tl.cdiv(kv_end - kv_start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        kv_start = kv_start + split * share
+        kv_end = tl.minimum(kv_end, kv_start + share)
     for j0 in range(kv_start, kv_end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         j_ok = j < kv_end
@@ -148,6 +154,12 @@ def _paged_attention_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if NUM_SPLITS > 1:  # the share's running max, sum and unnormalized output, for _combine_splits_kernel
+        at = ((q_start + t).to(tl.int64) * n_heads + head) * NUM_SPLITS + split
+        tl.store(acc_ws_ptr + at[:, None] * HEAD_P + d[None, :], acc, mask=row_ok[:, None])
+        tl.store(ml_ws_ptr + 2 * at, m_i, mask=row_ok)
+        tl.store(ml_ws_ptr + 2 * at + 1, l_i, mask=row_ok)
+        return
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if FP8_CACHE:
         out = out * v_scale
@@ -155,24 +167,82 @@ def _paged_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _combine_splits_kernel(out_ptr, acc_ws_ptr, ml_ws_ptr, n_heads, stride_o_tok, stride_o_head, v_scale,
+                           HEAD_DIM: tl.constexpr, HEAD_P: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                           FP8_CACHE: tl.constexpr):
+    """One query head of one token: its key shares' partial softmaxes rescaled to their common max and added."""
+    row = tl.program_id(0).to(tl.int64)  # token * n_heads + head
+    splits = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, HEAD_P)
+    m = tl.load(ml_ws_ptr + 2 * (row * NUM_SPLITS + splits))
+    l_s = tl.load(ml_ws_ptr + 2 * (row * NUM_SPLITS + splits) + 1)
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp(m - m_safe)  # a share without keys: m = -inf, weight 0
+    acc = tl.load(acc_ws_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_P + d[None, :])
+    total = tl.sum(acc * w[:, None], 0)
+    denominator = tl.sum(l_s * w, 0)
+    out = total / tl.where(denominator == 0.0, 1.0, denominator)
+    if FP8_CACHE:
+        out = out * v_scale
+    token, head = row // n_heads, row % n_heads
+    tl.store(out_ptr + token * stride_o_tok + head * stride_o_head + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # Triton's CPU interpreter (tests): as an H100
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
+
+
+_SMS: dict[torch.device, int] = {}
+MAX_SPLITS = 16
+
+
+def attention_splits(programs: int, device: torch.device) -> int:
+    """Shares of the keys per query tile: 1 where a step's tiles (``programs``, tiles x key/value heads) occupy at
+    least half the SMs, else enough shares to cover them (a power of two, at most 16). A decode step of one
+    sequence has 8 tiles on the 8B shape; each would walk the whole context alone, one block after the other."""
+    sms = _sm_count(device)
+    if 2 * programs >= sms:
+        return 1
+    return min(MAX_SPLITS, triton.next_power_of_2(triton.cdiv(sms, max(programs, 1))))
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int, scale: float,
                     window: int = 0, out: torch.Tensor | None = None, k_scale: float = 1.0,
-                    v_scale: float = 1.0) -> torch.Tensor:
+                    v_scale: float = 1.0, num_splits: int | None = None) -> torch.Tensor:
     """q ``[N, H, D]`` packed by sequence; caches ``[blocks, block_size, Hkv, D]`` (FP8 ones hold k / k_scale
-    and v / v_scale); -> ``[N, H, D]``."""
+    and v / v_scale); -> ``[N, H, D]``. ``num_splits`` shares each query tile's keys among that many programs
+    (flash-decoding), their partial softmaxes added by a second kernel; by default ``attention_splits`` of the
+    step's shape, which a CUDA graph fixes (the lengths it replays with may vary)."""
     n_tokens, n_heads, head_dim = q.shape
     num_blocks, block_size, n_kv, _ = k_cache.shape
     group = n_heads // n_kv
     group_p = triton.next_power_of_2(group)
+    head_p = triton.next_power_of_2(head_dim)
     num_seqs = seq_lens.shape[0]
     # Tiles of 16 rows for decode (one query per sequence), 64 for prompt chunks.
-    block_m = max(16, group_p) if max_query_len <= 1 else max(64, group_p)
+    decode = max_query_len <= 1
+    block_m = max(16, group_p) if decode else max(64, group_p)
     block_q = block_m // group_p
     if out is None:
         out = torch.empty_like(q)
-    grid = (n_tokens // block_q + num_seqs, n_kv)
+    if num_splits is None:  # the tiles with work: one per sequence in decode, the tokens' tiles in prompt steps
+        tiles = num_seqs if decode else max(1, n_tokens // block_q)
+        num_splits = attention_splits(tiles * n_kv, q.device)
+    grid = (n_tokens // block_q + num_seqs, n_kv, num_splits)
     fp8 = k_cache.dtype == FP8
+    if num_splits > 1:
+        acc_ws = torch.empty(n_tokens * n_heads * num_splits, head_p, dtype=torch.float32, device=q.device)
+        ml_ws = torch.empty(n_tokens * n_heads * num_splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        acc_ws = ml_ws = out
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         scale * k_scale if fp8 else scale, num_seqs,
@@ -180,11 +250,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
-        GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_P=triton.next_power_of_2(head_dim),
+        GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_P=head_p,
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64 if head_dim <= 128 else 32,
         WINDOW=int(window or 0), IEEE=q.dtype == torch.float32, FP8_CACHE=fp8, v_scale=float(v_scale),
+        acc_ws_ptr=acc_ws, ml_ws_ptr=ml_ws, n_heads=n_heads, NUM_SPLITS=num_splits,
         num_warps=4, num_stages=2,
     )
+    if num_splits > 1:
+        _combine_splits_kernel[(n_tokens * n_heads,)](
+            out, acc_ws, ml_ws, n_heads, out.stride(0), out.stride(1), float(v_scale),
+            HEAD_DIM=head_dim, HEAD_P=head_p, NUM_SPLITS=num_splits, FP8_CACHE=fp8, num_warps=4)
     return out
 
 
