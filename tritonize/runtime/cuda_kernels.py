@@ -9,7 +9,10 @@ tokens of all sequences are packed one after the other (``query_start_loc`` says
 in vLLM's unified attention; each program takes a tile of one sequence's queries for one key/value head,
 with the query heads that share that key/value head stacked as rows of the same tile, and walks the
 sequence's blocks through its block table with an online softmax. The grid depends only on the number
-of tokens and sequences, so a decode step keeps its shape and can be replayed from a CUDA graph.
+of tokens and sequences, so a decode step keeps its shape and can be replayed from a CUDA graph. A step with few
+tiles (a decode of a few sequences, a short chunk over a long cached prefix) would leave most SMs idle while each
+tile walks its whole context: there the keys of a tile are shared among up to 16 programs, each keeping its
+running max, sum and output, and ``_combine_splits_kernel`` adds them (flash-decoding).
 
 An FP8 KV cache (float8_e4m3fn) is written by ``rotary_and_cache`` as ``k / k_scale`` (``v / v_scale``) and
 read by ``paged_attention``, which folds ``k_scale`` into the softmax scale and ``v_scale`` into the output.
