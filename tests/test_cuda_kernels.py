@@ -57,12 +57,14 @@ def _step(q_lens, contexts, bs, heads, n_kv, dim, dtype):
     return q, k, v, meta
 
 
-@pytest.mark.parametrize("splits", [None, 1, 2, 16])
+@pytest.mark.parametrize("splits", [1, 16, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
 def test_paged_attention_matches_the_reference(case, dtype, splits):
-    """Whole, and with each query tile's keys shared among 2 or 16 programs (flash-decoding: 16 leaves some shares
-    without keys), or as many as the step's shape asks for (None)."""
+    """Whole, and with each query tile's keys shared among 16 programs (flash-decoding; some shares get no keys),
+    or as many as the step's shape asks for (None; the FP8 test below shares among 4)."""
+    if splits is None and DEVICE == "cpu":
+        pytest.skip("the interpreter takes the step's shape as an H100's: the 16 shares above")
     if dtype is torch.bfloat16 and DEVICE == "cpu":
         pytest.skip("the interpreter checks float32")
     heads, n_kv, dim, bs, q_lens, contexts, window = case
