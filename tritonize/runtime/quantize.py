@@ -47,11 +47,12 @@ __all__ = ["FP8", "FP8_MAX", "FP8Linear", "QuantScheme", "ScaledMMLinear", "dequ
            "to_fp8", "use_fp8_matmul"]
 
 FP8 = torch.float8_e4m3fn
-# Steps of at most this many rows (0 to 64, cuda_kernels.WEIGHT_ONLY_MAX_ROWS) multiply the FP8 weights by the activations as they are
-# (cuda_kernels.fp8_weight_only_linear: the weights widened in registers) instead of quantizing the activations
-# for torch._scaled_mm, whose FP8 GEMMs are built for larger M. Measured on one H100 (bench/RESULTS.md section 13,
-# 8B shape): batch-1 decode 201 tok/s against 175 with torch._scaled_mm (bf16: 158), and logits closer to bf16;
-# batch 64 unchanged (its steps have more rows). TRITONIZE_FP8_WEIGHT_ONLY_ROWS=0 turns it off.
+# Steps of at most this many rows (0 to 64: cuda_kernels.WEIGHT_ONLY_MAX_ROWS) multiply the FP8 weights by the
+# activations as they are (cuda_kernels.fp8_weight_only_linear: the weights widened in registers) instead of
+# quantizing the activations for torch._scaled_mm, whose FP8 GEMMs are built for larger M. Measured on one H100
+# (bench/RESULTS.md section 15, 8B shape): a layer's linears in 93 us at 1 and 16 rows against 133-137 with
+# torch._scaled_mm (bf16: 155), and logits closer to bf16; at 64 rows 153 against 125, hence 16 by default.
+# TRITONIZE_FP8_WEIGHT_ONLY_ROWS=0 turns it off.
 WEIGHT_ONLY_ROWS = max(0, min(64, int(os.environ.get("TRITONIZE_FP8_WEIGHT_ONLY_ROWS", "16") or 0)))
 FP8_MAX = 448.0  # the largest float8_e4m3fn value
 
