@@ -57,6 +57,12 @@ def test_hashes_chain_the_whole_prefix_and_the_extra_key():
     assert block_hashes([1, 2, 3, 4], 2)[1] != block_hashes([9, 9, 3, 4], 2)[1]
     assert block_hashes([1, 2, 3, 4], 2, b"lora:1")[0] != block_hashes([1, 2, 3, 4], 2, b"lora:2")[0]
     assert len(block_hashes([1, 2, 3], 2)) == 1  # only full blocks
+    # fixed-width tokens: blocks whose decimal texts could run together stay apart; virtual ids past the vocab hash
+    assert block_hashes([1, 23], 2) != block_hashes([12, 3], 2)
+    tokens = [5, 70000, 128256 + 3, 0, 42, 7]
+    whole = block_hashes(tokens, 2)
+    assert len(set(whole)) == 3
+    assert block_hashes(tokens, 2, start=1, parent=whole[0]) == whole[1:]  # hashing extends where it stopped
 
 
 # ---------------------------------------------------------------- scheduler
