@@ -64,7 +64,7 @@ def test_paged_attention_matches_the_reference(case, dtype, splits):
     """Whole, and with each query tile's keys shared among 16 programs (flash-decoding; some shares get no keys),
     or as many as the step's shape asks for (None; the FP8 test below shares among 4)."""
     if splits is None and DEVICE == "cpu":
-        pytest.skip("the interpreter takes the step's shape as an H100's: the 16 shares above")
+        pytest.skip("the interpreter never shares by shape (programs run one after another): splits 1 above")
     if dtype is torch.bfloat16 and DEVICE == "cpu":
         pytest.skip("the interpreter checks float32")
     heads, n_kv, dim, bs, q_lens, contexts, window = case
