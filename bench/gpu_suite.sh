@@ -9,6 +9,8 @@
 #   bash bench/gpu_suite.sh prefix    # a cached-prefix request against a cold one on the engine alone, profiled
 #                                     # (torch.profiler: where each first token's time goes), and with the
 #                                     # token buckets before 2026-12-06
+#   bash bench/gpu_suite.sh attention # decode at 128- and 2,048-token prompts, batch 1/8/64, with the keys of
+#                                     # small steps shared among programs and without (before 2026-12-06)
 #   bash bench/gpu_suite.sh closed-loop  # the engine alone holding 16/64/256 requests in flight (replaced as they
 #                                     # finish: the served steady state without the server): step budgets 2048 and
 #                                     # 512, max batch 256 and 64, requests spread out and in lockstep
@@ -76,6 +78,13 @@ case $phase in
         $buckets --json "$out/prefix$buckets.json" 2>&1 | grep -E '^\{"(prefix|cold)' | sed "s/^/$buckets /" \
         | tee -a "$out/prefix.log"
     done ;;
+  attention)
+    # decode with the keys of few tiles shared among programs, and with one program walking each tile's keys (the
+    # attention kernel before 2026-12-06): 128- and 2,048-token prompts, batch 1, 8 and 64
+    for len in 128 2048; do for s in "" --no-attention-splits; do
+      python3 bench/engine_bench.py --model $model --batches 1,8,64 --input-len $len --prefix-len 0 $s \
+        --json "$out/attention-$len$s.json" 2>&1 | grep -E '^\{"batch' | sed "s/^/$len $s /" | tee -a "$out/attention.log"
+    done; done ;;
   closed-loop)
     # the served steady state without the server: requests spread out (a new prompt every 128/B steps) with max batch
     # 256 at the repository's step budget 2048 and at 512; then max batch 64 alone; then requests in lockstep
@@ -127,5 +136,5 @@ case $phase in
     python3 bench/fp8_kernels.py --json "$out/fp8-kernels.json" 2>&1 | grep -E '^\{' | tee "$out/fp8-kernels.log"
     python3 bench/fp8_bench.py --model $model --out /tmp/fp8 --variants bf16,fp8,fp8-head,fp8-kv 2>&1 | tee "$out/fp8.log"
     mkdir -p "$out/fp8" && cp /tmp/fp8/*.json /tmp/fp8/*.md "$out/fp8/" ;;
-  *) echo "usage: bash bench/gpu_suite.sh engine|alone|served|hops|prefix|closed-loop|engine-process|baseline|adapters|openai|fp8|guided|start" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_suite.sh engine|alone|served|hops|prefix|attention|closed-loop|engine-process|baseline|adapters|openai|fp8|guided|start" >&2; exit 2 ;;
 esac
