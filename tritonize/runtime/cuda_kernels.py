@@ -28,6 +28,8 @@ small-batch step reads the FP8 bytes once and nothing else (quantize.ScaledMMLin
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -194,15 +196,13 @@ def _combine_splits_kernel(out_ptr, acc_ws_ptr, ml_ws_ptr, n_heads, stride_o_tok
              mask=d < HEAD_DIM)
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 0  # Triton's CPU interpreter runs programs one after another: shares only where a test asks
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device]
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-_SMS: dict[torch.device, int] = {}
 MAX_SPLITS = 16
 
 
@@ -536,7 +536,9 @@ def reserve_weight_only(weight: torch.Tensor, activation_bytes: int = 2, max_row
     """Allocates what this weight's split-K tilings for up to ``max_rows`` rows need, so that calls captured in a
     CUDA graph allocate nothing."""
     n, k = weight.shape
-    for block_m in sorted({_block_m(m) for m in (1, 16, 32, 64) if m <= max_rows}):
+    for block_m in (16, 32, 64):  # the rows a program can hold (_block_m)
+        if block_m > _block_m(max_rows):
+            break
         block_n, _, _, split_k, _ = _weight_only_plan(n, k, activation_bytes, block_m)
         if split_k > 1:
             _split_buffers(weight.device, n, block_m, block_n, split_k)

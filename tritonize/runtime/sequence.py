@@ -91,6 +91,6 @@ class Sequence:
         known = self.num_known // block_size
         if known > len(self.hashes):
             parent = self.hashes[-1] if self.hashes else b""
-            self.hashes += block_hashes(self.known_tokens()[: known * block_size], block_size, self.extra_key,
-                                        start=len(self.hashes), parent=parent)
+            self.hashes += block_hashes(self.known_tokens(), block_size, self.extra_key, start=len(self.hashes),
+                                        parent=parent)  # its full blocks: the first ``known``
         return self.hashes

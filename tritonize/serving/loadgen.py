@@ -29,8 +29,8 @@ class RequestRecord:
     response_times: list[float] = field(default_factory=list)
     output_tokens: int = 0
     error: str | None = None
-    # with perf (timed_request): wall-clock ns of the send, of the engine's arrival and first token (the engine's
-    # perf outputs), and of the first response's receipt: what the hops take on the way in and on the way out
+    # with perf (timed_request): wall-clock ns of the send, of the engine's arrival, first step and first token (the
+    # engine's perf outputs), and of the first response's receipt: what the hops take on the way in and on the way out
     perf: dict[str, int] | None = None
 
     @property
