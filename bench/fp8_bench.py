@@ -9,15 +9,16 @@ perf_analyzer):
 when missing). Its FP8 version is written once beside it (``tritonize export --quantization fp8``: every
 decoder linear per output channel, embedding / norms / LM head bfloat16). Three variants, measured in the
 same run so the ratios compare like with like: ``bf16`` (the baseline), ``fp8`` (FP8 weights as served: steps of up
-to 16 rows on the weight-only kernel, larger ones through torch._scaled_mm; bfloat16 KV cache) and ``fp8-kv`` (the
-same with an FP8 KV cache); ``--variants`` may add ``fp8-mm`` (every step through torch._scaled_mm:
-TRITONIZE_FP8_WEIGHT_ONLY_ROWS=0, the default before 2026-12-06, whose runs called the default ``fp8`` and the
-weight-only one ``fp8-wo``) and ``fp8-head`` (the LM head in FP8 too: ``--fp8-lm-head``, its own checkpoint). Phases (``--phases``, each in its own process so the GPU is empty between them):
+to 16 rows on the weight-only kernel, up to 256 on Triton's FP8 x FP8 kernel, larger ones through torch._scaled_mm;
+bfloat16 KV cache) and ``fp8-kv`` (the same with an FP8 KV cache); ``--variants`` may add ``fp8-mm`` (every step
+through torch._scaled_mm: the default before 2026-12-06, whose runs called the default ``fp8`` and the weight-only
+one ``fp8-wo``), ``fp8-wo-mm`` (steps above 16 rows through torch._scaled_mm: the default before RESULTS section
+16) and ``fp8-head`` (the LM head in FP8 too: ``--fp8-lm-head``, its own checkpoint). Phases (``--phases``, each in its own process so the GPU is empty between them):
 
 - ``logits``: the logits of the FP8 model and of the bf16 one on 8 prompts (every position): cosine
   similarity (min and mean over prompts), top-1 agreement per position. FP8 runs as it is served (the prompts
-  are under 16 tokens: the weight-only kernel on a GPU with FP8), and on a GPU also as ``fp8-mm`` (FP8 GEMMs on
-  per-token quantized activations).
+  are under 16 tokens: the weight-only kernel on a GPU with FP8), and on a GPU also with the activations
+  quantized per token: ``fp8-w8a8`` (Triton's FP8 x FP8 kernel) and ``fp8-mm`` (torch._scaled_mm).
 - ``engine``: bench/engine_bench.py per variant, batches 1 and 64, 128 prompt / 128 output tokens: decode
   tok/s (the runtime alone, CUDA graphs and Triton kernels on).
 - ``serve``: bench/serve_load.py per variant through the generated repository on tritonserver, concurrency
@@ -41,10 +42,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import fp8_checkpoint  # noqa: E402
 
-# quantization, KV cache, environment: fp8-mm sends every step through torch._scaled_mm; fp8-head has the LM head
-# in FP8 too (--fp8-lm-head)
+# quantization, KV cache, environment: fp8-mm sends every step through torch._scaled_mm; fp8-wo-mm steps of more
+# than 16 rows (the default before section 16); fp8-head has the LM head in FP8 too (--fp8-lm-head)
 VARIANTS = {"bf16": ("auto", "model", {}), "fp8": ("fp8", "model", {}), "fp8-kv": ("fp8", "fp8", {}),
-            "fp8-mm": ("fp8", "model", {"TRITONIZE_FP8_WEIGHT_ONLY_ROWS": "0"}), "fp8-head": ("fp8-head", "model", {})}
+            "fp8-mm": ("fp8", "model", {"TRITONIZE_FP8_WEIGHT_ONLY_ROWS": "0", "TRITONIZE_FP8_KERNEL_ROWS": "0"}),
+            "fp8-wo-mm": ("fp8", "model", {"TRITONIZE_FP8_KERNEL_ROWS": "0"}), "fp8-head": ("fp8-head", "model", {})}
 DEFAULT_VARIANTS = "bf16,fp8,fp8-kv"
 PROMPTS = [
     "The capital of France is", "def fibonacci(n):\n    if n < 2:", "Once upon a time, in a land far away,",
@@ -81,16 +83,17 @@ def logits_phase(model: Path, fp8: Path, device: str, out: Path) -> dict:
     tok = Tokenizer(model)
     prompts = [tok.encode(p) for p in PROMPTS]
 
-    default_rows = quantize.WEIGHT_ONLY_ROWS
+    default_rows, default_kernel_rows = quantize.WEIGHT_ONLY_ROWS, quantize.KERNEL_ROWS
 
-    def logits(path: Path, fp8_kv: bool = False, scaled_mm: bool = False) -> list[torch.Tensor]:
-        quantize.WEIGHT_ONLY_ROWS = 0 if scaled_mm else default_rows  # read at each call
+    def logits(path: Path, fp8_kv: bool = False, activations: str = "") -> list[torch.Tensor]:
+        quantize.WEIGHT_ONLY_ROWS = 0 if activations else default_rows  # read at each call
+        quantize.KERNEL_ROWS = 0 if activations == "scaled_mm" else default_kernel_rows
         m = load_model(path, device=dev, dtype=dtype)
         swapped = use_fp8_matmul(m) if fp8_matmul_supported(dev) else 0
         m.kv_cache_dtype = FP8 if fp8_kv else None
         with torch.no_grad():
             out = [prompt_logits(m, ids).float().cpu() for ids in prompts]
-        print(f"{path.name}{' + FP8 KV cache' if fp8_kv else ''}{' all through _scaled_mm' if scaled_mm else ''}: "
+        print(f"{path.name}{' + FP8 KV cache' if fp8_kv else ''}{' all through ' + activations if activations else ''}: "
               f"{swapped} FP8 GEMM linears", flush=True)
         del m
         if dev.type == "cuda":
@@ -101,7 +104,7 @@ def logits_phase(model: Path, fp8: Path, device: str, out: Path) -> dict:
     result: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "prompts": PROMPTS}
     variants = [("fp8", {}), ("fp8-kv", {"fp8_kv": True})]
     if dev.type == "cuda":  # FP8 GEMMs: activations rounded to FP8 too
-        variants.append(("fp8-mm", {"scaled_mm": True}))
+        variants += [("fp8-w8a8", {"activations": "kernel"}), ("fp8-mm", {"activations": "scaled_mm"})]
     for name, kwargs in variants:
         got = logits(fp8, **kwargs)
         cos = [float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)) for a, b in zip(got, base)]
@@ -156,7 +159,7 @@ def summary(out: Path, variants: list[str], low: int = 1, high: int = 64, length
                  str(row["kv_cache_tokens"])]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     if "logits" in result:
-        for v in ("fp8", "fp8-kv", "fp8-mm"):
+        for v in ("fp8", "fp8-kv", "fp8-w8a8", "fp8-mm"):
             if v in result["logits"]:
                 lg = result["logits"][v]
                 lines.append(f"\n{v}: logits cosine similarity to bf16 on 8 prompts: min {lg['cosine_min']:.4f}, mean "

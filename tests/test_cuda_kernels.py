@@ -280,11 +280,12 @@ def test_an_fp8_checkpoint_with_an_fp8_cache_runs_the_same_with_the_kernels(layo
 
 
 @pytest.mark.parametrize("split_k", [None, 2, 3])
-@pytest.mark.parametrize("m, n, k", [(1, 48, 96), (5, 80, 300), (16, 32, 512), (40, 48, 160), (64, 32, 96)])
-def test_fp8_weight_only_kernel_matches_the_dequantized_linear(m, n, k, split_k):
+@pytest.mark.parametrize("m, n, k, block_m", [(1, 48, 96, None), (1, 48, 96, 1), (5, 80, 300, None),
+                                              (16, 32, 512, None), (40, 48, 160, None), (64, 32, 96, None)])
+def test_fp8_weight_only_kernel_matches_the_dequantized_linear(m, n, k, block_m, split_k):
     """Whole, and with K shared among 2 or 3 programs per output tile (the last to finish adds the shares up):
     the same result, twice in a row (each call leaves the tile counters as it found them). Up to 64 rows, held
-    by a program in tiles of 16, 32 or 64."""
+    by a program in tiles of 16, 32 or 64; one row also on the CUDA cores (``block_m=1``)."""
     from tritonize.runtime.cuda_kernels import fp8_weight_only_linear
     from tritonize.runtime.quantize import quantize_per_channel
 
@@ -293,6 +294,7 @@ def test_fp8_weight_only_kernel_matches_the_dequantized_linear(m, n, k, split_k)
     x = torch.randn(m, k).to(torch.bfloat16).float()
     want = x @ (weight.float() * scale[:, None]).T
     tiling = {"block_k": 32, "split_k": split_k} if split_k else {}
+    tiling.update({"block_m": block_m} if block_m else {})
     got = fp8_weight_only_linear(x.to(DEVICE), weight.to(DEVICE), scale.to(DEVICE), **tiling)
     assert got.shape == (m, n) and got.dtype == torch.float32
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
@@ -303,9 +305,36 @@ def test_fp8_weight_only_kernel_matches_the_dequantized_linear(m, n, k, split_k)
         torch.testing.assert_close(half.float().cpu(), want, rtol=1e-2, atol=1e-2)
 
 
-def test_an_fp8_linear_takes_the_weight_only_kernel_for_small_steps_when_asked(monkeypatch):
+@pytest.mark.parametrize("split_k", [None, 3])
+@pytest.mark.parametrize("m, n, k", [(1, 48, 96), (24, 80, 300), (64, 32, 160), (130, 80, 96)])
+def test_fp8_scaled_kernel_matches_fp8_arithmetic(m, n, k, split_k):
+    """FP8 activations with a scale per row times FP8 weights with a scale per output: the products of FP8 values
+    are exact and the sums float32, so the result is the float32 product of the dequantized operands (what
+    torch._scaled_mm computes), for any number of rows (more than 64: several row tiles per weight tile), whole K
+    or K shared, twice in a row."""
+    from tritonize.runtime.cuda_kernels import fp8_scaled_linear, per_token_fp8
+    from tritonize.runtime.quantize import quantize_per_channel
+
+    torch.manual_seed(m + k)
+    weight, scale = quantize_per_channel(torch.randn(n, k) * 0.05)
+    xq, xs = per_token_fp8(torch.randn(m, k, device=DEVICE) * torch.logspace(-2, 2, m, device=DEVICE)[:, None])
+    want = (xq.float() * xs).cpu() @ (weight.float() * scale[:, None]).T
+    tiling = {"block_k": 32, "split_k": split_k} if split_k else {}
+    got = fp8_scaled_linear(xq, xs, weight.to(DEVICE), scale.to(DEVICE), out_dtype=torch.float32, **tiling)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert torch.equal(fp8_scaled_linear(xq, xs, weight.to(DEVICE), scale.to(DEVICE), out_dtype=torch.float32,
+                                         **tiling), got)
+    bf16 = fp8_scaled_linear(xq, xs, weight.to(DEVICE), scale.to(DEVICE), **tiling)
+    assert bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.float().cpu(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+
+
+def test_an_fp8_linear_takes_the_kernel_its_step_size_asks_for(monkeypatch):
     """TRITONIZE_FP8_WEIGHT_ONLY_ROWS (16 unless set, 64 at most): steps of up to that many rows skip the activation
-    quantization; the result is the dequantized linear's (steps above it keep torch._scaled_mm)."""
+    quantization, and give the dequantized linear's result; TRITONIZE_FP8_KERNEL_ROWS (256 unless set): steps of up
+    to that many rows quantize the activations per token for fp8_scaled_linear, larger ones for torch._scaled_mm;
+    both within FP8 accuracy, and the kernel's the same as the FP8 arithmetic done in float32."""
     from tritonize.runtime import quantize
     from tritonize.runtime.cuda_kernels import fp8_weight_only_linear
 
@@ -320,5 +349,15 @@ def test_an_fp8_linear_takes_the_weight_only_kernel_for_small_steps_when_asked(m
     with pytest.raises(ValueError, match="at most 64 rows"):
         fp8_weight_only_linear(torch.zeros(65, 96, device=DEVICE), fp8.weight, fp8.weight_scale)
     monkeypatch.setattr(quantize, "WEIGHT_ONLY_ROWS", 4)
-    scaled = fp8(x)  # 6 rows > 4: activations quantized per token, within FP8 accuracy
+    monkeypatch.setattr(quantize, "KERNEL_ROWS", 6)
+    scaled = fp8(x)  # 6 rows > 4: activations quantized per token, FP8 x FP8 in the kernel
+    xq, xs = quantize.per_token_fp8(x.reshape(6, 96))
+    exact = (xq.float() * xs) @ fp8.dequantized(torch.float32).T + fp8.bias
+    torch.testing.assert_close(scaled.reshape(6, 64), exact, rtol=1e-5, atol=1e-5)
     assert torch.nn.functional.cosine_similarity(scaled.flatten(), want.flatten(), dim=0) > 0.99
+    monkeypatch.setattr(quantize, "KERNEL_ROWS", 5)
+    try:
+        by_torch = fp8(x)  # 6 rows > 5: torch._scaled_mm
+    except RuntimeError as e:  # a PyTorch build without the CPU kernel of _scaled_mm
+        pytest.skip(f"torch._scaled_mm does not run on this CPU build: {e}")
+    torch.testing.assert_close(by_torch, scaled, rtol=2e-2, atol=2e-2)

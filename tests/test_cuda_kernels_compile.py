@@ -84,36 +84,48 @@ def test_the_activation_quantization_kernel_compiles(static):
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "div.rn.f32" in ptx
 
 
+LINEAR = {"out_ptr": "*{out}", "x_ptr": "*{x}", "x_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
+          "part_ptr": "*fp32", "count_ptr": "*i32", "m": "i32", "n": "i32", "k": "i32", "k_split": "i32",
+          "m_tiles": "i32"}
+
+
+def _linear_signature(activations: str) -> dict:
+    out = "bf16" if activations == "fp8e4nv" else activations
+    return {name: kind.format(out=out, x=activations) for name, kind in LINEAR.items()}
+
+
 @pytest.mark.parametrize("capability", [89, 90])
-@pytest.mark.parametrize("activations, block_n", [("bf16", 32), ("bf16", 64), ("fp16", 32), ("fp32", 32)])
+@pytest.mark.parametrize("activations, block_m, block_n", [("bf16", 16, 32), ("bf16", 16, 64), ("bf16", 1, 16),
+                                                           ("fp16", 16, 32), ("fp32", 16, 32), ("fp8e4nv", 64, 64),
+                                                           ("fp8e4nv", 64, 128)])
 @pytest.mark.parametrize("split_k", [1, 4])
-def test_the_fp8_weight_only_kernel_compiles(activations, block_n, split_k, capability):
-    ptx = _compile(k._fp8_weight_only_kernel, {"out_ptr": f"*{activations}", "x_ptr": f"*{activations}",
-                                               "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "part_ptr": "*fp32",
-                                               "count_ptr": "*i32", "m": "i32", "n": "i32", "k": "i32",
-                                               "k_split": "i32"},
-                   {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": 256, "SPLIT_K": split_k,
-                    "IEEE": activations == "fp32"}, capability)
+def test_the_fp8_linear_kernel_compiles(activations, block_m, block_n, split_k, capability):
+    ptx = _compile(k._fp8_linear_kernel, _linear_signature(activations),
+                   {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 128, "SPLIT_K": split_k,
+                    "X_FP8": activations == "fp8e4nv", "IEEE": activations == "fp32"}, capability)
     assert f".target sm_{capability}" in ptx
-    assert ("mma" in ptx) == (activations != "fp32")  # 16-bit activations on the tensor cores; float32 exact FMAs
+    # 16-bit and FP8 activations on the tensor cores (FP8 x FP8 as e4m3 operands), one row and float32 on FMAs
+    assert ("mma" in ptx) == (activations != "fp32" and block_m > 1)
+    if activations == "fp8e4nv":
+        assert "e4m3.e4m3" in ptx and "cvt.rn.f16x2.e4m3x2" not in ptx  # both operands FP8, nothing widened
     assert ("atom.global" in ptx) == (split_k > 1)  # the shares meet at a per-tile counter
 
 
 @pytest.mark.parametrize("capability, shared_limit", [(89, 101_376), (90, 232_448)])
 @pytest.mark.parametrize("n, k_dim", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (48, 96)])
-@pytest.mark.parametrize("activations", ["bf16", "fp32"])
-@pytest.mark.parametrize("block_m", [16, 64])
-def test_the_weight_only_tilings_fit_the_gpus_shared_memory(n, k_dim, activations, block_m, capability, shared_limit):
+@pytest.mark.parametrize("activations", ["bf16", "fp32", "fp8e4nv"])
+@pytest.mark.parametrize("m", [1, 16, 64, 256])
+def test_the_fp8_linear_tilings_fit_the_gpus_shared_memory(n, k_dim, activations, m, capability, shared_limit):
     """The tiling the runtime picks for each linear of the 8B shape (its pipeline depth included), and for a
-    small float32 model's, at each number of rows a program holds, compiles and fits an Ada's shared memory as
-    well as a Hopper's."""
-    block_n, block_k, stages, split_k = k._weight_only_tiling(n, k_dim, 4 if activations == "fp32" else 2, block_m)
-    signature = {"out_ptr": f"*{activations}", "x_ptr": f"*{activations}", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
-                 "part_ptr": "*fp32", "count_ptr": "*i32", "m": "i32", "n": "i32", "k": "i32", "k_split": "i32"}
-    constants = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
-                 "IEEE": activations == "fp32"}
-    ast = ASTSource(fn=k._fp8_weight_only_kernel, signature={**signature, **{c: "constexpr" for c in constants}},
+    small float32 model's, at each step size, compiles and fits an Ada's shared memory as well as a Hopper's."""
+    if m > 64 and activations != "fp8e4nv":
+        pytest.skip("the weight-only kernel takes at most 64 rows")
+    t = k.fp8_tiling(m, n, k_dim, {"fp32": 4, "bf16": 2, "fp8e4nv": 1}[activations])
+    constants = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, "SPLIT_K": t.split_k,
+                 "X_FP8": activations == "fp8e4nv", "IEEE": activations == "fp32"}
+    ast = ASTSource(fn=k._fp8_linear_kernel,
+                    signature={**_linear_signature(activations), **{c: "constexpr" for c in constants}},
                     constexprs=constants)
     compiled = triton.compile(ast, target=GPUTarget("cuda", capability, 32),
-                              options={"num_stages": stages, "num_warps": 4})
+                              options={"num_stages": t.num_stages, "num_warps": t.num_warps})
     assert 0 < compiled.metadata.shared <= shared_limit

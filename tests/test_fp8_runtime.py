@@ -110,6 +110,7 @@ def test_scaled_mm_path_is_within_fp8_accuracy(static, monkeypatch):
     import tritonize.runtime.quantize as quantize
 
     monkeypatch.setattr(quantize, "WEIGHT_ONLY_ROWS", 0)  # every step through torch._scaled_mm, small ones included
+    monkeypatch.setattr(quantize, "KERNEL_ROWS", 0)
     torch.manual_seed(3)
     lin = torch.nn.Linear(128, 64, bias=True)
     quantized = FP8Linear.from_linear(lin)

@@ -29,13 +29,14 @@ small-batch step reads the FP8 bytes once and nothing else (quantize.ScaledMMLin
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fp8_weight_only_linear", "paged_attention", "per_token_fp8", "rms_norm", "rotary_and_cache",
-           "silu_mul"]
+__all__ = ["Fp8Tiling", "fp8_scaled_linear", "fp8_tiling", "fp8_weight_only_linear", "paged_attention", "per_token_fp8",
+           "reserve_fp8_linear", "rms_norm", "rotary_and_cache", "silu_mul"]
 
 FP8 = torch.float8_e4m3fn
 WEIGHT_ONLY_MAX_ROWS = 64  # rows fp8_weight_only_linear takes (a program holds them all)
@@ -426,61 +427,96 @@ def per_token_fp8(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> 
 
 
 @triton.jit
-def _fp8_weight_only_kernel(out_ptr, x_ptr, w_ptr, scale_ptr, part_ptr, count_ptr, m, n, k, k_split,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            SPLIT_K: tl.constexpr, IEEE: tl.constexpr):
+def _fp8_linear_kernel(out_ptr, x_ptr, x_scale_ptr, w_ptr, scale_ptr, part_ptr, count_ptr, m, n, k, k_split, m_tiles,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                       X_FP8: tl.constexpr, IEEE: tl.constexpr):
     tile = tl.program_id(0)
-    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_M)
+    # The row tiles of one weight tile are neighbours in the grid: they run together and the weight tile is read
+    # from memory once, then from L2.
+    m_tile, n_tile = tile % m_tiles, tile // m_tiles
+    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     depth = tl.arange(0, BLOCK_K)
     col_ok, row_ok = cols < n, rows < m
     w_rows = w_ptr + cols[:, None].to(tl.int64) * k
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * k
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = tl.program_id(1) * k_split  # this program's share of K: k_split is a multiple of BLOCK_K
     for k0 in range(k_start, tl.minimum(k_start + k_split, k), BLOCK_K):
         kk = k0 + depth
         k_ok = kk < k
-        x = tl.load(x_ptr + rows[:, None] * k + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if IEEE:  # float32 activations
+        if BLOCK_M == 1:  # one row: a matrix-vector product on the CUDA cores, no tile of 16 rows
+            acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+        elif X_FP8:  # FP8 x FP8 on the tensor cores
+            acc += tl.dot(x, tl.trans(w))
+        elif IEEE:  # float32 activations
             acc += tl.dot(x, tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:  # e4m3 widens exactly to the activations' 16-bit type
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+    tile_offsets = rows[:, None] * n + cols[None, :]
+    out_ok = row_ok[:, None] & col_ok[None, :]
     if SPLIT_K == 1:
         y = acc * scale[None, :]
-        tl.store(out_ptr + rows[:, None] * n + cols[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        if X_FP8:
+            y = y * tl.load(x_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        tl.store(out_ptr + tile_offsets, y.to(out_ptr.dtype.element_ty), mask=out_ok)
     else:
         # Each share's partial sums go to the workspace; the share that arrives last at this tile's counter adds
         # them in share order (the same sums whichever arrives last) and resets the counter for the next call.
-        tile_offsets = rows[:, None] * n + cols[None, :]
-        tl.store(part_ptr + tl.program_id(1) * BLOCK_M * n + tile_offsets, acc, mask=col_ok[None, :])
+        share_floats = m_tiles * BLOCK_M * n
+        tl.store(part_ptr + tl.program_id(1) * share_floats + tile_offsets, acc, mask=col_ok[None, :])
         tl.debug_barrier()  # every thread's part of the partial is written before the count moves
         arrived = tl.atomic_add(count_ptr + tile, 1)  # acq_rel: the partial above is visible to the last share
         if arrived == SPLIT_K - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for share in tl.static_range(SPLIT_K):
-                total += tl.load(part_ptr + share * BLOCK_M * n + tile_offsets, mask=col_ok[None, :], other=0.0,
+                total += tl.load(part_ptr + share * share_floats + tile_offsets, mask=col_ok[None, :], other=0.0,
                                  volatile=True)
             y = total * scale[None, :]
-            tl.store(out_ptr + tile_offsets, y.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            if X_FP8:
+                y = y * tl.load(x_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+            tl.store(out_ptr + tile_offsets, y.to(out_ptr.dtype.element_ty), mask=out_ok)
             tl.atomic_xchg(count_ptr + tile, 0)
 
 
-def _weight_only_tiling(n: int, k: int, activation_bytes: int = 2, block_m: int = 16) -> tuple[int, int, int, int]:
-    """(block_n, block_k, num_stages, split_k): the fastest of bench/fp8_kernels.py's grid for the 8B shape's linears
-    on one H100 at 1 and 16 rows (bench/RESULTS.md section 15): 32 output columns a program; the wide output
-    (gate/up: 896 programs) whole K in short steps; the narrow ones (q/k/v, o, down: 128-192 programs, too few for
-    132 SMs to stream the weights) K shared among 4 programs. 32 or 64 rows (``block_m``) take short steps of K,
-    whose activation tiles fit (at 64 rows torch._scaled_mm was faster, so the runtime sends at most 16 here).
-    Float32 activations (exact FMAs, no tensor cores: not a speed path) take short steps, which fit an Ada's
-    shared memory."""
+@dataclass(frozen=True)
+class Fp8Tiling:
+    """How ``_fp8_linear_kernel`` covers a call: rows and output columns a program holds, the step through K, the
+    pipeline depth, warps, and how many programs share K per output tile (split-K)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_stages: int
+    num_warps: int
+    split_k: int
+
+
+def fp8_tiling(m: int, n: int, k: int, activation_bytes: int = 2) -> Fp8Tiling:
+    """The tiling of an ``m``-row call: the fastest of bench/fp8_kernels.py's grid for the 8B shape's linears on one
+    H100 (bench/RESULTS.md section 16).
+
+    Weight-only (16-bit activations, at most 64 rows): 32 output columns a program; the wide output (gate/up: 896
+    programs) whole K in short steps, the narrow ones (q/k/v, o, down: 128-192 programs, too few for 132 SMs to
+    stream the weights) K shared among 4 programs; 32 or 64 rows take short steps of K, whose activation tiles fit.
+    FP8 activations (``activation_bytes`` 1): tiles of 64 rows whatever the step's size (Hopper's FP8 tensor-core
+    instruction takes 64 rows; with fewer, Triton widens both operands to 16 bits first), 128 output columns for the wide output and 64 with K shared for the narrow ones, so that every SM streams weights
+    and the activations are read again from L2 as few times as possible. Float32 activations (exact FMAs, no tensor
+    cores: not a speed path) take short steps, which fit an Ada's shared memory."""
+    block_m = _block_m(m)
+    if activation_bytes == 1:
+        block_m = 64
+        if n > 8192:
+            return Fp8Tiling(block_m, 128, 128, 4, 4, 1)
+        return Fp8Tiling(block_m, 64, 128, 4, 4, 4 if k > 8192 else 2)
     if activation_bytes > 2:
-        return 32, 128 if block_m <= 32 else 64, 2, 1
+        return Fp8Tiling(block_m, 32, 128 if block_m <= 32 else 64, 2, 4, 1)
     if block_m > 16 or n > 8192:
-        return 32, 128, 3, 1
-    return 32, 128 if n > 4096 and k <= 8192 else 256, 3, 4
+        return Fp8Tiling(block_m, 32, 128, 3, 4, 1)
+    return Fp8Tiling(block_m, 32, 128 if n > 4096 and k <= 8192 else 256, 3, 4, 4)
 
 
 class _SplitWorkspace:
@@ -498,8 +534,8 @@ class _SplitWorkspace:
         parts, counts = self.parts.get(device), self.counts.get(device)
         if parts is None or parts.numel() < floats or counts.numel() < tiles:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("the FP8 weight-only kernel's split-K workspace must be reserved before CUDA-graph "
-                                   "capture: call reserve_weight_only(weight) first")
+                raise RuntimeError("the FP8 linear kernel's split-K workspace must be reserved before CUDA-graph "
+                                   "capture: call reserve_fp8_linear(weight) first")
             floats = max(floats, parts.numel() if parts is not None else 0)
             tiles = max(tiles, counts.numel() if counts is not None else 0)
             self.retired += [t for t in (parts, counts) if t is not None]
@@ -512,56 +548,67 @@ _WORKSPACE = _SplitWorkspace()
 
 
 def _block_m(m: int) -> int:
-    """Rows a program holds: 16 (the tensor cores' smallest tile), 32 or 64."""
-    return max(16, triton.next_power_of_2(m))
+    """Rows a program holds with 16-bit activations: 16 (the tensor cores' smallest tile), 32 or 64."""
+    return min(64, max(16, triton.next_power_of_2(m)))
 
 
-def _weight_only_plan(n: int, k: int, activation_bytes: int, block_m: int, block_n: int | None = None,
-                      block_k: int | None = None, num_stages: int | None = None, split_k: int | None = None
-                      ) -> tuple[int, int, int, int, int]:
-    """(block_n, block_k, num_stages, split_k, k_split) of a call: the given tiling, the rest from _weight_only_tiling;
-    ``k_split`` (K per share) a multiple of block_k, and only shares that have work."""
-    tiled_n, tiled_k, tiled_stages, tiled_split = _weight_only_tiling(n, k, activation_bytes, block_m)
-    block_n, block_k, split_k = block_n or tiled_n, block_k or tiled_k, split_k or tiled_split
-    k_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    return block_n, block_k, num_stages or tiled_stages, triton.cdiv(k, k_split), k_split
+def _plan(m: int, n: int, k: int, activation_bytes: int, tiling: dict) -> tuple[Fp8Tiling, int, int, int]:
+    """(tiling, row tiles, shares of K that have work, K per share) of a call: the tiling's fields given in
+    ``tiling``, the rest from ``fp8_tiling``; K per share a multiple of block_k."""
+    chosen = fp8_tiling(m, n, k, activation_bytes)
+    chosen = Fp8Tiling(**{f: tiling.get(f) or getattr(chosen, f) for f in Fp8Tiling.__dataclass_fields__})
+    k_split = triton.cdiv(triton.cdiv(k, chosen.split_k), chosen.block_k) * chosen.block_k
+    return chosen, triton.cdiv(m, chosen.block_m), triton.cdiv(k, k_split), k_split
 
 
-def _split_buffers(device: torch.device, n: int, block_m: int, block_n: int, split_k: int
+def _split_buffers(device: torch.device, n: int, t: Fp8Tiling, m_tiles: int, split_k: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _WORKSPACE.reserve(device, split_k * block_m * n, triton.cdiv(n, block_n))
+    return _WORKSPACE.reserve(device, split_k * m_tiles * t.block_m * n, m_tiles * triton.cdiv(n, t.block_n))
 
 
-def reserve_weight_only(weight: torch.Tensor, activation_bytes: int = 2, max_rows: int = WEIGHT_ONLY_MAX_ROWS) -> None:
-    """Allocates what this weight's split-K tilings for up to ``max_rows`` rows need, so that calls captured in a
-    CUDA graph allocate nothing."""
+def reserve_fp8_linear(weight: torch.Tensor, weight_only_rows: int, fp8_rows: int) -> None:
+    """Allocates what this weight's split-K tilings need for calls of up to ``weight_only_rows`` rows of 16-bit
+    activations and ``fp8_rows`` rows of FP8 ones, so that calls captured in a CUDA graph allocate nothing."""
     n, k = weight.shape
-    for block_m in (16, 32, 64):  # the rows a program can hold (_block_m)
-        if block_m > _block_m(max_rows):
-            break
-        block_n, _, _, split_k, _ = _weight_only_plan(n, k, activation_bytes, block_m)
+    # one step size per plan: the row tiles of 16, 32 or 64 (weight-only) and each count of tiles of 64 (FP8)
+    calls = [(m, 2) for m in {min(r, weight_only_rows) for r in (1, 16, 32, 64)} if m]
+    calls += [(m, 1) for m in {*range(64, fp8_rows, 64), fp8_rows} if m > 0]
+    for m, activation_bytes in calls:
+        t, m_tiles, split_k, _ = _plan(m, n, k, activation_bytes, {})
         if split_k > 1:
-            _split_buffers(weight.device, n, block_m, block_n, split_k)
+            _split_buffers(weight.device, n, t, m_tiles, split_k)
 
 
-def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, block_n: int | None = None,
-                           block_k: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-                           split_k: int | None = None) -> torch.Tensor:
-    """``x [M, K] @ (weight [N, K] float8 * scale [N]).T`` for M <= 64, in ``x``'s dtype (sums in float32).
-    ``split_k`` > 1 shares K among that many programs per output tile, for outputs too narrow to occupy every SM.
-    The tiling arguments are for bench/fp8_kernels.py, which times the choices on a card."""
-    x = x.contiguous()
+def _fp8_linear(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, scale: torch.Tensor,
+                out_dtype: torch.dtype, tiling: dict) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
-    if m > WEIGHT_ONLY_MAX_ROWS:
-        raise ValueError(f"fp8_weight_only_linear takes at most {WEIGHT_ONLY_MAX_ROWS} rows, got {m}")
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m = _block_m(m)
-    block_n, block_k, stages, split_k, k_split = _weight_only_plan(n, k, x.element_size(), block_m, block_n, block_k,
-                                                                   num_stages, split_k)
-    parts, counts = _split_buffers(x.device, n, block_m, block_n, split_k) if split_k > 1 else (out, out)
-    _fp8_weight_only_kernel[(triton.cdiv(n, block_n), split_k)](out, x, weight, scale, parts, counts, m, n, k, k_split,
-                                                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                                 SPLIT_K=split_k, IEEE=x.dtype == torch.float32,
-                                                                 num_warps=num_warps, num_stages=stages)
+    t, m_tiles, split_k, k_split = _plan(m, n, k, x.element_size(), tiling)
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    parts, counts = _split_buffers(x.device, n, t, m_tiles, split_k) if split_k > 1 else (out, out)
+    _fp8_linear_kernel[(m_tiles * triton.cdiv(n, t.block_n), split_k)](
+        out, x, x_scale if x_scale is not None else scale, weight, scale, parts, counts, m, n, k, k_split, m_tiles,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT_K=split_k, X_FP8=x_scale is not None,
+        IEEE=x.dtype == torch.float32, num_warps=t.num_warps, num_stages=t.num_stages)
     return out
+
+
+def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, **tiling: int) -> torch.Tensor:
+    """``x [M, K] @ (weight [N, K] float8 * scale [N]).T`` for M <= 64, in ``x``'s dtype (sums in float32): the
+    weights widened in registers, the activations as they are. ``tiling`` overrides fields of ``fp8_tiling``'s
+    choice (bench/fp8_kernels.py times the choices on a card); ``block_m=1`` multiplies one row on the CUDA cores."""
+    x = x.contiguous()
+    if x.shape[0] > WEIGHT_ONLY_MAX_ROWS:
+        raise ValueError(f"fp8_weight_only_linear takes at most {WEIGHT_ONLY_MAX_ROWS} rows, got {x.shape[0]}")
+    if tiling.get("block_m") == 1 and x.shape[0] != 1:
+        raise ValueError("block_m=1 multiplies a single row")
+    return _fp8_linear(x, None, weight, scale, x.dtype, tiling)
+
+
+def fp8_scaled_linear(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                      out_dtype: torch.dtype = torch.bfloat16, **tiling: int) -> torch.Tensor:
+    """``(xq * x_scale) @ (weight * scale).T``: FP8 activations ``xq [M, K]`` with one float32 scale per row
+    (``x_scale [M, 1]``, per_token_fp8's) times FP8 weights on the tensor cores, sums in float32, any number of
+    rows. What torch._scaled_mm computes, with tiles for decode-sized M: K shared among programs where the output
+    is too narrow to give every SM weights to read."""
+    return _fp8_linear(xq.contiguous(), x_scale.contiguous(), weight, scale, out_dtype, tiling)

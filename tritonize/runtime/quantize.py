@@ -42,18 +42,22 @@ from .config import UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FP8", "FP8_MAX", "FP8Linear", "QuantScheme", "ScaledMMLinear", "dequantize", "fp8_matmul_supported",
+__all__ = ["FP8", "FP8_MAX", "KERNEL_ROWS", "FP8Linear", "QuantScheme", "ScaledMMLinear", "dequantize",
+           "fp8_matmul_supported",
            "fuse_fp8", "per_token_fp8", "quantize_model", "quantize_per_channel", "read_quantization",
            "to_fp8", "use_fp8_matmul"]
 
 FP8 = torch.float8_e4m3fn
-# Steps of at most this many rows (0 to 64: cuda_kernels.WEIGHT_ONLY_MAX_ROWS) multiply the FP8 weights by the
-# activations as they are (cuda_kernels.fp8_weight_only_linear: the weights widened in registers) instead of
-# quantizing the activations for torch._scaled_mm, whose FP8 GEMMs are built for larger M. Measured on one H100
-# (bench/RESULTS.md section 15, 8B shape): a layer's linears in 93 us at 1 and 16 rows against 133-137 with
-# torch._scaled_mm (bf16: 155), and logits closer to bf16; at 64 rows 153 against 125, hence 16 by default.
-# TRITONIZE_FP8_WEIGHT_ONLY_ROWS=0 turns it off.
+# Decode-sized steps do not go through torch._scaled_mm, whose FP8 GEMMs are built for larger M (on one H100, 8B
+# shape, a layer's linears took 133 us at 1-16 rows against bf16's 155, 125 at 64 against 159: bench/RESULTS.md
+# sections 15-16). Steps of at most WEIGHT_ONLY_ROWS rows (0 to 64: cuda_kernels.WEIGHT_ONLY_MAX_ROWS) multiply the
+# FP8 weights by the activations as they are (cuda_kernels.fp8_weight_only_linear: the weights widened in
+# registers; logits closer to bf16); steps of at most KERNEL_ROWS rows quantize the activations per token and run
+# cuda_kernels.fp8_scaled_linear (FP8 x FP8 in tiles of 64 rows, K shared among programs for narrow outputs);
+# larger ones torch._scaled_mm. TRITONIZE_FP8_WEIGHT_ONLY_ROWS=0 / TRITONIZE_FP8_KERNEL_ROWS=0 turn either off.
 WEIGHT_ONLY_ROWS = max(0, min(64, int(os.environ.get("TRITONIZE_FP8_WEIGHT_ONLY_ROWS", "16") or 0)))
+KERNEL_MAX_ROWS = 256  # the split-K workspace is reserved for steps of up to this many rows
+KERNEL_ROWS = max(0, min(KERNEL_MAX_ROWS, int(os.environ.get("TRITONIZE_FP8_KERNEL_ROWS", "256") or 0)))
 FP8_MAX = 448.0  # the largest float8_e4m3fn value
 
 
@@ -274,7 +278,8 @@ class FP8Linear(nn.Module):
 
 class ScaledMMLinear(FP8Linear):
     """FP8 x FP8 on the tensor cores: activations quantized per token (or with the static input scale), then
-    ``torch._scaled_mm`` with row-wise scales into bfloat16."""
+    Triton's FP8 kernel for decode-sized steps, ``torch._scaled_mm`` with row-wise scales for larger ones; steps
+    of a few rows skip the quantization (``WEIGHT_ONLY_ROWS``)."""
 
     def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return per_token_fp8(x, self.input_scale)
@@ -286,6 +291,11 @@ class ScaledMMLinear(FP8Linear):
             from .cuda_kernels import fp8_weight_only_linear
 
             y = fp8_weight_only_linear(rows, self.weight, self.weight_scale)
+        elif rows.shape[0] <= KERNEL_ROWS:
+            from .cuda_kernels import fp8_scaled_linear
+
+            xq, xs = self.quantize_input(rows)
+            y = fp8_scaled_linear(xq, xs, self.weight, self.weight_scale, out_dtype=x.dtype)
         else:
             xq, xs = self.quantize_input(rows)
             y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.view(1, -1),
@@ -319,9 +329,9 @@ def use_fp8_matmul(model: nn.Module) -> int:
             module.block = None
         module.__class__ = ScaledMMLinear
         if module.weight.is_cuda:  # a split-K tiling's workspace exists before any step is captured in a graph
-            from .cuda_kernels import reserve_weight_only
+            from .cuda_kernels import WEIGHT_ONLY_MAX_ROWS, reserve_fp8_linear
 
-            reserve_weight_only(module.weight)
+            reserve_fp8_linear(module.weight, WEIGHT_ONLY_MAX_ROWS, KERNEL_MAX_ROWS)
         swapped += 1
     return swapped
 
