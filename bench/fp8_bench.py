@@ -9,7 +9,7 @@ perf_analyzer):
 when missing). Its FP8 version is written once beside it (``tritonize export --quantization fp8``: every
 decoder linear per output channel, embedding / norms / LM head bfloat16). Three variants, measured in the
 same run so the ratios compare like with like: ``bf16`` (the baseline), ``fp8`` (FP8 weights as served: steps of up
-to 16 rows on the weight-only kernel, up to 256 on Triton's FP8 x FP8 kernel, larger ones through torch._scaled_mm;
+to 16 rows on the weight-only kernel, up to 128 on Triton's FP8 x FP8 kernel, larger ones through torch._scaled_mm;
 bfloat16 KV cache) and ``fp8-kv`` (the same with an FP8 KV cache); ``--variants`` may add ``fp8-mm`` (every step
 through torch._scaled_mm: the default before 2026-12-06, whose runs called the default ``fp8`` and the weight-only
 one ``fp8-wo``), ``fp8-wo-mm`` (steps above 16 rows through torch._scaled_mm: the default before RESULTS section

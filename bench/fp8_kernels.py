@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1,16,32,64,128,256", help="M: rows of the step (comma-separated)")
     ap.add_argument("--weight-only-rows", type=int, default=16,
                     help="time the weight-only kernel's grid up to this many rows (64 at most)")
+    ap.add_argument("--defaults-only", action="store_true",
+                    help="time each kernel in the runtime's own tiling only (no grid)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -145,7 +147,7 @@ def main() -> None:
             for kind, fn, grid in kinds:
                 if kind != "vector":
                     row[f"{kind}_default"] = time_us([partial(fn, q, s) for q, s in fp8])
-                best = best_of(kind, fn, fp8, grid, label)
+                best = best_of(kind, fn, fp8, [] if args.defaults_only else grid, label)
                 if best is not None:
                     row[kind], row[f"{kind}_tiling"] = best
             for kind, nbytes in (("bf16", 2), ("scaled_mm", 1), ("fp8_kernel", 1), ("fp8_kernel_default", 1),

@@ -332,7 +332,7 @@ def test_fp8_scaled_kernel_matches_fp8_arithmetic(m, n, k, split_k):
 
 def test_an_fp8_linear_takes_the_kernel_its_step_size_asks_for(monkeypatch):
     """TRITONIZE_FP8_WEIGHT_ONLY_ROWS (16 unless set, 64 at most): steps of up to that many rows skip the activation
-    quantization, and give the dequantized linear's result; TRITONIZE_FP8_KERNEL_ROWS (256 unless set): steps of up
+    quantization, and give the dequantized linear's result; TRITONIZE_FP8_KERNEL_ROWS (128 unless set): steps of up
     to that many rows quantize the activations per token for fp8_scaled_linear, larger ones for torch._scaled_mm;
     both within FP8 accuracy, and the kernel's the same as the FP8 arithmetic done in float32."""
     from tritonize.runtime import quantize
@@ -353,7 +353,7 @@ def test_an_fp8_linear_takes_the_kernel_its_step_size_asks_for(monkeypatch):
     scaled = fp8(x)  # 6 rows > 4: activations quantized per token, FP8 x FP8 in the kernel
     xq, xs = quantize.per_token_fp8(x.reshape(6, 96))
     exact = (xq.float() * xs) @ fp8.dequantized(torch.float32).T + fp8.bias
-    torch.testing.assert_close(scaled.reshape(6, 64), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scaled.reshape(6, 64), exact, rtol=1e-4, atol=1e-4)
     assert torch.nn.functional.cosine_similarity(scaled.flatten(), want.flatten(), dim=0) > 0.99
     monkeypatch.setattr(quantize, "KERNEL_ROWS", 5)
     try:

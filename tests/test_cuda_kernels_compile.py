@@ -120,7 +120,7 @@ def test_the_fp8_linear_tilings_fit_the_gpus_shared_memory(n, k_dim, activations
     small float32 model's, at each step size, compiles and fits an Ada's shared memory as well as a Hopper's."""
     if m > 64 and activations != "fp8e4nv":
         pytest.skip("the weight-only kernel takes at most 64 rows")
-    t = k.fp8_tiling(m, n, k_dim, {"fp32": 4, "bf16": 2, "fp8e4nv": 1}[activations])
+    t = k.fp8_tiling(m, n, k_dim, {"fp32": 4, "bf16": 2, "fp8e4nv": 1}[activations], hopper=capability >= 90)
     constants = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, "SPLIT_K": t.split_k,
                  "X_FP8": activations == "fp8e4nv", "IEEE": activations == "fp32"}
     ast = ASTSource(fn=k._fp8_linear_kernel,

@@ -449,8 +449,9 @@ def _fp8_linear_kernel(out_ptr, x_ptr, x_scale_ptr, w_ptr, scale_ptr, part_ptr, 
         w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         if BLOCK_M == 1:  # one row: a matrix-vector product on the CUDA cores, no tile of 16 rows
             acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
-        elif X_FP8:  # FP8 x FP8 on the tensor cores
-            acc += tl.dot(x, tl.trans(w))
+        elif X_FP8:  # FP8 x FP8 on the tensor cores, the sums moved to float32 after each instruction (Hopper's
+            # own FP8 accumulation keeps fewer bits: torch._scaled_mm's default does the same)
+            acc += tl.dot(x, tl.trans(w), max_num_imprecise_acc=32)
         elif IEEE:  # float32 activations
             acc += tl.dot(x, tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:  # e4m3 widens exactly to the activations' 16-bit type
@@ -495,28 +496,40 @@ class Fp8Tiling:
     split_k: int
 
 
-def fp8_tiling(m: int, n: int, k: int, activation_bytes: int = 2) -> Fp8Tiling:
+def fp8_tiling(m: int, n: int, k: int, activation_bytes: int = 2, hopper: bool = True) -> Fp8Tiling:
     """The tiling of an ``m``-row call: the fastest of bench/fp8_kernels.py's grid for the 8B shape's linears on one
-    H100 (bench/RESULTS.md section 16).
+    H100 (bench/RESULTS.md section 16), with shallower pipelines where shared memory is an Ada's (``hopper`` False).
 
-    Weight-only (16-bit activations, at most 64 rows): 32 output columns a program; the wide output (gate/up: 896
-    programs) whole K in short steps, the narrow ones (q/k/v, o, down: 128-192 programs, too few for 132 SMs to
-    stream the weights) K shared among 4 programs; 32 or 64 rows take short steps of K, whose activation tiles fit.
-    FP8 activations (``activation_bytes`` 1): tiles of 64 rows whatever the step's size (Hopper's FP8 tensor-core
-    instruction takes 64 rows; with fewer, Triton widens both operands to 16 bits first), 128 output columns for the wide output and 64 with K shared for the narrow ones, so that every SM streams weights
-    and the activations are read again from L2 as few times as possible. Float32 activations (exact FMAs, no tensor
-    cores: not a speed path) take short steps, which fit an Ada's shared memory."""
-    block_m = _block_m(m)
+    Weight-only (16-bit activations, at most 64 rows): one row on the CUDA cores, 8-16 output columns a program in
+    steps of 512; 2-16 rows in tiles of 16, 32 output columns a program, the wide output (gate/up: 896 programs)
+    whole K, the narrow ones (q/k/v, o, down: 128-192 programs, too few for 132 SMs to stream the weights) K shared
+    among 4 programs; 32 or 64 rows take short steps of K, whose activation tiles fit. FP8 activations
+    (``activation_bytes`` 1): tiles of 64 rows whatever the step's size (Hopper's FP8 tensor-core instruction takes
+    64 rows; with fewer, Triton widens both operands to 16 bits first) and 64 output columns, long steps of K in a
+    deep pipeline; the wide output past 64 rows in tiles of 128 rows on two warp groups. Float32 activations (exact
+    FMAs, no tensor cores: not a speed path) take short steps, which fit an Ada's shared memory."""
     if activation_bytes == 1:
-        block_m = 64
+        if m > 64 and n > 8192:
+            return Fp8Tiling(128, 64, 128, 4 if hopper else 2, 8, 1)
         if n > 8192:
-            return Fp8Tiling(block_m, 128, 128, 4, 4, 1)
-        return Fp8Tiling(block_m, 64, 128, 4, 4, 4 if k > 8192 else 2)
+            return Fp8Tiling(64, 64, 128, 3, 4, 1)
+        return Fp8Tiling(64, 64, 256 if hopper else 128, 5 if hopper else 3, 4, 2 if k > 8192 else 1)
+    block_m = _block_m(m)
     if activation_bytes > 2:
         return Fp8Tiling(block_m, 32, 128 if block_m <= 32 else 64, 2, 4, 1)
+    if m == 1:
+        if n > 8192:
+            return Fp8Tiling(1, 16, 512, 3, 4, 1)
+        return Fp8Tiling(1, 8, 512, 3, 8, 1) if n > 4096 else Fp8Tiling(1, 16, 512, 3, 4, 4)
     if block_m > 16 or n > 8192:
         return Fp8Tiling(block_m, 32, 128, 3, 4, 1)
     return Fp8Tiling(block_m, 32, 128 if n > 4096 and k <= 8192 else 256, 3, 4, 4)
+
+
+@functools.cache
+def _hopper(device: torch.device) -> bool:
+    """Hopper's shared memory (227 KB a block) or more, which the deep FP8 pipelines need; an Ada has 99 KB."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 class _SplitWorkspace:
@@ -552,10 +565,11 @@ def _block_m(m: int) -> int:
     return min(64, max(16, triton.next_power_of_2(m)))
 
 
-def _plan(m: int, n: int, k: int, activation_bytes: int, tiling: dict) -> tuple[Fp8Tiling, int, int, int]:
+def _plan(m: int, n: int, k: int, activation_bytes: int, device: torch.device, tiling: dict
+          ) -> tuple[Fp8Tiling, int, int, int]:
     """(tiling, row tiles, shares of K that have work, K per share) of a call: the tiling's fields given in
     ``tiling``, the rest from ``fp8_tiling``; K per share a multiple of block_k."""
-    chosen = fp8_tiling(m, n, k, activation_bytes)
+    chosen = fp8_tiling(m, n, k, activation_bytes, _hopper(device))
     chosen = Fp8Tiling(**{f: tiling.get(f) or getattr(chosen, f) for f in Fp8Tiling.__dataclass_fields__})
     k_split = triton.cdiv(triton.cdiv(k, chosen.split_k), chosen.block_k) * chosen.block_k
     return chosen, triton.cdiv(m, chosen.block_m), triton.cdiv(k, k_split), k_split
@@ -574,7 +588,7 @@ def reserve_fp8_linear(weight: torch.Tensor, weight_only_rows: int, fp8_rows: in
     calls = [(m, 2) for m in {min(r, weight_only_rows) for r in (1, 16, 32, 64)} if m]
     calls += [(m, 1) for m in {*range(64, fp8_rows, 64), fp8_rows} if m > 0]
     for m, activation_bytes in calls:
-        t, m_tiles, split_k, _ = _plan(m, n, k, activation_bytes, {})
+        t, m_tiles, split_k, _ = _plan(m, n, k, activation_bytes, weight.device, {})
         if split_k > 1:
             _split_buffers(weight.device, n, t, m_tiles, split_k)
 
@@ -583,7 +597,7 @@ def _fp8_linear(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Ten
                 out_dtype: torch.dtype, tiling: dict) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
-    t, m_tiles, split_k, k_split = _plan(m, n, k, x.element_size(), tiling)
+    t, m_tiles, split_k, k_split = _plan(m, n, k, x.element_size(), x.device, tiling)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     parts, counts = _split_buffers(x.device, n, t, m_tiles, split_k) if split_k > 1 else (out, out)
     _fp8_linear_kernel[(m_tiles * triton.cdiv(n, t.block_n), split_k)](
