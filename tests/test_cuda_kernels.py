@@ -306,11 +306,11 @@ def test_fp8_weight_only_kernel_matches_the_dequantized_linear(m, n, k, block_m,
 
 
 @pytest.mark.parametrize("split_k", [None, 3])
-@pytest.mark.parametrize("m, n, k", [(1, 48, 96), (24, 80, 300), (64, 32, 160), (130, 80, 96)])
+@pytest.mark.parametrize("m, n, k", [(1, 48, 96), (24, 80, 300), (64, 32, 160), (130, 80, 96), (16, 64, 8192)])
 def test_fp8_scaled_kernel_matches_fp8_arithmetic(m, n, k, split_k):
     """FP8 activations with a scale per row times FP8 weights with a scale per output: the products of FP8 values
-    are exact and the sums float32, so the result is the float32 product of the dequantized operands (what
-    torch._scaled_mm computes), for any number of rows (more than 64: several row tiles per weight tile), whole K
+    are exact and the sums float32 (within a step of K, Hopper's fewer bits), so the result is the float32 product
+    of the dequantized operands (what torch._scaled_mm computes) at long K too, for any number of rows (more than 64: several row tiles per weight tile), whole K
     or K shared, twice in a row."""
     from tritonize.runtime.cuda_kernels import fp8_scaled_linear, per_token_fp8
     from tritonize.runtime.quantize import quantize_per_channel
@@ -322,7 +322,10 @@ def test_fp8_scaled_kernel_matches_fp8_arithmetic(m, n, k, split_k):
     tiling = {"block_k": 32, "split_k": split_k} if split_k else {}
     got = fp8_scaled_linear(xq, xs, weight.to(DEVICE), scale.to(DEVICE), out_dtype=torch.float32, **tiling)
     assert got.shape == (m, n) and got.dtype == torch.float32
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    # Hopper sums a step of K's FP8 products in fewer bits than float32 before adding them to the float32 total:
+    # 1e-3 of the largest output (a bfloat16 result rounds at 4e-3); the whole of K in those bits was 2e-4 off at
+    # K = 96 and grows with K
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
     assert torch.equal(fp8_scaled_linear(xq, xs, weight.to(DEVICE), scale.to(DEVICE), out_dtype=torch.float32,
                                          **tiling), got)
     bf16 = fp8_scaled_linear(xq, xs, weight.to(DEVICE), scale.to(DEVICE), **tiling)
@@ -353,7 +356,7 @@ def test_an_fp8_linear_takes_the_kernel_its_step_size_asks_for(monkeypatch):
     scaled = fp8(x)  # 6 rows > 4: activations quantized per token, FP8 x FP8 in the kernel
     xq, xs = quantize.per_token_fp8(x.reshape(6, 96))
     exact = (xq.float() * xs) @ fp8.dequantized(torch.float32).T + fp8.bias
-    torch.testing.assert_close(scaled.reshape(6, 64), exact, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scaled.reshape(6, 64), exact, rtol=1e-3, atol=1e-3 * float(exact.abs().max()))
     assert torch.nn.functional.cosine_similarity(scaled.flatten(), want.flatten(), dim=0) > 0.99
     monkeypatch.setattr(quantize, "KERNEL_ROWS", 5)
     try:
