@@ -20,10 +20,14 @@ Values are rounded to FP8 by ``_fp8_round`` in float32 arithmetic (nearest, ties
 448, as PyTorch's cast of a clamped value) before the cast, which then only converts an exact FP8 value:
 the result is the same bytes on a GPU, in Triton's CPU interpreter (whose own float-to-FP8 cast rounds
 differently) and in the PyTorch reference. ``per_token_fp8`` quantizes the activations of an FP8 linear
-(quantize.ScaledMMLinear) in one kernel. ``fp8_weight_only_linear`` multiplies a few rows of activations by
-FP8 weights without quantizing the activations: the weights are widened to bfloat16 in registers, so a
-small-batch step reads the FP8 bytes once and nothing else (quantize.ScaledMMLinear uses it for steps of at most
-``TRITONIZE_FP8_WEIGHT_ONLY_ROWS`` rows, 16 by default).
+(quantize.ScaledMMLinear) in one kernel. ``_fp8_linear_kernel`` multiplies activations by FP8 weights in two
+ways: ``fp8_weight_only_linear`` takes a few rows as they are and widens the weights to bfloat16 in registers (one
+row as a matrix-vector product on the CUDA cores), so a small-batch step reads the FP8 bytes once and nothing else;
+``fp8_scaled_linear`` takes activations already quantized per token and multiplies FP8 by FP8 on the tensor cores,
+in tiles of 64 rows for decode-sized steps, where torch._scaled_mm's GEMMs leave SMs idle. quantize.ScaledMMLinear
+picks by the step's rows (``TRITONIZE_FP8_WEIGHT_ONLY_ROWS``, ``TRITONIZE_FP8_KERNEL_ROWS``). Where an output is too
+narrow to give every SM weights to read, K is shared among programs (split-K) and the last to finish adds the
+shares in order.
 """
 
 from __future__ import annotations

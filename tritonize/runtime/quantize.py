@@ -48,15 +48,14 @@ __all__ = ["FP8", "FP8_MAX", "KERNEL_ROWS", "FP8Linear", "QuantScheme", "ScaledM
            "to_fp8", "use_fp8_matmul"]
 
 FP8 = torch.float8_e4m3fn
-# Decode-sized steps do not go through torch._scaled_mm, whose FP8 GEMMs are built for larger M (on one H100, 8B
-# shape, weights read from memory, a layer's linears: 145 us at 1 row, 134 at 64, against bf16's 160-162;
-# bench/RESULTS.md section 16). One row runs a matrix-vector kernel (86 us) and steps of at most WEIGHT_ONLY_ROWS rows
-# (0 to 64: cuda_kernels.WEIGHT_ONLY_MAX_ROWS) multiply the FP8 weights by the activations as they are
-# (cuda_kernels.fp8_weight_only_linear: the weights widened in registers, 97 us at 16 rows; logits closer to bf16);
-# steps of at most KERNEL_ROWS rows quantize the activations per token for cuda_kernels.fp8_scaled_linear (FP8 x
-# FP8 in tiles of 64 rows: 108 us at 64 rows, 118 at 128 against torch._scaled_mm's 130); larger ones (256 rows:
-# 155 against the kernel's 178) torch._scaled_mm. TRITONIZE_FP8_WEIGHT_ONLY_ROWS=0 / TRITONIZE_FP8_KERNEL_ROWS=0
-# turn either off.
+# Decode-sized steps do not go through torch._scaled_mm, whose FP8 GEMMs are built for larger M. On one H100 (8B
+# shape, weights read from memory, bench/RESULTS.md section 16) a layer's linears take, against bf16's 162-174 us:
+# one row 86 us on a matrix-vector kernel (_scaled_mm: 132); steps of at most WEIGHT_ONLY_ROWS rows (0 to 64:
+# cuda_kernels.WEIGHT_ONLY_MAX_ROWS) 99 us at 16 rows multiplying the FP8 weights by the activations as they are
+# (cuda_kernels.fp8_weight_only_linear: the weights widened in registers; logits closer to bf16); steps of at most
+# KERNEL_ROWS rows quantize the activations per token for cuda_kernels.fp8_scaled_linear (FP8 x FP8 in tiles of 64
+# rows): 110 us at 64 rows (_scaled_mm: 126), 128 at 128 (129); larger ones torch._scaled_mm (256 rows: 155 against
+# the kernel's 178). TRITONIZE_FP8_WEIGHT_ONLY_ROWS=0 / TRITONIZE_FP8_KERNEL_ROWS=0 turn either off.
 WEIGHT_ONLY_ROWS = max(0, min(64, int(os.environ.get("TRITONIZE_FP8_WEIGHT_ONLY_ROWS", "16") or 0)))
 KERNEL_MAX_ROWS = 256  # the split-K workspace is reserved for steps of up to this many rows
 KERNEL_ROWS = max(0, min(KERNEL_MAX_ROWS, int(os.environ.get("TRITONIZE_FP8_KERNEL_ROWS", "128") or 0)))
