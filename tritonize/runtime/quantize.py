@@ -16,10 +16,11 @@ How it runs:
 - ``FP8Linear.forward`` (CPU, GPUs without FP8): weight-only. The weight is dequantized in float32 and
   cast to the activations' dtype on the fly, then an ordinary matmul; the static input scale is not used.
   Memory is FP8's, speed is not; this is the path the CPU tests check against transformers.
-- ``ScaledMMLinear`` (CUDA, compute capability 8.9 and up; ``use_fp8_matmul`` swaps it in): the
-  activations are quantized to FP8 too, one scale per token (or the checkpoint's static scale), and
-  ``torch._scaled_mm`` multiplies with row-wise scales into bfloat16. Static shapes, no host syncs: it
-  runs inside the engine's CUDA graphs. A block-scaled weight is requantized per output row once, when
+- ``ScaledMMLinear`` (CUDA, compute capability 8.9 and up; ``use_fp8_matmul`` swaps it in): by the
+  step's rows, the FP8 weights times the activations as they are (Triton, up to ``WEIGHT_ONLY_ROWS``),
+  or the activations quantized to FP8 too, one scale per token (or the checkpoint's static scale), then
+  Triton's FP8 x FP8 kernel (up to ``KERNEL_ROWS``) or ``torch._scaled_mm`` with row-wise scales, into
+  bfloat16. Static shapes, no host syncs: it runs inside the engine's CUDA graphs. A block-scaled weight is requantized per output row once, when
   it is swapped in (one more FP8 rounding; PyTorch's block-wise ``_scaled_mm`` needs CUDA 12.9 builds).
 
 ``read_quantization`` says what a checkpoint's ``config.json`` (and ModelOpt's ``hf_quant_config.json``)
@@ -42,8 +43,7 @@ from .config import UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FP8", "FP8_MAX", "KERNEL_ROWS", "FP8Linear", "QuantScheme", "ScaledMMLinear", "dequantize",
-           "fp8_matmul_supported",
+__all__ = ["FP8", "FP8_MAX", "FP8Linear", "QuantScheme", "ScaledMMLinear", "dequantize", "fp8_matmul_supported",
            "fuse_fp8", "per_token_fp8", "quantize_model", "quantize_per_channel", "read_quantization",
            "to_fp8", "use_fp8_matmul"]
 
