@@ -23,6 +23,9 @@ SHAPES = {
     "llama3-8b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336, vocab=128256),
     # same layer shapes, fewer layers: a cheaper stand-in for tests of the benchmark scripts
     "llama3-8b-2l": dict(hidden=4096, layers=2, heads=32, kv_heads=8, ffn=14336, vocab=128256),
+    # and 4 / 8 layers: how FP8's logits error grows with depth on random weights (bench/fp8_bench.py --phases logits)
+    "llama3-8b-4l": dict(hidden=4096, layers=4, heads=32, kv_heads=8, ffn=14336, vocab=128256),
+    "llama3-8b-8l": dict(hidden=4096, layers=8, heads=32, kv_heads=8, ffn=14336, vocab=128256),
     # Llama-3.1-70B: 80 layers, hidden 8192, 64 heads, 8 kv heads, ffn 28672, vocab 128256 (141 GB in bf16)
     "llama3-70b": dict(hidden=8192, layers=80, heads=64, kv_heads=8, ffn=28672, vocab=128256),
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=32000),
