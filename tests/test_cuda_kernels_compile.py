@@ -111,16 +111,28 @@ def test_the_fp8_linear_kernel_compiles(activations, block_m, block_n, split_k, 
     assert ("atom.global" in ptx) == (split_k > 1)  # the shares meet at a per-tile counter
 
 
-@pytest.mark.parametrize("capability, shared_limit", [(89, 101_376), (90, 232_448)])
-@pytest.mark.parametrize("n, k_dim", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (48, 96)])
-@pytest.mark.parametrize("activations", ["bf16", "fp32", "fp8e4nv"])
-@pytest.mark.parametrize("m", [1, 16, 64, 256])
-def test_the_fp8_linear_tilings_fit_the_gpus_shared_memory(n, k_dim, activations, m, capability, shared_limit):
-    """The tiling the runtime picks for each linear of the 8B shape (its pipeline depth included), and for a
-    small float32 model's, at each step size, compiles and fits an Ada's shared memory as well as a Hopper's."""
-    if m > 64 and activations != "fp8e4nv":
-        pytest.skip("the weight-only kernel takes at most 64 rows")
-    t = k.fp8_tiling(m, n, k_dim, {"fp32": 4, "bf16": 2, "fp8e4nv": 1}[activations], hopper=capability >= 90)
+SHARED_LIMIT = {89: 101_376, 90: 232_448}  # bytes of shared memory a block may use: Ada, Hopper
+ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp8e4nv": 1}
+
+
+def _runtime_tilings() -> list[tuple]:
+    """Each distinct (capability, activations, tiling) the runtime picks for the 8B shape's linears and a small
+    float32 model's, at each step size it sends to the kernel (weight-only at most 64 rows)."""
+    picked = set()
+    for capability in SHARED_LIMIT:
+        for n, k_dim in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (48, 96)]:
+            for activations, nbytes in ACTIVATION_BYTES.items():
+                for m in (1, 16, 32, 64, 128, 256):
+                    if m > 64 and nbytes > 1:
+                        continue
+                    picked.add((capability, activations, k.fp8_tiling(m, n, k_dim, nbytes, hopper=capability >= 90)))
+    return sorted(picked, key=repr)
+
+
+@pytest.mark.parametrize("capability, activations, t", _runtime_tilings(), ids=repr)
+def test_the_fp8_linear_tilings_fit_the_gpus_shared_memory(capability, activations, t):
+    """The tilings the runtime picks (their pipeline depth included) compile and fit the shared memory of the GPU
+    they are picked for: an Ada's or a Hopper's."""
     constants = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, "SPLIT_K": t.split_k,
                  "X_FP8": activations == "fp8e4nv", "IEEE": activations == "fp32"}
     ast = ASTSource(fn=k._fp8_linear_kernel,
@@ -128,4 +140,4 @@ def test_the_fp8_linear_tilings_fit_the_gpus_shared_memory(n, k_dim, activations
                     constexprs=constants)
     compiled = triton.compile(ast, target=GPUTarget("cuda", capability, 32),
                               options={"num_stages": t.num_stages, "num_warps": t.num_warps})
-    assert 0 < compiled.metadata.shared <= shared_limit
+    assert 0 < compiled.metadata.shared <= SHARED_LIMIT[capability]
