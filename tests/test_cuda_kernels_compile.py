@@ -94,25 +94,8 @@ def _linear_signature(activations: str) -> dict:
     return {name: kind.format(out=out, x=activations) for name, kind in LINEAR.items()}
 
 
-@pytest.mark.parametrize("capability", [89, 90])
-@pytest.mark.parametrize("activations, block_m, block_n", [("bf16", 16, 32), ("bf16", 16, 64), ("bf16", 1, 16),
-                                                           ("fp16", 16, 32), ("fp32", 16, 32), ("fp8e4nv", 64, 64),
-                                                           ("fp8e4nv", 64, 128)])
-@pytest.mark.parametrize("split_k", [1, 4])
-def test_the_fp8_linear_kernel_compiles(activations, block_m, block_n, split_k, capability):
-    ptx = _compile(k._fp8_linear_kernel, _linear_signature(activations),
-                   {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 128, "SPLIT_K": split_k,
-                    "X_FP8": activations == "fp8e4nv", "IEEE": activations == "fp32"}, capability)
-    assert f".target sm_{capability}" in ptx
-    # 16-bit and FP8 activations on the tensor cores (FP8 x FP8 as e4m3 operands), one row and float32 on FMAs
-    assert ("mma" in ptx) == (activations != "fp32" and block_m > 1)
-    if activations == "fp8e4nv":
-        assert "e4m3.e4m3" in ptx and "cvt.rn.f16x2.e4m3x2" not in ptx  # both operands FP8, nothing widened
-    assert ("atom.global" in ptx) == (split_k > 1)  # the shares meet at a per-tile counter
-
-
 SHARED_LIMIT = {89: 101_376, 90: 232_448}  # bytes of shared memory a block may use: Ada, Hopper
-ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp8e4nv": 1}
+ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8e4nv": 1}
 
 
 def _runtime_tilings() -> list[tuple]:
@@ -123,16 +106,16 @@ def _runtime_tilings() -> list[tuple]:
         for n, k_dim in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (48, 96)]:
             for activations, nbytes in ACTIVATION_BYTES.items():
                 for m in (1, 16, 32, 64, 128, 256):
-                    if m > 64 and nbytes > 1:
+                    if m > 64 and nbytes > 1 or activations == "fp16" and m > 16:  # fp16: as bf16, fewer
                         continue
                     picked.add((capability, activations, k.fp8_tiling(m, n, k_dim, nbytes, hopper=capability >= 90)))
     return sorted(picked, key=repr)
 
 
 @pytest.mark.parametrize("capability, activations, t", _runtime_tilings(), ids=repr)
-def test_the_fp8_linear_tilings_fit_the_gpus_shared_memory(capability, activations, t):
+def test_the_fp8_linear_kernel_compiles_in_each_tiling_and_fits(capability, activations, t):
     """The tilings the runtime picks (their pipeline depth included) compile and fit the shared memory of the GPU
-    they are picked for: an Ada's or a Hopper's."""
+    they are picked for, an Ada's or a Hopper's; the PTX multiplies as intended."""
     constants = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, "SPLIT_K": t.split_k,
                  "X_FP8": activations == "fp8e4nv", "IEEE": activations == "fp32"}
     ast = ASTSource(fn=k._fp8_linear_kernel,
@@ -141,3 +124,10 @@ def test_the_fp8_linear_tilings_fit_the_gpus_shared_memory(capability, activatio
     compiled = triton.compile(ast, target=GPUTarget("cuda", capability, 32),
                               options={"num_stages": t.num_stages, "num_warps": t.num_warps})
     assert 0 < compiled.metadata.shared <= SHARED_LIMIT[capability]
+    ptx = compiled.asm["ptx"]
+    assert f".target sm_{capability}" in ptx
+    # 16-bit and FP8 activations on the tensor cores (FP8 x FP8 as e4m3 operands), one row and float32 on FMAs
+    assert ("mma" in ptx) == (activations != "fp32" and t.block_m > 1)
+    if activations == "fp8e4nv":
+        assert "e4m3.e4m3" in ptx and "cvt.rn.f16x2.e4m3x2" not in ptx  # both operands FP8, nothing widened
+    assert ("atom.global" in ptx) == (t.split_k > 1)  # the shares meet at a per-tile counter
