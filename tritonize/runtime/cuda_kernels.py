@@ -32,6 +32,7 @@ shares in order.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -431,6 +432,15 @@ def per_token_fp8(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> 
 
 
 @triton.jit
+def _scaled(sums, scale_ptr, cols, col_ok, x_scale_ptr, rows, row_ok, X_FP8: tl.constexpr):
+    """A tile's float32 sums times each output's weight scale (and each row's activation scale)."""
+    y = sums * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if X_FP8:
+        y = y * tl.load(x_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    return y
+
+
+@triton.jit
 def _fp8_linear_kernel(out_ptr, x_ptr, x_scale_ptr, w_ptr, scale_ptr, part_ptr, count_ptr, m, n, k, k_split, m_tiles,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                        X_FP8: tl.constexpr, IEEE: tl.constexpr):
@@ -461,13 +471,10 @@ def _fp8_linear_kernel(out_ptr, x_ptr, x_scale_ptr, w_ptr, scale_ptr, part_ptr, 
             acc += tl.dot(x, tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:  # e4m3 widens exactly to the activations' 16-bit type
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
     tile_offsets = rows[:, None] * n + cols[None, :]
     out_ok = row_ok[:, None] & col_ok[None, :]
     if SPLIT_K == 1:
-        y = acc * scale[None, :]
-        if X_FP8:
-            y = y * tl.load(x_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        y = _scaled(acc, scale_ptr, cols, col_ok, x_scale_ptr, rows, row_ok, X_FP8)
         tl.store(out_ptr + tile_offsets, y.to(out_ptr.dtype.element_ty), mask=out_ok)
     else:
         # Each share's partial sums go to the workspace; the share that arrives last at this tile's counter adds
@@ -481,9 +488,7 @@ def _fp8_linear_kernel(out_ptr, x_ptr, x_scale_ptr, w_ptr, scale_ptr, part_ptr, 
             for share in tl.static_range(SPLIT_K):
                 total += tl.load(part_ptr + share * share_floats + tile_offsets, mask=col_ok[None, :], other=0.0,
                                  volatile=True)
-            y = total * scale[None, :]
-            if X_FP8:
-                y = y * tl.load(x_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+            y = _scaled(total, scale_ptr, cols, col_ok, x_scale_ptr, rows, row_ok, X_FP8)
             tl.store(out_ptr + tile_offsets, y.to(out_ptr.dtype.element_ty), mask=out_ok)
             tl.atomic_xchg(count_ptr + tile, 0)
 
@@ -574,10 +579,21 @@ def _plan(m: int, n: int, k: int, activation_bytes: int, device: torch.device, t
           ) -> tuple[Fp8Tiling, int, int, int]:
     """(tiling, row tiles, shares of K that have work, K per share) of a call: the tiling's fields given in
     ``tiling``, the rest from ``fp8_tiling``; K per share a multiple of block_k."""
+    if not tiling:  # the runtime's calls: one plan per step shape, not worked out again in every eager step
+        return _runtime_plan(m, n, k, activation_bytes, device)
     chosen = fp8_tiling(m, n, k, activation_bytes, _hopper(device))
-    chosen = Fp8Tiling(**{f: tiling.get(f) or getattr(chosen, f) for f in Fp8Tiling.__dataclass_fields__})
-    k_split = triton.cdiv(triton.cdiv(k, chosen.split_k), chosen.block_k) * chosen.block_k
-    return chosen, triton.cdiv(m, chosen.block_m), triton.cdiv(k, k_split), k_split
+    return _shares(dataclasses.replace(chosen, **{f: v for f, v in tiling.items() if v}), m, k)
+
+
+@functools.cache
+def _runtime_plan(m: int, n: int, k: int, activation_bytes: int, device: torch.device
+                  ) -> tuple[Fp8Tiling, int, int, int]:
+    return _shares(fp8_tiling(m, n, k, activation_bytes, _hopper(device)), m, k)
+
+
+def _shares(t: Fp8Tiling, m: int, k: int) -> tuple[Fp8Tiling, int, int, int]:
+    k_split = triton.cdiv(triton.cdiv(k, t.split_k), t.block_k) * t.block_k
+    return t, triton.cdiv(m, t.block_m), triton.cdiv(k, k_split), k_split
 
 
 def _split_buffers(device: torch.device, n: int, t: Fp8Tiling, m_tiles: int, split_k: int

@@ -292,15 +292,15 @@ class ScaledMMLinear(FP8Linear):
             from .cuda_kernels import fp8_weight_only_linear
 
             y = fp8_weight_only_linear(rows, self.weight, self.weight_scale)
-        elif rows.shape[0] <= KERNEL_ROWS:
-            from .cuda_kernels import fp8_scaled_linear
-
-            xq, xs = self.quantize_input(rows)
-            y = fp8_scaled_linear(xq, xs, self.weight, self.weight_scale, out_dtype=x.dtype)
         else:
             xq, xs = self.quantize_input(rows)
-            y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.view(1, -1),
-                                 out_dtype=torch.bfloat16).to(x.dtype)
+            if rows.shape[0] <= KERNEL_ROWS:
+                from .cuda_kernels import fp8_scaled_linear
+
+                y = fp8_scaled_linear(xq, xs, self.weight, self.weight_scale, out_dtype=x.dtype)
+            else:
+                y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.view(1, -1),
+                                     out_dtype=torch.bfloat16).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
